@@ -1,0 +1,111 @@
+//! Identity: which configured key a request presents, and fresh keys for `tollgate key new`.
+//!
+//! Only SHA-256 digests are stored; a presented secret is hashed and looked up, never logged.
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Key, Snapshot};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `Authorization` or `x-api-key` header with a usable key.
+    Missing,
+    /// A key was presented but matches no configured key.
+    Unknown,
+}
+
+/// The key a request presents: `Authorization: Bearer K`, `Authorization: Api-Key K`, or
+/// `x-api-key: K` (what the Anthropic SDK sends).
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
+        let v = v.to_str().ok()?.trim();
+        let (scheme, rest) = v.split_once(' ')?;
+        let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("api-key");
+        let key = rest.trim();
+        return (known && !key.is_empty()).then_some(key);
+    }
+    let key = headers.get("x-api-key")?.to_str().ok()?.trim();
+    (!key.is_empty()).then_some(key)
+}
+
+pub fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Finds the configured key a request presents.
+pub fn identify(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<Key>, AuthError> {
+    let secret = presented_key(headers).ok_or(AuthError::Missing)?;
+    snapshot
+        .key_by_digest(&digest(secret))
+        .cloned()
+        .ok_or(AuthError::Unknown)
+}
+
+/// A fresh random secret: `tg-` and 32 random bytes in hex.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("tg-{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_three_header_forms_are_accepted() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "bearer abc ")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Api-Key abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", "abc")])),
+            Some("abc")
+        );
+    }
+
+    #[test]
+    fn malformed_headers_present_no_key() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic abc")])),
+            None
+        );
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer ")])),
+            None
+        );
+        assert_eq!(presented_key(&headers(&[("x-api-key", " ")])), None);
+        assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn secrets_are_fresh_and_hash_to_their_digest() {
+        let (a, b) = (new_secret(), new_secret());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 3 + 64);
+        assert_eq!(
+            hex::encode(digest("test")),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! Config: parse (serde, unknown fields refused) → validate (cross references) → freeze.
+//!
+//! One function, [`load`], serves startup, `tollgate check` and (later) reload.
+
+mod raw;
+mod snapshot;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES};
+pub use snapshot::*;
+pub use validate::{FEATURES, MODALITIES};
+
+/// Why a config was refused: where (file, line, TOML path) and what to change.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    /// The TOML path, e.g. `pools[0].replicas[2]`; empty for syntax errors.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}:", file.display())?;
+        }
+        if let Some(line) = self.line {
+            write!(f, "{line}:")?;
+        }
+        if self.file.is_some() || self.line.is_some() {
+            f.write_str(" ")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        line: None,
+        path: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    parse(&text).map_err(|mut e| {
+        e.file = Some(path.to_path_buf());
+        e
+    })
+}
+
+/// Parses and validates config text.
+pub fn parse(text: &str) -> Result<Snapshot, ConfigError> {
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: None,
+        line: e.span().map(|s| validate::line_of(text, s.start)),
+        path: String::new(),
+        message: e.message().trim_end().to_string(),
+    })?;
+    validate::validate(raw, &validate::Source { text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn ok(extra: &str) -> String {
+        format!(
+            r#"
+[[pools]]
+name = "llama"
+replicas = ["127.0.0.1:8000", "127.0.0.1:8001"]
+
+[[models]]
+slug = "meta/llama"
+pool = "llama"
+
+[[keys]]
+id = "team-a"
+sha256 = "{DIGEST}"
+models = ["*"]
+{extra}"#
+        )
+    }
+
+    fn err(text: &str) -> String {
+        parse(text)
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn a_minimal_file_gets_the_documented_defaults() {
+        let s = parse(&ok("")).unwrap();
+        assert_eq!(s.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(s.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let m = s.model("meta/llama").unwrap();
+        assert_eq!(m.upstream_model, "meta/llama");
+        assert_eq!(m.input_modalities, vec!["text"]);
+        let digest: [u8; 32] = hex::decode(DIGEST).unwrap().try_into().unwrap();
+        assert_eq!(s.key_by_digest(&digest).unwrap().id, "team-a");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_line() {
+        let e = err(&ok("[server]\nlisten_port = 80\n"));
+        assert!(e.contains("unknown field `listen_port`"), "{e}");
+        assert!(e.starts_with("15:"), "{e}");
+    }
+
+    #[test]
+    fn model_pointing_at_a_missing_pool_names_the_path() {
+        let text = ok("").replace("pool = \"llama\"", "pool = \"lama\"");
+        let e = err(&text);
+        assert!(
+            e.contains("models[0].pool: \"lama\" is not a defined pool (defined: \"llama\")"),
+            "{e}"
+        );
+        assert!(e.starts_with("8:"), "{e}");
+    }
+
+    #[test]
+    fn malformed_replica_address_is_refused() {
+        let text = ok("").replace("127.0.0.1:8001", "10.0.0.7");
+        let e = err(&text);
+        assert!(
+            e.contains("pools[0].replicas[1]: \"10.0.0.7\" is not host:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duplicate_key_id_is_refused() {
+        let extra = "[[keys]]\nid = \"team-a\"\nsha256 = \"00000000000000000000000000000000000000000000000000000000000000ff\"\nmodels = [\"*\"]\n";
+        let e = err(&ok(extra));
+        assert!(
+            e.contains("keys[1].id: key id \"team-a\" is used twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_digest_and_unknown_model_pattern_are_refused() {
+        let e = err(&ok("").replace(DIGEST, "abc"));
+        assert!(
+            e.contains("keys[0].sha256: must be the 64 hex digits"),
+            "{e}"
+        );
+        let e = err(&ok("").replace("models = [\"*\"]", "models = [\"meta/lama\"]"));
+        assert!(
+            e.contains("keys[0].models[0]: \"meta/lama\" matches no model"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_upstream_key_env_is_refused_without_leaking_anything() {
+        let text = ok("").replace(
+            "replicas = [",
+            "upstream_api_key_env = \"TOLLGATE_TEST_SURELY_UNSET\"\nreplicas = [",
+        );
+        let e = err(&text);
+        assert!(e.contains("pools[0].upstream_api_key_env: environment variable TOLLGATE_TEST_SURELY_UNSET is not set"), "{e}");
+    }
+
+    #[test]
+    fn unknown_feature_and_zero_values_are_refused() {
+        let e = err(&ok("").replace(
+            "pool = \"llama\"",
+            "pool = \"llama\"\nfeatures = [\"telepathy\"]",
+        ));
+        assert!(
+            e.contains("models[0].features[0]: \"telepathy\" is not one of"),
+            "{e}"
+        );
+        let e = err(&ok("[server]\nmax_body_bytes = 0\n"));
+        assert!(
+            e.contains("server.max_body_bytes: must be greater than 0"),
+            "{e}"
+        );
+    }
+}

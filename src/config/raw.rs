@@ -1,0 +1,134 @@
+//! The serde mirror of the TOML file: every key, its default, nothing validated yet.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: Spanned<String>,
+    pub max_body_bytes: Spanned<u64>,
+    pub threads: Spanned<usize>,
+    pub grace_period_secs: u64,
+    pub upstream_keepalive_pool_size: Spanned<usize>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: Spanned::new(0..0, DEFAULT_LISTEN.to_string()),
+            max_body_bytes: Spanned::new(0..0, DEFAULT_MAX_BODY_BYTES),
+            threads: Spanned::new(0..0, 2),
+            grace_period_secs: 30,
+            upstream_keepalive_pool_size: Spanned::new(0..0, 1024),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: Spanned<String>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: Spanned::new(0..0, DEFAULT_ADMIN_LISTEN.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub replicas: Vec<Spanned<String>>,
+    pub upstream_api_key_env: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: Spanned<u32>,
+}
+
+fn default_max_attempts() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+
+/// Upstream timeouts in milliseconds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    pub connect_ms: Spanned<u64>,
+    pub first_byte_ms: Spanned<u64>,
+    pub idle_ms: Spanned<u64>,
+    pub total_ms: Spanned<u64>,
+    pub pool_idle_ms: Spanned<u64>,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        Self {
+            connect_ms: Spanned::new(0..0, 2_000),
+            first_byte_ms: Spanned::new(0..0, 300_000),
+            idle_ms: Spanned::new(0..0, 120_000),
+            total_ms: Spanned::new(0..0, 1_800_000),
+            pool_idle_ms: Spanned::new(0..0, 4_000),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub slug: Spanned<String>,
+    pub pool: Spanned<String>,
+    pub upstream_model: Option<String>,
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    pub owned_by: Option<String>,
+    pub created: Option<i64>,
+    pub context_tokens: Option<Spanned<u32>>,
+    pub max_output_tokens: Option<Spanned<u32>>,
+    pub price: Option<Spanned<RawPrice>>,
+    #[serde(default)]
+    pub features: Vec<Spanned<String>>,
+    pub input_modalities: Option<Vec<Spanned<String>>>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub output_per_mtok: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: Spanned<String>,
+    pub sha256: Spanned<String>,
+    pub models: Spanned<Vec<Spanned<String>>>,
+}

@@ -1,0 +1,152 @@
+//! The frozen, validated configuration: types that cannot hold invalid values.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One immutable view of the config file. A request takes one at its start and keeps it.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub pools: Vec<Pool>,
+    /// In file order, which is the catalog order.
+    pub models: Vec<Arc<Model>>,
+    pub(super) model_index: HashMap<String, usize>,
+    pub(super) keys: HashMap<[u8; 32], Arc<Key>>,
+}
+
+impl Snapshot {
+    pub fn model(&self, slug: &str) -> Option<&Arc<Model>> {
+        self.model_index.get(slug).map(|&i| &self.models[i])
+    }
+
+    /// Looks a key up by the SHA-256 digest of its secret.
+    pub fn key_by_digest(&self, digest: &[u8; 32]) -> Option<&Arc<Key>> {
+        self.keys.get(digest)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+#[derive(Debug)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: u64,
+    pub threads: NonZeroUsize,
+    pub grace_period: Duration,
+    pub upstream_keepalive_pool_size: NonZeroUsize,
+}
+
+#[derive(Debug)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub replicas: Vec<SocketAddr>,
+    /// Sent upstream as `Authorization: Bearer …` instead of the client's key.
+    pub upstream_key: Option<Secret>,
+    pub timeouts: Timeouts,
+    /// Attempts per request, counting the first; only connect failures are retried.
+    pub max_attempts: NonZeroU32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+    pub idle: Duration,
+    pub total: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub pool_idle: Duration,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub slug: String,
+    /// Index into `Snapshot::pools`.
+    pub pool: usize,
+    pub upstream_model: String,
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    pub owned_by: String,
+    pub created: i64,
+    pub context_tokens: Option<u32>,
+    pub max_output_tokens: Option<u32>,
+    pub price: Price,
+    pub features: Vec<&'static str>,
+    pub input_modalities: Vec<&'static str>,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+#[derive(Debug)]
+pub struct Key {
+    /// Appears in logs, metrics and usage; never the secret.
+    pub id: String,
+    pub models: ModelAccess,
+}
+
+#[derive(Debug)]
+pub enum ModelAccess {
+    All,
+    Only(Vec<ModelPattern>),
+}
+
+#[derive(Debug)]
+pub enum ModelPattern {
+    Exact(String),
+    /// `org/*` is stored as the prefix `org/`.
+    Prefix(String),
+}
+
+impl ModelPattern {
+    pub fn matches(&self, slug: &str) -> bool {
+        match self {
+            ModelPattern::Exact(s) => s == slug,
+            ModelPattern::Prefix(p) => slug.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl Key {
+    pub fn allows(&self, slug: &str) -> bool {
+        match &self.models {
+            ModelAccess::All => true,
+            ModelAccess::Only(patterns) => patterns.iter().any(|p| p.matches(slug)),
+        }
+    }
+}
+
+/// A credential from the environment. Its `Debug` never shows the value.
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}

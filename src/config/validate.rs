@@ -1,0 +1,427 @@
+//! Raw TOML → `Snapshot`: cross references, units and ranges, each error naming its TOML path.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawTimeouts};
+use super::snapshot::*;
+use super::ConfigError;
+
+/// The feature vocabulary `/v1/models` publishes.
+pub const FEATURES: &[&str] = &[
+    "tools",
+    "json_mode",
+    "structured_outputs",
+    "reasoning",
+    "reasoning_effort",
+];
+pub const MODALITIES: &[&str] = &["text", "image", "audio", "video"];
+
+/// Turns spans into line numbers for error messages.
+pub(super) struct Source<'a> {
+    pub text: &'a str,
+}
+
+impl Source<'_> {
+    fn err<T>(&self, span: Range<usize>, path: String, message: String) -> Result<T, ConfigError> {
+        let line = (span != (0..0)).then(|| line_of(self.text, span.start));
+        Err(ConfigError {
+            file: None,
+            line,
+            path,
+            message,
+        })
+    }
+}
+
+pub(super) fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigError> {
+    let server = ServerSettings {
+        listen: listen_addr(src, &raw.server.listen, "server.listen")?,
+        max_body_bytes: positive(src, &raw.server.max_body_bytes, "server.max_body_bytes")?,
+        threads: nonzero(src, &raw.server.threads, "server.threads")?,
+        grace_period: Duration::from_secs(raw.server.grace_period_secs),
+        upstream_keepalive_pool_size: nonzero(
+            src,
+            &raw.server.upstream_keepalive_pool_size,
+            "server.upstream_keepalive_pool_size",
+        )?,
+    };
+    let admin = AdminSettings {
+        listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,
+    };
+
+    let mut pools = Vec::with_capacity(raw.pools.len());
+    let mut pool_index = HashMap::new();
+    for (i, p) in raw.pools.iter().enumerate() {
+        let path = format!("pools[{i}]");
+        let pool = pool(src, p, &path)?;
+        if pool_index.insert(pool.name.clone(), i).is_some() {
+            return src.err(
+                p.name.span(),
+                format!("{path}.name"),
+                format!(
+                    "pool {:?} is defined twice; pool names must be unique",
+                    pool.name
+                ),
+            );
+        }
+        pools.push(pool);
+    }
+
+    let mut models = Vec::with_capacity(raw.models.len());
+    let mut model_index = HashMap::new();
+    for (i, m) in raw.models.iter().enumerate() {
+        let path = format!("models[{i}]");
+        let model = model(src, m, &path, &pool_index)?;
+        if model_index.insert(model.slug.clone(), i).is_some() {
+            return src.err(
+                m.slug.span(),
+                format!("{path}.slug"),
+                format!(
+                    "model {:?} is defined twice; slugs must be unique",
+                    model.slug
+                ),
+            );
+        }
+        models.push(Arc::new(model));
+    }
+
+    let mut keys = HashMap::new();
+    let mut ids = HashSet::new();
+    for (i, k) in raw.keys.iter().enumerate() {
+        let path = format!("keys[{i}]");
+        let (digest, key) = key(src, k, &path, &models)?;
+        if !ids.insert(key.id.clone()) {
+            return src.err(
+                k.id.span(),
+                format!("{path}.id"),
+                format!("key id {:?} is used twice; ids must be unique", key.id),
+            );
+        }
+        if keys.insert(digest, Arc::new(key)).is_some() {
+            return src.err(
+                k.sha256.span(),
+                format!("{path}.sha256"),
+                "this digest belongs to another key too; generate a fresh key with `tollgate key new`"
+                    .into(),
+            );
+        }
+    }
+
+    Ok(Snapshot {
+        server,
+        admin,
+        pools,
+        models,
+        model_index,
+        keys,
+    })
+}
+
+fn listen_addr(src: &Source, v: &Spanned<String>, path: &str) -> Result<SocketAddr, ConfigError> {
+    match v.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Ok(a),
+        Err(_) => src.err(
+            v.span(),
+            path.into(),
+            format!(
+                "{:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")",
+                v.get_ref()
+            ),
+        ),
+    }
+}
+
+fn positive(src: &Source, v: &Spanned<u64>, path: &str) -> Result<u64, ConfigError> {
+    match *v.get_ref() {
+        0 => src.err(v.span(), path.into(), "must be greater than 0".into()),
+        n => Ok(n),
+    }
+}
+
+fn nonzero(src: &Source, v: &Spanned<usize>, path: &str) -> Result<NonZeroUsize, ConfigError> {
+    match NonZeroUsize::new(*v.get_ref()) {
+        Some(n) => Ok(n),
+        None => src.err(v.span(), path.into(), "must be at least 1".into()),
+    }
+}
+
+fn millis(src: &Source, v: &Spanned<u64>, path: String) -> Result<Duration, ConfigError> {
+    match *v.get_ref() {
+        0 => src.err(v.span(), path, "must be at least 1 (milliseconds)".into()),
+        n => Ok(Duration::from_millis(n)),
+    }
+}
+
+fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
+    let name = p.name.get_ref().clone();
+    if name.is_empty() {
+        return src.err(
+            p.name.span(),
+            format!("{path}.name"),
+            "must not be empty".into(),
+        );
+    }
+    let mut replicas = Vec::with_capacity(p.replicas.len());
+    for (j, r) in p.replicas.iter().enumerate() {
+        let rpath = format!("{path}.replicas[{j}]");
+        let addr = replica_addr(r.get_ref()).or_else(|m| src.err(r.span(), rpath.clone(), m))?;
+        if replicas.contains(&addr) {
+            return src.err(
+                r.span(),
+                rpath,
+                format!("{addr} is listed twice in this pool"),
+            );
+        }
+        replicas.push(addr);
+    }
+    let upstream_key = match &p.upstream_api_key_env {
+        None => None,
+        Some(var) => match std::env::var(var.get_ref()) {
+            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                return src.err(
+                    var.span(),
+                    format!("{path}.upstream_api_key_env"),
+                    format!(
+                        "environment variable {} is not set or empty; set it to the replicas' API key or remove this line",
+                        var.get_ref()
+                    ),
+                )
+            }
+        },
+    };
+    let max_attempts = match NonZeroU32::new(*p.max_attempts.get_ref()) {
+        Some(n) => n,
+        None => {
+            return src.err(
+                p.max_attempts.span(),
+                format!("{path}.max_attempts"),
+                "must be at least 1 (the first attempt counts)".into(),
+            )
+        }
+    };
+    Ok(Pool {
+        name,
+        replicas,
+        upstream_key,
+        timeouts: timeouts(src, &p.timeouts, &format!("{path}.timeouts"))?,
+        max_attempts,
+    })
+}
+
+fn replica_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not host:port (e.g. \"10.0.0.7:8000\")");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{host:?} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {host:?}: {e}")),
+    }
+}
+
+fn timeouts(src: &Source, t: &RawTimeouts, path: &str) -> Result<Timeouts, ConfigError> {
+    Ok(Timeouts {
+        connect: millis(src, &t.connect_ms, format!("{path}.connect_ms"))?,
+        first_byte: millis(src, &t.first_byte_ms, format!("{path}.first_byte_ms"))?,
+        idle: millis(src, &t.idle_ms, format!("{path}.idle_ms"))?,
+        total: millis(src, &t.total_ms, format!("{path}.total_ms"))?,
+        pool_idle: millis(src, &t.pool_idle_ms, format!("{path}.pool_idle_ms"))?,
+    })
+}
+
+fn model(
+    src: &Source,
+    m: &RawModel,
+    path: &str,
+    pools: &HashMap<String, usize>,
+) -> Result<Model, ConfigError> {
+    let slug = m.slug.get_ref().clone();
+    if slug.is_empty() || slug.contains('*') || slug.chars().any(char::is_whitespace) {
+        return src.err(
+            m.slug.span(),
+            format!("{path}.slug"),
+            format!("{slug:?} is not a usable slug: it must be non-empty, without spaces or '*'"),
+        );
+    }
+    let Some(&pool) = pools.get(m.pool.get_ref()) else {
+        let mut known: Vec<_> = pools.keys().map(|k| format!("{k:?}")).collect();
+        known.sort();
+        return src.err(
+            m.pool.span(),
+            format!("{path}.pool"),
+            format!(
+                "{:?} is not a defined pool (defined: {})",
+                m.pool.get_ref(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    };
+    let price = match &m.price {
+        None => Price::default(),
+        Some(p) => {
+            let r = p.get_ref();
+            let price = Price {
+                input_per_mtok: r.input_per_mtok,
+                cached_input_per_mtok: r.cached_input_per_mtok.unwrap_or(r.input_per_mtok),
+                output_per_mtok: r.output_per_mtok,
+            };
+            let all = [
+                price.input_per_mtok,
+                price.cached_input_per_mtok,
+                price.output_per_mtok,
+            ];
+            if all.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return src.err(
+                    p.span(),
+                    format!("{path}.price"),
+                    "prices are USD per million tokens and must be finite and >= 0".into(),
+                );
+            }
+            price
+        }
+    };
+    let positive_u32 = |v: &Option<Spanned<u32>>, field: &str| match v {
+        Some(s) if *s.get_ref() == 0 => src.err(
+            s.span(),
+            format!("{path}.{field}"),
+            "must be at least 1 (tokens)".into(),
+        ),
+        other => Ok(other.as_ref().map(|s| *s.get_ref())),
+    };
+    let context_tokens = positive_u32(&m.context_tokens, "context_tokens")?;
+    let max_output_tokens = positive_u32(&m.max_output_tokens, "max_output_tokens")?;
+    let features = vocabulary(src, &m.features, FEATURES, &format!("{path}.features"))?;
+    let input_modalities = match &m.input_modalities {
+        None => vec!["text"],
+        Some(list) => vocabulary(src, list, MODALITIES, &format!("{path}.input_modalities"))?,
+    };
+    Ok(Model {
+        upstream_model: m.upstream_model.clone().unwrap_or_else(|| slug.clone()),
+        slug,
+        pool,
+        display_name: m.display_name.clone(),
+        description: m.description.clone(),
+        owned_by: m.owned_by.clone().unwrap_or_else(|| "tollgate".into()),
+        created: m.created.unwrap_or(0),
+        context_tokens,
+        max_output_tokens,
+        price,
+        features,
+        input_modalities,
+    })
+}
+
+fn vocabulary(
+    src: &Source,
+    list: &[Spanned<String>],
+    known: &[&'static str],
+    path: &str,
+) -> Result<Vec<&'static str>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        match known.iter().find(|k| **k == item.get_ref().as_str()) {
+            Some(k) if !out.contains(k) => out.push(*k),
+            Some(_) => {}
+            None => {
+                return src.err(
+                    item.span(),
+                    format!("{path}[{i}]"),
+                    format!("{:?} is not one of: {}", item.get_ref(), known.join(", ")),
+                )
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn key(
+    src: &Source,
+    k: &RawKey,
+    path: &str,
+    models: &[Arc<Model>],
+) -> Result<([u8; 32], Key), ConfigError> {
+    let id = k.id.get_ref().clone();
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !id_ok {
+        return src.err(
+            k.id.span(),
+            format!("{path}.id"),
+            format!("{id:?} is not a valid key id: use 1-64 characters from A-Z a-z 0-9 . _ -"),
+        );
+    }
+    let mut digest = [0u8; 32];
+    if hex::decode_to_slice(k.sha256.get_ref().trim(), &mut digest).is_err() {
+        return src.err(
+            k.sha256.span(),
+            format!("{path}.sha256"),
+            "must be the 64 hex digits of the key's SHA-256, as printed by `tollgate key new`"
+                .into(),
+        );
+    }
+    let list = k.models.get_ref();
+    if list.is_empty() {
+        return src.err(
+            k.models.span(),
+            format!("{path}.models"),
+            "lists no model; use [\"*\"] for every model".into(),
+        );
+    }
+    let mut patterns = Vec::with_capacity(list.len());
+    let mut all = false;
+    for (i, p) in list.iter().enumerate() {
+        let s = p.get_ref();
+        let pattern = if s == "*" {
+            all = true;
+            continue;
+        } else if let Some(prefix) = s.strip_suffix('*') {
+            ModelPattern::Prefix(prefix.to_string())
+        } else {
+            ModelPattern::Exact(s.clone())
+        };
+        if !models.iter().any(|m| pattern.matches(&m.slug)) {
+            return src.err(
+                p.span(),
+                format!("{path}.models[{i}]"),
+                format!("{s:?} matches no model in [[models]]; check the slug"),
+            );
+        }
+        patterns.push(pattern);
+    }
+    let models = if all {
+        ModelAccess::All
+    } else {
+        ModelAccess::Only(patterns)
+    };
+    Ok((digest, Key { id, models }))
+}

@@ -1,0 +1,209 @@
+//! The `tollgate` command line: parse arguments, call into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use tollgate::{auth, config, demo, logs, server, sim};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Edge proxy for GPU inference replicas that speak the OpenAI API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve in the foreground with a config file (what systemd runs).
+    Run(ConfigArg),
+    /// Validate a config file and exit: 0 when valid, 1 with the reason otherwise.
+    Check(ConfigArg),
+    /// Manage API keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Start simulated replicas and the proxy on loopback with a fresh key, and print how to
+    /// call them with curl and the SDKs. Needs no GPU and no config file.
+    Demo {
+        /// Public listener of the proxy.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listener (metrics, health).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+        /// Number of simulated replicas.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+    },
+    /// Run simulated OpenAI-compatible GPU replicas (for tests, benchmarks and trials).
+    Sim(SimArgs),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Path of the TOML config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        default_value = "/etc/tollgate/tollgate.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a fresh random key once, and the [[keys]] lines (with its SHA-256) to paste.
+    New {
+        /// The key's id: shown in logs, metrics and usage, never the secret.
+        #[arg(long)]
+        id: Option<String>,
+        /// Models the key may use: slugs, `org/*` prefixes, or `*` for all.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        models: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// Address of the first replica; further replicas take the next ports (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// How many replicas to run.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Served model name; repeat for several. None: any model is accepted.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Delay before the first token, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Delay between tokens, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    token_delay_ms: u64,
+    /// Completion length when the request sets no max_tokens.
+    #[arg(long, default_value_t = 16)]
+    max_tokens: u32,
+    /// Environment variable holding the API key the replicas require.
+    #[arg(long)]
+    api_key_env: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(c) => {
+            let _guard = logs::init();
+            let snapshot = match config::load(&c.config) {
+                Ok(s) => s,
+                Err(e) => return fail(&e.to_string()),
+            };
+            let result = server::run(snapshot, |bound| {
+                println!(
+                    "tollgate ready public={} admin={}",
+                    bound.public, bound.admin
+                );
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            });
+            result.map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
+        Command::Check(c) => match config::load(&c.config) {
+            Ok(s) => {
+                println!(
+                    "tollgate: {} is valid: {} pool(s), {} model(s), {} key(s)",
+                    c.config.display(),
+                    s.pools.len(),
+                    s.models.len(),
+                    s.key_count()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e.to_string()),
+        },
+        Command::Key {
+            command: KeyCommand::New { id, models },
+        } => {
+            let secret = auth::new_secret();
+            let id =
+                id.unwrap_or_else(|| format!("key-{}", &hex::encode(auth::digest(&secret))[..8]));
+            let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
+            println!("Secret (shown only now; hand it to the client):\n\n  {secret}\n");
+            println!("Add to the config file:\n");
+            println!(
+                "[[keys]]\nid = {id:?}\nsha256 = \"{}\"\nmodels = [{}]",
+                hex::encode(auth::digest(&secret)),
+                models.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Demo {
+            listen,
+            admin_listen,
+            replicas,
+        } => {
+            let _guard = logs::init();
+            demo::run(demo::DemoOptions {
+                listen,
+                admin_listen,
+                replicas,
+            })
+            .map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
+        }
+        Command::Sim(args) => run_sim(args),
+    }
+}
+
+fn run_sim(args: SimArgs) -> ExitCode {
+    let api_key = match &args.api_key_env {
+        None => None,
+        Some(var) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Some(v),
+            _ => return fail(&format!("environment variable {var} is not set")),
+        },
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    rt.block_on(async {
+        let mut running = Vec::with_capacity(args.replicas);
+        for i in 0..args.replicas.max(1) {
+            let mut addr = args.listen;
+            if addr.port() != 0 {
+                addr.set_port(addr.port() + i as u16);
+            }
+            let opts = sim::SimOptions {
+                models: args.models.clone(),
+                ttft: Duration::from_millis(args.ttft_ms),
+                token_delay: Duration::from_millis(args.token_delay_ms),
+                default_max_tokens: args.max_tokens,
+                api_key: api_key.clone(),
+            };
+            match sim::SimReplica::start_on(addr, opts).await {
+                Ok(r) => {
+                    println!("sim ready addr={}", r.addr());
+                    running.push(r);
+                }
+                Err(e) => return fail(&format!("cannot listen on {addr}: {e}")),
+            }
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = tokio::signal::ctrl_c().await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("tollgate: {message}");
+    ExitCode::FAILURE
+}

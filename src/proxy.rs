@@ -1,0 +1,294 @@
+//! The one `impl ProxyHttp`: the table of contents of a request.
+//!
+//! Stage order (each hook calls one stage; `RequestCtx` in `ctx.rs` says who writes what):
+//!
+//! 1. `new_ctx`         start the clock.
+//! 2. `request_filter`  accept (request id, config snapshot, endpoint) → identify (key) →
+//!    read body (capped, 413 before any upstream work) → understand (parse, validate) →
+//!    route (model, pool) → forward (replica, send, relay). Every Model API request is
+//!    answered here and the hook returns `Ok(true)`: Pingora's own upstream loop is never
+//!    entered, because it cannot route on a body it would then fail to send (DESIGN.md §2).
+//! 3. `fail_to_proxy`   errors Pingora raised itself, or a relayed body cut short.
+//! 4. `logging`         exactly once per request: metrics and the access log line.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::ctx::{Endpoint, RequestCtx};
+use crate::error::GatewayError;
+use crate::forward::{Exchange, Relayed, Upstream};
+use crate::metrics::Metrics;
+use crate::respond::{self, Dialect};
+use crate::runtime::Runtime;
+use crate::translate::openai::ChatRequest;
+use crate::{access_log, auth, body, catalog, route};
+
+pub struct Gateway {
+    runtime: Arc<ArcSwap<Runtime>>,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    pub fn new(runtime: Arc<ArcSwap<Runtime>>, metrics: Arc<Metrics>) -> Self {
+        let pool_size = runtime
+            .load()
+            .config
+            .server
+            .upstream_keepalive_pool_size
+            .get();
+        Gateway {
+            runtime,
+            upstream: Upstream::new(pool_size),
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        self.metrics.inflight.inc();
+        let runtime = self.runtime.load_full();
+        accept(session, ctx, &runtime);
+        match self.serve(session, ctx, &runtime).await {
+            Ok(Relayed::Complete) => Ok(true),
+            Ok(Relayed::Cut) => Error::e_explain(
+                ErrorType::ConnectionClosed,
+                "replica cut the response short",
+            ),
+            Err(e) => {
+                reject(session, ctx, &e).await;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _: &mut Session, _: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        // Unreachable by construction: `request_filter` answers every request.
+        Error::e_explain(
+            ErrorType::InternalError,
+            "the standard proxy loop is not used",
+        )
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(c) => *c,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                _ => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            ctx.status = code;
+            let body = serde_json::json!({"error": {
+                "message": "The request could not be processed. Check the request and retry.",
+                "type": if code < 500 { "invalid_request_error" } else { "api_error" },
+                "param": null, "code": "gateway_error"}});
+            if let Ok(mut h) = pingora::http::ResponseHeader::build(code, Some(3)) {
+                let body = bytes::Bytes::from(body.to_string());
+                let _ = h.insert_header("content-type", "application/json");
+                let _ = h.insert_header("content-length", body.len());
+                let _ = h.insert_header("x-request-id", ctx.request_id.as_str());
+                let _ = session
+                    .as_downstream_mut()
+                    .write_error_response(h, body)
+                    .await;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.metrics.inflight.dec();
+        if ctx.status == 0 {
+            ctx.status = session.response_written().map_or(0, |h| h.status.as_u16());
+        }
+        access_log::record(&self.metrics, ctx, e);
+    }
+}
+
+impl Gateway {
+    async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        runtime: &Runtime,
+    ) -> Result<Relayed, GatewayError> {
+        let snapshot = &runtime.config;
+        match ctx.endpoint {
+            Endpoint::ChatCompletions => {
+                let key = auth::identify(snapshot, &session.req_header().headers)?;
+                ctx.key_id = Some(key.id.clone());
+                let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
+                ctx.body_read = true;
+                let request = ChatRequest::parse(&bytes)?;
+                ctx.stream = request.stream;
+                let model = route::resolve(snapshot, &key, &request.model)?;
+                ctx.model = Some(model.clone());
+                let exchange = Exchange {
+                    pool: &snapshot.pools[model.pool],
+                    route: runtime.router.pool(model.pool),
+                    path: "/v1/chat/completions",
+                    body: request.upstream_body(&model.upstream_model).into(),
+                    stream: ctx.stream,
+                };
+                Ok(self
+                    .upstream
+                    .forward(session, ctx, &self.metrics, exchange)
+                    .await?)
+            }
+            Endpoint::Models | Endpoint::Model => {
+                let key = auth::identify(snapshot, &session.req_header().headers)?;
+                ctx.key_id = Some(key.id.clone());
+                let value = match model_path(session.req_header().uri.path()) {
+                    None => catalog::list(snapshot, &key),
+                    Some(slug) => catalog::get(snapshot, &key, &slug)
+                        .ok_or(route::RouteError::ModelNotFound { model: slug })?,
+                };
+                ctx.status = 200;
+                let body = bytes::Bytes::from(value.to_string());
+                // A failed write means the client left; logging still runs.
+                let _ = respond::send_json(session, 200, body, &ctx.request_id).await;
+                Ok(Relayed::Complete)
+            }
+            Endpoint::Unknown => {
+                let req = session.req_header();
+                let (method, path) = (req.method.as_str(), req.uri.path());
+                Err(match allowed_method(path) {
+                    Some(allow) => GatewayError::MethodNotAllowed {
+                        path: path.to_string(),
+                        allow,
+                    },
+                    None => GatewayError::UnknownRoute {
+                        method: method.to_string(),
+                        path: path.to_string(),
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// Stage "accept": request id, config snapshot, endpoint.
+fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
+    let req = session.req_header();
+    ctx.request_id = match req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id) if is_safe_request_id(id) => id.to_string(),
+        _ => format!("req_{:032x}", rand::random::<u128>()),
+    };
+    ctx.runtime = Some(runtime.clone());
+    let path = req.uri.path();
+    ctx.endpoint = match (req.method.as_str(), path) {
+        ("POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
+        ("GET", "/v1/models") => Endpoint::Models,
+        ("GET", p) if model_path(p).is_some() => Endpoint::Model,
+        _ => Endpoint::Unknown,
+    };
+}
+
+/// Writes a gateway error in the client's dialect. After an early answer to a request whose
+/// body was not read, the connection is closed rather than drained.
+async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError) {
+    ctx.status = err.status();
+    ctx.error = Some(err.code());
+    if !ctx.body_read {
+        session.set_keepalive(None);
+    }
+    if ctx.status == 499 {
+        return;
+    }
+    let body = respond::error_body(Dialect::OpenAi, err);
+    let _ = respond::send_json(session, ctx.status, body, &ctx.request_id).await;
+}
+
+/// A client-chosen request id is kept when it is short and made of safe characters.
+fn is_safe_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// The slug in `/v1/models/{slug}`; slugs contain `/`, which clients may send as `%2F`.
+fn model_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/models/")?;
+    let slug = percent_decode(rest)?;
+    (!slug.is_empty()).then_some(slug)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn allowed_method(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/chat/completions" => Some("POST"),
+        "/v1/models" => Some("GET"),
+        p if p.starts_with("/v1/models/") => Some("GET"),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_and_model_paths() {
+        assert!(is_safe_request_id("abc-123_x.y:z"));
+        assert!(!is_safe_request_id(""));
+        assert!(!is_safe_request_id("a b"));
+        assert!(!is_safe_request_id(&"a".repeat(129)));
+        assert_eq!(
+            model_path("/v1/models/org/name").as_deref(),
+            Some("org/name")
+        );
+        assert_eq!(
+            model_path("/v1/models/org%2Fname").as_deref(),
+            Some("org/name")
+        );
+        assert_eq!(model_path("/v1/models/"), None);
+        assert_eq!(model_path("/v1/models/%zz"), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Routing: `model` → model entry → pool → a replica, with per-replica in-flight counts.
+
+mod least_inflight;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::{Key, Model, Snapshot};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// The slug names no configured model.
+    ModelNotFound { model: String },
+    /// The model exists but the key's `models` list does not cover it.
+    ModelForbidden { model: String, key_id: String },
+}
+
+/// The model a request names, if it exists and the key may use it.
+pub fn resolve<'s>(
+    snapshot: &'s Snapshot,
+    key: &Key,
+    slug: &str,
+) -> Result<&'s Arc<Model>, RouteError> {
+    let model = snapshot
+        .model(slug)
+        .ok_or_else(|| RouteError::ModelNotFound {
+            model: slug.to_string(),
+        })?;
+    if !key.allows(slug) {
+        return Err(RouteError::ModelForbidden {
+            model: slug.to_string(),
+            key_id: key.id.clone(),
+        });
+    }
+    Ok(model)
+}
+
+/// Per-pool replica sets, indexed like `Snapshot::pools`.
+pub struct Router {
+    pools: Vec<PoolRoute>,
+}
+
+impl Router {
+    pub fn build(snapshot: &Snapshot) -> Self {
+        let pools = snapshot
+            .pools
+            .iter()
+            .map(|p| PoolRoute {
+                replicas: p
+                    .replicas
+                    .iter()
+                    .map(|&addr| {
+                        Arc::new(Replica::new(addr, p.timeouts.connect, p.timeouts.pool_idle))
+                    })
+                    .collect(),
+            })
+            .collect();
+        Router { pools }
+    }
+
+    pub fn pool(&self, index: usize) -> &PoolRoute {
+        &self.pools[index]
+    }
+}
+
+pub struct PoolRoute {
+    replicas: Vec<Arc<Replica>>,
+}
+
+impl PoolRoute {
+    /// Picks the replica with the fewest requests in flight, skipping `tried`; ties are broken
+    /// at random so equal replicas share load. The lease counts the request until dropped.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
+        let replica = least_inflight::pick(&self.replicas, tried)?;
+        replica.inflight.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { replica })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+}
+
+/// One upstream server and its live load.
+pub struct Replica {
+    pub addr: SocketAddr,
+    inflight: AtomicUsize,
+    /// Template for connections: timeouts and pool settings are fixed per replica.
+    peer: HttpPeer,
+}
+
+impl Replica {
+    fn new(addr: SocketAddr, connect: std::time::Duration, pool_idle: std::time::Duration) -> Self {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(connect);
+        peer.options.idle_timeout = Some(pool_idle);
+        Replica {
+            addr,
+            inflight: AtomicUsize::new(0),
+            peer,
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn peer(&self) -> &HttpPeer {
+        &self.peer
+    }
+}
+
+/// A request's claim on a replica; dropping it (on any path) releases the in-flight slot.
+pub struct Lease {
+    replica: Arc<Replica>,
+}
+
+impl Lease {
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.replica.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

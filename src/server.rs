@@ -1,0 +1,133 @@
+//! Assembly: Pingora server, the public proxy service, the admin service, and sockets bound
+//! before start so that `:0` listeners work and bind errors surface before anything runs.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
+use pingora::services::listening::Service as ListeningService;
+use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
+
+use crate::admin::Admin;
+use crate::config::Snapshot;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::runtime::Runtime;
+
+/// The addresses actually bound (a configured port 0 becomes a real port).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Binds the listeners, then serves until SIGTERM (graceful) or SIGINT (fast).
+/// `on_ready` runs once the sockets accept connections (they queue until served).
+pub fn run(snapshot: Snapshot, on_ready: impl FnOnce(Bound)) -> Result<(), String> {
+    let public = bind(snapshot.server.listen, "server.listen")?;
+    let admin = bind(snapshot.admin.listen, "admin.listen")?;
+    let bound = Bound {
+        public: public.0,
+        admin: admin.0,
+    };
+
+    let conf = Arc::new(server_conf(&snapshot));
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(&snapshot));
+    server.bootstrap();
+
+    let metrics = Arc::new(Metrics::new());
+    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(snapshot)));
+
+    let sockets = server.add_service(Sockets {
+        fds: vec![
+            (public.0.to_string(), public.1),
+            (admin.0.to_string(), admin.1),
+        ],
+    });
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &conf,
+        Gateway::new(runtime, metrics.clone()),
+        "tollgate",
+    );
+    proxy.add_tcp(&public.0.to_string());
+    let proxy = server.add_service(proxy);
+    proxy.add_dependency(&sockets);
+
+    let mut admin_service = ListeningService::new(
+        "tollgate admin".into(),
+        HttpServer::new_app(Admin::new(metrics)),
+    );
+    admin_service.add_tcp(&admin.0.to_string());
+    admin_service.threads = Some(1);
+    let admin_handle = server.add_service(admin_service);
+    admin_handle.add_dependency(&sockets);
+
+    on_ready(bound);
+    server.run(RunArgs::default());
+    Ok(())
+}
+
+fn server_conf(snapshot: &Snapshot) -> ServerConf {
+    let pid = std::process::id();
+    ServerConf {
+        threads: snapshot.server.threads.get(),
+        grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(5),
+        upstream_keepalive_pool_size: snapshot.server.upstream_keepalive_pool_size.get(),
+        pid_file: format!("/tmp/tollgate-{pid}.pid"),
+        upgrade_sock: format!("/tmp/tollgate-{pid}-upgrade.sock"),
+        ..ServerConf::default()
+    }
+}
+
+fn bind(addr: SocketAddr, what: &str) -> Result<(SocketAddr, RawFd), String> {
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("{what}: cannot listen on {addr}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("{what}: {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("{what}: {addr}: {e}"))?;
+    Ok((local, listener.into_raw_fd()))
+}
+
+/// Hands the pre-bound sockets to Pingora's listener table before the listening services
+/// start; Pingora then serves on them instead of binding again.
+struct Sockets {
+    fds: Vec<(String, RawFd)>,
+}
+
+#[async_trait]
+impl ServiceWithDependents for Sockets {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        _shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+        ready: ServiceReadyNotifier,
+    ) {
+        if let Some(table) = fds {
+            let mut table = table.lock();
+            for (addr, fd) in self.fds.drain(..) {
+                if table.get(&addr).is_none() {
+                    table.add(addr, fd);
+                }
+            }
+        }
+        ready.notify_ready();
+    }
+
+    fn name(&self) -> &str {
+        "tollgate sockets"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(1)
+    }
+}

@@ -1,0 +1,133 @@
+//! The catalog (`/v1/models`) and the admin listener (`/metrics`, `/healthz`).
+
+use serde_json::Value;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn models_are_listed_with_hosted_api_metadata() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let c = client();
+    let list: Value = c
+        .get(gw.url("/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["object"], "list");
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![MODEL, "test/other"]);
+    let m = &list["data"][0];
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["context_length"], 32768);
+    assert_eq!(m["max_completion_tokens"], 4096);
+    assert_eq!(m["pricing"]["prompt"], "0.0000005");
+    assert_eq!(m["pricing"]["completion"], "0.0000015");
+    assert_eq!(m["pricing"]["input_cache_read"], "0.0000001");
+    assert_eq!(
+        m["supported_features"],
+        serde_json::json!(["tools", "json_mode"])
+    );
+    assert_eq!(m["input_modalities"], serde_json::json!(["text"]));
+
+    let one = c
+        .get(gw.url("/v1/models/test/model"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.json::<Value>().await.unwrap()["id"], MODEL);
+    let encoded = c
+        .get(gw.url("/v1/models/test%2Fmodel"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(encoded.status(), 200);
+    let missing = c
+        .get(gw.url("/v1/models/nope"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"]["code"],
+        "model_not_found"
+    );
+}
+
+#[tokio::test]
+async fn a_key_sees_only_its_models_and_the_catalog_needs_a_key() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let c = client();
+    let list: Value = c
+        .get(gw.url("/v1/models"))
+        .bearer_auth(NARROW_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["data"][0]["id"], "test/other");
+    let r = c.get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_model_and_status_class() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    assert_eq!(gw.chat(hello()).await.status(), 200);
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let c = client();
+    let health = c.get(gw.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // Metrics are recorded when a request ends, which can trail the response by a moment.
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = c
+            .get(gw.admin_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("status_class=\"4xx\"") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        text.contains(r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"tollgate_requests_total{endpoint="chat_completions",model="-",status_class="4xx"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("tollgate_request_duration_seconds_bucket{endpoint=\"chat_completions\",model=\"test/model\""));
+    assert!(text.contains("# HELP tollgate_requests_total"));
+}

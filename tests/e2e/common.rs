@@ -1,0 +1,207 @@
+//! Test harness: the real `tollgate` binary on loopback (port 0) in front of in-process
+//! simulated replicas. Each test builds its own config; nothing is shared between tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+pub use tollgate::sim::{SimOptions, SimReplica};
+
+/// The key most tests use, and one with no access to the test model.
+pub const KEY: &str = "tg-test-key-with-access";
+pub const NARROW_KEY: &str = "tg-test-key-without-access";
+pub const MODEL: &str = "test/model";
+
+pub fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// `[[keys]]` for `KEY` (every model) and `NARROW_KEY` (only `test/other`).
+pub fn standard_keys() -> String {
+    format!(
+        "[[keys]]\nid = \"team-a\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n\n[[keys]]\nid = \"team-b\"\nsha256 = \"{}\"\nmodels = [\"test/other\"]\n",
+        sha256_hex(KEY),
+        sha256_hex(NARROW_KEY)
+    )
+}
+
+/// One pool named `main` over `replicas`, the models `test/model` (served upstream as
+/// `served-model`) and `test/other`, and the standard keys. `pool_extra` goes into the pool.
+pub fn standard_config(replicas: &[SocketAddr], pool_extra: &str) -> String {
+    let list: Vec<String> = replicas.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"[[pools]]
+name = "main"
+replicas = [{}]
+{pool_extra}
+
+[[models]]
+slug = "{MODEL}"
+pool = "main"
+upstream_model = "served-model"
+context_tokens = 32768
+max_output_tokens = 4096
+price = {{ input_per_mtok = 0.5, cached_input_per_mtok = 0.1, output_per_mtok = 1.5 }}
+features = ["tools", "json_mode"]
+
+[[models]]
+slug = "test/other"
+pool = "main"
+
+{}"#,
+        list.join(", "),
+        standard_keys()
+    )
+}
+
+pub struct Gateway {
+    child: Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `tollgate run` with `body` (pools, models, keys…). Listeners on port 0 are
+    /// added unless the text has its own `[server]` / `[admin]` sections.
+    pub fn start(body: &str) -> Gateway {
+        Self::try_start(body).unwrap_or_else(|e| panic!("tollgate did not start: {e}"))
+    }
+
+    pub fn try_start(body: &str) -> Result<Gateway, String> {
+        Self::try_start_with_env(body, &[])
+    }
+
+    pub fn try_start_with_env(body: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        if !body.contains("[server]") {
+            text.push_str(
+                "[server]\nlisten = \"127.0.0.1:0\"\nthreads = 2\ngrace_period_secs = 0\n\n",
+            );
+        }
+        if !body.contains("[admin]") {
+            text.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n\n");
+        }
+        text.push_str(body);
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(&config, text).map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.arg("run").arg("-c").arg(&config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log =
+                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+                return Err(format!("no ready line; stderr:\n{log}"));
+            }
+        };
+        let field = |name: &str| -> Result<SocketAddr, String> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| format!("bad ready line: {line}"))
+        };
+        Ok(Gateway {
+            public: field("public=")?,
+            admin: field("admin=")?,
+            child,
+            dir,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.public, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.toml")
+    }
+
+    /// A POST of `body` to the chat completions endpoint with `KEY`.
+    pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
+        client()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches tollgate")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client builds")
+}
+
+pub async fn sim() -> SimReplica {
+    SimReplica::start(SimOptions::default())
+        .await
+        .expect("sim starts")
+}
+
+/// A minimal valid chat request for `MODEL`.
+pub fn hello() -> serde_json::Value {
+    serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+/// An address that refuses connections: a port bound and then released.
+pub fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a
+}
+
+/// Splits an SSE body into the JSON payloads of its `data:` lines.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `tollgate` binary on loopback in front of simulated replicas.
+//! One test binary, one module per area.
+
+mod common;
+
+mod auth;
+mod body;
+mod catalog;
+mod cli;
+mod routing;
+mod streaming;

@@ -1,0 +1,150 @@
+//! Routing: model lookup, least-in-flight spreading, retries on refused connections, and the
+//! 502 / 503 / 504 contract.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn an_unknown_model_is_404_model_not_found() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = gw
+        .chat(json!({"model": "no/such", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert_eq!(e["error"]["param"], "model");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("GET /v1/models"));
+}
+
+#[tokio::test]
+async fn concurrent_requests_spread_over_idle_replicas() {
+    let (a, b) = (sim().await, sim().await);
+    let gw = Gateway::start(&standard_config(&[a.addr(), b.addr()], ""));
+    // Each request holds its replica for a while, so least-in-flight must alternate.
+    let mut body = hello();
+    body["sim"] = json!({"ttft_ms": 300});
+    let calls = (0..6).map(|_| gw.chat(body.clone()));
+    for r in futures_util::future::join_all(calls).await {
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(
+        a.stats().requests(),
+        3,
+        "least-in-flight splits 6 concurrent requests 3/3"
+    );
+    assert_eq!(b.stats().requests(), 3);
+}
+
+#[tokio::test]
+async fn a_refusing_replica_is_skipped_and_the_request_retried() {
+    let live = sim().await;
+    let gw = Gateway::start(&standard_config(&[refused_addr(), live.addr()], ""));
+    for _ in 0..4 {
+        let r = gw.chat(hello()).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    assert_eq!(live.stats().requests(), 4);
+}
+
+#[tokio::test]
+async fn every_replica_refusing_is_502() {
+    let gw = Gateway::start(&standard_config(&[refused_addr(), refused_addr()], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "upstream_unreachable");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2 attempt"));
+}
+
+#[tokio::test]
+async fn a_pool_without_replicas_is_503() {
+    let gw = Gateway::start(&standard_config(&[], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 503);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "no_healthy_replica");
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_answer_in_time_is_504() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(
+        &[sim.addr()],
+        "timeouts = { first_byte_ms = 200 }",
+    ));
+    let mut body = hello();
+    body["sim"] = json!({"stall_ms": 20_000});
+    let r = gw.chat(body).await;
+    assert_eq!(r.status(), 504);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn upstream_error_bodies_pass_through_unchanged() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let mut body = hello();
+    body["sim"] = json!({"fail_status": 503});
+    let r = gw.chat(body).await;
+    assert_eq!(r.status(), 503);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "sim_error");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_pooled_and_reused() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    for _ in 0..5 {
+        assert_eq!(gw.chat(hello()).await.status(), 200);
+    }
+    let mut body = hello();
+    body["stream"] = json!(true);
+    let r = gw.chat(body).await;
+    r.text().await.unwrap();
+    assert_eq!(sim.stats().requests(), 6);
+    assert_eq!(
+        sim.stats().connections(),
+        1,
+        "one upstream connection serves sequential requests"
+    );
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let c = client();
+    let r = c
+        .get(gw.url("/v1/nothing"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "unknown_url"
+    );
+    let r = c
+        .get(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "method_not_allowed"
+    );
+}

@@ -1,0 +1,134 @@
+//! Forwarding: exact framing for JSON, event-by-event relay for SSE, cancellation on client
+//! disconnect, and a clean error event when a replica breaks mid-stream.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn non_streaming_responses_keep_exact_framing() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 200);
+    let declared: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(bytes.len(), declared);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn a_stream_is_relayed_with_every_event_and_the_usage_chunk_when_asked() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = gw
+        .chat(json!({"model": MODEL, "stream": true, "max_tokens": 5,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = r.text().await.unwrap();
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"].get(0)?["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(content.split_whitespace().count(), 5);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+}
+
+#[tokio::test]
+async fn each_event_reaches_the_client_before_the_next_is_produced() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    // The replica pauses a minute after each token: unless tollgate relays the first
+    // token at once, the client cannot see it within the 10 s allowed below.
+    let r = gw
+        .chat(json!({"model": MODEL, "stream": true, "max_tokens": 3,
+            "sim": {"token_delay_ms": 60_000},
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    let first_token = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if seen.contains("\"content\":\"The\"") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        first_token,
+        Ok(true),
+        "first token not relayed promptly; got: {seen}"
+    );
+    // Leaving mid-stream must stop the replica at once.
+    drop(body);
+    assert!(
+        sim.stats().wait_cancelled(1, Duration::from_secs(10)).await,
+        "the replica did not see the cancellation"
+    );
+}
+
+#[tokio::test]
+async fn a_client_leaving_during_prefill_cancels_the_replica() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let request = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(
+            &json!({"model": MODEL, "stream": true, "sim": {"ttft_ms": 60_000},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send();
+    // Give up on the response header after a moment: the client hangs up during prefill.
+    let _ = tokio::time::timeout(Duration::from_millis(500), request).await;
+    assert!(sim.stats().wait_cancelled(1, Duration::from_secs(10)).await);
+}
+
+#[tokio::test]
+async fn a_replica_breaking_mid_stream_ends_it_with_an_error_event() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = gw
+        .chat(
+            json!({"model": MODEL, "stream": true, "max_tokens": 10, "sim": {"reset_after": 3},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r
+        .text()
+        .await
+        .expect("the stream ends cleanly, not with a cut connection");
+    let data = sse_data(&text);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{text}");
+    assert!(data.iter().any(|d| d.contains("\"content\":\"The\"")));
+}
