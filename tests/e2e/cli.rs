@@ -54,6 +54,14 @@ fn check_accepts_a_valid_file_and_names_the_problem_in_an_invalid_one() {
 }
 
 #[test]
+fn the_reference_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/tollgate.toml");
+    let (ok, out, err) = tollgate(&["check", "-c", path]);
+    assert!(ok, "{err}");
+    assert!(out.contains("is valid"), "{out}");
+}
+
+#[test]
 fn run_refuses_an_invalid_config_with_the_same_message() {
     let e = Gateway::try_start("[server]\nlisten = \"nowhere\"\n")
         .err()

@@ -1,0 +1,26 @@
+# Sourced by the scripts beside it: installs what a fresh Debian machine with Rust lacks.
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Pingora's zlib-ng build needs cmake.
+need_cmake() {
+    if ! command -v cmake >/dev/null 2>&1; then
+        echo "installing cmake (needed to build Pingora)…"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+    fi
+}
+
+# The official OpenAI and Anthropic Python SDKs for tests/sdk, in .venv.
+need_sdk_venv() {
+    if [ ! -x .venv/bin/python ]; then
+        python3 -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+}
+
+target_dir() {
+    echo "${CARGO_TARGET_DIR:-$PWD/target}"
+}
