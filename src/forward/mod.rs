@@ -92,11 +92,11 @@ impl Upstream {
             ctx.replica = Some(addr);
             match self.send(&lease, &ex, &ctx.request_id, deadline).await {
                 Ok(up) => {
-                    metrics.observe_attempt(&addr.to_string(), true);
+                    metrics.observe_attempt(&lease.replica().label, true);
                     break (up, lease);
                 }
                 Err(detail) => {
-                    metrics.observe_attempt(&addr.to_string(), false);
+                    metrics.observe_attempt(&lease.replica().label, false);
                     tracing::warn!(request_id = %ctx.request_id, replica = %addr, error = %detail, "replica attempt failed");
                     if ctx.attempts >= ex.pool.max_attempts.get() {
                         return Err(ForwardError::Unreachable {

@@ -87,6 +87,8 @@ impl PoolRoute {
 /// One upstream server and its live load.
 pub struct Replica {
     pub addr: SocketAddr,
+    /// `addr` as text, for metric labels and logs without a per-request allocation.
+    pub label: String,
     inflight: AtomicUsize,
     /// Template for connections: timeouts and pool settings are fixed per replica.
     peer: HttpPeer,
@@ -99,6 +101,7 @@ impl Replica {
         peer.options.idle_timeout = Some(pool_idle);
         Replica {
             addr,
+            label: addr.to_string(),
             inflight: AtomicUsize::new(0),
             peer,
         }

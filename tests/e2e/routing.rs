@@ -66,6 +66,20 @@ async fn every_replica_refusing_is_502() {
 }
 
 #[tokio::test]
+async fn a_replica_closing_without_an_answer_is_502_and_not_retried() {
+    let (a, b) = (sim().await, sim().await);
+    let gw = Gateway::start(&standard_config(&[a.addr(), b.addr()], ""));
+    let mut body = hello();
+    body["sim"] = json!({"reset_after": 0});
+    let r = gw.chat(body).await;
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "upstream_error");
+    // The request reached a model: sending it again could run it twice.
+    assert_eq!(a.stats().requests() + b.stats().requests(), 1);
+}
+
+#[tokio::test]
 async fn a_pool_without_replicas_is_503() {
     let gw = Gateway::start(&standard_config(&[], ""));
     let r = gw.chat(hello()).await;
