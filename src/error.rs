@@ -109,7 +109,7 @@ impl GatewayError {
                 "Could not connect to a replica for this model ({attempts} attempt(s) failed). Retry later."
             ),
             Forward(ForwardError::Broken { detail }) => format!(
-                "The replica failed before answering ({detail}). Retry the request."
+                "The replica broke off the exchange ({detail}). Retry the request."
             ),
             Forward(ForwardError::Timeout { phase }) => format!(
                 "The replica did not answer in time ({phase}). Retry, or send a smaller request."
