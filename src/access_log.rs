@@ -1,10 +1,20 @@
-//! The end of every request: one JSON access-log line and the request metrics. Called from
-//! `logging` only, so it runs exactly once per request, whatever happened.
+//! The end of every request: its usage settled and handed to the ledger, the request metrics,
+//! and one JSON access-log line. Called from `logging` only, so it runs exactly once per
+//! request, whatever happened.
 
+use crate::account::{self, Ledger};
+use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
+use crate::limits;
 use crate::metrics::Metrics;
 
-pub fn record(metrics: &Metrics, ctx: &RequestCtx, err: Option<&pingora::Error>) {
+pub fn record(
+    metrics: &Metrics,
+    ledger: Option<&Ledger>,
+    alerter: &Alerter,
+    ctx: &mut RequestCtx,
+    err: Option<&pingora::Error>,
+) {
     let elapsed = ctx.started.elapsed();
     let model = ctx.model_label();
     metrics.observe_request(ctx.endpoint.label(), model, ctx.status, elapsed);
@@ -15,19 +25,80 @@ pub fn record(metrics: &Metrics, ctx: &RequestCtx, err: Option<&pingora::Error>)
     if let Some(fb) = ctx.first_byte {
         metrics.observe_first_byte(model, fb);
     }
+    if let Some(ft) = ctx.first_token {
+        metrics.observe_first_token(model, ft);
+    }
+    let settled = account::settle(ctx);
+    settle_limits(metrics, alerter, ctx, &settled);
+    let key = ctx.key_id.as_deref().unwrap_or("-");
+    let model = ctx.model_label();
+    metrics.observe_usage(model, key, &settled.usage, settled.cost_nanos as f64 / 1e9);
+    if let (Some(ledger), Some(record)) = (ledger, account::record(ctx, &settled)) {
+        ledger.record(record);
+    }
+    let u = &settled.usage;
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
         endpoint = ctx.endpoint.label(),
-        key_id = ctx.key_id.as_deref().unwrap_or("-"),
+        key_id = key,
         model,
         stream = ctx.stream,
         status = ctx.status,
         error = error.unwrap_or("-"),
+        input_tokens = u.input,
+        cached_input_tokens = u.cached_input,
+        output_tokens = u.output,
+        reasoning_tokens = u.reasoning,
+        cost_usd = settled.cost_nanos as f64 / 1e9,
+        estimated = settled.estimated,
         duration_ms = elapsed.as_secs_f64() * 1e3,
         first_byte_ms = ctx.first_byte.map(|d| d.as_secs_f64() * 1e3),
+        first_token_ms = ctx.first_token.map(|d| d.as_secs_f64() * 1e3),
         replica = ctx.replica.map(|a| a.to_string()),
         attempts = ctx.attempts,
         "request"
     );
+}
+
+/// Replaces the request's reservation by what it used, refreshes the key's budget gauges,
+/// fires any budget threshold this crossed, and counts refusals by kind.
+fn settle_limits(
+    metrics: &Metrics,
+    alerter: &Alerter,
+    ctx: &mut RequestCtx,
+    settled: &account::Settled,
+) {
+    let key_id = ctx.key_id.as_deref().unwrap_or("-");
+    let refused = match ctx.error {
+        Some("rate_limit_requests") => Some("requests"),
+        Some("rate_limit_tokens") => Some("tokens"),
+        Some("concurrency_limit") => Some("concurrency"),
+        Some("max_tokens_too_large") => Some("max_tokens"),
+        Some("budget_exceeded") => Some("budget"),
+        _ => None,
+    };
+    if let Some(kind) = refused {
+        metrics.observe_rejection(key_id, kind);
+    }
+    let Some(ticket) = ctx.ticket.take() else {
+        return;
+    };
+    let now = limits::now_ms();
+    let crossed = ticket.settle(settled.usage.total(), settled.cost_nanos, now);
+    let (Some(runtime), Some(key)) = (&ctx.runtime, &ctx.key) else {
+        return;
+    };
+    let (Some(budget), Some(counters)) = (&key.budget, runtime.limits.key(key_id)) else {
+        return;
+    };
+    let spend = counters.spend(Some(budget), now);
+    metrics.observe_budget(
+        key_id,
+        spend.spent,
+        budget.nanos.saturating_sub(spend.spent + spend.reserved),
+    );
+    if !crossed.is_empty() {
+        alerter.fire(&runtime.config.alerts, key_id, budget, crossed);
+    }
 }

@@ -1,4 +1,5 @@
-//! The admin listener (loopback by default): `/metrics` in Prometheus text format, `/healthz`.
+//! The admin listener (loopback by default): `/metrics` in Prometheus text format, `/healthz`,
+//! and `GET /admin/usage`.
 
 use std::sync::Arc;
 
@@ -6,16 +7,112 @@ use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde_json::json;
 
+use arc_swap::ArcSwap;
+
+use crate::account::query::{self, Bucket, UsageQuery};
+use crate::account::Ledger;
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
+use crate::runtime::Runtime;
+use crate::{alerts, limits};
 
 pub struct Admin {
     metrics: Arc<Metrics>,
+    ledger: Option<Arc<Ledger>>,
+    runtime: Arc<ArcSwap<Runtime>>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl Admin {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Admin { metrics }
+    pub fn new(
+        metrics: Arc<Metrics>,
+        ledger: Option<Arc<Ledger>>,
+        runtime: Arc<ArcSwap<Runtime>>,
+        reloader: Option<Arc<Reloader>>,
+    ) -> Self {
+        Admin {
+            metrics,
+            ledger,
+            runtime,
+            reloader,
+        }
+    }
+
+    /// A key's live use against each of its limits and its budget.
+    fn key(&self, id: &str) -> (u16, Vec<u8>) {
+        let runtime = self.runtime.load();
+        let (Some(key), Some(counters)) = (runtime.config.key_by_id(id), runtime.limits.key(id))
+        else {
+            return error(404, &format!("no key with id {id:?}"));
+        };
+        let now = limits::now_ms();
+        let (requests, tokens) = counters.window((now / 1000) as u64);
+        let budget = key.budget.as_ref().map(|b| {
+            let spend = counters.spend(Some(b), now);
+            let usd = |n: u64| n as f64 / 1e9;
+            json!({
+                "usd": usd(b.nanos),
+                "period": alerts::period_name(b.period),
+                "period_start": query::rfc3339(spend.period_start),
+                "period_end": limits::period::end(b.period, now).map(query::rfc3339),
+                "spent_usd": usd(spend.spent),
+                "reserved_usd": usd(spend.reserved),
+                "remaining_usd": usd(b.nanos.saturating_sub(spend.spent + spend.reserved)),
+                "enforce": b.enforce,
+                "clamp_max_tokens": b.clamp_max_tokens,
+                "alert_at": b.alert_at,
+                "alerted": b.alert_at.iter().enumerate()
+                    .filter(|(i, _)| spend.alerted & (1 << i) != 0)
+                    .map(|(_, t)| *t)
+                    .collect::<Vec<_>>(),
+            })
+        });
+        let body = json!({
+            "id": key.id,
+            "limits": {
+                "rpm": key.limits.rpm,
+                "tpm": key.limits.tpm,
+                "max_concurrent": key.limits.max_concurrent,
+            },
+            "usage": {
+                "requests_last_minute": requests,
+                "tokens_last_minute": tokens,
+                "in_flight": counters.inflight(),
+            },
+            "budget": budget,
+        });
+        (200, body.to_string().into_bytes())
+    }
+
+    async fn usage(&self, query: &str) -> (u16, Vec<u8>) {
+        let Some(ledger) = self.ledger.clone() else {
+            return error(404, "the usage ledger is off (state.ledger = false)");
+        };
+        let q = match usage_query(query, now_ms()) {
+            Ok(q) => q,
+            Err(e) => return error(400, &e),
+        };
+        // Make records of requests that just ended visible, then read; both block.
+        let rows = tokio::task::spawn_blocking(move || {
+            ledger.flush();
+            query::run(ledger.path(), &q).map(|rows| (q, rows))
+        })
+        .await;
+        match rows {
+            Ok(Ok((q, rows))) => {
+                let body = json!({
+                    "from": query::rfc3339(q.from_ms),
+                    "to": query::rfc3339(q.to_ms),
+                    "bucket": bucket_name(q.bucket),
+                    "data": rows,
+                });
+                (200, body.to_string().into_bytes())
+            }
+            Ok(Err(e)) => error(400, &e),
+            Err(_) => error(500, "the usage query failed"),
+        }
     }
 }
 
@@ -23,14 +120,39 @@ impl Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let (status, content_type, body) = match (req.method.as_str(), req.uri.path()) {
+        let (method, path) = (req.method.as_str().to_string(), req.uri.path().to_string());
+        let query = req.uri.query().unwrap_or("").to_string();
+        let (status, content_type, body) = match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => (200, "text/plain; version=0.0.4", self.metrics.render()),
             ("GET", "/healthz") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
-            _ => (
-                404,
-                "application/json",
-                br#"{"error":"unknown admin URL; try GET /metrics or GET /healthz"}"#.to_vec(),
-            ),
+            ("GET", "/admin/usage") => {
+                let (status, body) = self.usage(&query).await;
+                (status, "application/json", body)
+            }
+            ("POST", "/admin/reload") => {
+                let (status, body) = match &self.reloader {
+                    None => error(404, "this server was not started from a config file"),
+                    Some(r) => match r.reload() {
+                        Ok(note) => (
+                            200,
+                            json!({ "status": "ok", "message": note })
+                                .to_string()
+                                .into_bytes(),
+                        ),
+                        Err(e) => error(400, &e),
+                    },
+                };
+                (status, "application/json", body)
+            }
+            ("GET", p) if p.starts_with("/admin/keys/") => {
+                let (status, body) = self.key(&p["/admin/keys/".len()..]);
+                (status, "application/json", body)
+            }
+            _ => {
+                let (status, body) =
+                    error(404, "unknown admin URL; try GET /metrics, /healthz, /admin/usage or /admin/keys/{id}");
+                (status, "application/json", body)
+            }
         };
         Response::builder()
             .status(status)
@@ -39,4 +161,59 @@ impl ServeHttp for Admin {
             .body(body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
     }
+}
+
+fn error(status: u16, message: &str) -> (u16, Vec<u8>) {
+    (status, json!({ "error": message }).to_string().into_bytes())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn bucket_name(b: Bucket) -> &'static str {
+    match b {
+        Bucket::Minute => "minute",
+        Bucket::Hour => "hour",
+        Bucket::Day => "day",
+    }
+}
+
+/// `from`, `to` (RFC 3339, date or Unix seconds; default the last 24 hours), `bucket`
+/// (minute, hour, day; default hour), `by` (comma list of key, model).
+pub fn usage_query(query: &str, now_ms: i64) -> Result<UsageQuery, String> {
+    let mut q = UsageQuery {
+        from_ms: now_ms - 86_400_000,
+        to_ms: now_ms,
+        bucket: Bucket::Hour,
+        by_key: false,
+        by_model: false,
+    };
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        match name.as_ref() {
+            "from" => q.from_ms = query::parse_time(&value)?,
+            "to" => q.to_ms = query::parse_time(&value)?,
+            "bucket" => {
+                q.bucket = Bucket::parse(&value)
+                    .ok_or_else(|| format!("bucket {value:?} is not one of: minute, hour, day"))?
+            }
+            "by" => {
+                for part in value.split(',').filter(|p| !p.is_empty()) {
+                    match part {
+                        "key" => q.by_key = true,
+                        "model" => q.by_model = true,
+                        other => return Err(format!("by {other:?} is not one of: key, model")),
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown parameter {other:?}; use from, to, bucket, by"
+                ))
+            }
+        }
+    }
+    Ok(q)
 }

@@ -3,24 +3,39 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Model;
+use crate::config::{Key, Model};
+use crate::limits::Ticket;
+use crate::respond::Dialect;
 use crate::runtime::Runtime;
+use crate::translate::usage::Usage;
 
 /// Which surface a request hit; also the `endpoint` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     ChatCompletions,
+    Messages,
+    CountTokens,
     Models,
     Model,
     Unknown,
 }
 
 impl Endpoint {
+    /// The error dialect of the surface.
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
+            _ => Dialect::OpenAi,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "count_tokens",
             Endpoint::Models => "models",
             Endpoint::Model => "model",
             Endpoint::Unknown => "unknown",
@@ -31,6 +46,8 @@ impl Endpoint {
 pub struct RequestCtx {
     /// new_ctx → logging.
     pub started: Instant,
+    /// new_ctx → account: the same moment on the wall clock.
+    pub started_at: SystemTime,
     /// accept (request_filter start) → every response, the upstream request, logging.
     pub request_id: String,
     /// accept → every later stage. The one config snapshot this request uses to its end.
@@ -39,6 +56,8 @@ pub struct RequestCtx {
     pub endpoint: Endpoint,
     /// identify → logging.
     pub key_id: Option<String>,
+    /// identify → account (budget settlement).
+    pub key: Option<Arc<Key>>,
     /// read body → respond (whether the connection can be kept after an early answer).
     pub body_read: bool,
     /// understand → logging.
@@ -51,6 +70,20 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// forward → logging, metrics: time to the replica's response header.
     pub first_byte: Option<Duration>,
+    /// understand → account: the prompt's estimated tokens (used when no usage arrives).
+    pub input_estimate: u32,
+    /// forward → account: the request reached a replica (it may have spent GPU time).
+    pub sent: bool,
+    /// forward → account: usage the replica reported, if any.
+    pub usage: Option<Usage>,
+    /// forward → account: stream events that carried output (the estimate without usage).
+    pub output_events: u64,
+    /// forward → account, metrics: time to the first generated token (streams).
+    pub first_token: Option<Duration>,
+    /// admit → account: the request's reservation against limits and budget.
+    pub ticket: Option<Ticket>,
+    /// admit → every response header: rate-limit headers and notices.
+    pub headers: Vec<(&'static str, String)>,
     /// respond / forward → logging, metrics. The status the client was sent (499: it left).
     pub status: u16,
     /// respond / forward → logging, metrics. The error code, when the request failed.
@@ -61,16 +94,25 @@ impl RequestCtx {
     pub fn new() -> Self {
         RequestCtx {
             started: Instant::now(),
+            started_at: SystemTime::now(),
             request_id: String::new(),
             runtime: None,
             endpoint: Endpoint::Unknown,
             key_id: None,
+            key: None,
             body_read: false,
             stream: false,
             model: None,
             replica: None,
             attempts: 0,
             first_byte: None,
+            input_estimate: 0,
+            sent: false,
+            usage: None,
+            output_events: 0,
+            first_token: None,
+            ticket: None,
+            headers: Vec::new(),
             status: 0,
             error: None,
         }

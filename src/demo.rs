@@ -42,7 +42,9 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     let key = auth::new_secret();
     let text = config_text(&opts, &sims, &hex::encode(auth::digest(&key)));
     let snapshot = config::parse(&text).map_err(|e| format!("demo config: {e}"))?;
-    let result = server::run(snapshot, |bound| print_banner(bound, &key, sims.len()));
+    let result = server::run(snapshot, None, |bound| {
+        print_banner(bound, &key, sims.len())
+    });
     drop(sims);
     drop(sim_runtime);
     result
@@ -58,6 +60,9 @@ grace_period_secs = 1
 
 [admin]
 listen = "{admin}"
+
+[state]
+dir = {state:?}
 
 [[pools]]
 name = "demo"
@@ -90,6 +95,7 @@ models = ["*"]
 "#,
         listen = opts.listen,
         admin = opts.admin_listen,
+        state = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id())),
         replicas = replicas.join(", "),
     )
 }
@@ -118,8 +124,17 @@ Python (pip install openai):
   print(client.chat.completions.create(model="{CHAT_MODEL}",
         messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
 
+Python (pip install anthropic):
+  import anthropic
+  client = anthropic.Anthropic(base_url="{root}", api_key="{key}")
+  print(client.messages.create(model="{REASONING_MODEL}", max_tokens=64,
+        messages=[{{"role": "user", "content": "Hello!"}}]).content[-1].text)
+
+Usage so far:  curl -s 'http://{admin}/admin/usage?bucket=hour&by=model'
+
 Stop with Ctrl-C."#,
         admin = bound.admin,
+        root = format!("http://{}", bound.public),
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -4,6 +4,7 @@
 use crate::auth::AuthError;
 use crate::body::BodyError;
 use crate::forward::ForwardError;
+use crate::limits::{LimitError, LimitKind, Scope};
 use crate::route::RouteError;
 use crate::translate::RequestError;
 
@@ -14,8 +15,20 @@ pub enum GatewayError {
     Request(RequestError),
     Route(RouteError),
     Forward(ForwardError),
-    UnknownRoute { method: String, path: String },
-    MethodNotAllowed { path: String, allow: &'static str },
+    /// A limit or budget refused the request.
+    Limit {
+        err: LimitError,
+        key_id: String,
+        model: String,
+    },
+    UnknownRoute {
+        method: String,
+        path: String,
+    },
+    MethodNotAllowed {
+        path: String,
+        allow: &'static str,
+    },
 }
 
 impl GatewayError {
@@ -35,6 +48,18 @@ impl GatewayError {
             Forward(ForwardError::Timeout { .. }) => 504,
             // Nobody reads it: the client left. Logged as nginx does.
             Forward(ForwardError::ClientGone) => 499,
+            Limit {
+                err: LimitError::Limited { .. },
+                ..
+            } => 429,
+            Limit {
+                err: LimitError::TooLarge { .. },
+                ..
+            } => 400,
+            Limit {
+                err: LimitError::Budget { .. },
+                ..
+            } => 402,
             UnknownRoute { .. } => 404,
             MethodNotAllowed { .. } => 405,
         }
@@ -47,9 +72,36 @@ impl GatewayError {
             Auth(_) => "authentication_error",
             Route(RouteError::ModelForbidden { .. }) => "permission_error",
             Forward(_) => "api_error",
+            Limit {
+                err: LimitError::Limited { .. },
+                ..
+            } => "rate_limit_error",
+            Limit {
+                err: LimitError::Budget { .. },
+                ..
+            } => "insufficient_quota",
+            Limit {
+                err: LimitError::TooLarge { .. },
+                ..
+            } => "invalid_request_error",
             Body(_) | Request(_) | Route(_) | UnknownRoute { .. } | MethodNotAllowed { .. } => {
                 "invalid_request_error"
             }
+        }
+    }
+
+    /// Anthropic's `error.type`, decided by the status as the Anthropic API does.
+    pub fn anthropic_type(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
         }
     }
 
@@ -70,6 +122,38 @@ impl GatewayError {
             Forward(ForwardError::Broken { .. }) => "upstream_error",
             Forward(ForwardError::Timeout { .. }) => "upstream_timeout",
             Forward(ForwardError::ClientGone) => "client_disconnected",
+            Limit {
+                err:
+                    LimitError::Limited {
+                        kind: LimitKind::Requests,
+                        ..
+                    },
+                ..
+            } => "rate_limit_requests",
+            Limit {
+                err:
+                    LimitError::Limited {
+                        kind: LimitKind::Tokens,
+                        ..
+                    },
+                ..
+            } => "rate_limit_tokens",
+            Limit {
+                err:
+                    LimitError::Limited {
+                        kind: LimitKind::Concurrency,
+                        ..
+                    },
+                ..
+            } => "concurrency_limit",
+            Limit {
+                err: LimitError::TooLarge { .. },
+                ..
+            } => "max_tokens_too_large",
+            Limit {
+                err: LimitError::Budget { .. },
+                ..
+            } => "budget_exceeded",
             UnknownRoute { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
         }
@@ -80,6 +164,10 @@ impl GatewayError {
         match self {
             GatewayError::Request(e) => e.param.as_deref(),
             GatewayError::Route(_) => Some("model"),
+            GatewayError::Limit {
+                err: LimitError::TooLarge { .. },
+                ..
+            } => Some("max_tokens"),
             _ => None,
         }
     }
@@ -115,11 +203,61 @@ impl GatewayError {
                 "The replica did not answer in time ({phase}). Retry, or send a smaller request."
             ),
             Forward(ForwardError::ClientGone) => "The client disconnected before the response was complete.".into(),
+            Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
-                "Unknown request URL: {method} {path}. The API serves POST /v1/chat/completions and GET /v1/models."
+                "Unknown request URL: {method} {path}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models."
             ),
             MethodNotAllowed { path, allow } => format!("{path} only accepts {allow}."),
         }
+    }
+}
+
+/// Seconds to wait before retrying, for `retry-after`.
+impl GatewayError {
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            GatewayError::Limit {
+                err: LimitError::Limited { retry_after, .. },
+                ..
+            } => Some((*retry_after).max(1)),
+            GatewayError::Limit {
+                err: LimitError::Budget { retry_after, .. },
+                ..
+            } => *retry_after,
+            GatewayError::Forward(ForwardError::NoReplica { .. }) => Some(1),
+            _ => None,
+        }
+    }
+}
+
+fn limit_message(err: &LimitError, key_id: &str, model: &str) -> String {
+    let whose = |scope: Scope| match scope {
+        Scope::Key => format!("API key '{key_id}'"),
+        Scope::Model => format!("model '{model}' (shared by all keys)"),
+    };
+    match err {
+        LimitError::Limited { kind: LimitKind::Requests, scope, limit, retry_after } => format!(
+            "Rate limit reached for {}: {limit} requests per minute. Retry after {retry_after} s.",
+            whose(*scope)
+        ),
+        LimitError::Limited { kind: LimitKind::Tokens, scope, limit, retry_after } => format!(
+            "Rate limit reached for {}: {limit} tokens per minute (prompt plus max_tokens are reserved). Retry after {retry_after} s, or lower max_tokens.",
+            whose(*scope)
+        ),
+        LimitError::Limited { kind: LimitKind::Concurrency, scope, limit, .. } => format!(
+            "Concurrency limit reached for {}: {limit} requests at once. Retry when one of your requests has finished.",
+            whose(*scope)
+        ),
+        LimitError::TooLarge { scope, limit, need } => format!(
+            "This request may use up to {need} tokens (prompt plus max_tokens), more than the limit of {limit} tokens per minute for {}. Lower max_tokens (or max_completion_tokens) so the total fits.",
+            whose(*scope)
+        ),
+        LimitError::Budget { budget_nanos, spent_nanos, worst_nanos, .. } => format!(
+            "The budget of ${:.2} for API key '{key_id}' would be exceeded: ${:.6} is spent or reserved and this request may cost up to ${:.6}. Lower max_tokens, or wait for the next budget period.",
+            *budget_nanos as f64 / 1e9,
+            *spent_nanos as f64 / 1e9,
+            *worst_nanos as f64 / 1e9
+        ),
     }
 }
 

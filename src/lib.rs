@@ -11,7 +11,9 @@
 //! and a request keeps one snapshot of it from start to end.
 
 pub mod access_log;
+pub mod account;
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod body;
 pub mod catalog;
@@ -20,9 +22,11 @@ pub mod ctx;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod respond;
 pub mod route;
 pub mod runtime;

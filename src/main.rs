@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use tollgate::{auth, config, demo, logs, server, sim};
+use tollgate::{account, auth, config, demo, logs, server, sim};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,8 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         replicas: usize,
     },
+    /// Show usage from the ledger: requests, tokens and cost per time bucket.
+    Usage(UsageArgs),
     /// Run simulated OpenAI-compatible GPU replicas (for tests, benchmarks and trials).
     Sim(SimArgs),
 }
@@ -57,6 +59,27 @@ struct ConfigArg {
         default_value = "/etc/tollgate/tollgate.toml"
     )]
     config: PathBuf,
+}
+
+#[derive(Args)]
+struct UsageArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Start: RFC 3339 time, date (midnight UTC) or Unix seconds. Default: 24 hours ago.
+    #[arg(long)]
+    from: Option<String>,
+    /// End (exclusive), same forms. Default: now.
+    #[arg(long)]
+    to: Option<String>,
+    /// Bucket size: minute, hour or day.
+    #[arg(long, default_value = "hour")]
+    bucket: String,
+    /// Group by key and/or model, e.g. `--by key,model`.
+    #[arg(long, value_delimiter = ',')]
+    by: Vec<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -106,7 +129,7 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(&e.to_string()),
             };
-            let result = server::run(snapshot, |bound| {
+            let result = server::run(snapshot, Some(&c.config), |bound| {
                 println!(
                     "tollgate ready public={} admin={}",
                     bound.public, bound.admin
@@ -158,6 +181,7 @@ fn main() -> ExitCode {
             })
             .map_or_else(|e| fail(&e), |()| ExitCode::SUCCESS)
         }
+        Command::Usage(args) => usage(args),
         Command::Sim(args) => run_sim(args),
     }
 }
@@ -201,6 +225,56 @@ fn run_sim(args: SimArgs) -> ExitCode {
         let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS
     })
+}
+
+fn usage(args: UsageArgs) -> ExitCode {
+    let snapshot = match config::load(&args.config.config) {
+        Ok(s) => s,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let mut query = String::new();
+    for (name, value) in [("from", &args.from), ("to", &args.to)] {
+        if let Some(v) = value {
+            query.push_str(&format!(
+                "{name}={}&",
+                form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>()
+            ));
+        }
+    }
+    query.push_str(&format!("bucket={}&by={}", args.bucket, args.by.join(",")));
+    let now = chrono::Utc::now().timestamp_millis();
+    let q = match tollgate::admin::usage_query(&query, now) {
+        Ok(q) => q,
+        Err(e) => return fail(&e),
+    };
+    let path = snapshot.state.dir.join(account::ledger::FILE_NAME);
+    let rows = match account::query::run(&path, &q) {
+        Ok(rows) => rows,
+        Err(e) => return fail(&e),
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "data": rows }));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "start", "key", "model", "requests", "input", "cached", "uncached", "output", "cost_usd"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
+            r.start,
+            r.key_id.as_deref().unwrap_or("*"),
+            r.model.as_deref().unwrap_or("*"),
+            r.requests,
+            r.input_tokens,
+            r.cached_input_tokens,
+            r.uncached_input_tokens,
+            r.output_tokens,
+            r.cost_usd
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn fail(message: &str) -> ExitCode {

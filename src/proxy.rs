@@ -9,7 +9,8 @@
 //!    answered here and the hook returns `Ok(true)`: Pingora's own upstream loop is never
 //!    entered, because it cannot route on a body it would then fail to send (DESIGN.md §2).
 //! 3. `fail_to_proxy`   errors Pingora raised itself, or a relayed body cut short.
-//! 4. `logging`         exactly once per request: metrics and the access log line.
+//! 4. `logging`         exactly once per request: usage settled and sent to the ledger,
+//!    metrics, the access log line.
 
 use std::sync::Arc;
 
@@ -18,23 +19,35 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::account::Ledger;
+use crate::alerts::Alerter;
+use crate::config::{Key, Model};
 use crate::ctx::{Endpoint, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
+use crate::limits::{self, Demand};
 use crate::metrics::Metrics;
-use crate::respond::{self, Dialect};
+use crate::respond;
 use crate::runtime::Runtime;
+use crate::translate::anthropic::{self, MessagesRequest};
 use crate::translate::openai::ChatRequest;
+use crate::translate::ModelRequest;
 use crate::{access_log, auth, body, catalog, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
+    ledger: Option<Arc<Ledger>>,
+    alerter: Alerter,
 }
 
 impl Gateway {
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        metrics: Arc<Metrics>,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Self {
         let pool_size = runtime
             .load()
             .config
@@ -44,7 +57,9 @@ impl Gateway {
         Gateway {
             runtime,
             upstream: Upstream::new(pool_size),
+            alerter: Alerter::new(metrics.clone(), ledger.clone()),
             metrics,
+            ledger,
         }
     }
 }
@@ -127,7 +142,7 @@ impl ProxyHttp for Gateway {
         if ctx.status == 0 {
             ctx.status = session.response_written().map_or(0, |h| h.status.as_u16());
         }
-        access_log::record(&self.metrics, ctx, e);
+        access_log::record(&self.metrics, self.ledger.as_deref(), &self.alerter, ctx, e);
     }
 }
 
@@ -140,26 +155,59 @@ impl Gateway {
     ) -> Result<Relayed, GatewayError> {
         let snapshot = &runtime.config;
         match ctx.endpoint {
-            Endpoint::ChatCompletions => {
+            Endpoint::ChatCompletions | Endpoint::Messages => {
                 let key = auth::identify(snapshot, &session.req_header().headers)?;
                 ctx.key_id = Some(key.id.clone());
+                ctx.key = Some(key.clone());
                 let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
                 ctx.body_read = true;
-                let request = ChatRequest::parse(&bytes)?;
-                ctx.stream = request.stream;
-                let model = route::resolve(snapshot, &key, &request.model)?;
+                let mut request = if ctx.endpoint == Endpoint::Messages {
+                    ModelRequest::Messages(MessagesRequest::parse(&bytes)?)
+                } else {
+                    ModelRequest::Chat(ChatRequest::parse(&bytes)?)
+                };
+                ctx.stream = request.stream();
+                ctx.input_estimate = request.estimate_input_tokens();
+                let model = route::resolve(snapshot, &key, request.model())?;
                 ctx.model = Some(model.clone());
+                admit(ctx, runtime, &key, model, &mut request)?;
+                let (body, plan) = request.into_upstream(
+                    &model.upstream_model,
+                    model.reasoning_switch,
+                    message_id,
+                );
                 let exchange = Exchange {
                     pool: &snapshot.pools[model.pool],
                     route: runtime.router.pool(model.pool),
                     path: "/v1/chat/completions",
-                    body: request.upstream_body(&model.upstream_model).into(),
+                    body: body.into(),
                     stream: ctx.stream,
+                    plan,
                 };
                 Ok(self
                     .upstream
                     .forward(session, ctx, &self.metrics, exchange)
                     .await?)
+            }
+            Endpoint::CountTokens => {
+                let key = auth::identify(snapshot, &session.req_header().headers)?;
+                ctx.key_id = Some(key.id.clone());
+                let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
+                ctx.body_read = true;
+                let request = anthropic::parse_count_tokens(&bytes)?;
+                let model = route::resolve(snapshot, &key, &request.model)?;
+                ctx.model = Some(model.clone());
+                let value = serde_json::json!({ "input_tokens": request.estimate_input_tokens() });
+                ctx.status = 200;
+                let _ = respond::send_json(
+                    session,
+                    200,
+                    value.to_string().into(),
+                    &ctx.request_id,
+                    &[],
+                )
+                .await;
+                Ok(Relayed::Complete)
             }
             Endpoint::Models | Endpoint::Model => {
                 let key = auth::identify(snapshot, &session.req_header().headers)?;
@@ -172,7 +220,7 @@ impl Gateway {
                 ctx.status = 200;
                 let body = bytes::Bytes::from(value.to_string());
                 // A failed write means the client left; logging still runs.
-                let _ = respond::send_json(session, 200, body, &ctx.request_id).await;
+                let _ = respond::send_json(session, 200, body, &ctx.request_id, &[]).await;
                 Ok(Relayed::Complete)
             }
             Endpoint::Unknown => {
@@ -193,6 +241,51 @@ impl Gateway {
     }
 }
 
+/// Stage "admit": reserve the request's worst case against the key's and the model's limits
+/// and budget (settled in `logging`), and prepare the rate-limit headers.
+fn admit(
+    ctx: &mut RequestCtx,
+    runtime: &Runtime,
+    key: &Key,
+    model: &Model,
+    request: &mut ModelRequest,
+) -> Result<(), GatewayError> {
+    let (Some(key_counters), Some(model_counters)) = (
+        runtime.limits.key(&key.id),
+        runtime.limits.model(&model.slug),
+    ) else {
+        return Ok(());
+    };
+    let demand = Demand {
+        input_tokens: u64::from(ctx.input_estimate),
+        output_tokens: request
+            .max_output_tokens()
+            .unwrap_or(u64::from(model.default_max_tokens)),
+        prices: model.token_prices,
+    };
+    let now = limits::now_ms();
+    match limits::admit(key, key_counters, model, model_counters, demand, now) {
+        Ok((ticket, view)) => {
+            ctx.headers = limits::rate_headers(&view, now);
+            if let Some(n) = ticket.clamped_output {
+                request.set_max_output_tokens(n);
+                ctx.headers
+                    .push(("x-tollgate-max-tokens-clamped", n.to_string()));
+            }
+            ctx.ticket = Some(ticket);
+            Ok(())
+        }
+        Err(err) => {
+            ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
+            Err(GatewayError::Limit {
+                err,
+                key_id: key.id.clone(),
+                model: model.slug.clone(),
+            })
+        }
+    }
+}
+
 /// Stage "accept": request id, config snapshot, endpoint.
 fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
     let req = session.req_header();
@@ -208,6 +301,8 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
     let path = req.uri.path();
     ctx.endpoint = match (req.method.as_str(), path) {
         ("POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
+        ("POST", "/v1/messages") => Endpoint::Messages,
+        ("POST", "/v1/messages/count_tokens") => Endpoint::CountTokens,
         ("GET", "/v1/models") => Endpoint::Models,
         ("GET", p) if model_path(p).is_some() => Endpoint::Model,
         _ => Endpoint::Unknown,
@@ -225,8 +320,20 @@ async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError)
     if ctx.status == 499 {
         return;
     }
-    let body = respond::error_body(Dialect::OpenAi, err);
-    let _ = respond::send_json(session, ctx.status, body, &ctx.request_id).await;
+    if let Some(secs) = err.retry_after() {
+        ctx.headers.push(("retry-after", secs.to_string()));
+    }
+    let body = respond::error_body(ctx.endpoint.dialect(), err);
+    let _ = respond::send_json(session, ctx.status, body, &ctx.request_id, &ctx.headers).await;
+}
+
+/// An Anthropic message id: `msg_` and 24 random base-62 characters.
+fn message_id() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    format!(
+        "msg_{}",
+        Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
+    )
 }
 
 /// A client-chosen request id is kept when it is short and made of safe characters.
@@ -240,30 +347,16 @@ fn is_safe_request_id(id: &str) -> bool {
 /// The slug in `/v1/models/{slug}`; slugs contain `/`, which clients may send as `%2F`.
 fn model_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v1/models/")?;
-    let slug = percent_decode(rest)?;
+    let slug = percent_encoding::percent_decode_str(rest)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
     (!slug.is_empty()).then_some(slug)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn allowed_method(path: &str) -> Option<&'static str> {
     match path {
-        "/v1/chat/completions" => Some("POST"),
+        "/v1/chat/completions" | "/v1/messages" | "/v1/messages/count_tokens" => Some("POST"),
         "/v1/models" => Some("GET"),
         p if p.starts_with("/v1/models/") => Some("GET"),
         _ => None,
@@ -289,6 +382,6 @@ mod tests {
             Some("org/name")
         );
         assert_eq!(model_path("/v1/models/"), None);
-        assert_eq!(model_path("/v1/models/%zz"), None);
+        assert_eq!(model_path("/v1/models/%zz").as_deref(), Some("%zz"));
     }
 }

@@ -12,6 +12,8 @@ use crate::error::GatewayError;
 pub enum Dialect {
     /// `{"error": {"message", "type", "param", "code"}}`
     OpenAi,
+    /// `{"type": "error", "error": {"type", "message"}}`
+    Anthropic,
 }
 
 pub fn error_body(dialect: Dialect, err: &GatewayError) -> Bytes {
@@ -24,6 +26,10 @@ pub fn error_body(dialect: Dialect, err: &GatewayError) -> Bytes {
                 "code": err.code(),
             }
         }),
+        Dialect::Anthropic => json!({
+            "type": "error",
+            "error": { "type": err.anthropic_type(), "message": err.message() },
+        }),
     };
     Bytes::from(value.to_string())
 }
@@ -34,21 +40,29 @@ pub async fn send_json(
     status: u16,
     body: Bytes,
     request_id: &str,
+    extra: &[(&'static str, String)],
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    let mut header = ResponseHeader::build(status, Some(5 + extra.len()))?;
+    for (name, value) in extra {
+        header.insert_header(*name, value.as_str())?;
+    }
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     header.insert_header("x-request-id", request_id)?;
+    header.insert_header("request-id", request_id)?;
     session
         .write_response_header(Box::new(header), false)
         .await?;
     session.write_response_body(Some(body), true).await
 }
 
-/// A server-sent event that ends a stream whose replica failed after the status was sent.
-/// The OpenAI SDKs raise an `APIError` when an event carries an `error` object.
+/// A server-sent event that ends an OpenAI stream whose replica failed after the status was
+/// sent. The OpenAI SDKs raise an `APIError` when an event carries an `error` object.
 pub fn stream_error_event(dialect: Dialect, err: &GatewayError) -> Bytes {
-    let mut out = b"data: ".to_vec();
+    let mut out = match dialect {
+        Dialect::OpenAi => b"data: ".to_vec(),
+        Dialect::Anthropic => b"event: error\ndata: ".to_vec(),
+    };
     out.extend_from_slice(&error_body(dialect, err));
     out.extend_from_slice(b"\n\n");
     Bytes::from(out)

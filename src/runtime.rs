@@ -1,16 +1,24 @@
 //! Everything derived from one config snapshot, swapped as a unit.
 
 use crate::config::Snapshot;
+use crate::limits::Registry;
 use crate::route::Router;
 
 pub struct Runtime {
     pub config: Snapshot,
     pub router: Router,
+    /// Limit and budget counters by key and model id; carried over from `previous`.
+    pub limits: Registry,
 }
 
 impl Runtime {
-    pub fn new(config: Snapshot) -> Self {
-        let router = Router::build(&config);
-        Runtime { config, router }
+    pub fn new(config: Snapshot, previous: Option<&Runtime>) -> Self {
+        let router = Router::build(&config, previous.map(|p| &p.router));
+        let limits = Registry::build(&config, previous.map(|p| &p.limits));
+        Runtime {
+            config,
+            router,
+            limits,
+        }
     }
 }

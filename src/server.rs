@@ -3,6 +3,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{IntoRawFd, RawFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -10,13 +11,17 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ListenFds, RunArgs, Server, ShutdownWatch};
+use pingora::services::background::background_service;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
+use crate::account::{self, Ledger};
 use crate::admin::Admin;
 use crate::config::Snapshot;
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::reload::{ReloadOnSignal, Reloader};
 use crate::runtime::Runtime;
 
 /// The addresses actually bound (a configured port 0 becomes a real port).
@@ -28,7 +33,11 @@ pub struct Bound {
 
 /// Binds the listeners, then serves until SIGTERM (graceful) or SIGINT (fast).
 /// `on_ready` runs once the sockets accept connections (they queue until served).
-pub fn run(snapshot: Snapshot, on_ready: impl FnOnce(Bound)) -> Result<(), String> {
+pub fn run(
+    snapshot: Snapshot,
+    config_path: Option<&Path>,
+    on_ready: impl FnOnce(Bound),
+) -> Result<(), String> {
     let public = bind(snapshot.server.listen, "server.listen")?;
     let admin = bind(snapshot.admin.listen, "admin.listen")?;
     let bound = Bound {
@@ -41,7 +50,20 @@ pub fn run(snapshot: Snapshot, on_ready: impl FnOnce(Bound)) -> Result<(), Strin
     server.bootstrap();
 
     let metrics = Arc::new(Metrics::new());
-    let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(snapshot)));
+    let ledger = match snapshot.state.ledger {
+        true => Some(Arc::new(Ledger::open(
+            &snapshot.state.dir,
+            metrics.clone(),
+        )?)),
+        false => None,
+    };
+    let runtime = Runtime::new(snapshot, None);
+    if let Some(ledger) = &ledger {
+        seed_budgets(&runtime, ledger)?;
+    }
+    let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+    let reloader =
+        config_path.map(|p| Arc::new(Reloader::new(p, runtime.clone(), metrics.clone())));
 
     let sockets = server.add_service(Sockets {
         fds: vec![
@@ -51,7 +73,7 @@ pub fn run(snapshot: Snapshot, on_ready: impl FnOnce(Bound)) -> Result<(), Strin
     });
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &conf,
-        Gateway::new(runtime, metrics.clone()),
+        Gateway::new(runtime.clone(), metrics.clone(), ledger.clone()),
         "tollgate",
     );
     proxy.add_tcp(&public.0.to_string());
@@ -60,15 +82,57 @@ pub fn run(snapshot: Snapshot, on_ready: impl FnOnce(Bound)) -> Result<(), Strin
 
     let mut admin_service = ListeningService::new(
         "tollgate admin".into(),
-        HttpServer::new_app(Admin::new(metrics)),
+        HttpServer::new_app(Admin::new(
+            metrics,
+            ledger.clone(),
+            runtime.clone(),
+            reloader.clone(),
+        )),
     );
     admin_service.add_tcp(&admin.0.to_string());
     admin_service.threads = Some(1);
     let admin_handle = server.add_service(admin_service);
     admin_handle.add_dependency(&sockets);
 
+    if let Some(reloader) = reloader {
+        server.add_service(background_service(
+            "tollgate reload",
+            ReloadOnSignal(reloader),
+        ));
+    }
+
     on_ready(bound);
     server.run(RunArgs::default());
+    // Every request has finished: write what the ledger still holds before exiting.
+    if let Some(ledger) = ledger {
+        ledger.close();
+    }
+    Ok(())
+}
+
+/// Rebuilds each budget's spend in its current period, and the alerts already fired, from the
+/// ledger: a restart never resets a budget nor repeats an alert.
+fn seed_budgets(runtime: &Runtime, ledger: &Ledger) -> Result<(), String> {
+    let now = limits::now_ms();
+    for key in runtime.config.keys() {
+        let (Some(budget), Some(counters)) = (&key.budget, runtime.limits.key(&key.id)) else {
+            continue;
+        };
+        let period_start = limits::period::start(budget.period, now);
+        let (spent, fired) = account::query::spend_since(ledger.path(), &key.id, period_start)?;
+        let alerted = budget
+            .alert_at
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| fired.iter().any(|f| (*f - **t).abs() < 1e-9))
+            .fold(0u32, |mask, (i, _)| mask | (1 << i));
+        counters.seed(limits::Spend {
+            period_start,
+            spent,
+            reserved: 0,
+            alerted,
+        });
+    }
     Ok(())
 }
 

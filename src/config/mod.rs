@@ -9,7 +9,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES};
+pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
 pub use validate::{FEATURES, MODALITIES};
 

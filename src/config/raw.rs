@@ -5,6 +5,7 @@ use toml::Spanned;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 100 * 1024 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
@@ -14,6 +15,10 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub alerts: RawAlerts,
     #[serde(default)]
     pub pools: Vec<RawPool>,
     #[serde(default)]
@@ -56,6 +61,54 @@ impl Default for RawAdmin {
             listen: Spanned::new(0..0, DEFAULT_ADMIN_LISTEN.to_string()),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    pub dir: Spanned<String>,
+    pub ledger: bool,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        Self {
+            dir: Spanned::new(0..0, DEFAULT_STATE_DIR.to_string()),
+            ledger: true,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    pub webhook_url: Option<Spanned<String>>,
+    pub webhook_secret_env: Option<Spanned<String>>,
+}
+
+/// Optional limits; absent means unlimited.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub rpm: Option<Spanned<u64>>,
+    pub tpm: Option<Spanned<u64>>,
+    pub max_concurrent: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub usd: Spanned<f64>,
+    pub period: Spanned<String>,
+    #[serde(default = "yes")]
+    pub enforce: bool,
+    pub alert_at: Option<Spanned<Vec<f64>>>,
+    #[serde(default)]
+    pub clamp_max_tokens: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +167,10 @@ pub struct RawModel {
     #[serde(default)]
     pub features: Vec<Spanned<String>>,
     pub input_modalities: Option<Vec<Spanned<String>>>,
+    pub reasoning_switch: Option<Spanned<String>>,
+    pub default_max_tokens: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 /// USD per million tokens.
@@ -131,4 +188,8 @@ pub struct RawKey {
     pub id: Spanned<String>,
     pub sha256: Spanned<String>,
     pub models: Spanned<Vec<Spanned<String>>>,
+    pub rpm: Option<Spanned<u64>>,
+    pub tpm: Option<Spanned<u64>>,
+    pub max_concurrent: Option<Spanned<u64>>,
+    pub budget: Option<Spanned<RawBudget>>,
 }

@@ -4,14 +4,20 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use crate::account::TokenPrices;
+pub use crate::translate::anthropic::ThinkingStyle;
 
 /// One immutable view of the config file. A request takes one at its start and keeps it.
 #[derive(Debug)]
 pub struct Snapshot {
     pub server: ServerSettings,
     pub admin: AdminSettings,
+    pub state: StateSettings,
+    pub alerts: AlertSettings,
     pub pools: Vec<Pool>,
     /// In file order, which is the catalog order.
     pub models: Vec<Arc<Model>>,
@@ -27,6 +33,14 @@ impl Snapshot {
     /// Looks a key up by the SHA-256 digest of its secret.
     pub fn key_by_digest(&self, digest: &[u8; 32]) -> Option<&Arc<Key>> {
         self.keys.get(digest)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.keys.values()
+    }
+
+    pub fn key_by_id(&self, id: &str) -> Option<&Arc<Key>> {
+        self.keys.values().find(|k| k.id == id)
     }
 
     pub fn key_count(&self) -> usize {
@@ -46,6 +60,56 @@ pub struct ServerSettings {
 #[derive(Debug)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+}
+
+#[derive(Debug)]
+pub struct StateSettings {
+    /// Where the usage ledger lives.
+    pub dir: PathBuf,
+    /// Whether finished requests are written to the ledger.
+    pub ledger: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct AlertSettings {
+    /// Budget alerts are POSTed here as JSON, signed with HMAC-SHA256 when a secret is set.
+    pub webhook_url: Option<String>,
+    pub webhook_secret: Option<Secret>,
+}
+
+/// Optional request, token and concurrency limits (per key, or per model across keys).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub max_concurrent: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.rpm.is_none() && self.tpm.is_none() && self.max_concurrent.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Daily,
+    Weekly,
+    Monthly,
+    Total,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    /// The budget in nano-dollars.
+    pub nanos: u64,
+    pub period: Period,
+    /// Reject (402) what would pass the budget; otherwise only alert.
+    pub enforce: bool,
+    /// Fractions of the budget that raise an alert, ascending.
+    pub alert_at: Vec<f64>,
+    /// Lower `max_tokens` to what the remaining budget pays for instead of rejecting.
+    pub clamp_max_tokens: bool,
 }
 
 #[derive(Debug)]
@@ -82,8 +146,16 @@ pub struct Model {
     pub context_tokens: Option<u32>,
     pub max_output_tokens: Option<u32>,
     pub price: Price,
+    /// `price` in nano-dollars per token, for exact integer cost sums.
+    pub token_prices: TokenPrices,
     pub features: Vec<&'static str>,
     pub input_modalities: Vec<&'static str>,
+    /// How an Anthropic `thinking` request is passed to this model's engine.
+    pub reasoning_switch: ThinkingStyle,
+    /// Output tokens reserved when a request sets no `max_tokens`.
+    pub default_max_tokens: u32,
+    /// Limits across all keys, protecting the pool.
+    pub limits: Limits,
 }
 
 /// USD per million tokens.
@@ -99,6 +171,8 @@ pub struct Key {
     /// Appears in logs, metrics and usage; never the secret.
     pub id: String,
     pub models: ModelAccess,
+    pub limits: Limits,
+    pub budget: Option<Budget>,
 }
 
 #[derive(Debug)]

@@ -65,6 +65,22 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,
     };
 
+    let state = StateSettings {
+        dir: match raw.state.dir.get_ref().as_str() {
+            "" => {
+                return src.err(
+                    raw.state.dir.span(),
+                    "state.dir".into(),
+                    "must not be empty".into(),
+                )
+            }
+            d => d.into(),
+        },
+        ledger: raw.state.ledger,
+    };
+
+    let alerts = alert_settings(src, &raw.alerts)?;
+
     let mut pools = Vec::with_capacity(raw.pools.len());
     let mut pool_index = HashMap::new();
     for (i, p) in raw.pools.iter().enumerate() {
@@ -126,6 +142,8 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     Ok(Snapshot {
         server,
         admin,
+        state,
+        alerts,
         pools,
         models,
         model_index,
@@ -322,7 +340,43 @@ fn model(
         None => vec!["text"],
         Some(list) => vocabulary(src, list, MODALITIES, &format!("{path}.input_modalities"))?,
     };
+    let reasoning_switch = match &m.reasoning_switch {
+        None => ThinkingStyle::ChatTemplateKwargs,
+        Some(v) => match v.get_ref().as_str() {
+            "chat_template_kwargs" => ThinkingStyle::ChatTemplateKwargs,
+            "chat_template_args" => ThinkingStyle::ChatTemplateArgs,
+            "reasoning_effort" => ThinkingStyle::ReasoningEffort,
+            "none" => ThinkingStyle::Ignore,
+            other => {
+                return src.err(
+                    v.span(),
+                    format!("{path}.reasoning_switch"),
+                    format!("{other:?} is not one of: chat_template_kwargs, chat_template_args, reasoning_effort, none"),
+                )
+            }
+        },
+    };
+    let default_max_tokens = match &m.default_max_tokens {
+        Some(v) if *v.get_ref() == 0 => {
+            return src.err(
+                v.span(),
+                format!("{path}.default_max_tokens"),
+                "must be at least 1 (tokens)".into(),
+            )
+        }
+        Some(v) => *v.get_ref(),
+        None => max_output_tokens.unwrap_or(4096),
+    };
     Ok(Model {
+        default_max_tokens,
+        limits: limits(
+            src,
+            &m.limits.rpm,
+            &m.limits.tpm,
+            &m.limits.max_concurrent,
+            &format!("{path}.limits"),
+        )?,
+        reasoning_switch,
         upstream_model: m.upstream_model.clone().unwrap_or_else(|| slug.clone()),
         slug,
         pool,
@@ -332,6 +386,7 @@ fn model(
         created: m.created.unwrap_or(0),
         context_tokens,
         max_output_tokens,
+        token_prices: TokenPrices::from(&price),
         price,
         features,
         input_modalities,
@@ -423,5 +478,136 @@ fn key(
     } else {
         ModelAccess::Only(patterns)
     };
-    Ok((digest, Key { id, models }))
+    let limits = limits(src, &k.rpm, &k.tpm, &k.max_concurrent, path)?;
+    let budget = match &k.budget {
+        None => None,
+        Some(b) => Some(budget(src, b, &format!("{path}.budget"))?),
+    };
+    Ok((
+        digest,
+        Key {
+            id,
+            models,
+            limits,
+            budget,
+        },
+    ))
+}
+
+fn limits(
+    src: &Source,
+    rpm: &Option<Spanned<u64>>,
+    tpm: &Option<Spanned<u64>>,
+    max_concurrent: &Option<Spanned<u64>>,
+    path: &str,
+) -> Result<Limits, ConfigError> {
+    let one = |v: &Option<Spanned<u64>>, name: &str| match v {
+        Some(s) if *s.get_ref() == 0 => src.err(
+            s.span(),
+            format!("{path}.{name}"),
+            "must be at least 1; remove the line for no limit".into(),
+        ),
+        other => Ok(other.as_ref().map(|s| *s.get_ref())),
+    };
+    Ok(Limits {
+        rpm: one(rpm, "rpm")?,
+        tpm: one(tpm, "tpm")?,
+        max_concurrent: one(max_concurrent, "max_concurrent")?,
+    })
+}
+
+fn budget(
+    src: &Source,
+    b: &Spanned<super::raw::RawBudget>,
+    path: &str,
+) -> Result<Budget, ConfigError> {
+    let r = b.get_ref();
+    let usd = *r.usd.get_ref();
+    if !usd.is_finite() || usd <= 0.0 {
+        return src.err(
+            r.usd.span(),
+            format!("{path}.usd"),
+            "must be a positive number of USD".into(),
+        );
+    }
+    let period = match r.period.get_ref().as_str() {
+        "daily" => Period::Daily,
+        "weekly" => Period::Weekly,
+        "monthly" => Period::Monthly,
+        "total" => Period::Total,
+        other => {
+            return src.err(
+                r.period.span(),
+                format!("{path}.period"),
+                format!("{other:?} is not one of: daily, weekly, monthly, total"),
+            )
+        }
+    };
+    let mut alert_at = match &r.alert_at {
+        None => vec![0.75, 0.9, 1.0],
+        Some(list) => {
+            if list
+                .get_ref()
+                .iter()
+                .any(|f| !f.is_finite() || *f <= 0.0 || *f > 10.0)
+            {
+                return src.err(
+                    list.span(),
+                    format!("{path}.alert_at"),
+                    "fractions of the budget must be > 0 (e.g. [0.75, 0.9, 1.0])".into(),
+                );
+            }
+            list.get_ref().clone()
+        }
+    };
+    alert_at.sort_by(|a, b| a.total_cmp(b));
+    alert_at.dedup();
+    if alert_at.len() > 16 {
+        return src.err(
+            b.span(),
+            format!("{path}.alert_at"),
+            "at most 16 thresholds".into(),
+        );
+    }
+    Ok(Budget {
+        nanos: (usd * 1e9).round() as u64,
+        period,
+        enforce: r.enforce,
+        alert_at,
+        clamp_max_tokens: r.clamp_max_tokens,
+    })
+}
+
+fn alert_settings(src: &Source, a: &super::raw::RawAlerts) -> Result<AlertSettings, ConfigError> {
+    let webhook_url = match &a.webhook_url {
+        None => None,
+        Some(u) => {
+            let url = u.get_ref();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return src.err(
+                    u.span(),
+                    "alerts.webhook_url".into(),
+                    format!("{url:?} is not an http:// or https:// URL"),
+                );
+            }
+            Some(url.clone())
+        }
+    };
+    let webhook_secret = match &a.webhook_secret_env {
+        None => None,
+        Some(var) => match std::env::var(var.get_ref()) {
+            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+            _ => {
+                return src.err(
+                    var.span(),
+                    "alerts.webhook_secret_env".into(),
+                    format!("environment variable {} is not set or empty", var.get_ref()),
+                )
+            }
+        },
+    };
+    Ok(AlertSettings {
+        webhook_url,
+        webhook_secret,
+    })
 }

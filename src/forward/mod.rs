@@ -2,7 +2,9 @@
 //! proxy loop cannot send it): pick a replica, connect (another replica on connect failure),
 //! send, relay the response as it arrives, and cancel the replica when the client leaves.
 
+mod observe;
 mod relay;
+mod transcode;
 
 use std::net::SocketAddr;
 
@@ -19,6 +21,7 @@ use crate::config::Pool;
 use crate::ctx::RequestCtx;
 use crate::metrics::Metrics;
 use crate::route::{Lease, PoolRoute};
+use crate::translate::ResponsePlan;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardError {
@@ -41,6 +44,7 @@ pub struct Exchange<'a> {
     pub path: &'static str,
     pub body: Bytes,
     pub stream: bool,
+    pub plan: ResponsePlan,
 }
 
 /// How a relayed response ended once its header had gone to the client.
@@ -93,6 +97,7 @@ impl Upstream {
             match self.send(&lease, &ex, &ctx.request_id, deadline).await {
                 Ok(up) => {
                     metrics.observe_attempt(&lease.replica().label, true);
+                    ctx.sent = true;
                     break (up, lease);
                 }
                 Err(detail) => {
@@ -132,8 +137,16 @@ impl Upstream {
             }
         }
         ctx.first_byte = Some(ctx.started.elapsed());
-        let (relayed, reusable) =
-            relay::relay(session, ctx, &mut up, ex.pool.timeouts.idle, deadline).await?;
+        let (relayed, reusable) = relay::relay(
+            session,
+            ctx,
+            &mut up,
+            &ex.plan,
+            metrics.inter_token(ctx.model_label()),
+            ex.pool.timeouts.idle,
+            deadline,
+        )
+        .await?;
         let peer = lease.replica().peer();
         if reusable {
             self.connector

@@ -1,17 +1,21 @@
-//! Relaying the replica's response: header first, then each body chunk as soon as it arrives,
-//! watching the client so a departure cancels the replica at once.
+//! Relaying the replica's response: the header, then each body chunk as soon as it arrives
+//! (or, for answers translated whole, everything at the end), watching the client so that a
+//! departure cancels the replica at once.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
+use prometheus::Histogram;
 use tokio::time::{timeout_at, Instant};
 
+use super::transcode::Transcoder;
 use super::{client_gone, ForwardError, Relayed};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
-use crate::respond::{self, Dialect};
+use crate::translate::ResponsePlan;
 
 /// Headers that describe one hop's connection, not the response.
 const HOP_BY_HOP: &[&str] = &[
@@ -25,10 +29,13 @@ const HOP_BY_HOP: &[&str] = &[
 ];
 
 /// Returns how the response ended and whether the upstream connection may be pooled again.
+/// Whatever the outcome, what was observed of the answer is left in `ctx` for accounting.
 pub(super) async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
     up: &mut HttpSession,
+    plan: &ResponsePlan,
+    inter_token: Option<Histogram>,
     idle: Duration,
     deadline: Instant,
 ) -> Result<(Relayed, bool), ForwardError> {
@@ -37,24 +44,45 @@ pub(super) async fn relay(
             detail: "no response header".into(),
         });
     };
-    let header =
-        downstream_header(upstream, &ctx.request_id).map_err(|e| ForwardError::Broken {
-            detail: e.etype().as_str().to_string(),
-        })?;
-    let sse = header
+    let upstream = upstream.clone();
+    let sse = upstream
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    ctx.status = header.status.as_u16();
-    if ctx.status >= 400 {
+    let mut transcoder = Transcoder::new(plan, upstream.status.as_u16(), sse, inter_token);
+    let result = pump(session, ctx, up, &upstream, &mut transcoder, idle, deadline).await;
+    let seen = &transcoder.observed;
+    ctx.usage = seen.usage;
+    ctx.output_events = seen.output_events;
+    ctx.first_token = seen
+        .first_token
+        .map(|t| t.into_std().saturating_duration_since(ctx.started));
+    result
+}
+
+async fn pump(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    up: &mut HttpSession,
+    upstream: &ResponseHeader,
+    transcoder: &mut Transcoder,
+    idle: Duration,
+    deadline: Instant,
+) -> Result<(Relayed, bool), ForwardError> {
+    let status = upstream.status.as_u16();
+    if status >= 400 {
         ctx.error = Some("upstream_status");
     }
-    if session
-        .write_response_header(Box::new(header), false)
-        .await
-        .is_err()
-    {
-        return Err(ForwardError::ClientGone);
+    if transcoder.streams() {
+        let header = response_header(upstream, transcoder, ctx, None).map_err(|e| broken(&e))?;
+        ctx.status = status;
+        if session
+            .write_response_header(Box::new(header), false)
+            .await
+            .is_err()
+        {
+            return Err(ForwardError::ClientGone);
+        }
     }
 
     loop {
@@ -64,33 +92,34 @@ pub(super) async fn relay(
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
         let failure = match read {
-            Ok(Ok(Some(chunk))) => {
-                if session
-                    .write_response_body(Some(chunk), false)
-                    .await
-                    .is_err()
-                {
-                    return Err(ForwardError::ClientGone);
+            Ok(Ok(Some(chunk))) => match transcoder.on_chunk(chunk) {
+                Ok(Some(out)) => {
+                    if session.write_response_body(Some(out), false).await.is_err() {
+                        return Err(ForwardError::ClientGone);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => ForwardError::Broken {
-                detail: e.etype().as_str().to_string(),
+                Ok(None) => continue,
+                Err(detail) => ForwardError::Broken { detail },
             },
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => broken(&e),
             Err(_) => ForwardError::Timeout {
                 phase: "no data within idle_ms",
             },
         };
-        // The status is already on the wire: end a stream with an error event the client's
-        // SDK raises; any other body can only be cut, so the client sees it incomplete.
+        if !transcoder.streams() {
+            // Nothing was sent yet: the client gets a proper error status instead.
+            return Err(failure);
+        }
+        // The status is already on the wire: end an event stream with an error event the
+        // client's SDK raises; any other body can only be cut, so the client sees it short.
         let err = GatewayError::Forward(failure);
         ctx.error = Some(err.code());
         tracing::warn!(request_id = %ctx.request_id, error = err.code(), "replica failed mid-response");
-        if !sse {
+        let Some(event) = transcoder.on_fail(&err) else {
             return Ok((Relayed::Cut, false));
-        }
-        let event = respond::stream_error_event(Dialect::OpenAi, &err);
+        };
         if session
             .write_response_body(Some(event), false)
             .await
@@ -101,25 +130,79 @@ pub(super) async fn relay(
         }
         return Ok((Relayed::Complete, false));
     }
-    if session.write_response_body(None, true).await.is_err() {
+
+    let tail = transcoder
+        .on_end()
+        .map_err(|detail| ForwardError::Broken { detail })?;
+    let sent = if transcoder.streams() {
+        finish_stream(session, tail).await
+    } else {
+        let header =
+            response_header(upstream, transcoder, ctx, Some(tail.len())).map_err(|e| broken(&e))?;
+        ctx.status = status;
+        match session.write_response_header(Box::new(header), false).await {
+            Ok(()) => session.write_response_body(Some(tail), true).await,
+            Err(e) => Err(e),
+        }
+    };
+    if sent.is_err() {
         return Err(ForwardError::ClientGone);
     }
     Ok((Relayed::Complete, up.response_done()))
 }
 
-fn downstream_header(
+async fn finish_stream(session: &mut Session, tail: Bytes) -> pingora::Result<()> {
+    if !tail.is_empty() {
+        session.write_response_body(Some(tail), false).await?;
+    }
+    session.write_response_body(None, true).await
+}
+
+fn broken(e: &pingora::Error) -> ForwardError {
+    ForwardError::Broken {
+        detail: e.etype().as_str().to_string(),
+    }
+}
+
+/// The client's response header: the replica's, minus hop-by-hop headers, with the body's
+/// framing (`length` when the body is known whole) and content type decided by the transcoder.
+fn response_header(
     upstream: &ResponseHeader,
-    request_id: &str,
+    transcoder: &Transcoder,
+    ctx: &RequestCtx,
+    length: Option<usize>,
 ) -> pingora::Result<ResponseHeader> {
-    let mut h = ResponseHeader::build(upstream.status, Some(upstream.headers.len() + 2))?;
+    let request_id = ctx.request_id.as_str();
+    let mut h = ResponseHeader::build(
+        upstream.status,
+        Some(upstream.headers.len() + 3 + ctx.headers.len()),
+    )?;
+    let replaced_type = transcoder.content_type();
     for (name, value) in upstream.headers.iter() {
-        if !HOP_BY_HOP.contains(&name.as_str()) && name != "x-request-id" {
+        let skip = HOP_BY_HOP.contains(&name.as_str())
+            || name == "x-request-id"
+            || name == "request-id"
+            || (replaced_type.is_some()
+                && (name == http::header::CONTENT_TYPE || name == http::header::CONTENT_LENGTH));
+        if !skip {
             h.append_header(name.clone(), value.clone())?;
         }
     }
-    if !h.headers.contains_key(http::header::CONTENT_LENGTH) {
-        h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+    if let Some(t) = replaced_type {
+        h.insert_header(http::header::CONTENT_TYPE, t)?;
+    }
+    match length {
+        Some(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
+        None if !h.headers.contains_key(http::header::CONTENT_LENGTH) => {
+            h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?
+        }
+        None => {}
+    }
+    for (name, value) in &ctx.headers {
+        h.insert_header(*name, value.as_str())?;
     }
     h.insert_header("x-request-id", request_id)?;
+    // The Anthropic SDKs read the request id from `request-id`.
+    h.insert_header("request-id", request_id)?;
     Ok(h)
 }

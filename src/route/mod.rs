@@ -44,7 +44,20 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn build(snapshot: &Snapshot) -> Self {
+    /// Replica sets for a snapshot. A replica address that `previous` also routes to keeps
+    /// its in-flight count, so a reload does not forget the load already on it.
+    pub fn build(snapshot: &Snapshot, previous: Option<&Router>) -> Self {
+        let load_of = |addr: SocketAddr| {
+            previous
+                .and_then(|r| {
+                    r.pools
+                        .iter()
+                        .flat_map(|p| &p.replicas)
+                        .find(|x| x.addr == addr)
+                })
+                .map(|x| x.inflight.clone())
+                .unwrap_or_default()
+        };
         let pools = snapshot
             .pools
             .iter()
@@ -53,7 +66,8 @@ impl Router {
                     .replicas
                     .iter()
                     .map(|&addr| {
-                        Arc::new(Replica::new(addr, p.timeouts.connect, p.timeouts.pool_idle))
+                        let t = &p.timeouts;
+                        Arc::new(Replica::new(addr, t.connect, t.pool_idle, load_of(addr)))
                     })
                     .collect(),
             })
@@ -89,20 +103,25 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// `addr` as text, for metric labels and logs without a per-request allocation.
     pub label: String,
-    inflight: AtomicUsize,
+    inflight: Arc<AtomicUsize>,
     /// Template for connections: timeouts and pool settings are fixed per replica.
     peer: HttpPeer,
 }
 
 impl Replica {
-    fn new(addr: SocketAddr, connect: std::time::Duration, pool_idle: std::time::Duration) -> Self {
+    fn new(
+        addr: SocketAddr,
+        connect: std::time::Duration,
+        pool_idle: std::time::Duration,
+        inflight: Arc<AtomicUsize>,
+    ) -> Self {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(connect);
         peer.options.idle_timeout = Some(pool_idle);
         Replica {
             addr,
             label: addr.to_string(),
-            inflight: AtomicUsize::new(0),
+            inflight,
             peer,
         }
     }

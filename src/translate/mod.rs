@@ -1,6 +1,10 @@
 //! Wire formats: parsing and rewriting client requests. Pure: no I/O, clock or metrics.
 
+pub mod anthropic;
 pub mod openai;
+pub mod scan;
+pub mod sse;
+pub mod usage;
 
 /// Why a request body was refused: always 400, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +32,118 @@ impl RequestError {
         }
     }
 
+    /// A field of the right type whose value is refused; `reason` says how to fix it.
+    pub fn invalid_value(field: &str, reason: &str) -> Self {
+        RequestError {
+            message: format!("Invalid value for '{field}': {reason}"),
+            param: Some(field.to_string()),
+            code: "invalid_value",
+        }
+    }
+
     pub fn wrong_type(field: &str, expected: &str) -> Self {
         RequestError {
             message: format!("Invalid type for '{field}': expected {expected}."),
             param: Some(field.to_string()),
             code: "invalid_type",
+        }
+    }
+}
+
+/// Decided from the client's request: how the replica's answer reaches the client.
+#[derive(Debug, Clone)]
+pub enum ResponsePlan {
+    /// An OpenAI client of an OpenAI replica.
+    OpenAi {
+        /// The client asked for the usage chunk; tollgate always asks the replica for it
+        /// and removes it when the client did not.
+        wants_usage: bool,
+        /// `(served name, client's name)` when they differ: answers carry the client's.
+        rename: Option<(String, String)>,
+    },
+    /// An Anthropic Messages client: the OpenAI answer becomes an Anthropic one.
+    Anthropic {
+        id: String,
+        model: String,
+        stop_sequences: Vec<String>,
+        input_estimate: u32,
+    },
+}
+
+/// A Model API request, understood: what routing needs, and how to build the replica's
+/// request and translate its answer.
+pub enum ModelRequest {
+    Chat(openai::ChatRequest),
+    Messages(anthropic::MessagesRequest),
+}
+
+impl ModelRequest {
+    pub fn model(&self) -> &str {
+        match self {
+            ModelRequest::Chat(r) => &r.model,
+            ModelRequest::Messages(r) => &r.model,
+        }
+    }
+
+    pub fn stream(&self) -> bool {
+        match self {
+            ModelRequest::Chat(r) => r.stream,
+            ModelRequest::Messages(r) => r.stream,
+        }
+    }
+
+    /// The output cap the client set, if any.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        match self {
+            ModelRequest::Chat(r) => r.max_output_tokens(),
+            ModelRequest::Messages(r) => Some(u64::from(r.max_tokens)),
+        }
+    }
+
+    /// Lowers the output cap to `n` tokens.
+    pub fn set_max_output_tokens(&mut self, n: u64) {
+        match self {
+            ModelRequest::Chat(r) => r.set_max_output_tokens(n),
+            ModelRequest::Messages(r) => r.max_tokens = n.min(u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// Prompt tokens as estimated before the replica counts them (see each dialect).
+    pub fn estimate_input_tokens(&self) -> u32 {
+        match self {
+            ModelRequest::Chat(r) => r.estimate_input_tokens(),
+            ModelRequest::Messages(r) => r.estimate_input_tokens(),
+        }
+    }
+
+    /// The OpenAI body for the replica and the plan for its answer. `message_id` names an
+    /// Anthropic answer (`msg_…`); it is chosen by the caller so this stays pure.
+    pub fn into_upstream(
+        self,
+        upstream_model: &str,
+        thinking: anthropic::ThinkingStyle,
+        message_id: impl FnOnce() -> String,
+    ) -> (Vec<u8>, ResponsePlan) {
+        match self {
+            ModelRequest::Chat(r) => {
+                let plan = ResponsePlan::OpenAi {
+                    wants_usage: r.include_usage,
+                    rename: (r.model != upstream_model)
+                        .then(|| (upstream_model.to_string(), r.model.clone())),
+                };
+                (r.upstream_body(upstream_model), plan)
+            }
+            ModelRequest::Messages(r) => {
+                let body = r.to_openai(upstream_model, thinking);
+                let plan = ResponsePlan::Anthropic {
+                    id: message_id(),
+                    input_estimate: r.estimate_input_tokens(),
+                    stop_sequences: r.stop_sequences,
+                    model: r.model,
+                };
+                // Serialising a `Value` cannot fail: keys are strings, numbers finite.
+                (serde_json::to_vec(&body).unwrap_or_default(), plan)
+            }
         }
     }
 }

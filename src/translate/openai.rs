@@ -10,6 +10,8 @@ use super::RequestError;
 pub struct ChatRequest {
     pub model: String,
     pub stream: bool,
+    /// The client asked for the final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
     body: Map<String, Value>,
 }
 
@@ -79,17 +81,94 @@ impl ChatRequest {
             None | Some(Value::Null) | Some(Value::Object(_)) => {}
             Some(_) => return Err(RequestError::wrong_type("stream_options", "an object")),
         }
+        let include_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         Ok(ChatRequest {
             model,
             stream,
+            include_usage,
             body,
         })
     }
 
-    /// The body for the replica: the same request with `model` set to what the replica serves.
+    /// The output cap the client set: `max_completion_tokens`, else `max_tokens`.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|f| self.body.get(*f).and_then(Value::as_u64))
+    }
+
+    /// Lowers the output cap (a budget clamp): sets whichever cap fields the client used.
+    pub fn set_max_output_tokens(&mut self, n: u64) {
+        let mut set = false;
+        for f in ["max_completion_tokens", "max_tokens"] {
+            if self.body.get(f).is_some_and(|v| !v.is_null()) {
+                self.body.insert(f.into(), Value::from(n));
+                set = true;
+            }
+        }
+        if !set {
+            self.body.insert("max_tokens".into(), Value::from(n));
+        }
+    }
+
+    /// Prompt tokens, estimated: 4 per message plus one per 4 characters of text (content
+    /// strings, text parts, tool call arguments), 85 per image, and the tool definitions'
+    /// JSON at one token per 4 bytes. The replica's count replaces it when one arrives.
+    pub fn estimate_input_tokens(&self) -> u32 {
+        let mut chars = 0usize;
+        let mut tokens = 0usize;
+        if let Some(Value::Array(messages)) = self.body.get("messages") {
+            for m in messages {
+                tokens += 4;
+                match m.get("content") {
+                    Some(Value::String(s)) => chars += s.len(),
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            match p.get("text") {
+                                Some(Value::String(s)) => chars += s.len(),
+                                _ if p.get("image_url").is_some() => tokens += 85,
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                    for c in calls {
+                        if let Some(Value::String(a)) = c.pointer("/function/arguments") {
+                            chars += a.len();
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(tools) = self.body.get("tools") {
+            chars += tools.to_string().len();
+        }
+        (tokens + chars.div_ceil(4)).max(1).min(u32::MAX as usize) as u32
+    }
+
+    /// The body for the replica: the same request with `model` set to what the replica
+    /// serves, and, when streaming, the usage chunk always requested (accounting needs it).
     pub fn upstream_body(mut self, upstream_model: &str) -> Vec<u8> {
         self.body
             .insert("model".into(), Value::String(upstream_model.to_string()));
+        if self.stream && !self.include_usage {
+            let options = self
+                .body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !options.is_object() {
+                *options = Value::Object(Map::new());
+            }
+            if let Value::Object(o) = options {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
         // Serialising a `Map` of `Value`s cannot fail: keys are strings and numbers are finite.
         serde_json::to_vec(&self.body).unwrap_or_default()
     }

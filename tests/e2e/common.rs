@@ -62,6 +62,7 @@ pool = "main"
 
 pub struct Gateway {
     child: Child,
+    env: Vec<(String, String)>,
     pub public: SocketAddr,
     pub admin: SocketAddr,
     dir: tempfile::TempDir,
@@ -80,6 +81,46 @@ impl Gateway {
 
     pub fn try_start_with_env(body: &str, env: &[(&str, &str)]) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let config = dir.path().join("tollgate.toml");
+        std::fs::write(&config, Self::full_config(body, dir.path())).map_err(|e| e.to_string())?;
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::spawn(dir, env)
+    }
+
+    /// Kills the process with SIGKILL (no flush, no goodbye) and starts it again on the
+    /// same config and state directory.
+    pub fn kill_and_restart(mut self) -> Gateway {
+        self.kill();
+        self.restart()
+    }
+
+    /// SIGKILL, and wait until the process is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the process again on the same config and state directory.
+    pub fn restart(mut self) -> Gateway {
+        let dir = tempfile::TempDir::new().expect("placeholder");
+        let dir = std::mem::replace(&mut self.dir, dir);
+        Self::spawn(dir, std::mem::take(&mut self.env))
+            .unwrap_or_else(|e| panic!("tollgate did not restart: {e}"))
+    }
+
+    /// Stops the process gracefully (SIGTERM) and waits for it to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
+    fn full_config(body: &str, dir: &std::path::Path) -> String {
         let mut text = String::new();
         if !body.contains("[server]") {
             text.push_str(
@@ -89,14 +130,20 @@ impl Gateway {
         if !body.contains("[admin]") {
             text.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n\n");
         }
+        if !body.contains("[state]") {
+            text.push_str(&format!("[state]\ndir = {:?}\n\n", dir.join("state")));
+        }
         text.push_str(body);
+        text
+    }
+
+    fn spawn(dir: tempfile::TempDir, env: Vec<(String, String)>) -> Result<Gateway, String> {
         let config = dir.path().join("tollgate.toml");
-        std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         cmd.arg("run").arg("-c").arg(&config);
-        for (k, v) in env {
+        for (k, v) in &env {
             cmd.env(k, v);
         }
         let mut child = cmd
@@ -133,6 +180,7 @@ impl Gateway {
             public: field("public=")?,
             admin: field("admin=")?,
             child,
+            env,
             dir,
         })
     }
@@ -151,6 +199,30 @@ impl Gateway {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("tollgate.toml")
+    }
+
+    /// `GET /admin/usage?{query}` as JSON.
+    pub async fn usage(&self, query: &str) -> serde_json::Value {
+        let r = client()
+            .get(self.admin_url(&format!("/admin/usage?{query}")))
+            .send()
+            .await
+            .expect("admin answers");
+        assert_eq!(r.status(), 200);
+        r.json().await.expect("usage is JSON")
+    }
+
+    /// Totals over the last day: (requests, input, output, estimated requests).
+    pub async fn usage_totals(&self) -> (u64, u64, u64, u64) {
+        let v = self.usage("bucket=day").await;
+        let rows = v["data"].as_array().expect("rows");
+        let sum = |f: &str| rows.iter().map(|r| r[f].as_u64().unwrap_or(0)).sum::<u64>();
+        (
+            sum("requests"),
+            sum("input_tokens"),
+            sum("output_tokens"),
+            sum("estimated_requests"),
+        )
     }
 
     /// A POST of `body` to the chat completions endpoint with `KEY`.
@@ -204,4 +276,62 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
         .map(str::to_string)
         .collect()
+}
+
+/// An HTTP endpoint that records the requests it receives (for webhook tests).
+pub struct WebhookSink {
+    pub addr: SocketAddr,
+    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(http::HeaderMap, String)>>,
+}
+
+impl WebhookSink {
+    pub async fn start() -> WebhookSink {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let tx = tx.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let bytes = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let _ = tx.send((
+                                    parts.headers,
+                                    String::from_utf8_lossy(&bytes).into_owned(),
+                                ));
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Empty::<bytes::Bytes>::new(),
+                                ))
+                            }
+                        },
+                    );
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        WebhookSink {
+            addr,
+            rx: tokio::sync::Mutex::new(rx),
+        }
+    }
+
+    /// The next request received, or `None` after `timeout`.
+    pub async fn next(&self, timeout: Duration) -> Option<(http::HeaderMap, String)> {
+        tokio::time::timeout(timeout, self.rx.lock().await.recv())
+            .await
+            .ok()
+            .flatten()
+    }
 }

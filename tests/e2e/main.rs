@@ -3,9 +3,12 @@
 
 mod common;
 
+mod accounting;
+mod anthropic;
 mod auth;
 mod body;
 mod catalog;
 mod cli;
+mod limits;
 mod routing;
 mod streaming;

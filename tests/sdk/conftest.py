@@ -11,12 +11,17 @@ import subprocess
 import threading
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 
 # Secrets the SDK sends; the config stores only their SHA-256.
 KEY = "tg-sdk-key-team-a"
 NARROW_KEY = "tg-sdk-key-team-b"
+# rpm = 1: the second request within a minute is rate limited.
+LIMITED_KEY = "tg-sdk-key-limited"
+# A budget far below one request's worst case: every request is refused with 402.
+BROKE_KEY = "tg-sdk-key-broke"
 
 MAX_BODY_BYTES = 65536
 READY_TIMEOUT_S = 30
@@ -111,9 +116,12 @@ def replicas(tollgate_bin, workdir):
         sim.stop()
 
 
-def config_text(replicas):
+def config_text(replicas, state_dir):
     addrs = ", ".join(f'"{a}"' for a in replicas)
     return f"""\
+[state]
+dir = "{state_dir}"
+
 [server]
 listen = "127.0.0.1:0"
 max_body_bytes = {MAX_BODY_BYTES}
@@ -148,6 +156,18 @@ models = ["*"]
 id = "team-b"
 sha256 = "{sha256_hex(NARROW_KEY)}"
 models = ["test/other"]
+
+[[keys]]
+id = "limited"
+sha256 = "{sha256_hex(LIMITED_KEY)}"
+models = ["*"]
+rpm = 1
+
+[[keys]]
+id = "broke"
+sha256 = "{sha256_hex(BROKE_KEY)}"
+models = ["*"]
+budget = {{ usd = 0.000001, period = "monthly" }}
 """
 
 
@@ -155,7 +175,7 @@ models = ["test/other"]
 def gateway(tollgate_bin, workdir, replicas):
     """The proxy's listeners: {"public": "127.0.0.1:P", "admin": "127.0.0.1:A"}."""
     config = workdir / "tollgate.toml"
-    config.write_text(config_text(replicas))
+    config.write_text(config_text(replicas, workdir / "state"))
     argv = [tollgate_bin, "run", "-c", str(config)]
     proxy = Process("tollgate run", argv, workdir / "tollgate.log")
     try:
@@ -188,3 +208,23 @@ def client(make_client):
 def narrow_client(make_client):
     """team-b: may use test/other only."""
     return make_client(NARROW_KEY)
+
+
+@pytest.fixture(scope="session")
+def make_anthropic(gateway):
+    """An Anthropic SDK client for `api_key` (sent as x-api-key, the SDK's default)."""
+
+    def make(api_key=KEY):
+        return anthropic.Anthropic(
+            base_url=f"http://{gateway['public']}",
+            api_key=api_key,
+            max_retries=0,
+            timeout=CLIENT_TIMEOUT_S,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def claude(make_anthropic):
+    return make_anthropic(KEY)

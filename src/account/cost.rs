@@ -1,0 +1,80 @@
+//! Cost of a request in integer nano- and micro-dollars: prices are converted once, sums are
+//! exact integers, so totals never drift the way float sums do.
+
+use crate::config::Price;
+use crate::translate::usage::Usage;
+
+/// Prices in nano-dollars (1e-9 USD) per token: 0.50 USD per million tokens is 500.
+/// Three decimals of USD per million tokens are kept exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenPrices {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+}
+
+impl From<&Price> for TokenPrices {
+    fn from(p: &Price) -> Self {
+        let nanos = |usd_per_mtok: f64| (usd_per_mtok * 1000.0).round() as u64;
+        TokenPrices {
+            input: nanos(p.input_per_mtok),
+            cached_input: nanos(p.cached_input_per_mtok),
+            output: nanos(p.output_per_mtok),
+        }
+    }
+}
+
+impl TokenPrices {
+    /// uncached input × input price + cached input × cached price + output × output price.
+    pub fn cost_nanos(&self, u: &Usage) -> u64 {
+        u.uncached_input() * self.input
+            + u.cached_input * self.cached_input
+            + u.output * self.output
+    }
+
+    /// The cost in micro-dollars, rounded half up.
+    pub fn cost_micros(&self, u: &Usage) -> u64 {
+        micros(self.cost_nanos(u))
+    }
+}
+
+pub fn micros(nanos: u64) -> u64 {
+    (nanos + 500) / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_follows_the_formula_in_exact_integers() {
+        let p = TokenPrices::from(&Price {
+            input_per_mtok: 0.5,
+            cached_input_per_mtok: 0.1,
+            output_per_mtok: 1.5,
+        });
+        assert_eq!((p.input, p.cached_input, p.output), (500, 100, 1500));
+        let u = Usage {
+            input: 1_000_000,
+            cached_input: 400_000,
+            output: 2_000_000,
+            reasoning: 0,
+        };
+        // 0.6M × $0.50 + 0.4M × $0.10 + 2M × $1.50 = $0.30 + $0.04 + $3.00
+        assert_eq!(p.cost_micros(&u), 3_340_000);
+        // A million one-token requests cost exactly what one million-token request costs.
+        let one = Usage {
+            input: 0,
+            cached_input: 0,
+            output: 1,
+            reasoning: 0,
+        };
+        assert_eq!(
+            p.cost_nanos(&one) * 1_000_000,
+            p.cost_nanos(&Usage {
+                output: 1_000_000,
+                ..one
+            })
+        );
+    }
+}

@@ -1,0 +1,270 @@
+//! The durable usage ledger: SQLite (WAL) under `state.dir`, written by one dedicated thread
+//! that batches inserts. Requests hand records over a bounded channel and never wait on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::{params_from_iter, Connection, ToSql};
+
+use super::record::UsageRecord;
+use crate::metrics::Metrics;
+
+/// Records waiting for the writer; past this the newest are dropped and counted.
+const QUEUE_CAPACITY: usize = 200_000;
+/// Records per transaction at most.
+const MAX_BATCH: usize = 4096;
+/// Records kept in memory for a retry while the disk refuses writes.
+const MAX_PENDING: usize = 1_000_000;
+
+pub const FILE_NAME: &str = "usage.sqlite";
+
+pub struct Ledger {
+    sender: SyncSender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
+    path: PathBuf,
+}
+
+enum Msg {
+    Record(Box<UsageRecord>),
+    /// A budget alert fired: remember it so a restart does not fire it again.
+    Alert {
+        key_id: String,
+        period_start: i64,
+        threshold: f64,
+    },
+    /// Write everything before this, then answer.
+    Flush(SyncSender<()>),
+    /// Write everything before this, then stop.
+    Close,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir` and starts its writer thread.
+    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Ledger, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("state.dir {}: {e}", dir.display()))?;
+        let path = dir.join(FILE_NAME);
+        let conn = open_rw(&path)?;
+        let (sender, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let writer_metrics = metrics.clone();
+        let writer = std::thread::Builder::new()
+            .name("tollgate-ledger".into())
+            .spawn(move || write_loop(conn, rx, &writer_metrics))
+            .map_err(|e| format!("cannot start the ledger writer: {e}"))?;
+        Ok(Ledger {
+            sender,
+            writer: Mutex::new(Some(writer)),
+            metrics,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands a record to the writer without blocking. A full queue drops it and counts it.
+    pub fn record(&self, record: UsageRecord) {
+        match self.sender.try_send(Msg::Record(Box::new(record))) {
+            Ok(()) => self.metrics.ledger_queue.inc(),
+            Err(TrySendError::Full(_)) => {
+                self.metrics.ledger_dropped.inc();
+                tracing::error!("usage ledger queue full; a record was dropped");
+            }
+            Err(TrySendError::Disconnected(_)) => self.metrics.ledger_dropped.inc(),
+        }
+    }
+
+    /// Remembers a fired budget alert (written off the request path, like records).
+    pub fn record_alert(&self, key_id: &str, period_start: i64, threshold: f64) {
+        let msg = Msg::Alert {
+            key_id: key_id.to_string(),
+            period_start,
+            threshold,
+        };
+        if self.sender.try_send(msg).is_err() {
+            tracing::error!("usage ledger queue full; an alert was not persisted");
+        }
+    }
+
+    /// Waits until every record handed over so far is written (or failed). Off the request
+    /// path: for shutdown, admin queries and tests.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::sync_channel(1);
+        if self.sender.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Writes everything queued and stops the writer; records after this are dropped.
+    pub fn close(&self) {
+        let _ = self.sender.send(Msg::Close);
+        if let Ok(mut w) = self.writer.lock() {
+            if let Some(handle) = w.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn open_rw(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open(path).map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         PRAGMA busy_timeout = 5000;
+         PRAGMA cache_size = -65536;
+         CREATE TABLE IF NOT EXISTS usage (
+             id TEXT PRIMARY KEY,
+             request_id TEXT NOT NULL,
+             ts_ms INTEGER NOT NULL,
+             key_id TEXT NOT NULL,
+             model TEXT NOT NULL,
+             surface TEXT NOT NULL,
+             status INTEGER NOT NULL,
+             input_tokens INTEGER NOT NULL,
+             cached_input_tokens INTEGER NOT NULL,
+             output_tokens INTEGER NOT NULL,
+             reasoning_tokens INTEGER NOT NULL,
+             cost_nanos INTEGER NOT NULL,
+             estimated INTEGER NOT NULL,
+             ttft_ms REAL,
+             duration_ms REAL NOT NULL,
+             replica TEXT
+         ) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms);
+         CREATE TABLE IF NOT EXISTS alerts (
+             key_id TEXT NOT NULL,
+             period_start INTEGER NOT NULL,
+             threshold REAL NOT NULL,
+             fired_ms INTEGER NOT NULL,
+             PRIMARY KEY (key_id, period_start, threshold)
+         );",
+    )
+    .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    Ok(conn)
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
+    let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut waiters: Vec<SyncSender<()>> = Vec::new();
+    let mut alerts: Vec<(String, i64, f64)> = Vec::new();
+    let mut closing = false;
+    while !closing {
+        // Block for the first message, then take whatever else is already queued: under load
+        // batches grow by themselves, and when idle a record is written at once.
+        let mut next = rx.recv().ok();
+        if next.is_none() {
+            closing = true;
+        }
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r) => batch.push(*r),
+                Msg::Alert {
+                    key_id,
+                    period_start,
+                    threshold,
+                } => alerts.push((key_id, period_start, threshold)),
+                Msg::Flush(w) => waiters.push(w),
+                Msg::Close => closing = true,
+            }
+            if batch.len() < MAX_BATCH && !closing {
+                next = rx.try_recv().ok();
+            }
+        }
+        let taken = batch.len();
+        if let Err(e) = insert(&mut conn, &batch) {
+            metrics.ledger_write_errors.inc();
+            tracing::error!(error = %e, records = batch.len(), "usage ledger write failed; will retry");
+            if batch.len() > MAX_PENDING || closing {
+                // Past the memory bound, or out of time at shutdown: lost, and counted.
+                let lost = if closing {
+                    batch.len()
+                } else {
+                    batch.len() - MAX_PENDING
+                };
+                batch.drain(..lost);
+                metrics.ledger_dropped.inc_by(lost as u64);
+            }
+        } else {
+            batch.clear();
+        }
+        metrics.ledger_queue.sub(taken as i64 - batch.len() as i64);
+        for (key_id, period_start, threshold) in alerts.drain(..) {
+            let fired = conn.execute(
+                "INSERT OR IGNORE INTO alerts (key_id, period_start, threshold, fired_ms)
+                 VALUES (?1, ?2, ?3, strftime('%s','now') * 1000)",
+                rusqlite::params![key_id, period_start, threshold],
+            );
+            if let Err(e) = fired {
+                metrics.ledger_write_errors.inc();
+                tracing::error!(error = %e, "could not persist a budget alert");
+            }
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
+
+/// Rows per INSERT statement: one statement step for many rows is most of the speed.
+const ROWS_PER_STATEMENT: usize = 64;
+const COLUMNS: usize = 16;
+
+fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    for rows in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut stmt = tx.prepare_cached(&insert_sql(rows.len()))?;
+        let mut values: Vec<&dyn ToSql> = Vec::with_capacity(rows.len() * COLUMNS);
+        let numbers: Vec<[i64; 6]> = rows
+            .iter()
+            .map(|r| {
+                [
+                    r.usage.input as i64,
+                    r.usage.cached_input as i64,
+                    r.usage.output as i64,
+                    r.usage.reasoning as i64,
+                    r.cost_nanos as i64,
+                    i64::from(r.status),
+                ]
+            })
+            .collect();
+        for (r, n) in rows.iter().zip(&numbers) {
+            values.extend_from_slice(&[
+                &r.id,
+                &r.request_id,
+                &r.ts_ms,
+                &r.key_id,
+                &r.model,
+                &r.surface,
+                &n[5],
+                &n[0],
+                &n[1],
+                &n[2],
+                &n[3],
+                &n[4],
+                &r.estimated,
+                &r.ttft_ms,
+                &r.duration_ms,
+                &r.replica,
+            ]);
+        }
+        stmt.execute(params_from_iter(values))?;
+    }
+    tx.commit()
+}
+
+fn insert_sql(rows: usize) -> String {
+    let row = format!("({})", vec!["?"; COLUMNS].join(","));
+    format!(
+        "INSERT OR IGNORE INTO usage (id, request_id, ts_ms, key_id, model, surface, status,
+             input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos,
+             estimated, ttft_ms, duration_ms, replica) VALUES {}",
+        vec![row; rows].join(",")
+    )
+}

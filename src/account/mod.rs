@@ -1,0 +1,87 @@
+//! Accounting: what every finished request used and cost, kept in a durable ledger and
+//! queryable by key, model and time bucket.
+
+pub mod cost;
+pub mod ledger;
+pub mod query;
+pub mod record;
+
+pub use cost::TokenPrices;
+pub use ledger::Ledger;
+pub use record::UsageRecord;
+
+use std::time::UNIX_EPOCH;
+
+use crate::ctx::{Endpoint, RequestCtx};
+use crate::translate::usage::Usage;
+
+/// What a finished request used, and whether that had to be estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub usage: Usage,
+    pub estimated: bool,
+    pub cost_nanos: u64,
+}
+
+/// The usage of a finished request: the replica's own count when it reported one; else, if
+/// the request reached a replica (cut short by a disconnect, a reset, a timeout, a stream
+/// without a usage chunk), the prompt estimate and one token per relayed output event,
+/// marked estimated; else (refused before forwarding) zero.
+pub fn settle(ctx: &RequestCtx) -> Settled {
+    let (usage, estimated) = match ctx.usage {
+        Some(u) => (u, false),
+        None if ctx.sent => (
+            Usage {
+                input: u64::from(ctx.input_estimate),
+                output: ctx.output_events,
+                ..Usage::default()
+            },
+            true,
+        ),
+        None => (Usage::default(), false),
+    };
+    let cost_nanos = ctx
+        .model
+        .as_ref()
+        .map_or(0, |m| m.token_prices.cost_nanos(&usage));
+    Settled {
+        usage,
+        estimated,
+        cost_nanos,
+    }
+}
+
+/// The ledger record of a finished Model API request; `None` for other endpoints.
+pub fn record(ctx: &RequestCtx, settled: &Settled) -> Option<UsageRecord> {
+    if !matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Messages) {
+        return None;
+    }
+    let ts_ms = ctx
+        .started_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    Some(UsageRecord {
+        id: record_id(ts_ms),
+        request_id: ctx.request_id.clone(),
+        ts_ms,
+        key_id: ctx.key_id.clone().unwrap_or_else(|| "-".into()),
+        model: ctx.model_label().to_string(),
+        surface: ctx.endpoint.label(),
+        status: ctx.status,
+        usage: settled.usage,
+        cost_nanos: settled.cost_nanos,
+        estimated: settled.estimated,
+        ttft_ms: ctx
+            .first_token
+            .or(ctx.first_byte)
+            .map(|d| d.as_secs_f64() * 1e3),
+        duration_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
+        replica: ctx.replica.map(|a| a.to_string()),
+    })
+}
+
+/// A unique ledger id that sorts by time, so inserts append to the table's B-tree instead of
+/// landing at random places: 12 hex digits of milliseconds, then 16 random ones.
+pub fn record_id(ts_ms: i64) -> String {
+    format!("{:012x}{:016x}", ts_ms.max(0), rand::random::<u64>())
+}

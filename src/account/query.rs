@@ -1,0 +1,351 @@
+//! Usage queries: totals per time bucket, optionally per key and/or model, empty buckets
+//! included. Read from the ledger file with its own connection, never on the request path.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{params, Connection, OpenFlags};
+use serde::Serialize;
+
+/// More buckets than this in one answer is a mistake (e.g. a year by minute).
+pub const MAX_BUCKETS: i64 = 50_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Bucket {
+    pub fn parse(s: &str) -> Option<Bucket> {
+        match s {
+            "minute" => Some(Bucket::Minute),
+            "hour" => Some(Bucket::Hour),
+            "day" => Some(Bucket::Day),
+            _ => None,
+        }
+    }
+
+    pub fn millis(self) -> i64 {
+        match self {
+            Bucket::Minute => 60_000,
+            Bucket::Hour => 3_600_000,
+            Bucket::Day => 86_400_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    /// Inclusive, Unix ms; rounded down to the bucket.
+    pub from_ms: i64,
+    /// Exclusive, Unix ms; rounded up to the bucket.
+    pub to_ms: i64,
+    pub bucket: Bucket,
+    pub by_key: bool,
+    pub by_model: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UsageRow {
+    /// Bucket start, RFC 3339 UTC.
+    pub start: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub uncached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// Integer micro-dollars, rounded from the exact nano-dollar sum.
+    pub cost_micros: u64,
+    /// The same cost in USD, as a decimal string.
+    pub cost_usd: String,
+    /// Requests whose counts were estimated (cut short before the replica reported usage).
+    pub estimated_requests: u64,
+}
+
+impl UsageQuery {
+    fn range(&self) -> Result<(i64, i64), String> {
+        let b = self.bucket.millis();
+        let from = self.from_ms.div_euclid(b) * b;
+        let to = (self.to_ms + b - 1).div_euclid(b) * b;
+        if to <= from {
+            return Err("`to` must be after `from`".into());
+        }
+        if (to - from) / b > MAX_BUCKETS {
+            return Err(format!(
+                "the range holds more than {MAX_BUCKETS} buckets; use a larger bucket or a shorter range"
+            ));
+        }
+        Ok((from, to))
+    }
+}
+
+/// One grouped row of the ledger: bucket start, key, model, and the seven sums.
+type Sums = (i64, Option<String>, Option<String>, [i64; 7]);
+
+/// Runs a query against the ledger file at `path`. A missing file is an empty ledger.
+pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
+    let (from, to) = q.range()?;
+    let b = q.bucket.millis();
+    let mut found: Vec<Sums> = Vec::new();
+    if path.exists() {
+        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+        let key_col = if q.by_key { "key_id" } else { "NULL" };
+        let model_col = if q.by_model { "model" } else { "NULL" };
+        let sql = format!(
+            "SELECT (ts_ms / ?1) * ?1 AS b, {key_col}, {model_col}, COUNT(*),
+                    SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
+                    SUM(reasoning_tokens), SUM(cost_nanos), SUM(estimated)
+             FROM usage WHERE ts_ms >= ?2 AND ts_ms < ?3
+             GROUP BY 1, 2, 3"
+        );
+        let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
+        let rows = stmt
+            .query_map(params![b, from, to], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    [
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                    ],
+                ))
+            })
+            .map_err(|e| e.to_string())?;
+        for row in rows {
+            found.push(row.map_err(|e| e.to_string())?);
+        }
+    }
+    // Every group seen in the range gets a row in every bucket, zeros where it was idle.
+    let groups: BTreeSet<(Option<String>, Option<String>)> = found
+        .iter()
+        .map(|(_, k, m, _)| (k.clone(), m.clone()))
+        .collect();
+    let groups: Vec<_> = if groups.is_empty() {
+        vec![(None, None)]
+    } else {
+        groups.into_iter().collect()
+    };
+    let mut out = Vec::new();
+    let mut start = from;
+    while start < to {
+        for (key, model) in &groups {
+            let sums = found
+                .iter()
+                .find(|(s, k, m, _)| *s == start && k == key && m == model)
+                .map_or([0; 7], |(_, _, _, v)| *v);
+            out.push(row(start, key, model, sums, q));
+        }
+        start += b;
+    }
+    Ok(out)
+}
+
+fn row(
+    start: i64,
+    key: &Option<String>,
+    model: &Option<String>,
+    v: [i64; 7],
+    q: &UsageQuery,
+) -> UsageRow {
+    let n = |i: usize| v[i].max(0) as u64;
+    let cost_micros = super::cost::micros(n(5));
+    UsageRow {
+        start: rfc3339(start),
+        key_id: if q.by_key {
+            Some(key.clone().unwrap_or_default())
+        } else {
+            None
+        },
+        model: if q.by_model {
+            Some(model.clone().unwrap_or_default())
+        } else {
+            None
+        },
+        requests: n(0),
+        input_tokens: n(1),
+        cached_input_tokens: n(2),
+        uncached_input_tokens: n(1).saturating_sub(n(2)),
+        output_tokens: n(3),
+        reasoning_tokens: n(4),
+        cost_micros,
+        cost_usd: format!("{}.{:06}", cost_micros / 1_000_000, cost_micros % 1_000_000),
+        estimated_requests: n(6),
+    }
+}
+
+/// What a key spent since `since_ms` (nano-dollars), and the alert thresholds already fired
+/// for the period starting then: what a restart rebuilds a budget from.
+pub fn spend_since(path: &Path, key_id: &str, since_ms: i64) -> Result<(u64, Vec<f64>), String> {
+    if !path.exists() {
+        return Ok((0, Vec::new()));
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    let spent: i64 = conn
+        .query_row(
+            "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage WHERE key_id = ?1 AND ts_ms >= ?2",
+            params![key_id, since_ms],
+            |r| r.get(0),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare("SELECT threshold FROM alerts WHERE key_id = ?1 AND period_start = ?2")
+        .map_err(|e| e.to_string())?;
+    let fired = stmt
+        .query_map(params![key_id, since_ms], |r| r.get::<_, f64>(0))
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    Ok((spent.max(0) as u64, fired))
+}
+
+pub fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// Parses an RFC 3339 time, a date (`2026-11-22`, midnight UTC) or Unix seconds.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc().timestamp_millis());
+        }
+    }
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    Err(format!(
+        "{s:?} is not a time: use RFC 3339 (2026-11-22T10:00:00Z), a date (2026-11-22) or Unix seconds"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::account::{Ledger, UsageRecord};
+    use crate::metrics::Metrics;
+    use crate::translate::usage::Usage;
+
+    fn record(
+        id: &str,
+        ts_ms: i64,
+        key: &str,
+        model: &str,
+        input: u64,
+        output: u64,
+    ) -> UsageRecord {
+        UsageRecord {
+            id: id.into(),
+            request_id: id.into(),
+            ts_ms,
+            key_id: key.into(),
+            model: model.into(),
+            surface: "chat_completions",
+            status: 200,
+            usage: Usage {
+                input,
+                cached_input: input / 2,
+                output,
+                reasoning: 0,
+            },
+            cost_nanos: 1_500 * output,
+            estimated: false,
+            ttft_ms: Some(1.0),
+            duration_ms: 2.0,
+            replica: None,
+        }
+    }
+
+    #[test]
+    fn buckets_group_and_include_empty_ones_and_ids_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let t0 = 1_795_000_000_000i64 / 60_000 * 60_000;
+        ledger.record(record("a", t0 + 1, "k1", "m1", 10, 4));
+        ledger.record(record("b", t0 + 2, "k2", "m1", 20, 6));
+        ledger.record(record("c", t0 + 120_500, "k1", "m2", 30, 8));
+        ledger.record(record("a", t0 + 1, "k1", "m1", 10, 4)); // the same record again
+        ledger.close();
+
+        let q = UsageQuery {
+            from_ms: t0,
+            to_ms: t0 + 180_000,
+            bucket: Bucket::Minute,
+            by_key: false,
+            by_model: false,
+        };
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        assert_eq!(rows.len(), 3, "three minutes, the middle one empty");
+        assert_eq!(
+            (
+                rows[0].requests,
+                rows[0].input_tokens,
+                rows[0].output_tokens
+            ),
+            (2, 30, 10)
+        );
+        assert_eq!(
+            rows[0].cached_input_tokens + rows[0].uncached_input_tokens,
+            30
+        );
+        assert_eq!(rows[1].requests, 0);
+        assert_eq!(rows[2].requests, 1);
+        assert_eq!(rows[0].cost_micros, 15);
+        assert_eq!(rows[0].cost_usd, "0.000015");
+
+        let q = UsageQuery {
+            by_key: true,
+            by_model: true,
+            ..q
+        };
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        assert_eq!(rows.len(), 9, "3 groups × 3 buckets");
+        let k1m2: Vec<_> = rows
+            .iter()
+            .filter(|r| r.key_id.as_deref() == Some("k1") && r.model.as_deref() == Some("m2"))
+            .collect();
+        assert_eq!(
+            k1m2.iter().map(|r| r.requests).collect::<Vec<_>>(),
+            vec![0, 0, 1]
+        );
+    }
+
+    #[test]
+    fn times_parse_in_three_forms_and_ranges_are_bounded() {
+        assert_eq!(parse_time("1970-01-02").unwrap(), 86_400_000);
+        assert_eq!(parse_time("1970-01-01T00:01:00Z").unwrap(), 60_000);
+        assert_eq!(parse_time("120").unwrap(), 120_000);
+        assert!(parse_time("yesterday").is_err());
+        let q = UsageQuery {
+            from_ms: 0,
+            to_ms: 365 * 86_400_000,
+            bucket: Bucket::Minute,
+            by_key: false,
+            by_model: false,
+        };
+        assert!(run(Path::new("/nonexistent/ledger"), &q)
+            .unwrap_err()
+            .contains("buckets"));
+    }
+}

@@ -1,0 +1,25 @@
+//! One finished request, as the ledger keeps it.
+
+use crate::translate::usage::Usage;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageRecord {
+    /// Unique per request (generated, never the client's id): the ledger's idempotency key.
+    pub id: String,
+    /// The `x-request-id` the client saw.
+    pub request_id: String,
+    /// Request start, Unix milliseconds.
+    pub ts_ms: i64,
+    pub key_id: String,
+    pub model: String,
+    /// `chat_completions`, `messages`, …
+    pub surface: &'static str,
+    pub status: u16,
+    pub usage: Usage,
+    pub cost_nanos: u64,
+    /// Some counts were estimated: the request was cut short before the replica reported usage.
+    pub estimated: bool,
+    pub ttft_ms: Option<f64>,
+    pub duration_ms: f64,
+    pub replica: Option<String>,
+}

@@ -1,0 +1,104 @@
+//! What the relay sees of a replica's answer on its way through: the reported usage, how much
+//! output was relayed (the estimate when usage never comes), time to first token and the gaps
+//! between tokens. Cheap byte scans; a chunk is parsed only when it carries usage.
+
+use prometheus::Histogram;
+use tokio::time::Instant;
+
+use crate::translate::scan;
+use crate::translate::usage::{self, Usage};
+
+pub struct Observed {
+    /// The last usage the replica reported (running totals replace, never add).
+    pub usage: Option<Usage>,
+    /// Stream events that carried output; one token each, as engines stream them.
+    pub output_events: u64,
+    pub first_token: Option<Instant>,
+    last_token: Option<Instant>,
+    inter_token: Option<Histogram>,
+}
+
+impl Observed {
+    pub fn new(inter_token: Option<Histogram>) -> Self {
+        Observed {
+            usage: None,
+            output_events: 0,
+            first_token: None,
+            last_token: None,
+            inter_token,
+        }
+    }
+
+    /// One upstream SSE `data:` payload.
+    pub fn event(&mut self, data: &[u8]) {
+        if let Some(u) = usage::usage_of(data) {
+            self.usage = Some(u);
+        }
+        if carries_output(data) {
+            let now = Instant::now();
+            self.output_events += 1;
+            if self.first_token.is_none() {
+                self.first_token = Some(now);
+            }
+            if let (Some(last), Some(h)) = (self.last_token, &self.inter_token) {
+                h.observe(now.duration_since(last).as_secs_f64());
+            }
+            self.last_token = Some(now);
+        }
+    }
+
+    /// A whole (non-streamed) JSON answer.
+    pub fn body(&mut self, json: &[u8]) {
+        self.usage = usage::usage_of(json);
+    }
+}
+
+/// Whether a chunk carries generated output: a non-empty `content`, `reasoning_content`,
+/// `reasoning` or tool-call `arguments` string.
+pub fn carries_output(data: &[u8]) -> bool {
+    [
+        &b"\"content\""[..],
+        b"\"reasoning_content\"",
+        b"\"reasoning\"",
+        b"\"arguments\"",
+    ]
+    .iter()
+    .any(|key| scan::has_nonempty_string(data, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_recognised_in_every_delta_kind() {
+        assert!(carries_output(
+            br#"{"choices":[{"delta":{"content":"Hi"}}]}"#
+        ));
+        assert!(carries_output(
+            br#"{"choices":[{"delta":{"reasoning_content": "hm"}}]}"#
+        ));
+        assert!(carries_output(
+            br#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\""}}]}}]}"#
+        ));
+        assert!(!carries_output(
+            br#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(!carries_output(
+            br#"{"choices":[{"delta":{"content":null}}]}"#
+        ));
+        assert!(!carries_output(
+            br#"{"choices":[],"usage":{"prompt_tokens":3}}"#
+        ));
+    }
+
+    #[test]
+    fn running_usage_replaces_rather_than_adds() {
+        let mut o = Observed::new(None);
+        o.event(br#"{"choices":[{"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#);
+        o.event(br#"{"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#);
+        assert_eq!(o.usage.unwrap().output, 2);
+        assert_eq!(o.usage.unwrap().input, 5);
+        assert_eq!(o.output_events, 2);
+    }
+}

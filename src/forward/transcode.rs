@@ -1,0 +1,327 @@
+//! What happens to the replica's response body on its way to the client: relayed event by
+//! event (usage chunk removed when the client did not ask, model renamed), translated event by
+//! event, or collected and rendered whole. Every path feeds `Observed` for accounting.
+
+use bytes::{Bytes, BytesMut};
+use prometheus::Histogram;
+
+use super::observe::Observed;
+use crate::error::GatewayError;
+use crate::respond::{self, Dialect};
+use crate::translate::anthropic::{self, StreamTranslator};
+use crate::translate::sse::{self, SseFramer};
+use crate::translate::{scan, usage, ResponsePlan};
+
+/// A replica answer larger than this is not collected (a chat completion is kilobytes; this
+/// only bounds memory against a misbehaving replica).
+const MAX_COLLECTED_BYTES: usize = 32 * 1024 * 1024;
+
+pub(super) struct Transcoder {
+    mode: Mode,
+    pub observed: Observed,
+}
+
+enum Mode {
+    /// Bytes go to the client as they arrive (replica errors for OpenAI clients).
+    Raw,
+    /// An OpenAI stream for an OpenAI client, event by event.
+    OpenAiStream {
+        framer: SseFramer,
+        strip_usage: bool,
+        rename: Option<Rename>,
+    },
+    /// Collected whole, then rendered.
+    Collect { buf: BytesMut, then: Collected },
+    /// An OpenAI stream turned into Anthropic events as each upstream event completes.
+    AnthropicStream {
+        framer: SseFramer,
+        translator: Box<StreamTranslator>,
+    },
+}
+
+enum Collected {
+    OpenAiMessage {
+        rename: Option<Rename>,
+    },
+    AnthropicMessage {
+        id: String,
+        model: String,
+        stop_sequences: Vec<String>,
+    },
+    AnthropicError {
+        status: u16,
+    },
+}
+
+impl Transcoder {
+    pub fn new(
+        plan: &ResponsePlan,
+        status: u16,
+        sse: bool,
+        inter_token: Option<Histogram>,
+    ) -> Self {
+        let mode = match plan {
+            ResponsePlan::OpenAi { .. } if status >= 400 => Mode::Raw,
+            ResponsePlan::OpenAi {
+                wants_usage,
+                rename,
+            } if sse => Mode::OpenAiStream {
+                framer: SseFramer::new(),
+                strip_usage: !wants_usage,
+                rename: rename.as_ref().map(Rename::new),
+            },
+            ResponsePlan::OpenAi { rename, .. } => Mode::Collect {
+                buf: BytesMut::new(),
+                then: Collected::OpenAiMessage {
+                    rename: rename.as_ref().map(Rename::new),
+                },
+            },
+            ResponsePlan::Anthropic { .. } if status >= 400 => Mode::Collect {
+                buf: BytesMut::new(),
+                then: Collected::AnthropicError { status },
+            },
+            ResponsePlan::Anthropic {
+                id,
+                model,
+                stop_sequences,
+                input_estimate,
+            } if sse => Mode::AnthropicStream {
+                framer: SseFramer::new(),
+                translator: Box::new(StreamTranslator::new(
+                    id,
+                    model,
+                    stop_sequences.clone(),
+                    *input_estimate,
+                )),
+            },
+            ResponsePlan::Anthropic {
+                id,
+                model,
+                stop_sequences,
+                ..
+            } => Mode::Collect {
+                buf: BytesMut::new(),
+                then: Collected::AnthropicMessage {
+                    id: id.clone(),
+                    model: model.clone(),
+                    stop_sequences: stop_sequences.clone(),
+                },
+            },
+        };
+        Transcoder {
+            mode,
+            observed: Observed::new(inter_token),
+        }
+    }
+
+    /// Whether the response header goes out before the body (so the status is final early).
+    pub fn streams(&self) -> bool {
+        !matches!(self.mode, Mode::Collect { .. })
+    }
+
+    /// The content type of what the client receives, when it differs from the replica's.
+    pub fn content_type(&self) -> Option<&'static str> {
+        match self.mode {
+            Mode::Raw | Mode::OpenAiStream { .. } => None,
+            Mode::AnthropicStream { .. } => Some("text/event-stream"),
+            Mode::Collect { .. } => Some("application/json"),
+        }
+    }
+
+    /// Takes one upstream chunk; returns what to send now, if anything.
+    pub fn on_chunk(&mut self, chunk: Bytes) -> Result<Option<Bytes>, String> {
+        let observed = &mut self.observed;
+        match &mut self.mode {
+            Mode::Raw => Ok(Some(chunk)),
+            Mode::Collect { buf, .. } => {
+                if buf.len() + chunk.len() > MAX_COLLECTED_BYTES {
+                    return Err("the replica's answer is too large".into());
+                }
+                buf.extend_from_slice(&chunk);
+                Ok(None)
+            }
+            Mode::OpenAiStream {
+                framer,
+                strip_usage,
+                rename,
+            } => {
+                framer.push(&chunk);
+                let mut out = Vec::with_capacity(chunk.len() + 16);
+                while let Some(event) = framer.next_event().map_err(|e| e.to_string())? {
+                    relay_openai_event(
+                        observed,
+                        &event.data,
+                        *strip_usage,
+                        rename.as_ref(),
+                        &mut out,
+                    );
+                }
+                Ok((!out.is_empty()).then(|| Bytes::from(out)))
+            }
+            Mode::AnthropicStream { framer, translator } => {
+                framer.push(&chunk);
+                let mut out = Vec::new();
+                while let Some(event) = framer.next_event().map_err(|e| e.to_string())? {
+                    observed.event(event.data.as_bytes());
+                    translator.on_data(&event.data, &mut out);
+                }
+                Ok((!out.is_empty()).then(|| Bytes::from(out)))
+            }
+        }
+    }
+
+    /// The upstream body ended: the rest to send (for `Collect`, the whole body).
+    pub fn on_end(&mut self) -> Result<Bytes, String> {
+        let observed = &mut self.observed;
+        match &mut self.mode {
+            Mode::Raw => Ok(Bytes::new()),
+            Mode::OpenAiStream {
+                framer,
+                strip_usage,
+                rename,
+            } => {
+                let mut out = Vec::new();
+                if let Some(event) = framer.finish().map_err(|e| e.to_string())? {
+                    relay_openai_event(
+                        observed,
+                        &event.data,
+                        *strip_usage,
+                        rename.as_ref(),
+                        &mut out,
+                    );
+                }
+                Ok(Bytes::from(out))
+            }
+            Mode::Collect { buf, then } => {
+                observed.body(buf);
+                match then {
+                    Collected::OpenAiMessage { rename } => Ok(match rename {
+                        Some(r) => Bytes::from(r.apply(buf).unwrap_or_else(|| buf.to_vec())),
+                        None => std::mem::take(buf).freeze(),
+                    }),
+                    Collected::AnthropicMessage {
+                        id,
+                        model,
+                        stop_sequences,
+                    } => anthropic::message_from_openai(buf, id, model, stop_sequences)
+                        .map(Bytes::from)
+                        .map_err(|e| e.message),
+                    Collected::AnthropicError { status } => {
+                        Ok(Bytes::from(anthropic::error_from_openai(*status, buf)))
+                    }
+                }
+            }
+            Mode::AnthropicStream { framer, translator } => {
+                let mut out = Vec::new();
+                if let Some(event) = framer.finish().map_err(|e| e.to_string())? {
+                    observed.event(event.data.as_bytes());
+                    translator.on_data(&event.data, &mut out);
+                }
+                translator.finish(&mut out);
+                Ok(Bytes::from(out))
+            }
+        }
+    }
+
+    /// The replica failed after the header went out: the event that ends the stream in the
+    /// client's dialect, or `None` when the body can only be cut (not an event stream).
+    pub fn on_fail(&mut self, err: &GatewayError) -> Option<Bytes> {
+        match &mut self.mode {
+            Mode::OpenAiStream { .. } => Some(respond::stream_error_event(Dialect::OpenAi, err)),
+            Mode::Raw | Mode::Collect { .. } => None,
+            Mode::AnthropicStream { translator, .. } => {
+                let mut out = Vec::new();
+                translator.fail(err.anthropic_type(), &err.message(), &mut out);
+                Some(Bytes::from(out))
+            }
+        }
+    }
+}
+
+/// Observes one upstream event and re-emits it for an OpenAI client: the usage-only chunk is
+/// dropped when the client did not ask for it, and the model carries the client's name.
+fn relay_openai_event(
+    observed: &mut Observed,
+    data: &str,
+    strip_usage: bool,
+    rename: Option<&Rename>,
+    out: &mut Vec<u8>,
+) {
+    let bytes = data.as_bytes();
+    observed.event(bytes);
+    if strip_usage && is_usage_only(bytes) {
+        return;
+    }
+    match rename.and_then(|r| r.apply(bytes)) {
+        Some(renamed) => {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(&renamed);
+            out.extend_from_slice(b"\n\n");
+        }
+        None => sse::write_event(out, None, data),
+    }
+}
+
+/// The final chunk vLLM and SGLang send for `include_usage`: no choices, only usage.
+fn is_usage_only(data: &[u8]) -> bool {
+    scan::is_empty_array(data, b"\"choices\"") && usage::usage_of(data).is_some()
+}
+
+/// Replaces the top-level `"model": "<served name>"` with the client's model name.
+struct Rename {
+    from: Vec<u8>,
+    to: Vec<u8>,
+}
+
+impl Rename {
+    fn new((served, client): &(String, String)) -> Self {
+        // JSON-quoted forms, so names with quotes or backslashes match as they are on the wire.
+        let quote = |s: &str| serde_json::to_vec(s).unwrap_or_default();
+        Rename {
+            from: quote(served),
+            to: quote(client),
+        }
+    }
+
+    /// The JSON with its first `"model"` key's value renamed, or `None` when it is not there.
+    fn apply(&self, json: &[u8]) -> Option<Vec<u8>> {
+        let i = scan::value_start(json, b"\"model\"")?;
+        if !json[i..].starts_with(&self.from) {
+            return None;
+        }
+        let mut out = Vec::with_capacity(json.len() + self.to.len());
+        out.extend_from_slice(&json[..i]);
+        out.extend_from_slice(&self.to);
+        out.extend_from_slice(&json[i + self.from.len()..]);
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_name_is_replaced_by_the_clients() {
+        let r = Rename::new(&("served-model".into(), "org/model".into()));
+        let out = r
+            .apply(br#"{"id":"x","model": "served-model","choices":[]}"#)
+            .unwrap();
+        assert_eq!(
+            out,
+            br#"{"id":"x","model": "org/model","choices":[]}"#.to_vec()
+        );
+        assert!(r.apply(br#"{"model":"other"}"#).is_none());
+    }
+
+    #[test]
+    fn only_the_usage_only_chunk_is_recognised() {
+        assert!(is_usage_only(
+            br#"{"choices": [], "usage": {"prompt_tokens": 1}}"#
+        ));
+        assert!(!is_usage_only(
+            br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(!is_usage_only(br#"{"choices":[],"usage":null}"#));
+    }
+}

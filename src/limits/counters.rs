@@ -1,0 +1,80 @@
+//! Live counters of one key or one model: sliding windows of requests and tokens, requests in
+//! flight, and spend in the current budget period. Each key has its own small lock, held for
+//! the few hundred nanoseconds of a check-and-reserve; there is no global lock.
+
+use std::sync::{Mutex, MutexGuard};
+
+use super::period;
+use super::window::Window;
+use crate::config::Budget;
+
+#[derive(Default)]
+pub struct Counters {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub requests: Window,
+    pub tokens: Window,
+    pub inflight: u64,
+    pub spend: Spend,
+}
+
+/// Spend of the current budget period, in nano-dollars.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Spend {
+    pub period_start: i64,
+    pub spent: u64,
+    /// Worst-case cost of requests admitted and not yet settled.
+    pub reserved: u64,
+    /// Bit i set: the budget's i-th alert threshold already fired this period.
+    pub alerted: u32,
+}
+
+impl Counters {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the counters torn (plain integers),
+        // so a poisoned lock is used as it is.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts from spend rebuilt from the ledger (at startup).
+    pub fn seed(&self, spend: Spend) {
+        self.lock().spend = spend;
+    }
+
+    pub fn inflight(&self) -> u64 {
+        self.lock().inflight
+    }
+
+    /// Requests and tokens in the last 60 seconds.
+    pub fn window(&self, now_sec: u64) -> (u64, u64) {
+        let mut s = self.lock();
+        (s.requests.sum(now_sec), s.tokens.sum(now_sec))
+    }
+
+    pub fn spend(&self, budget: Option<&Budget>, now_ms: i64) -> Spend {
+        let mut s = self.lock();
+        if let Some(b) = budget {
+            s.roll(b, now_ms);
+        }
+        s.spend
+    }
+}
+
+impl State {
+    /// Starts a new budget period when `now_ms` left the current one.
+    pub fn roll(&mut self, budget: &Budget, now_ms: i64) {
+        let start = period::start(budget.period, now_ms);
+        if start != self.spend.period_start {
+            // Requests still in flight keep their reservations; they settle into the
+            // period they started in, which is over, so they only release them.
+            self.spend = Spend {
+                period_start: start,
+                reserved: self.spend.reserved,
+                ..Spend::default()
+            };
+        }
+    }
+}

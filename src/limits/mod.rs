@@ -1,0 +1,382 @@
+//! Admission against per-key and per-model limits and budgets: reserve the worst case when a
+//! request arrives, settle with what it really used when it ends, so concurrent requests can
+//! never overshoot a limit or a budget.
+
+mod counters;
+mod headers;
+pub mod period;
+mod window;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use counters::{Counters, Spend};
+pub use headers::rate_headers;
+
+use crate::account::TokenPrices;
+use crate::config::{Budget, Key, Limits, Model, Snapshot};
+
+/// The counters of every configured key and model, by id. Built with each config snapshot;
+/// counters of ids that still exist are carried over, so a reload keeps them.
+#[derive(Default)]
+pub struct Registry {
+    keys: HashMap<String, Arc<Counters>>,
+    models: HashMap<String, Arc<Counters>>,
+}
+
+impl Registry {
+    pub fn build(snapshot: &Snapshot, previous: Option<&Registry>) -> Registry {
+        let carry = |map: Option<&HashMap<String, Arc<Counters>>>, id: &str| {
+            map.and_then(|m| m.get(id).cloned()).unwrap_or_default()
+        };
+        Registry {
+            keys: snapshot
+                .keys()
+                .map(|k| (k.id.clone(), carry(previous.map(|p| &p.keys), &k.id)))
+                .collect(),
+            models: snapshot
+                .models
+                .iter()
+                .map(|m| (m.slug.clone(), carry(previous.map(|p| &p.models), &m.slug)))
+                .collect(),
+        }
+    }
+
+    pub fn key(&self, id: &str) -> Option<&Arc<Counters>> {
+        self.keys.get(id)
+    }
+
+    pub fn model(&self, slug: &str) -> Option<&Arc<Counters>> {
+        self.models.get(slug)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+    Concurrency,
+}
+
+impl LimitKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::Requests => "requests",
+            LimitKind::Tokens => "tokens",
+            LimitKind::Concurrency => "concurrency",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Key,
+    Model,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LimitError {
+    /// Over a limit now; fits again in `retry_after` seconds (429).
+    Limited {
+        kind: LimitKind,
+        scope: Scope,
+        limit: u64,
+        retry_after: u64,
+    },
+    /// The request's worst case alone exceeds the tokens-per-minute limit (400).
+    TooLarge { scope: Scope, limit: u64, need: u64 },
+    /// The budget cannot pay for the request's worst case (402).
+    Budget {
+        budget_nanos: u64,
+        spent_nanos: u64,
+        worst_nanos: u64,
+        retry_after: Option<u64>,
+    },
+}
+
+/// What one request may use at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Demand {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub prices: TokenPrices,
+}
+
+impl Demand {
+    fn tokens(&self) -> u64 {
+        self.input_tokens + self.output_tokens
+    }
+
+    /// Cost if no input is cached and every allowed output token is generated.
+    fn worst_nanos(&self) -> u64 {
+        self.input_tokens * self.prices.input + self.output_tokens * self.prices.output
+    }
+}
+
+/// The key's requests and tokens windows after admission, for rate-limit headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateView {
+    /// (limit, remaining, seconds until the window is empty)
+    pub requests: Option<(u64, u64, u64)>,
+    pub tokens: Option<(u64, u64, u64)>,
+}
+
+/// An admitted request's reservation; `settle` replaces it with actual use. Dropping it
+/// unsettled keeps the worst case counted.
+pub struct Ticket {
+    key: Arc<Counters>,
+    /// Only for models with limits: other models take no shared lock at all.
+    model: Option<Arc<Counters>>,
+    budget: Option<Budget>,
+    at_sec: u64,
+    tokens: u64,
+    nanos: u64,
+    period_start: i64,
+    /// `max_tokens` lowered to what the budget pays for, when clamping applied.
+    pub clamped_output: Option<u64>,
+    settled: bool,
+}
+
+/// A budget threshold crossed by a settled request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Crossed {
+    pub threshold: f64,
+    pub spent_nanos: u64,
+    pub budget_nanos: u64,
+    pub period_start: i64,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The fewest output tokens worth clamping to; below this the request is refused instead.
+const MIN_CLAMPED_OUTPUT: u64 = 16;
+
+/// Checks every limit of the key and the model and, if all pass, reserves the request's worst
+/// case in one step under the key's and the model's locks (always taken in that order).
+pub fn admit(
+    key: &Key,
+    key_counters: &Arc<Counters>,
+    model: &Model,
+    model_counters: &Arc<Counters>,
+    mut demand: Demand,
+    now_ms: i64,
+) -> Result<(Ticket, RateView), LimitError> {
+    let now = (now_ms / 1000).max(0) as u64;
+    let model_counters = (!model.limits.is_empty()).then_some(model_counters);
+    let mut k = key_counters.lock();
+    let mut m = model_counters.map(|c| c.lock());
+    check_requests(&key.limits, &mut k, Scope::Key, now)?;
+    if let Some(m) = m.as_deref_mut() {
+        check_requests(&model.limits, m, Scope::Model, now)?;
+    }
+    let mut clamped_output = None;
+    if let Some(b) = &key.budget {
+        k.roll(b, now_ms);
+        let spend = k.spend;
+        let available = b.nanos.saturating_sub(spend.spent + spend.reserved);
+        if b.enforce && demand.worst_nanos() > available {
+            let input_cost = demand.input_tokens * demand.prices.input;
+            let affordable = match demand.prices.output {
+                0 => demand.output_tokens,
+                p => available.saturating_sub(input_cost) / p,
+            };
+            if b.clamp_max_tokens
+                && input_cost < available
+                && affordable >= MIN_CLAMPED_OUTPUT.min(demand.output_tokens)
+            {
+                demand.output_tokens = affordable.min(demand.output_tokens);
+                clamped_output = Some(demand.output_tokens);
+            } else {
+                return Err(LimitError::Budget {
+                    budget_nanos: b.nanos,
+                    spent_nanos: spend.spent + spend.reserved,
+                    worst_nanos: demand.worst_nanos(),
+                    retry_after: period::end(b.period, now_ms)
+                        .map(|e| ((e - now_ms).max(0) as u64).div_ceil(1000)),
+                });
+            }
+        }
+    }
+    check_tokens(&key.limits, &mut k, Scope::Key, now, demand.tokens())?;
+    if let Some(m) = m.as_deref_mut() {
+        check_tokens(&model.limits, m, Scope::Model, now, demand.tokens())?;
+    }
+    let nanos = demand.worst_nanos();
+    for state in std::iter::once(&mut *k).chain(m.as_deref_mut()) {
+        state.inflight += 1;
+        state.requests.add(now, 1);
+        state.tokens.add(now, demand.tokens());
+    }
+    k.spend.reserved += nanos;
+    let view = RateView {
+        requests: key.limits.rpm.map(|l| {
+            (
+                l,
+                l.saturating_sub(k.requests.sum(now)),
+                k.requests.until_empty(now),
+            )
+        }),
+        tokens: key.limits.tpm.map(|l| {
+            (
+                l,
+                l.saturating_sub(k.tokens.sum(now)),
+                k.tokens.until_empty(now),
+            )
+        }),
+    };
+    let period_start = k.spend.period_start;
+    drop(m);
+    drop(k);
+    Ok((
+        Ticket {
+            key: key_counters.clone(),
+            model: model_counters.cloned(),
+            budget: key.budget.clone(),
+            at_sec: now,
+            tokens: demand.tokens(),
+            nanos,
+            period_start,
+            clamped_output,
+            settled: false,
+        },
+        view,
+    ))
+}
+
+/// The key's windows as the next request would see them (for headers on refusals).
+pub fn view(key: &Key, counters: &Counters, now_ms: i64) -> RateView {
+    let now = (now_ms / 1000).max(0) as u64;
+    let mut k = counters.lock();
+    RateView {
+        requests: key.limits.rpm.map(|l| {
+            (
+                l,
+                l.saturating_sub(k.requests.sum(now)),
+                k.requests.until_empty(now),
+            )
+        }),
+        tokens: key.limits.tpm.map(|l| {
+            (
+                l,
+                l.saturating_sub(k.tokens.sum(now)),
+                k.tokens.until_empty(now),
+            )
+        }),
+    }
+}
+
+fn check_tokens(
+    limits: &Limits,
+    state: &mut counters::State,
+    scope: Scope,
+    now: u64,
+    need: u64,
+) -> Result<(), LimitError> {
+    match limits
+        .tpm
+        .map(|tpm| (tpm, state.tokens.wait_for(now, need, tpm)))
+    {
+        None | Some((_, Some(0))) => Ok(()),
+        Some((limit, None)) => Err(LimitError::TooLarge { scope, limit, need }),
+        Some((limit, Some(s))) => Err(LimitError::Limited {
+            kind: LimitKind::Tokens,
+            scope,
+            limit,
+            retry_after: s,
+        }),
+    }
+}
+
+fn check_requests(
+    limits: &Limits,
+    state: &mut counters::State,
+    scope: Scope,
+    now: u64,
+) -> Result<(), LimitError> {
+    if let Some(max) = limits.max_concurrent {
+        if state.inflight >= max {
+            return Err(LimitError::Limited {
+                kind: LimitKind::Concurrency,
+                scope,
+                limit: max,
+                retry_after: 1,
+            });
+        }
+    }
+    if let Some(rpm) = limits.rpm {
+        if let Some(s @ 1..) = state.requests.wait_for(now, 1, rpm) {
+            return Err(LimitError::Limited {
+                kind: LimitKind::Requests,
+                scope,
+                limit: rpm,
+                retry_after: s,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Ticket {
+    /// Replaces the reservation with what the request used. Returns the budget thresholds
+    /// this crossed (each fires once per key and period).
+    pub fn settle(mut self, tokens: u64, nanos: u64, now_ms: i64) -> Vec<Crossed> {
+        self.settled = true;
+        self.release(tokens, nanos, now_ms)
+    }
+
+    fn release(&mut self, tokens: u64, nanos: u64, now_ms: i64) -> Vec<Crossed> {
+        let now = (now_ms / 1000).max(0) as u64;
+        let mut crossed = Vec::new();
+        {
+            let mut k = self.key.lock();
+            k.inflight = k.inflight.saturating_sub(1);
+            k.tokens.settle(now, self.at_sec, self.tokens, tokens);
+            k.spend.reserved = k.spend.reserved.saturating_sub(self.nanos);
+            if let Some(b) = &self.budget {
+                k.roll(b, now_ms);
+                // Spend belongs to the period the request started in, as in the ledger.
+                if k.spend.period_start == self.period_start {
+                    k.spend.spent += nanos;
+                    for (i, &t) in b.alert_at.iter().enumerate() {
+                        let bit = 1u32 << i;
+                        if k.spend.alerted & bit == 0 && k.spend.spent as f64 >= t * b.nanos as f64
+                        {
+                            k.spend.alerted |= bit;
+                            crossed.push(Crossed {
+                                threshold: t,
+                                spent_nanos: k.spend.spent,
+                                budget_nanos: b.nanos,
+                                period_start: k.spend.period_start,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(model) = &self.model {
+            let mut m = model.lock();
+            m.inflight = m.inflight.saturating_sub(1);
+            m.tokens.settle(now, self.at_sec, self.tokens, tokens);
+        }
+        crossed
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Counted at its worst case, at the time it was admitted.
+            let (tokens, nanos, at_ms) = (self.tokens, self.nanos, self.at_sec as i64 * 1000);
+            self.release(tokens, nanos, at_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! Admission and settlement against the rules: exact under concurrency, sliding, settled.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::config;
+
+const NOW: i64 = 1_795_000_000_000;
+
+fn setup(key_extra: &str, model_extra: &str) -> (Arc<Key>, Arc<Model>, Registry) {
+    let text = format!(
+        r#"
+[[pools]]
+name = "p"
+[[models]]
+slug = "m"
+pool = "p"
+price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}
+{model_extra}
+[[keys]]
+id = "k"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+models = ["*"]
+{key_extra}
+"#
+    );
+    let s = config::parse(&text).unwrap();
+    let registry = Registry::build(&s, None);
+    (
+        s.key_by_id("k").unwrap().clone(),
+        s.model("m").unwrap().clone(),
+        registry,
+    )
+}
+
+fn demand(model: &Model, input: u64, output: u64) -> Demand {
+    Demand {
+        input_tokens: input,
+        output_tokens: output,
+        prices: model.token_prices,
+    }
+}
+
+fn try_admit(
+    key: &Key,
+    model: &Model,
+    r: &Registry,
+    d: Demand,
+    now: i64,
+) -> Result<(Ticket, RateView), LimitError> {
+    admit(
+        key,
+        r.key("k").unwrap(),
+        model,
+        r.model("m").unwrap(),
+        d,
+        now,
+    )
+}
+
+#[test]
+fn concurrent_admissions_never_pass_the_budget() {
+    // Worst case per request: 1000 in × $1/M + 1000 out × $2/M = $0.003; $0.0305 fits 10.
+    let (key, model, r) = setup("budget = { usd = 0.0305, period = \"daily\" }", "");
+    let r = Arc::new(r);
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (key, model, r) = (key.clone(), model.clone(), r.clone());
+            std::thread::spawn(move || {
+                try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW)
+                    .ok()
+                    .map(|(t, _)| t)
+            })
+        })
+        .collect();
+    let tickets: Vec<Ticket> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(tickets.len(), 10);
+    for t in tickets {
+        t.settle(2000, 3_000_000, NOW + 1);
+    }
+    let spend = r.key("k").unwrap().spend(key.budget.as_ref(), NOW + 2);
+    assert_eq!((spend.spent, spend.reserved), (30_000_000, 0));
+    let refused = try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW + 3)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            refused,
+            LimitError::Budget {
+                retry_after: Some(_),
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn settling_below_the_reservation_frees_room() {
+    let (key, model, r) = setup("budget = { usd = 0.0035, period = \"total\" }", "");
+    let (t, _) = try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW).unwrap();
+    assert!(try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW).is_err());
+    t.settle(1010, 400_000, NOW);
+    assert!(try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW).is_ok());
+}
+
+#[test]
+fn clamping_lowers_max_tokens_to_what_the_budget_pays_for() {
+    let (key, model, r) = setup(
+        "budget = { usd = 0.002, period = \"daily\", clamp_max_tokens = true }",
+        "",
+    );
+    // $0.002 − 1000 in × $1/M = $0.001 left for output at $2/M: 500 tokens.
+    let (t, _) = try_admit(&key, &model, &r, demand(&model, 1000, 4000), NOW).unwrap();
+    assert_eq!(t.clamped_output, Some(500));
+    drop(t);
+    // The dropped ticket kept its worst case: nothing is left, not even a minimal answer.
+    let e = try_admit(&key, &model, &r, demand(&model, 1000, 4000), NOW)
+        .err()
+        .unwrap();
+    assert!(matches!(e, LimitError::Budget { .. }));
+}
+
+#[test]
+fn rpm_holds_exactly_and_slides() {
+    let (key, model, r) = setup("rpm = 5", "");
+    let mut held = Vec::new();
+    for i in 0..5 {
+        held.push(try_admit(&key, &model, &r, demand(&model, 1, 1), NOW + i * 1000).unwrap());
+    }
+    let e = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW + 5_000)
+        .err()
+        .unwrap();
+    assert_eq!(
+        e,
+        LimitError::Limited {
+            kind: LimitKind::Requests,
+            scope: Scope::Key,
+            limit: 5,
+            retry_after: 55
+        }
+    );
+    assert!(
+        try_admit(&key, &model, &r, demand(&model, 1, 1), NOW + 60_000).is_ok(),
+        "the first request left the window"
+    );
+    let (_, view) = &held[4];
+    assert_eq!(view.requests, Some((5, 0, 60)));
+}
+
+#[test]
+fn tpm_refuses_with_400_what_can_never_fit_and_429_what_can_later() {
+    let (key, model, r) = setup("tpm = 1000", "");
+    assert_eq!(
+        try_admit(&key, &model, &r, demand(&model, 10, 1000), NOW).err(),
+        Some(LimitError::TooLarge {
+            scope: Scope::Key,
+            limit: 1000,
+            need: 1010
+        })
+    );
+    let (t, view) = try_admit(&key, &model, &r, demand(&model, 100, 500), NOW).unwrap();
+    assert_eq!(view.tokens, Some((1000, 400, 60)));
+    assert!(matches!(
+        try_admit(&key, &model, &r, demand(&model, 100, 500), NOW).err(),
+        Some(LimitError::Limited {
+            kind: LimitKind::Tokens,
+            ..
+        })
+    ));
+    t.settle(150, 0, NOW);
+    assert!(
+        try_admit(&key, &model, &r, demand(&model, 100, 500), NOW).is_ok(),
+        "settled with 150 actual tokens"
+    );
+}
+
+#[test]
+fn concurrency_is_per_key_and_per_model() {
+    let (key, model, r) = setup("max_concurrent = 2", "limits = { max_concurrent = 3 }");
+    let a = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW).unwrap();
+    let _b = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW).unwrap();
+    let e = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW)
+        .err()
+        .unwrap();
+    assert!(matches!(
+        e,
+        LimitError::Limited {
+            kind: LimitKind::Concurrency,
+            scope: Scope::Key,
+            limit: 2,
+            ..
+        }
+    ));
+    drop(a);
+    let _c = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW).unwrap();
+    assert_eq!(r.model("m").unwrap().inflight(), 2);
+}
+
+#[test]
+fn each_alert_threshold_crosses_once_per_period() {
+    let (key, model, r) = setup(
+        "budget = { usd = 0.01, period = \"daily\", enforce = false, alert_at = [0.5, 1.0] }",
+        "",
+    );
+    let cost = |n| {
+        let (t, _) = try_admit(&key, &model, &r, demand(&model, 0, 0), NOW).unwrap();
+        t.settle(0, n, NOW)
+    };
+    assert!(cost(4_000_000).is_empty());
+    let crossed = cost(2_000_000);
+    assert_eq!(
+        crossed.iter().map(|c| c.threshold).collect::<Vec<_>>(),
+        vec![0.5]
+    );
+    assert!(cost(1_000_000).is_empty());
+    let crossed = cost(9_000_000);
+    assert_eq!(crossed.len(), 1);
+    assert_eq!(crossed[0].threshold, 1.0);
+    assert!(
+        cost(9_000_000).is_empty(),
+        "a soft budget keeps admitting and alerts once"
+    );
+}
+
+#[test]
+fn a_reload_keeps_counters_of_keys_that_still_exist() {
+    let (key, model, r) = setup("rpm = 1", "");
+    let _t = try_admit(&key, &model, &r, demand(&model, 1, 1), NOW).unwrap();
+    let s = config::parse(
+        "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n[[keys]]\nid = \"k\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmodels = [\"*\"]\nrpm = 2\n",
+    )
+    .unwrap();
+    let r2 = Registry::build(&s, Some(&r));
+    let key2 = s.key_by_id("k").unwrap();
+    assert_eq!(r2.key("k").unwrap().inflight(), 1, "the same counters");
+    assert!(
+        admit(
+            key2,
+            r2.key("k").unwrap(),
+            s.model("m").unwrap(),
+            r2.model("m").unwrap(),
+            demand(&model, 1, 1),
+            NOW
+        )
+        .is_ok(),
+        "the new limit applies at once"
+    );
+}

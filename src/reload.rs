@@ -1,0 +1,100 @@
+//! Config reload without dropping a request: parse and validate the file, build a new runtime
+//! that carries over the counters of keys, models and replicas that still exist, and swap it
+//! in one atomic store. Requests in flight keep the snapshot they started with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config;
+use crate::metrics::Metrics;
+use crate::runtime::Runtime;
+
+pub struct Reloader {
+    path: PathBuf,
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    pub fn new(path: &Path, runtime: Arc<ArcSwap<Runtime>>, metrics: Arc<Metrics>) -> Self {
+        Reloader {
+            path: path.to_path_buf(),
+            runtime,
+            metrics,
+        }
+    }
+
+    /// Reloads now. A file that fails validation is logged and counted, and the running
+    /// config stays. Returns what happened, for the admin API.
+    pub fn reload(&self) -> Result<String, String> {
+        let fresh = match config::load(&self.path) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.observe_reload(false);
+                tracing::error!(error = %e, "config reload refused; keeping the running config");
+                return Err(e.to_string());
+            }
+        };
+        let current = self.runtime.load();
+        let old = &current.config;
+        let mut restart = Vec::new();
+        if fresh.server.listen != old.server.listen {
+            restart.push("server.listen");
+        }
+        if fresh.admin.listen != old.admin.listen {
+            restart.push("admin.listen");
+        }
+        if fresh.server.threads != old.server.threads {
+            restart.push("server.threads");
+        }
+        if fresh.state.dir != old.state.dir || fresh.state.ledger != old.state.ledger {
+            restart.push("state");
+        }
+        let next = Runtime::new(fresh, Some(&current));
+        self.runtime.store(Arc::new(next));
+        self.metrics.observe_reload(true);
+        let note = if restart.is_empty() {
+            "config reloaded".to_string()
+        } else {
+            format!(
+                "config reloaded; changes to {} take effect after a restart",
+                restart.join(", ")
+            )
+        };
+        tracing::info!(restart_needed = ?restart, "{note}");
+        Ok(note)
+    }
+}
+
+/// Reloads on SIGHUP (what `systemctl reload` sends).
+pub struct ReloadOnSignal(pub Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for ReloadOnSignal {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch SIGHUP; reload with POST /admin/reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let _ = self.0.reload();
+                }
+            }
+        }
+    }
+}

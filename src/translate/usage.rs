@@ -1,0 +1,142 @@
+//! The one usage normalizer: token counts as every engine reports them, in one shape.
+//!
+//! Engines differ: cached tokens under `prompt_tokens_details.cached_tokens` (or absent),
+//! reasoning tokens under `completion_tokens_details.reasoning_tokens` (or absent), usage on
+//! every stream chunk (running totals) or only on the last. Cached is a subset of input and
+//! reasoning a subset of output: nothing is ever added twice.
+
+use serde::Deserialize;
+
+use super::scan;
+
+/// Tokens of one request. `cached_input ⊂ input`, `reasoning ⊂ output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+    pub reasoning: u64,
+}
+
+impl Usage {
+    pub fn uncached_input(&self) -> u64 {
+        self.input - self.cached_input
+    }
+
+    pub fn total(&self) -> u64 {
+        self.input + self.output
+    }
+}
+
+/// OpenAI's `usage` object, every field optional as engines omit some.
+#[derive(Debug, Default, Deserialize)]
+pub struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<&OpenAiUsage> for Usage {
+    fn from(u: &OpenAiUsage) -> Self {
+        let input = u.prompt_tokens.unwrap_or(0);
+        let output = u.completion_tokens.unwrap_or(0);
+        let cached = u
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0);
+        let reasoning = u
+            .completion_tokens_details
+            .as_ref()
+            .and_then(|d| d.reasoning_tokens)
+            .unwrap_or(0);
+        // A subset can never exceed its whole; clamp rather than trust a confused engine.
+        Usage {
+            input,
+            cached_input: cached.min(input),
+            output,
+            reasoning: reasoning.min(output),
+        }
+    }
+}
+
+/// Just the `usage` of a chat.completion or chunk; the rest is skipped, not built.
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+}
+
+/// The usage in an OpenAI JSON body or chunk, if it carries a non-null one.
+pub fn usage_of(json: &[u8]) -> Option<Usage> {
+    // Most stream chunks carry no usage, or `"usage": null`: skip parsing them.
+    let start = scan::value_start(json, b"\"usage\"")?;
+    if json.get(start) != Some(&b'{') {
+        return None;
+    }
+    let parsed: WithUsage = serde_json::from_slice(json).ok()?;
+    parsed.usage.as_ref().map(Usage::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_variants_normalise_without_double_counting() {
+        let vllm = br#"{"usage":{"prompt_tokens":117,"completion_tokens":40,"total_tokens":157,"prompt_tokens_details":{"cached_tokens":64},"completion_tokens_details":{"reasoning_tokens":12}}}"#;
+        assert_eq!(
+            usage_of(vllm),
+            Some(Usage {
+                input: 117,
+                cached_input: 64,
+                output: 40,
+                reasoning: 12
+            })
+        );
+        let bare = br#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15}}"#;
+        assert_eq!(
+            usage_of(bare),
+            Some(Usage {
+                input: 10,
+                cached_input: 0,
+                output: 5,
+                reasoning: 0
+            })
+        );
+        let null_details = br#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":null,"completion_tokens_details":null}}"#;
+        assert_eq!(usage_of(null_details).unwrap().cached_input, 0);
+        let confused = br#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":50},"completion_tokens_details":{"reasoning_tokens":9}}}"#;
+        let u = usage_of(confused).unwrap();
+        assert_eq!((u.cached_input, u.reasoning), (10, 5));
+        assert_eq!(u.uncached_input(), 0);
+    }
+
+    #[test]
+    fn chunks_without_usage_are_skipped() {
+        assert_eq!(
+            usage_of(br#"{"choices":[{"delta":{"content":"hi"}}]}"#),
+            None
+        );
+        assert_eq!(usage_of(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_of(b"[DONE]"), None);
+        assert_eq!(usage_of(b"{not json \"usage\""), None);
+    }
+}

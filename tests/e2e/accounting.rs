@@ -1,0 +1,287 @@
+//! Accounting: every token counted once against the replica's ground truth, the usage chunk
+//! removed unless asked for, cut-short requests estimated, the ledger durable across SIGKILL.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn chat(stream: bool, include_usage: bool, tokens: u32) -> Value {
+    let mut b = json!({"model": MODEL, "max_tokens": tokens, "stream": stream,
+        "messages": [{"role": "user", "content": format!("count to {tokens}")}]});
+    if include_usage {
+        b["stream_options"] = json!({"include_usage": true});
+    }
+    b
+}
+
+#[tokio::test]
+async fn ledger_totals_equal_the_replicas_ground_truth() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let mut expected_requests = 0;
+    for (i, (stream, usage)) in [
+        (false, false),
+        (true, false),
+        (true, true),
+        (false, false),
+        (true, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = gw.chat(chat(stream, usage, 3 + i as u32)).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        expected_requests += 1;
+    }
+    for (stream, tokens) in [(false, 4), (true, 6)] {
+        let r = client()
+            .post(gw.url("/v1/messages"))
+            .header("x-api-key", KEY)
+            .json(
+                &json!({"model": MODEL, "max_tokens": tokens, "stream": stream,
+                "messages": [{"role": "user", "content": "Hello there"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        expected_requests += 1;
+    }
+    let stats = sim.stats();
+    let (requests, input, output, estimated) = gw.usage_totals().await;
+    assert_eq!(requests, expected_requests);
+    assert_eq!(estimated, 0);
+    assert_eq!(
+        input,
+        stats.prompt_tokens(),
+        "input tokens match the replica's own count"
+    );
+    assert_eq!(
+        output,
+        stats.completion_tokens(),
+        "output tokens match the replica's own count"
+    );
+
+    let by: Value = gw.usage("bucket=day&by=key,model").await;
+    let row = by["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["requests"].as_u64() > Some(0))
+        .unwrap();
+    assert_eq!(row["key_id"], "team-a");
+    assert_eq!(row["model"], MODEL);
+    // 0.5 $/Mtok input (cached 0.1), 1.5 $/Mtok output; the simulator reports no cached tokens.
+    let cost = (input * 500 + output * 1500 + 500) / 1000;
+    assert_eq!(row["cost_micros"].as_u64().unwrap(), cost);
+}
+
+#[tokio::test]
+async fn the_usage_chunk_is_removed_unless_the_client_asked() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let text = gw.chat(chat(true, false, 3)).await.text().await.unwrap();
+    assert_eq!(
+        sim.stats().last_request().unwrap().body["stream_options"]["include_usage"],
+        true
+    );
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    assert!(
+        !text.contains("\"prompt_tokens\""),
+        "no usage reaches a client that did not ask: {text}"
+    );
+    assert!(data.iter().all(|d| !d.contains("\"choices\":[]")));
+
+    let text = gw.chat(chat(true, true, 3)).await.text().await.unwrap();
+    let data = sse_data(&text);
+    let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test]
+async fn answers_carry_the_clients_model_name() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let v: Value = gw.chat(chat(false, false, 2)).await.json().await.unwrap();
+    assert_eq!(v["model"], MODEL);
+    let text = gw.chat(chat(true, true, 2)).await.text().await.unwrap();
+    for d in sse_data(&text).iter().filter(|d| *d != "[DONE]") {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        assert_eq!(chunk["model"], MODEL, "{d}");
+    }
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_is_billed_as_estimated_from_what_was_relayed() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let mut body = chat(true, false, 50);
+    body["sim"] = json!({"token_delay_ms": 50});
+    let r = gw.chat(body).await;
+    let mut stream = r.bytes_stream();
+    let mut seen = String::new();
+    while seen.matches("\"content\":\"").count() < 4 {
+        seen.push_str(&String::from_utf8_lossy(
+            &stream.next().await.unwrap().unwrap(),
+        ));
+    }
+    drop(stream);
+    assert!(sim.stats().wait_cancelled(1, Duration::from_secs(10)).await);
+    let generated = sim.stats().completion_tokens();
+    // The record is written when tollgate has seen the disconnect; poll the admin API.
+    let mut totals = (0, 0, 0, 0);
+    for _ in 0..200 {
+        totals = gw.usage_totals().await;
+        if totals.0 == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let (requests, input, output, estimated) = totals;
+    assert_eq!((requests, estimated), (1, 1));
+    assert!(input > 0, "input comes from the prompt estimate");
+    assert!(
+        (3..=generated).contains(&output),
+        "output {output} is what was relayed (replica generated {generated})"
+    );
+}
+
+#[tokio::test]
+async fn refused_requests_are_recorded_with_zero_tokens() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = gw
+        .chat(json!({"model": "no/such", "messages": [{"role": "user", "content": "x"}]}))
+        .await;
+    assert_eq!(r.status(), 404);
+    let (requests, input, output, estimated) = gw.usage_totals().await;
+    assert_eq!((requests, input, output, estimated), (2, 0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_at_most_the_last_moments_and_double_counts_nothing() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let url = gw.url("/v1/chat/completions");
+    // Eight clients send requests with their own ids and note when each one completed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (url, stop) = (url.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut done = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("load-{worker}-{i}");
+                let r = c
+                    .post(&url)
+                    .bearer_auth(KEY)
+                    .header("x-request-id", &id)
+                    .json(&hello())
+                    .send()
+                    .await;
+                let Ok(r) = r else { break };
+                if r.status() != 200 || r.bytes().await.is_err() {
+                    break;
+                }
+                done.push((id, std::time::Instant::now()));
+            }
+            done
+        }));
+    }
+    // Let the load run until a few hundred requests completed, then SIGKILL.
+    while sim.stats().completed() < 300 {
+        tokio::task::yield_now().await;
+    }
+    let mut gw = gw;
+    gw.kill();
+    let killed_at = std::time::Instant::now();
+    let gw = gw.restart();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut completed = Vec::new();
+    for t in tasks {
+        completed.extend(t.await.unwrap());
+    }
+    let rows: Value = {
+        let path = gw
+            .config_path()
+            .parent()
+            .unwrap()
+            .join("state")
+            .join("usage.sqlite");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args([
+                "usage",
+                "-c",
+                gw.config_path().to_str().unwrap(),
+                "--bucket",
+                "day",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(path.exists());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let recorded: u64 = rows["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap())
+        .sum();
+    let ids = ledger_request_ids(&gw);
+    assert_eq!(ids.len() as u64, recorded, "no request is counted twice");
+    // Every request that completed well before the kill (100 ms) is in the ledger.
+    let window = Duration::from_millis(100);
+    let missing: Vec<_> = completed
+        .iter()
+        .filter(|(id, at)| killed_at.duration_since(*at) > window && !ids.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} of {} completed requests",
+        missing.len(),
+        completed.len()
+    );
+    assert!(
+        recorded as usize <= completed.len() + 8,
+        "at most the in-flight ones beyond completions"
+    );
+}
+
+/// Request ids in the ledger, read straight from the SQLite file.
+fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
+    let db = gw
+        .config_path()
+        .parent()
+        .unwrap()
+        .join("state")
+        .join("usage.sqlite");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn.prepare("SELECT request_id FROM usage").unwrap();
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+    ids.map(Result::unwrap).collect()
+}

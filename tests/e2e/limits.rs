@@ -1,0 +1,321 @@
+//! Limits and budgets through the real server: exact under concurrency, headers in both
+//! dialects, 402/429 bodies, durable spend, counters kept across reloads, alerts once.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// The standard config with `key_extra` lines added to team-a's `[[keys]]` entry.
+fn config_with(sim: &SimReplica, key_extra: &str) -> String {
+    standard_config(&[sim.addr()], "").replacen(
+        "models = [\"*\"]\n",
+        &format!("models = [\"*\"]\n{key_extra}\n"),
+        1,
+    )
+}
+
+/// 6 prompt tokens ("Hello") and `max_tokens`: worst case 6 × $0.5/M + n × $1.5/M.
+fn ask(max_tokens: u32) -> Value {
+    json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_admits_exactly_what_fits_under_64_concurrent_requests() {
+    let sim = sim().await;
+    // Worst case per request: 6 × 500 + 1000 × 1500 nano-dollars = $0.001503; room for 10.5.
+    let gw = Gateway::start(&config_with(
+        &sim,
+        "budget = { usd = 0.0157815, period = \"monthly\" }",
+    ));
+    let mut body = ask(1000);
+    body["sim"] = json!({"ttft_ms": 400});
+    let calls = (0..64).map(|_| gw.chat(body.clone()));
+    let responses = futures_util::future::join_all(calls).await;
+    let ok = responses.iter().filter(|r| r.status() == 200).count();
+    let refused: Vec<_> = responses
+        .into_iter()
+        .filter(|r| r.status() == 402)
+        .collect();
+    assert_eq!((ok, refused.len()), (10, 54));
+    let e: Value = refused.into_iter().next().unwrap().json().await.unwrap();
+    assert_eq!(e["error"]["code"], "budget_exceeded");
+    assert!(e["error"]["message"].as_str().unwrap().contains("team-a"));
+
+    let spent: u64 = gw.usage("bucket=day").await["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cost_micros"].as_u64().unwrap())
+        .sum();
+    assert!(
+        spent <= 15_782,
+        "the ledger never shows spend above the budget: {spent} µ$"
+    );
+    let key: Value = client()
+        .get(gw.admin_url("/admin/keys/team-a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(key["budget"]["reserved_usd"], 0.0);
+    assert!(key["budget"]["spent_usd"].as_f64().unwrap() <= 0.0157815);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_holds_exactly_under_concurrency_and_429_says_when_to_retry() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, "rpm = 5"));
+    let responses = futures_util::future::join_all((0..20).map(|_| gw.chat(ask(4)))).await;
+    assert_eq!(responses.iter().filter(|r| r.status() == 200).count(), 5);
+    let limited = responses.into_iter().find(|r| r.status() == 429).unwrap();
+    let retry: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(limited.headers()["x-ratelimit-remaining-requests"], "0");
+    let e: Value = limited.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_requests");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("5 requests per minute"));
+}
+
+#[tokio::test]
+async fn headers_count_down_in_both_dialects() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, "rpm = 3\ntpm = 10000"));
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let r = gw.chat(ask(10)).await;
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        assert_eq!(h["x-ratelimit-limit-requests"], "3");
+        assert_eq!(h["anthropic-ratelimit-requests-limit"], "3");
+        assert_eq!(
+            h["x-ratelimit-remaining-requests"],
+            h["anthropic-ratelimit-requests-remaining"]
+        );
+        assert!(h["anthropic-ratelimit-requests-reset"]
+            .to_str()
+            .unwrap()
+            .ends_with('Z'));
+        assert_eq!(h["x-ratelimit-limit-tokens"], "10000");
+        remaining.push(
+            h["x-ratelimit-remaining-requests"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", KEY)
+        .json(&json!({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "Hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+}
+
+#[tokio::test]
+async fn a_request_that_can_never_fit_the_tpm_gets_400_not_429() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, "tpm = 1000"));
+    let r = gw.chat(ask(5000)).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "max_tokens_too_large");
+    assert_eq!(e["error"]["param"], "max_tokens");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Lower max_tokens"));
+    assert_eq!(gw.chat(ask(500)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn budget_402_in_the_anthropic_dialect_and_clamping() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(
+        &sim,
+        "budget = { usd = 0.0001, period = \"daily\", clamp_max_tokens = true }",
+    ));
+    // $0.0001 pays 6 prompt tokens and 64 output tokens at $1.5/M (rounded down).
+    let r = gw.chat(ask(4000)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-max-tokens-clamped"], "64");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 64);
+    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 64);
+    let r = client()
+        .post(gw.url("/v1/messages"))
+        .header("x-api-key", KEY)
+        .json(&json!({"model": MODEL, "max_tokens": 4000, "messages": [{"role": "user", "content": "Hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "billing_error");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_spend_and_a_reload_keeps_counters() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(
+        &sim,
+        "rpm = 4\nbudget = { usd = 0.01, period = \"monthly\" }",
+    ));
+    for _ in 0..2 {
+        assert_eq!(gw.chat(ask(100)).await.status(), 200);
+    }
+    let before: Value = client()
+        .get(gw.admin_url("/admin/keys/team-a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let spent = before["budget"]["spent_usd"].as_f64().unwrap();
+    assert!(spent > 0.0);
+    assert_eq!(before["usage"]["requests_last_minute"], 2);
+
+    // Reload with a new limit value: the window is kept, the new limit applies at once.
+    let path = gw.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, original.replace("rpm = 4", "rpm = 3")).unwrap();
+    let r = client()
+        .post(gw.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.chat(ask(100)).await.status(), 200);
+    assert_eq!(
+        gw.chat(ask(100)).await.status(),
+        429,
+        "3 requests in the window with rpm = 3"
+    );
+
+    // A config that fails validation is refused and the running one stays.
+    std::fs::write(&path, "[[pools]]\nname = 1\n").unwrap();
+    let r = client()
+        .post(gw.admin_url("/admin/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    std::fs::write(&path, original).unwrap();
+    let spent_before_kill: f64 = {
+        let v: Value = client()
+            .get(gw.admin_url("/admin/keys/team-a"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["budget"]["spent_usd"].as_f64().unwrap()
+    };
+    // Let the writer catch up, then kill without warning.
+    gw.usage("bucket=day").await;
+    let gw = gw.kill_and_restart();
+    let after: Value = client()
+        .get(gw.admin_url("/admin/keys/team-a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        after["budget"]["spent_usd"].as_f64().unwrap(),
+        spent_before_kill,
+        "spend rebuilt from the ledger"
+    );
+}
+
+#[tokio::test]
+async fn a_soft_budget_alerts_once_per_threshold_with_a_signed_webhook() {
+    let sim = sim().await;
+    let hook = WebhookSink::start().await;
+    let config = format!(
+        "[alerts]\nwebhook_url = \"http://{}/hook\"\nwebhook_secret_env = \"TG_TEST_HOOK_SECRET\"\n\n{}",
+        hook.addr,
+        config_with(&sim, "budget = { usd = 0.000005, period = \"daily\", enforce = false, alert_at = [0.5, 1.0] }")
+    );
+    let gw = Gateway::try_start_with_env(&config, &[("TG_TEST_HOOK_SECRET", "s3cret")]).unwrap();
+    // Each request costs 6 × $0.5/M + 4 × $1.5/M = $0.000009: both thresholds at once.
+    for _ in 0..3 {
+        assert_eq!(
+            gw.chat(ask(4)).await.status(),
+            200,
+            "a soft budget never refuses"
+        );
+    }
+    let mut alerts = Vec::new();
+    for _ in 0..2 {
+        alerts.push(
+            hook.next(Duration::from_secs(10))
+                .await
+                .expect("an alert arrives"),
+        );
+    }
+    for (headers, body) in &alerts {
+        let sig = headers
+            .get("x-tollgate-signature")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(
+            sig,
+            tollgate::alerts::sign("s3cret", body),
+            "the signature verifies"
+        );
+    }
+    let mut thresholds: Vec<f64> = alerts
+        .iter()
+        .map(|(_, b)| {
+            serde_json::from_str::<Value>(b).unwrap()["threshold"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    // Each alert is delivered on its own; they may arrive in either order.
+    thresholds.sort_by(f64::total_cmp);
+    assert_eq!(thresholds, [0.5, 1.0]);
+    gw.usage("bucket=day").await;
+    let gw = gw.kill_and_restart();
+    assert_eq!(gw.chat(ask(4)).await.status(), 200);
+    assert!(
+        hook.next(Duration::from_millis(1500)).await.is_none(),
+        "a restart does not fire an alert twice"
+    );
+    let metrics = client()
+        .get(gw.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_budget_spent_usd{key=\"team-a\"}"),
+        "{metrics}"
+    );
+}
