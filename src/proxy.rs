@@ -17,6 +17,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::prelude::*;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
@@ -74,6 +75,11 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         self.metrics.inflight.inc();
+        // tollgate watches the client while a replica works, to cancel on disconnect; a
+        // client's next request arriving meanwhile must be kept for it, not lost.
+        if let ServerSession::H1(h1) = session.as_downstream_mut() {
+            h1.set_pipelining_enabled(true);
+        }
         let runtime = self.runtime.load_full();
         accept(session, ctx, &runtime);
         match self.serve(session, ctx, &runtime).await {

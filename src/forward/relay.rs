@@ -70,11 +70,14 @@ async fn pump(
     deadline: Instant,
 ) -> Result<(Relayed, bool), ForwardError> {
     let status = upstream.status.as_u16();
+    // Bytes of a Content-Length body still to send; `None` for other framings.
+    let mut unsent: Option<u64> = None;
     if status >= 400 {
         ctx.error = Some("upstream_status");
     }
     if transcoder.streams() {
         let header = response_header(upstream, transcoder, ctx, None).map_err(|e| broken(&e))?;
+        unsent = content_length(&header);
         ctx.status = status;
         if session
             .write_response_header(Box::new(header), false)
@@ -87,13 +90,20 @@ async fn pump(
 
     loop {
         let read_deadline = deadline.min(Instant::now() + idle);
-        let read = tokio::select! {
-            r = timeout_at(read_deadline, up.read_response_body()) => r,
-            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+        // Once a Content-Length body is all sent, the client may already send its next
+        // request on the connection: stop watching it, or the probe would eat that request.
+        let read = if unsent == Some(0) {
+            timeout_at(read_deadline, up.read_response_body()).await
+        } else {
+            tokio::select! {
+                r = timeout_at(read_deadline, up.read_response_body()) => r,
+                _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+            }
         };
         let failure = match read {
             Ok(Ok(Some(chunk))) => match transcoder.on_chunk(chunk) {
                 Ok(Some(out)) => {
+                    unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
                     if session.write_response_body(Some(out), false).await.is_err() {
                         return Err(ForwardError::ClientGone);
                     }
@@ -149,6 +159,13 @@ async fn pump(
         return Err(ForwardError::ClientGone);
     }
     Ok((Relayed::Complete, up.response_done()))
+}
+
+fn content_length(h: &ResponseHeader) -> Option<u64> {
+    h.headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 async fn finish_stream(session: &mut Session, tail: Bytes) -> pingora::Result<()> {

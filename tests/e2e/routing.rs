@@ -162,3 +162,37 @@ async fn unknown_routes_and_methods_get_json_errors() {
         "method_not_allowed"
     );
 }
+
+// Blocking socket I/O below: the replica needs a runtime thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    use std::io::{Read, Write};
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let body = hello().to_string();
+    let one = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = std::net::TcpStream::connect(gw.public).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // Both requests in one write: the second is already waiting while the first is served.
+    s.write_all(format!("{one}{one}").as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200")
+        .count()
+        < 2
+    {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(sim.stats().requests(), 2);
+}
