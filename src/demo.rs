@@ -126,7 +126,7 @@ Python (pip install openai):
 
 Python (pip install anthropic):
   import anthropic
-  client = anthropic.Anthropic(base_url="{root}", api_key="{key}")
+  client = anthropic.Anthropic(base_url="http://{root}", api_key="{key}")
   print(client.messages.create(model="{REASONING_MODEL}", max_tokens=64,
         messages=[{{"role": "user", "content": "Hello!"}}]).content[-1].text)
 
@@ -134,7 +134,7 @@ Usage so far:  curl -s 'http://{admin}/admin/usage?bucket=hour&by=model'
 
 Stop with Ctrl-C."#,
         admin = bound.admin,
-        root = format!("http://{}", bound.public),
+        root = bound.public,
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();

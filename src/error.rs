@@ -99,7 +99,8 @@ impl GatewayError {
             404 => "not_found_error",
             413 => "request_too_large",
             429 => "rate_limit_error",
-            503 => "overloaded_error",
+            503 | 529 => "overloaded_error",
+            504 => "timeout_error",
             400..=499 => "invalid_request_error",
             _ => "api_error",
         }
