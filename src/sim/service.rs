@@ -165,7 +165,11 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
     // One sleep for the whole generation: the first token after `ttft`, then one per delay.
     let tokens = generation.completion_tokens();
     let later = u32::try_from(tokens.saturating_sub(1)).unwrap_or(u32::MAX);
-    tokio::time::sleep(scenario.ttft + scenario.token_delay.saturating_mul(later)).await;
+    let generation_time = scenario.ttft + scenario.token_delay.saturating_mul(later);
+    // A zero sleep still waits for a timer tick (about a millisecond): skip it.
+    if !generation_time.is_zero() {
+        tokio::time::sleep(generation_time).await;
+    }
     let body = wire::completion(&env, &generation, request.prompt_tokens);
     stats.add_usage(request.prompt_tokens, tokens);
     stats.response_completed();
