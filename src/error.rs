@@ -92,18 +92,7 @@ impl GatewayError {
 
     /// Anthropic's `error.type`, decided by the status as the Anthropic API does.
     pub fn anthropic_type(&self) -> &'static str {
-        match self.status() {
-            401 => "authentication_error",
-            402 => "billing_error",
-            403 => "permission_error",
-            404 => "not_found_error",
-            413 => "request_too_large",
-            429 => "rate_limit_error",
-            503 | 529 => "overloaded_error",
-            504 => "timeout_error",
-            400..=499 => "invalid_request_error",
-            _ => "api_error",
-        }
+        crate::translate::anthropic::error_type_for_status(self.status())
     }
 
     /// A stable, low-cardinality code: OpenAI's `error.code` and the metric label.
