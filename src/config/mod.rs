@@ -2,6 +2,7 @@
 //!
 //! One function, [`load`], serves startup, `tollgate check` and (later) reload.
 
+mod limits;
 mod raw;
 mod snapshot;
 mod validate;
