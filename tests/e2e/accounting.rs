@@ -272,6 +272,27 @@ async fn sigkill_under_load_loses_at_most_the_last_moments_and_double_counts_not
     );
 }
 
+#[tokio::test]
+async fn a_graceful_stop_writes_every_record_before_exiting() {
+    let sim = sim().await;
+    let mut gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    for i in 0..20 {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("x-request-id", format!("stop-{i}"))
+            .json(&hello())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // SIGTERM straight after the last answer: the writer's pending window must be flushed.
+    gw.stop();
+    let ids = ledger_request_ids(&gw);
+    assert_eq!(ids.len(), 20, "{ids:?}");
+}
+
 /// Request ids in the ledger, read straight from the SQLite file.
 fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
     let db = gw

@@ -87,6 +87,20 @@ async fn rpm_holds_exactly_under_concurrency_and_429_says_when_to_retry() {
         .contains("5 requests per minute"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_holds_exactly_under_concurrency() {
+    let sim = sim().await;
+    // Each request reserves 6 prompt + 100 output tokens: 1000 tokens per minute fit 9.
+    let gw = Gateway::start(&config_with(&sim, "tpm = 1000"));
+    let mut body = ask(100);
+    body["sim"] = json!({"ttft_ms": 300});
+    let responses = futures_util::future::join_all((0..30).map(|_| gw.chat(body.clone()))).await;
+    assert_eq!(responses.iter().filter(|r| r.status() == 200).count(), 9);
+    let limited = responses.iter().find(|r| r.status() == 429).unwrap();
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(limited.headers()["x-ratelimit-limit-tokens"], "1000");
+}
+
 #[tokio::test]
 async fn headers_count_down_in_both_dialects() {
     let sim = sim().await;
