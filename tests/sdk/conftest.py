@@ -226,5 +226,5 @@ def make_anthropic(gateway):
 
 
 @pytest.fixture(scope="session")
-def claude(make_anthropic):
+def anthropic_client(make_anthropic):
     return make_anthropic(KEY)

@@ -23,8 +23,8 @@ def ask(text="Hello"):
     return [{"role": "user", "content": text}]
 
 
-def test_messages_create_returns_a_typed_message(claude):
-    m = claude.messages.create(model=MODEL, max_tokens=5, messages=ask())
+def test_messages_create_returns_a_typed_message(anthropic_client):
+    m = anthropic_client.messages.create(model=MODEL, max_tokens=5, messages=ask())
     assert m.id.startswith("msg_")
     assert m.role == "assistant"
     assert m.model == MODEL
@@ -35,8 +35,8 @@ def test_messages_create_returns_a_typed_message(claude):
     assert m.usage.input_tokens > 0
 
 
-def test_a_natural_end_is_end_turn_and_system_prompts_work(claude):
-    m = claude.messages.create(
+def test_a_natural_end_is_end_turn_and_system_prompts_work(anthropic_client):
+    m = anthropic_client.messages.create(
         model=MODEL,
         max_tokens=50,
         system="Be brief.",
@@ -47,8 +47,8 @@ def test_a_natural_end_is_end_turn_and_system_prompts_work(claude):
     assert m.content[0].text == "The quick brown"
 
 
-def test_messages_stream_gives_text_final_message_and_usage(claude):
-    with claude.messages.stream(model=MODEL, max_tokens=6, messages=ask()) as stream:
+def test_messages_stream_gives_text_final_message_and_usage(anthropic_client):
+    with anthropic_client.messages.stream(model=MODEL, max_tokens=6, messages=ask()) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == "The quick brown fox jumps over"
@@ -58,15 +58,15 @@ def test_messages_stream_gives_text_final_message_and_usage(claude):
     assert final.usage.input_tokens > 0
 
 
-def test_tool_use_round_trip(claude):
-    first = claude.messages.create(
+def test_tool_use_round_trip(anthropic_client):
+    first = anthropic_client.messages.create(
         model=MODEL, max_tokens=64, tools=[WEATHER], messages=ask("Weather in Paris?")
     )
     assert first.stop_reason == "tool_use"
     call = next(b for b in first.content if b.type == "tool_use")
     assert call.name == "get_weather"
     assert call.input == {"city": "sim"}
-    second = claude.messages.create(
+    second = anthropic_client.messages.create(
         model=MODEL,
         max_tokens=8,
         tools=[WEATHER],
@@ -83,8 +83,8 @@ def test_tool_use_round_trip(claude):
     assert second.stop_reason in ("end_turn", "max_tokens")
 
 
-def test_a_streamed_tool_call_ends_with_tool_use(claude):
-    with claude.messages.stream(
+def test_a_streamed_tool_call_ends_with_tool_use(anthropic_client):
+    with anthropic_client.messages.stream(
         model=MODEL, max_tokens=64, tools=[WEATHER], messages=ask("Weather?")
     ) as stream:
         final = stream.get_final_message()
@@ -93,9 +93,9 @@ def test_a_streamed_tool_call_ends_with_tool_use(claude):
     assert call.input == {"city": "sim"}
 
 
-def test_count_tokens(claude):
-    short = claude.messages.count_tokens(model=MODEL, messages=ask("Hello"))
-    long = claude.messages.count_tokens(model=MODEL, messages=ask("Hello " * 400))
+def test_count_tokens(anthropic_client):
+    short = anthropic_client.messages.count_tokens(model=MODEL, messages=ask("Hello"))
+    long = anthropic_client.messages.count_tokens(model=MODEL, messages=ask("Hello " * 400))
     assert 0 < short.input_tokens < long.input_tokens
 
 
@@ -106,22 +106,22 @@ def test_a_wrong_key_is_an_authentication_error(make_anthropic):
     assert e.value.body["error"]["type"] == "authentication_error"
 
 
-def test_an_unknown_model_is_not_found(claude):
+def test_an_unknown_model_is_not_found(anthropic_client):
     with pytest.raises(anthropic.NotFoundError) as e:
-        claude.messages.create(model="no/such-model", max_tokens=5, messages=ask())
+        anthropic_client.messages.create(model="no/such-model", max_tokens=5, messages=ask())
     assert e.value.body["error"]["type"] == "not_found_error"
 
 
-def test_an_oversized_body_is_413(claude):
+def test_an_oversized_body_is_413(anthropic_client):
     with pytest.raises(anthropic.APIStatusError) as e:
-        claude.messages.create(model=MODEL, max_tokens=5, messages=ask("x" * (MAX_BODY_BYTES + 1)))
+        anthropic_client.messages.create(model=MODEL, max_tokens=5, messages=ask("x" * (MAX_BODY_BYTES + 1)))
     assert e.value.status_code == 413
     assert e.value.body["error"]["type"] == "request_too_large"
 
 
-def test_a_replica_error_arrives_in_anthropic_shape(claude):
+def test_a_replica_error_arrives_in_anthropic_shape(anthropic_client):
     with pytest.raises(anthropic.InternalServerError) as e:
-        claude.messages.create(
+        anthropic_client.messages.create(
             model=MODEL, max_tokens=5, messages=ask(), extra_body={"sim": {"fail_status": 500}}
         )
     assert e.value.body["type"] == "error"
