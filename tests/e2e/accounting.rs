@@ -39,16 +39,12 @@ async fn ledger_totals_equal_the_replicas_ground_truth() {
         expected_requests += 1;
     }
     for (stream, tokens) in [(false, 4), (true, 6)] {
-        let r = client()
-            .post(gw.url("/v1/messages"))
-            .header("x-api-key", KEY)
-            .json(
-                &json!({"model": MODEL, "max_tokens": tokens, "stream": stream,
+        let r = gw
+            .messages(
+                json!({"model": MODEL, "max_tokens": tokens, "stream": stream,
                 "messages": [{"role": "user", "content": "Hello there"}]}),
             )
-            .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         expected_requests += 1;

@@ -5,17 +5,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-async fn messages(gw: &Gateway, body: Value) -> reqwest::Response {
-    client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", KEY)
-        .header("anthropic-version", "2023-06-01")
-        .json(&body)
-        .send()
-        .await
-        .expect("request reaches tollgate")
-}
-
 fn ask(max_tokens: u32) -> Value {
     json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
 }
@@ -48,7 +37,7 @@ async fn a_message_is_translated_both_ways() {
     body["temperature"] = json!(0.5);
     body["stop_sequences"] = json!(["zebra"]);
     body["metadata"] = json!({"user_id": "u-1"});
-    let r = messages(&gw, body).await;
+    let r = gw.messages(body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("request-id"));
     let m: Value = r.json().await.unwrap();
@@ -84,13 +73,13 @@ async fn stop_reasons_map_to_anthropic_ones() {
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
     let mut body = ask(50);
     body["sim"] = json!({"tokens": 3});
-    let m: Value = messages(&gw, body).await.json().await.unwrap();
+    let m: Value = gw.messages(body).await.json().await.unwrap();
     assert_eq!(m["stop_reason"], "end_turn");
     assert_eq!(m["stop_sequence"], Value::Null);
 
     let mut body = ask(50);
     body["stop_sequences"] = json!(["fox"]);
-    let m: Value = messages(&gw, body).await.json().await.unwrap();
+    let m: Value = gw.messages(body).await.json().await.unwrap();
     assert_eq!(m["stop_reason"], "stop_sequence");
     assert_eq!(m["stop_sequence"], "fox");
 }
@@ -107,7 +96,7 @@ async fn tool_use_round_trip() {
     let mut body = ask(64);
     body["tools"] = weather_tool();
     body["tool_choice"] = json!({"type": "any", "disable_parallel_tool_use": true});
-    let m: Value = messages(&gw, body.clone()).await.json().await.unwrap();
+    let m: Value = gw.messages(body.clone()).await.json().await.unwrap();
     assert_eq!(m["stop_reason"], "tool_use", "{m}");
     let call = m["content"]
         .as_array()
@@ -132,7 +121,7 @@ async fn tool_use_round_trip() {
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "sunny"}]}
     ]);
     body["tool_choice"] = json!({"type": "auto"});
-    let m: Value = messages(&gw, body).await.json().await.unwrap();
+    let m: Value = gw.messages(body).await.json().await.unwrap();
     assert_eq!(m["content"][0]["type"], "text", "{m}");
     let up = sim.stats().last_request().unwrap().body;
     let msgs = up["messages"].as_array().unwrap();
@@ -148,7 +137,7 @@ async fn a_stream_has_the_exact_anthropic_event_order() {
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
     let mut body = ask(4);
     body["stream"] = json!(true);
-    let r = messages(&gw, body).await;
+    let r = gw.messages(body).await;
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
         .to_str()
@@ -203,7 +192,7 @@ async fn a_streamed_tool_call_sends_input_json_deltas_and_ends_with_tool_use() {
     let mut body = ask(64);
     body["stream"] = json!(true);
     body["tools"] = weather_tool();
-    let evs = events(&messages(&gw, body).await.text().await.unwrap());
+    let evs = events(&gw.messages(body).await.text().await.unwrap());
     let start = evs
         .iter()
         .find(|(n, d)| n == "content_block_start" && d["content_block"]["type"] == "tool_use")
@@ -236,14 +225,14 @@ async fn thinking_is_switched_on_upstream_and_streamed_as_thinking_blocks() {
     let mut body = ask(12);
     body["thinking"] = json!({"type": "enabled", "budget_tokens": 1024});
     body["sim"] = json!({"reasoning_tokens": 3});
-    let m: Value = messages(&gw, body.clone()).await.json().await.unwrap();
+    let m: Value = gw.messages(body.clone()).await.json().await.unwrap();
     assert_eq!(m["content"][0]["type"], "thinking", "{m}");
     assert_eq!(m["content"][1]["type"], "text");
     let up = sim.stats().last_request().unwrap().body;
     assert_eq!(up["chat_template_kwargs"]["enable_thinking"], true);
 
     body["stream"] = json!(true);
-    let evs = events(&messages(&gw, body).await.text().await.unwrap());
+    let evs = events(&gw.messages(body).await.text().await.unwrap());
     let blocks: Vec<&str> = evs
         .iter()
         .filter(|(n, _)| n == "content_block_start")
@@ -308,7 +297,7 @@ async fn errors_use_the_anthropic_shape() {
         ),
     ];
     for (body, status, kind, mention) in cases {
-        let r = messages(&gw, body.clone()).await;
+        let r = gw.messages(body.clone()).await;
         assert_eq!(r.status(), status, "{body}");
         let e: Value = r.json().await.unwrap();
         assert_eq!(e["type"], "error");
@@ -327,7 +316,7 @@ async fn upstream_errors_are_translated_not_leaked_in_openai_shape() {
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
     let mut body = ask(5);
     body["sim"] = json!({"fail_status": 500});
-    let r = messages(&gw, body).await;
+    let r = gw.messages(body).await;
     assert_eq!(r.status(), 500);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["type"], "error");
@@ -345,7 +334,7 @@ async fn a_replica_failing_mid_stream_ends_it_with_an_error_event() {
     let mut body = ask(10);
     body["stream"] = json!(true);
     body["sim"] = json!({"reset_after": 2});
-    let r = messages(&gw, body).await;
+    let r = gw.messages(body).await;
     assert_eq!(r.status(), 200);
     let evs = events(&r.text().await.expect("the stream ends cleanly"));
     let (name, data) = evs.last().unwrap();

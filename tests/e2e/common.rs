@@ -201,6 +201,38 @@ impl Gateway {
         self.dir.path().join("tollgate.toml")
     }
 
+    /// A POST of `body` to the Anthropic Messages endpoint with `KEY` in `x-api-key`.
+    pub async fn messages(&self, body: serde_json::Value) -> reqwest::Response {
+        client()
+            .post(self.url("/v1/messages"))
+            .header("x-api-key", KEY)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .expect("request reaches tollgate")
+    }
+
+    /// `GET /admin/keys/{id}` as JSON: live use against the key's limits and budget.
+    pub async fn key_state(&self, id: &str) -> serde_json::Value {
+        let r = client()
+            .get(self.admin_url(&format!("/admin/keys/{id}")))
+            .send()
+            .await
+            .expect("admin answers");
+        r.json().await.expect("key state is JSON")
+    }
+
+    /// `POST /admin/reload`; the status it answers.
+    pub async fn reload(&self) -> u16 {
+        let r = client()
+            .post(self.admin_url("/admin/reload"))
+            .send()
+            .await
+            .expect("admin answers");
+        r.status().as_u16()
+    }
+
     /// `GET /admin/usage?{query}` as JSON.
     pub async fn usage(&self, query: &str) -> serde_json::Value {
         let r = client()

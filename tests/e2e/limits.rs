@@ -53,14 +53,7 @@ async fn a_budget_admits_exactly_what_fits_under_64_concurrent_requests() {
         spent <= 15_782,
         "the ledger never shows spend above the budget: {spent} µ$"
     );
-    let key: Value = client()
-        .get(gw.admin_url("/admin/keys/team-a"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let key: Value = gw.key_state("team-a").await;
     assert_eq!(key["budget"]["reserved_usd"], 0.0);
     assert!(key["budget"]["spent_usd"].as_f64().unwrap() <= 0.0157815);
 }
@@ -129,13 +122,7 @@ async fn headers_count_down_in_both_dialects() {
         );
     }
     assert_eq!(remaining, ["2", "1", "0"]);
-    let r = client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", KEY)
-        .json(&json!({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "Hello"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.messages(json!({"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "Hello"}]})).await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
     let e: Value = r.json().await.unwrap();
@@ -173,13 +160,7 @@ async fn budget_402_in_the_anthropic_dialect_and_clamping() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 64);
     assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 64);
-    let r = client()
-        .post(gw.url("/v1/messages"))
-        .header("x-api-key", KEY)
-        .json(&json!({"model": MODEL, "max_tokens": 4000, "messages": [{"role": "user", "content": "Hello"}]}))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.messages(json!({"model": MODEL, "max_tokens": 4000, "messages": [{"role": "user", "content": "Hello"}]})).await;
     assert_eq!(r.status(), 402);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["type"], "error");
@@ -196,14 +177,7 @@ async fn a_restart_keeps_spend_and_a_reload_keeps_counters() {
     for _ in 0..2 {
         assert_eq!(gw.chat(ask(100)).await.status(), 200);
     }
-    let before: Value = client()
-        .get(gw.admin_url("/admin/keys/team-a"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let before: Value = gw.key_state("team-a").await;
     let spent = before["budget"]["spent_usd"].as_f64().unwrap();
     assert!(spent > 0.0);
     assert_eq!(before["usage"]["requests_last_minute"], 2);
@@ -212,12 +186,7 @@ async fn a_restart_keeps_spend_and_a_reload_keeps_counters() {
     let path = gw.config_path();
     let original = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, original.replace("rpm = 4", "rpm = 3")).unwrap();
-    let r = client()
-        .post(gw.admin_url("/admin/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(gw.reload().await, 200);
     assert_eq!(gw.chat(ask(100)).await.status(), 200);
     assert_eq!(
         gw.chat(ask(100)).await.status(),
@@ -227,36 +196,17 @@ async fn a_restart_keeps_spend_and_a_reload_keeps_counters() {
 
     // A config that fails validation is refused and the running one stays.
     std::fs::write(&path, "[[pools]]\nname = 1\n").unwrap();
-    let r = client()
-        .post(gw.admin_url("/admin/reload"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
+    assert_eq!(gw.reload().await, 400);
 
     std::fs::write(&path, original).unwrap();
     let spent_before_kill: f64 = {
-        let v: Value = client()
-            .get(gw.admin_url("/admin/keys/team-a"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = gw.key_state("team-a").await;
         v["budget"]["spent_usd"].as_f64().unwrap()
     };
     // Let the writer catch up, then kill without warning.
     gw.usage("bucket=day").await;
     let gw = gw.kill_and_restart();
-    let after: Value = client()
-        .get(gw.admin_url("/admin/keys/team-a"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: Value = gw.key_state("team-a").await;
     assert_eq!(
         after["budget"]["spent_usd"].as_f64().unwrap(),
         spent_before_kill,
