@@ -5,7 +5,7 @@
 use crate::account::{self, Ledger};
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
-use crate::limits;
+use crate::limits::{self, Settlement};
 use crate::metrics::Metrics;
 
 pub fn record(
@@ -85,14 +85,14 @@ fn settle_limits(
         return;
     };
     let now = limits::now_ms();
-    let crossed = ticket.settle(settled.usage.total(), settled.cost_nanos, now);
-    let (Some(runtime), Some(key)) = (&ctx.runtime, &ctx.key) else {
+    let Settlement { spend, crossed } =
+        ticket.settle(settled.usage.total(), settled.cost_nanos, now);
+    let (Some(runtime), Some(budget)) = (
+        &ctx.runtime,
+        ctx.key.as_ref().and_then(|k| k.budget.as_ref()),
+    ) else {
         return;
     };
-    let (Some(budget), Some(counters)) = (&key.budget, runtime.limits.key(key_id)) else {
-        return;
-    };
-    let spend = counters.spend(Some(budget), now);
     metrics.observe_budget(
         key_id,
         spend.spent,

@@ -4,6 +4,8 @@
 
 mod observe;
 mod relay;
+
+use relay::Ending;
 mod transcode;
 
 use std::net::SocketAddr;
@@ -137,7 +139,7 @@ impl Upstream {
             }
         }
         ctx.first_byte = Some(ctx.started.elapsed());
-        let (relayed, reusable) = relay::relay(
+        let ending = relay::relay(
             session,
             ctx,
             &mut up,
@@ -148,14 +150,22 @@ impl Upstream {
         )
         .await?;
         let peer = lease.replica().peer();
-        if reusable {
-            self.connector
-                .release_http_session(up, peer, peer.options.idle_timeout)
-                .await;
-        } else {
-            up.shutdown().await;
+        match ending {
+            Ending::Written(relayed) => {
+                up.shutdown().await;
+                Ok(relayed)
+            }
+            Ending::Pending { header, tail } => {
+                if up.response_done() {
+                    self.connector
+                        .release_http_session(up, peer, peer.options.idle_timeout)
+                        .await;
+                } else {
+                    up.shutdown().await;
+                }
+                relay::deliver(session, header, tail).await
+            }
         }
-        Ok(relayed)
     }
 
     /// Connects to the lease's replica and sends the whole request. A stale pooled connection

@@ -38,7 +38,7 @@ pub(super) async fn relay(
     inter_token: Option<Histogram>,
     idle: Duration,
     deadline: Instant,
-) -> Result<(Relayed, bool), ForwardError> {
+) -> Result<Ending, ForwardError> {
     let Some(upstream) = up.response_header() else {
         return Err(ForwardError::Broken {
             detail: "no response header".into(),
@@ -68,7 +68,7 @@ async fn pump(
     transcoder: &mut Transcoder,
     idle: Duration,
     deadline: Instant,
-) -> Result<(Relayed, bool), ForwardError> {
+) -> Result<Ending, ForwardError> {
     let status = upstream.status.as_u16();
     // Bytes of a Content-Length body still to send; `None` for other framings.
     let mut unsent: Option<u64> = None;
@@ -128,7 +128,7 @@ async fn pump(
         ctx.error = Some(err.code());
         tracing::warn!(request_id = %ctx.request_id, error = err.code(), "replica failed mid-response");
         let Some(event) = transcoder.on_fail(&err) else {
-            return Ok((Relayed::Cut, false));
+            return Ok(Ending::Written(Relayed::Cut));
         };
         if session
             .write_response_body(Some(event), false)
@@ -138,27 +138,52 @@ async fn pump(
         {
             return Err(ForwardError::ClientGone);
         }
-        return Ok((Relayed::Complete, false));
+        return Ok(Ending::Written(Relayed::Complete));
     }
 
     let tail = transcoder
         .on_end()
         .map_err(|detail| ForwardError::Broken { detail })?;
-    let sent = if transcoder.streams() {
-        finish_stream(session, tail).await
+    let header = if transcoder.streams() {
+        None
     } else {
         let header =
             response_header(upstream, transcoder, ctx, Some(tail.len())).map_err(|e| broken(&e))?;
         ctx.status = status;
-        match session.write_response_header(Box::new(header), false).await {
+        Some(Box::new(header))
+    };
+    Ok(Ending::Pending { header, tail })
+}
+
+/// How the relay ended.
+pub(super) enum Ending {
+    /// Everything the client gets is written; the upstream connection is not reusable.
+    Written(Relayed),
+    /// The replica's answer is complete; this is what remains to send the client. It is sent
+    /// after the upstream connection is back in the pool, so the client's next request finds
+    /// it there instead of opening another.
+    Pending {
+        /// For answers rendered whole: their header, not sent yet.
+        header: Option<Box<ResponseHeader>>,
+        tail: Bytes,
+    },
+}
+
+/// Sends what a `Pending` ending left, and ends the response.
+pub(super) async fn deliver(
+    session: &mut Session,
+    header: Option<Box<ResponseHeader>>,
+    tail: Bytes,
+) -> Result<Relayed, ForwardError> {
+    let sent = match header {
+        None => finish_stream(session, tail).await,
+        Some(header) => match session.write_response_header(header, false).await {
             Ok(()) => session.write_response_body(Some(tail), true).await,
             Err(e) => Err(e),
-        }
+        },
     };
-    if sent.is_err() {
-        return Err(ForwardError::ClientGone);
-    }
-    Ok((Relayed::Complete, up.response_done()))
+    sent.map(|()| Relayed::Complete)
+        .map_err(|_| ForwardError::ClientGone)
 }
 
 fn content_length(h: &ResponseHeader) -> Option<u64> {

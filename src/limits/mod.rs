@@ -322,18 +322,26 @@ fn check_requests(
     Ok(())
 }
 
+/// What settling a request left behind: the key's spend right after it (for the budget
+/// gauges, read under the same lock) and the budget thresholds it crossed.
+#[derive(Debug, Default)]
+pub struct Settlement {
+    pub spend: Spend,
+    pub crossed: Vec<Crossed>,
+}
+
 impl Ticket {
-    /// Replaces the reservation with what the request used. Returns the budget thresholds
-    /// this crossed (each fires once per key and period).
-    pub fn settle(mut self, tokens: u64, nanos: u64, now_ms: i64) -> Vec<Crossed> {
+    /// Replaces the reservation with what the request used. The thresholds crossed fire once
+    /// per key and period.
+    pub fn settle(mut self, tokens: u64, nanos: u64, now_ms: i64) -> Settlement {
         self.settled = true;
         self.release(tokens, nanos, now_ms)
     }
 
-    fn release(&mut self, tokens: u64, nanos: u64, now_ms: i64) -> Vec<Crossed> {
+    fn release(&mut self, tokens: u64, nanos: u64, now_ms: i64) -> Settlement {
         let now = (now_ms / 1000).max(0) as u64;
         let mut crossed = Vec::new();
-        {
+        let spend = {
             let mut k = self.key.lock();
             k.inflight = k.inflight.saturating_sub(1);
             k.tokens.settle(now, self.at_sec, self.tokens, tokens);
@@ -358,13 +366,14 @@ impl Ticket {
                     }
                 }
             }
-        }
+            k.spend
+        };
         if let Some(model) = &self.model {
             let mut m = model.lock();
             m.inflight = m.inflight.saturating_sub(1);
             m.tokens.settle(now, self.at_sec, self.tokens, tokens);
         }
-        crossed
+        Settlement { spend, crossed }
     }
 }
 

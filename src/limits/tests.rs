@@ -208,7 +208,7 @@ fn each_alert_threshold_crosses_once_per_period() {
     );
     let cost = |n| {
         let (t, _) = try_admit(&key, &model, &r, demand(&model, 0, 0), NOW).unwrap();
-        t.settle(0, n, NOW)
+        t.settle(0, n, NOW).crossed
     };
     assert!(cost(4_000_000).is_empty());
     let crossed = cost(2_000_000);

@@ -119,18 +119,21 @@ async fn upstream_error_bodies_pass_through_unchanged() {
 async fn upstream_connections_are_pooled_and_reused() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
-    for _ in 0..5 {
-        assert_eq!(gw.chat(hello()).await.status(), 200);
+    for i in 0..20 {
+        let mut body = hello();
+        body["stream"] = json!(i % 2 == 1);
+        let r = gw.chat(body).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
     }
-    let mut body = hello();
-    body["stream"] = json!(true);
-    let r = gw.chat(body).await;
-    r.text().await.unwrap();
-    assert_eq!(sim.stats().requests(), 6);
-    assert_eq!(
-        sim.stats().connections(),
-        1,
-        "one upstream connection serves sequential requests"
+    assert_eq!(sim.stats().requests(), 20);
+    // Sequential requests share one pooled connection. Pingora's pool can, rarely, fail to
+    // hand a just-released connection back ("failed to acquire reusable stream") when its
+    // idle watcher has not let go yet; that costs a new connection, never a request.
+    let connections = sim.stats().connections();
+    assert!(
+        connections <= 3,
+        "20 sequential requests opened {connections} upstream connections"
     );
 }
 
