@@ -6,7 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::period;
 use super::window::Window;
-use crate::config::Budget;
+use super::RateView;
+use crate::config::{Budget, Limits};
 
 #[derive(Default)]
 pub struct Counters {
@@ -64,6 +65,18 @@ impl Counters {
 }
 
 impl State {
+    /// (limit, remaining, seconds until empty) of the requests and tokens windows: what the
+    /// next request would see, for rate-limit headers.
+    pub fn rate_view(&mut self, limits: &Limits, now: u64) -> RateView {
+        let one = |w: &mut Window, limit: u64| {
+            (limit, limit.saturating_sub(w.sum(now)), w.until_empty(now))
+        };
+        RateView {
+            requests: limits.rpm.map(|l| one(&mut self.requests, l)),
+            tokens: limits.tpm.map(|l| one(&mut self.tokens, l)),
+        }
+    }
+
     /// Starts a new budget period when `now_ms` left the current one.
     pub fn roll(&mut self, budget: &Budget, now_ms: i64) {
         let start = period::start(budget.period, now_ms);

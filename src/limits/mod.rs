@@ -214,22 +214,7 @@ pub fn admit(
         state.tokens.add(now, demand.tokens());
     }
     k.spend.reserved += nanos;
-    let view = RateView {
-        requests: key.limits.rpm.map(|l| {
-            (
-                l,
-                l.saturating_sub(k.requests.sum(now)),
-                k.requests.until_empty(now),
-            )
-        }),
-        tokens: key.limits.tpm.map(|l| {
-            (
-                l,
-                l.saturating_sub(k.tokens.sum(now)),
-                k.tokens.until_empty(now),
-            )
-        }),
-    };
+    let view = k.rate_view(&key.limits, now);
     let period_start = k.spend.period_start;
     drop(m);
     drop(k);
@@ -252,23 +237,7 @@ pub fn admit(
 /// The key's windows as the next request would see them (for headers on refusals).
 pub fn view(key: &Key, counters: &Counters, now_ms: i64) -> RateView {
     let now = (now_ms / 1000).max(0) as u64;
-    let mut k = counters.lock();
-    RateView {
-        requests: key.limits.rpm.map(|l| {
-            (
-                l,
-                l.saturating_sub(k.requests.sum(now)),
-                k.requests.until_empty(now),
-            )
-        }),
-        tokens: key.limits.tpm.map(|l| {
-            (
-                l,
-                l.saturating_sub(k.tokens.sum(now)),
-                k.tokens.until_empty(now),
-            )
-        }),
-    }
+    counters.lock().rate_view(&key.limits, now)
 }
 
 fn check_tokens(
