@@ -65,6 +65,13 @@ struct Params {
     /// none reached), `anthropic` (the same load as Anthropic Messages requests).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "default")]
     variants: Vec<Variant>,
+    /// Another tollgate binary (an earlier build) to measure before each variant, in the same
+    /// run, so that a change is judged against its baseline under the same conditions.
+    #[arg(long, value_name = "BIN")]
+    baseline: Option<std::path::PathBuf>,
+    /// `server.threads` of the measured tollgate.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    gateway_threads: u16,
     /// Worker threads of the harness runtime (load generator and replicas).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
@@ -171,15 +178,24 @@ async fn run(params: &Params) -> Result<(), String> {
             .await,
         );
     }
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
+    let mut runs = Vec::new();
     for &variant in params
         .variants
         .iter()
         .filter(|_| params.phase != Phase::Direct)
     {
-        let gateway = Gateway::start(&addrs, variant).await?;
+        if let Some(base) = &params.baseline {
+            runs.push((format!("base:{}", variant.name()), base.clone(), variant));
+        }
+        runs.push((variant.name().to_string(), built.clone(), variant));
+    }
+    for (name, binary, variant) in runs {
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        let gateway = Gateway::start(&binary, &addrs, variant, params.gateway_threads).await?;
         let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
         let report = measure(
-            variant.name(),
+            name,
             params,
             variant,
             &replicas,
@@ -193,10 +209,7 @@ async fn run(params: &Params) -> Result<(), String> {
         reports.push(report);
         if let Some(first) = log.lines().next() {
             let count = log.lines().count();
-            println!(
-                "{} logged {count} lines at warn level; the first:\n  {first}",
-                variant.name()
-            );
+            println!("{name} logged {count} lines at warn level; the first:\n  {first}");
         }
     }
     print!("{}", render(&reports));
@@ -511,7 +524,12 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(replicas: &[SocketAddr], variant: Variant) -> Result<Gateway, String> {
+    async fn start(
+        binary: &std::path::Path,
+        replicas: &[SocketAddr],
+        variant: Variant,
+        threads: u16,
+    ) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let list: Vec<String> = replicas.iter().map(|a| format!("\"{a}\"")).collect();
         // Limits high enough never to refuse: the cost of checking them is what is measured.
@@ -523,7 +541,7 @@ impl Gateway {
             _ => "",
         };
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nthreads = 2\n\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nthreads = {threads}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [state]\ndir = {:?}\nledger = {}\n\n\
              [[pools]]\nname = \"bench\"\nreplicas = [{}]\n\n\
@@ -539,7 +557,7 @@ impl Gateway {
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let mut child = Command::new(binary)
             .arg("run")
             .arg("-c")
             .arg(&path)
