@@ -49,15 +49,9 @@ impl Gateway {
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
     ) -> Self {
-        let pool_size = runtime
-            .load()
-            .config
-            .server
-            .upstream_keepalive_pool_size
-            .get();
         Gateway {
             runtime,
-            upstream: Upstream::new(pool_size),
+            upstream: Upstream::default(),
             alerter: Alerter::new(metrics.clone(), ledger.clone()),
             metrics,
             ledger,

@@ -142,7 +142,6 @@ fn server_conf(snapshot: &Snapshot) -> ServerConf {
         threads: snapshot.server.threads.get(),
         grace_period_seconds: Some(snapshot.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(5),
-        upstream_keepalive_pool_size: snapshot.server.upstream_keepalive_pool_size.get(),
         pid_file: format!("/tmp/tollgate-{pid}.pid"),
         upgrade_sock: format!("/tmp/tollgate-{pid}-upgrade.sock"),
         ..ServerConf::default()

@@ -176,6 +176,19 @@ models = ["*"]
     }
 
     #[test]
+    fn an_upstream_key_that_cannot_be_a_header_is_refused_without_leaking_it() {
+        // Only this test sets this variable.
+        std::env::set_var("TOLLGATE_TEST_BAD_UPSTREAM_KEY", "sk-secret\r\nx-evil: 1");
+        let text = ok("").replace(
+            "replicas = [",
+            "upstream_api_key_env = \"TOLLGATE_TEST_BAD_UPSTREAM_KEY\"\nreplicas = [",
+        );
+        let e = err(&text);
+        assert!(e.contains("pools[0].upstream_api_key_env: environment variable TOLLGATE_TEST_BAD_UPSTREAM_KEY holds characters"), "{e}");
+        assert!(!e.contains("sk-secret"), "{e}");
+    }
+
+    #[test]
     fn unknown_feature_and_zero_values_are_refused() {
         let e = err(&ok("").replace(
             "pool = \"llama\"",

@@ -217,7 +217,19 @@ fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
     let upstream_key = match &p.upstream_api_key_env {
         None => None,
         Some(var) => match std::env::var(var.get_ref()) {
-            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+            Ok(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(Secret::new(v))
+            }
+            Ok(v) if !v.is_empty() => {
+                return src.err(
+                    var.span(),
+                    format!("{path}.upstream_api_key_env"),
+                    format!(
+                        "environment variable {} holds characters an HTTP header cannot carry (spaces, control characters or non-ASCII); check its value",
+                        var.get_ref()
+                    ),
+                )
+            }
             _ => {
                 return src.err(
                     var.span(),

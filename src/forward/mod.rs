@@ -2,7 +2,9 @@
 //! proxy loop cannot send it): pick a replica, connect (another replica on connect failure),
 //! send, relay the response as it arrives, and cancel the replica when the client leaves.
 
+mod h1;
 mod observe;
+pub(crate) mod pool;
 mod relay;
 
 use relay::Ending;
@@ -11,10 +13,8 @@ mod transcode;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
-use pingora::connectors::ConnectorOptions;
-use pingora::http::RequestHeader;
-use pingora::protocols::http::client::HttpSession;
+use h1::Conn;
+use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
@@ -57,20 +57,20 @@ pub enum Relayed {
     Cut,
 }
 
-/// Upstream connections, pooled and reused across requests.
+/// Opens upstream connections; idle ones wait in their replica's pool (`pool::IdleConns`).
 pub struct Upstream {
-    connector: Connector,
+    connector: TransportConnector,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            connector: TransportConnector::new(None),
+        }
+    }
 }
 
 impl Upstream {
-    pub fn new(keepalive_pool_size: usize) -> Self {
-        let mut options = ConnectorOptions::new(keepalive_pool_size);
-        options.keepalive_pool_size = keepalive_pool_size;
-        Upstream {
-            connector: Connector::new(Some(options)),
-        }
-    }
-
     pub async fn forward(
         &self,
         session: &mut Session,
@@ -116,52 +116,46 @@ impl Upstream {
 
         // Nothing is retried from here on: the replica may already be generating.
         let first_byte_deadline = deadline.min(Instant::now() + ex.pool.timeouts.first_byte);
-        let header = tokio::select! {
-            r = timeout_at(first_byte_deadline, up.read_response_header()) => r,
-            _ = client_gone(session.as_downstream_mut()) => {
-                up.shutdown().await;
-                return Err(ForwardError::ClientGone);
-            }
+        // Dropping the connection on any failure closes it, which tells the replica to stop.
+        let head = tokio::select! {
+            r = timeout_at(first_byte_deadline, up.read_head()) => r,
+            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
-        match header {
-            Ok(Ok(())) => {}
+        let head = match head {
+            Ok(Ok(head)) => head,
             Ok(Err(e)) => {
-                up.shutdown().await;
                 return Err(ForwardError::Broken {
-                    detail: e.etype().as_str().to_string(),
-                });
+                    detail: e.0.to_string(),
+                })
             }
             Err(_) => {
-                up.shutdown().await;
                 return Err(ForwardError::Timeout {
                     phase: "no response header before first_byte_ms",
-                });
+                })
             }
-        }
+        };
         ctx.first_byte = Some(ctx.started.elapsed());
         let ending = relay::relay(
             session,
             ctx,
             &mut up,
+            &head,
             &ex.plan,
             metrics.inter_token(ctx.model_label()),
-            ex.pool.timeouts.idle,
-            deadline,
+            relay::Limits {
+                idle: ex.pool.timeouts.idle,
+                deadline,
+            },
         )
         .await?;
-        let peer = lease.replica().peer();
         match ending {
-            Ending::Written(relayed) => {
-                up.shutdown().await;
-                Ok(relayed)
-            }
+            Ending::Written(relayed) => Ok(relayed),
             Ending::Pending { header, tail } => {
-                if up.response_done() {
-                    self.connector
-                        .release_http_session(up, peer, peer.options.idle_timeout)
-                        .await;
-                } else {
-                    up.shutdown().await;
+                if up.reusable() {
+                    let replica = lease.replica();
+                    replica
+                        .idle
+                        .put(up.into_stream(), replica.idle_limit, replica.pool_idle);
                 }
                 relay::deliver(session, header, tail).await
             }
@@ -176,25 +170,24 @@ impl Upstream {
         ex: &Exchange<'_>,
         request_id: &str,
         deadline: Instant,
-    ) -> Result<HttpSession, String> {
+    ) -> Result<Conn, String> {
         let replica = lease.replica();
-        let header = request_header(ex, replica.addr, request_id).map_err(|e| e.to_string())?;
+        let head = request_head(ex, replica.addr, request_id);
         for _ in 0..2 {
-            let connect = timeout_at(deadline, self.connector.get_http_session(replica.peer()));
-            let (mut up, reused) = match connect.await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return Err(format!("connect: {}", e.etype().as_str())),
-                Err(_) => return Err("connect: total timeout".into()),
+            let (stream, reused) = match replica.idle.take(replica.pool_idle) {
+                Some(stream) => (stream, true),
+                None => match timeout_at(deadline, self.connector.new_stream(replica.peer())).await
+                {
+                    Ok(Ok(stream)) => (stream, false),
+                    Ok(Err(e)) => return Err(format!("connect: {}", e.etype().as_str())),
+                    Err(_) => return Err("connect: total timeout".into()),
+                },
             };
-            let sent = async {
-                up.write_request_header(Box::new(header.clone())).await?;
-                up.write_request_body(ex.body.clone(), true).await?;
-                up.finish_request_body().await
-            };
-            match timeout_at(deadline, sent).await {
+            let mut up = Conn::new(stream);
+            match timeout_at(deadline, up.send(&head, &ex.body)).await {
                 Ok(Ok(())) => return Ok(up),
                 Ok(Err(_)) if reused => continue,
-                Ok(Err(e)) => return Err(format!("send: {}", e.etype().as_str())),
+                Ok(Err(e)) => return Err(format!("send: {}", e.kind())),
                 Err(_) => return Err("send: total timeout".into()),
             }
         }
@@ -202,29 +195,30 @@ impl Upstream {
     }
 }
 
-fn request_header(
-    ex: &Exchange<'_>,
-    addr: SocketAddr,
-    request_id: &str,
-) -> pingora::Result<RequestHeader> {
-    let mut h = RequestHeader::build("POST", ex.path.as_bytes(), Some(6))?;
-    h.insert_header(http::header::HOST, addr.to_string())?;
-    h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    h.insert_header(http::header::CONTENT_LENGTH, ex.body.len())?;
+/// The request line and header fields, ending in the empty line. Every value is known safe:
+/// the path is ours, the request id was checked or generated, the upstream key was checked
+/// when the config was loaded.
+fn request_head(ex: &Exchange<'_>, addr: SocketAddr, request_id: &str) -> Vec<u8> {
+    use std::io::Write;
     let accept = if ex.stream {
         "text/event-stream"
     } else {
         "application/json"
     };
-    h.insert_header(http::header::ACCEPT, accept)?;
-    h.insert_header("x-request-id", request_id)?;
+    let mut h = Vec::with_capacity(256);
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        h,
+        "POST {} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\naccept: {accept}\r\nx-request-id: {request_id}\r\n",
+        ex.path,
+        ex.body.len(),
+    );
     if let Some(key) = &ex.pool.upstream_key {
-        h.insert_header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", key.expose()),
-        )?;
+        let _ = write!(h, "authorization: Bearer {}\r\n", key.expose());
     }
-    Ok(h)
+    h.extend_from_slice(b"\r\n");
+    h
 }
 
 /// Resolves when the client has closed its connection; pending otherwise.

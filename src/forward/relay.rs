@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::client::HttpSession;
 use pingora::proxy::Session;
 use prometheus::Histogram;
 use tokio::time::{timeout_at, Instant};
 
+use super::h1::{Conn, H1Error, Head};
 use super::transcode::Transcoder;
 use super::{client_gone, ForwardError, Relayed};
 use crate::ctx::RequestCtx;
@@ -28,29 +28,30 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+/// How long the answer may take: between two chunks, and in all.
+#[derive(Clone, Copy)]
+pub(super) struct Limits {
+    pub idle: Duration,
+    pub deadline: Instant,
+}
+
 /// Returns how the response ended and whether the upstream connection may be pooled again.
 /// Whatever the outcome, what was observed of the answer is left in `ctx` for accounting.
 pub(super) async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    up: &mut HttpSession,
+    up: &mut Conn,
+    upstream: &Head,
     plan: &ResponsePlan,
     inter_token: Option<Histogram>,
-    idle: Duration,
-    deadline: Instant,
+    limits: Limits,
 ) -> Result<Ending, ForwardError> {
-    let Some(upstream) = up.response_header() else {
-        return Err(ForwardError::Broken {
-            detail: "no response header".into(),
-        });
-    };
-    let upstream = upstream.clone();
     let sse = upstream
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut transcoder = Transcoder::new(plan, upstream.status.as_u16(), sse, inter_token);
-    let result = pump(session, ctx, up, &upstream, &mut transcoder, idle, deadline).await;
+    let result = pump(session, ctx, up, upstream, &mut transcoder, limits).await;
     let seen = &transcoder.observed;
     ctx.usage = seen.usage;
     ctx.output_events = seen.output_events;
@@ -63,12 +64,12 @@ pub(super) async fn relay(
 async fn pump(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    up: &mut HttpSession,
-    upstream: &ResponseHeader,
+    up: &mut Conn,
+    upstream: &Head,
     transcoder: &mut Transcoder,
-    idle: Duration,
-    deadline: Instant,
+    limits: Limits,
 ) -> Result<Ending, ForwardError> {
+    let Limits { idle, deadline } = limits;
     let status = upstream.status.as_u16();
     // Bytes of a Content-Length body still to send; `None` for other framings.
     let mut unsent: Option<u64> = None;
@@ -93,10 +94,10 @@ async fn pump(
         // Once a Content-Length body is all sent, the client may already send its next
         // request on the connection: stop watching it, or the probe would eat that request.
         let read = if unsent == Some(0) {
-            timeout_at(read_deadline, up.read_response_body()).await
+            timeout_at(read_deadline, up.read_body()).await
         } else {
             tokio::select! {
-                r = timeout_at(read_deadline, up.read_response_body()) => r,
+                r = timeout_at(read_deadline, up.read_body()) => r,
                 _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
             }
         };
@@ -113,7 +114,9 @@ async fn pump(
                 Err(detail) => ForwardError::Broken { detail },
             },
             Ok(Ok(None)) => break,
-            Ok(Err(e)) => broken(&e),
+            Ok(Err(H1Error(detail))) => ForwardError::Broken {
+                detail: detail.to_string(),
+            },
             Err(_) => ForwardError::Timeout {
                 phase: "no data within idle_ms",
             },
@@ -209,7 +212,7 @@ fn broken(e: &pingora::Error) -> ForwardError {
 /// The client's response header: the replica's, minus hop-by-hop headers, with the body's
 /// framing (`length` when the body is known whole) and content type decided by the transcoder.
 fn response_header(
-    upstream: &ResponseHeader,
+    upstream: &Head,
     transcoder: &Transcoder,
     ctx: &RequestCtx,
     length: Option<usize>,

@@ -44,6 +44,7 @@ mod tests {
                         addr,
                         Duration::from_secs(1),
                         Duration::from_secs(1),
+                        1,
                         Default::default(),
                     ))
                 })

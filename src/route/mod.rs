@@ -9,6 +9,7 @@ use std::sync::Arc;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Key, Model, Snapshot};
+use crate::forward::pool::IdleConns;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -45,9 +46,11 @@ pub struct Router {
 
 impl Router {
     /// Replica sets for a snapshot. A replica address that `previous` also routes to keeps
-    /// its in-flight count, so a reload does not forget the load already on it.
+    /// its in-flight count and its idle connections, so a reload does not forget the load
+    /// already on it.
     pub fn build(snapshot: &Snapshot, previous: Option<&Router>) -> Self {
-        let load_of = |addr: SocketAddr| {
+        let idle_limit = snapshot.server.upstream_keepalive_pool_size.get();
+        let live_of = |addr: SocketAddr| {
             previous
                 .and_then(|r| {
                     r.pools
@@ -55,7 +58,10 @@ impl Router {
                         .flat_map(|p| &p.replicas)
                         .find(|x| x.addr == addr)
                 })
-                .map(|x| x.inflight.clone())
+                .map(|x| Live {
+                    inflight: x.inflight.clone(),
+                    idle: x.idle.clone(),
+                })
                 .unwrap_or_default()
         };
         let pools = snapshot
@@ -67,7 +73,13 @@ impl Router {
                     .iter()
                     .map(|&addr| {
                         let t = &p.timeouts;
-                        Arc::new(Replica::new(addr, t.connect, t.pool_idle, load_of(addr)))
+                        Arc::new(Replica::new(
+                            addr,
+                            t.connect,
+                            t.pool_idle,
+                            idle_limit,
+                            live_of(addr),
+                        ))
                     })
                     .collect(),
             })
@@ -98,13 +110,25 @@ impl PoolRoute {
     }
 }
 
+/// What a replica carries over a reload.
+#[derive(Default)]
+struct Live {
+    inflight: Arc<AtomicUsize>,
+    idle: Arc<IdleConns>,
+}
+
 /// One upstream server and its live load.
 pub struct Replica {
     pub addr: SocketAddr,
     /// `addr` as text, for metric labels and logs without a per-request allocation.
     pub label: String,
     inflight: Arc<AtomicUsize>,
-    /// Template for connections: timeouts and pool settings are fixed per replica.
+    /// Connections to it waiting for the next request.
+    pub idle: Arc<IdleConns>,
+    /// How many may wait, and for how long.
+    pub idle_limit: usize,
+    pub pool_idle: std::time::Duration,
+    /// Template for new connections: the connect timeout is fixed per replica.
     peer: HttpPeer,
 }
 
@@ -113,15 +137,18 @@ impl Replica {
         addr: SocketAddr,
         connect: std::time::Duration,
         pool_idle: std::time::Duration,
-        inflight: Arc<AtomicUsize>,
+        idle_limit: usize,
+        live: Live,
     ) -> Self {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(connect);
-        peer.options.idle_timeout = Some(pool_idle);
         Replica {
             addr,
             label: addr.to_string(),
-            inflight,
+            inflight: live.inflight,
+            idle: live.idle,
+            idle_limit,
+            pool_idle,
             peer,
         }
     }
