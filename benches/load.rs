@@ -62,7 +62,8 @@ struct Params {
     phase: Phase,
     /// Tollgate setups to measure after the direct phase, in one run: `default`,
     /// `no-ledger` (accounting not written), `limits` (every limit and a budget configured,
-    /// none reached), `anthropic` (the same load as Anthropic Messages requests).
+    /// none reached), `anthropic` (the same load as Anthropic Messages requests), `nginx`
+    /// (nginx from `PATH` as a plain reverse proxy, for calibration).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "default")]
     variants: Vec<Variant>,
     /// Another tollgate binary (an earlier build) to measure before each variant, in the same
@@ -89,6 +90,9 @@ enum Variant {
     NoLedger,
     Limits,
     Anthropic,
+    /// Not tollgate: nginx (from `PATH`) as a plain reverse proxy in front of the same
+    /// replicas, with upstream keep-alive and no access log, for calibration.
+    Nginx,
 }
 
 impl Variant {
@@ -98,6 +102,7 @@ impl Variant {
             Variant::NoLedger => "tg-no-ledger",
             Variant::Limits => "tg-limits",
             Variant::Anthropic => "tg-anthropic",
+            Variant::Nginx => "nginx",
         }
     }
 }
@@ -185,7 +190,11 @@ async fn run(params: &Params) -> Result<(), String> {
         .iter()
         .filter(|_| params.phase != Phase::Direct)
     {
-        if let Some(base) = &params.baseline {
+        if let Some(base) = params
+            .baseline
+            .as_ref()
+            .filter(|_| variant != Variant::Nginx)
+        {
             runs.push((format!("base:{}", variant.name()), base.clone(), variant));
         }
         runs.push((variant.name().to_string(), built.clone(), variant));
@@ -468,7 +477,16 @@ struct Cpu {
 impl Cpu {
     fn now(tollgate: Option<u32>) -> Option<Cpu> {
         let tollgate = match tollgate {
-            Some(pid) => process_ticks(&pid.to_string())?,
+            // With its children: nginx works in worker processes.
+            Some(pid) => {
+                let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default();
+                process_ticks(&pid.to_string())?
+                    + children
+                        .split_whitespace()
+                        .filter_map(process_ticks)
+                        .sum::<u64>()
+            }
             None => 0,
         };
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -530,6 +548,9 @@ impl Gateway {
         variant: Variant,
         threads: u16,
     ) -> Result<Gateway, String> {
+        if variant == Variant::Nginx {
+            return Gateway::nginx(replicas, threads).await;
+        }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let list: Vec<String> = replicas.iter().map(|a| format!("\"{a}\"")).collect();
         // Limits high enough never to refuse: the cost of checking them is what is measured.
@@ -597,8 +618,64 @@ impl Gateway {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
 
-    /// SIGKILL and reap: nothing of the proxy's shutdown is being measured.
+    /// nginx with `threads` workers; its port is found free first, as it cannot report one.
+    async fn nginx(replicas: &[SocketAddr], threads: u16) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let free = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let public = free.local_addr().map_err(|e| e.to_string())?;
+        drop(free);
+        let servers: String = replicas.iter().map(|a| format!("server {a}; ")).collect();
+        let d = dir.path().display();
+        let config = format!(
+            "worker_processes {threads};\nerror_log {d}/stderr.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             upstream replicas {{ {servers}keepalive 64; }}\n\
+             server {{ listen {public}; location / {{ proxy_pass http://replicas;\n\
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n"
+        );
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, config).map_err(|e| e.to_string())?;
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf)
+            .arg("-g")
+            .arg("daemon off;")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start nginx (is it installed?): {e}"))?;
+        let gateway = Gateway { child, public, dir };
+        // nginx prints no ready line: it is ready once its port accepts connections.
+        for _ in 0..500 {
+            if TcpStream::connect(public).await.is_ok() {
+                return Ok(gateway);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let why = format!("nginx did not listen on {public}: {}", gateway.stderr());
+        gateway.stop().await;
+        Err(why)
+    }
+
+    /// SIGKILL and reap: nothing of the proxy's shutdown is being measured. nginx is asked
+    /// to stop instead, as killing its master would leave its workers behind.
     async fn stop(mut self) {
+        if self.dir.path().join("nginx.conf").exists() {
+            let _ = Command::new("nginx")
+                .arg("-p")
+                .arg(self.dir.path())
+                .arg("-c")
+                .arg(self.dir.path().join("nginx.conf"))
+                .arg("-s")
+                .arg("stop")
+                .status()
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        }
         let _ = self.child.kill().await;
     }
 }
