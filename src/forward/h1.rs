@@ -7,7 +7,7 @@
 //! Every read is cancel-safe: a caller may race it against the client's departure or a
 //! timeout and drop it; bytes already received stay in the buffer.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use pingora::protocols::Stream;
@@ -16,8 +16,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// A response head larger than this is refused rather than buffered without end.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// Bodies up to this size are copied behind the head so both leave in one write.
-const COALESCE: usize = 256 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// The replica's response head.
@@ -81,17 +79,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Writes the request: `head` (request line and header fields, ending in an empty line)
-    /// and `body`, in one write when the body is not large.
+    /// and `body`, gathered into one write on streams that take vectored writes.
     pub async fn send(&mut self, head: &[u8], body: &[u8]) -> std::io::Result<()> {
-        if body.len() <= COALESCE {
-            let mut out = Vec::with_capacity(head.len() + body.len());
-            out.extend_from_slice(head);
-            out.extend_from_slice(body);
-            self.stream.write_all(&out).await?;
-        } else {
-            self.stream.write_all(head).await?;
-            self.stream.write_all(body).await?;
-        }
+        self.stream
+            .write_all_buf(&mut Buf::chain(head, body))
+            .await?;
         self.stream.flush().await
     }
 

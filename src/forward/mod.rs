@@ -152,10 +152,7 @@ impl Upstream {
             Ending::Written(relayed) => Ok(relayed),
             Ending::Pending { header, tail } => {
                 if up.reusable() {
-                    let replica = lease.replica();
-                    replica
-                        .idle
-                        .put(up.into_stream(), replica.idle_limit, replica.pool_idle);
+                    lease.replica().keep(up.into_stream());
                 }
                 relay::deliver(session, header, tail).await
             }
@@ -174,7 +171,7 @@ impl Upstream {
         let replica = lease.replica();
         let head = request_head(ex, replica.addr, request_id);
         for _ in 0..2 {
-            let (stream, reused) = match replica.idle.take(replica.pool_idle) {
+            let (stream, reused) = match replica.reuse() {
                 Some(stream) => (stream, true),
                 None => match timeout_at(deadline, self.connector.new_stream(replica.peer())).await
                 {

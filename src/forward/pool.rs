@@ -16,6 +16,7 @@ use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::Instant;
 
+#[derive(Default)]
 pub struct IdleConns {
     parked: Mutex<Vec<Parked>>,
 }
@@ -23,14 +24,6 @@ pub struct IdleConns {
 struct Parked {
     stream: Stream,
     since: Instant,
-}
-
-impl Default for IdleConns {
-    fn default() -> Self {
-        IdleConns {
-            parked: Mutex::new(Vec::new()),
-        }
-    }
 }
 
 impl IdleConns {
@@ -66,11 +59,13 @@ impl IdleConns {
         drop((expired, refused));
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 

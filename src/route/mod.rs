@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Key, Model, Snapshot};
@@ -124,10 +125,10 @@ pub struct Replica {
     pub label: String,
     inflight: Arc<AtomicUsize>,
     /// Connections to it waiting for the next request.
-    pub idle: Arc<IdleConns>,
+    idle: Arc<IdleConns>,
     /// How many may wait, and for how long.
-    pub idle_limit: usize,
-    pub pool_idle: std::time::Duration,
+    idle_limit: usize,
+    pool_idle: std::time::Duration,
     /// Template for new connections: the connect timeout is fixed per replica.
     peer: HttpPeer,
 }
@@ -159,6 +160,16 @@ impl Replica {
 
     pub fn peer(&self) -> &HttpPeer {
         &self.peer
+    }
+
+    /// An idle connection to this replica, still open and not expired, if there is one.
+    pub fn reuse(&self) -> Option<Stream> {
+        self.idle.take(self.pool_idle)
+    }
+
+    /// Keeps a connection that finished a response cleanly for the next request.
+    pub fn keep(&self, stream: Stream) {
+        self.idle.put(stream, self.idle_limit, self.pool_idle);
     }
 }
 
