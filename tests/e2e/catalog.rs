@@ -105,14 +105,7 @@ async fn metrics_count_requests_by_model_and_status_class() {
     // Metrics are recorded when a request ends, which can trail the response by a moment.
     let mut text = String::new();
     for _ in 0..100 {
-        text = c
-            .get(gw.admin_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text = gw.metrics().await;
         if text.contains("status_class=\"4xx\"") {
             break;
         }

@@ -244,6 +244,18 @@ impl Gateway {
         r.json().await.expect("usage is JSON")
     }
 
+    /// `GET /metrics`, the Prometheus text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("admin answers")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     /// Totals over the last day: (requests, input, output, estimated requests).
     pub async fn usage_totals(&self) -> (u64, u64, u64, u64) {
         let v = self.usage("bucket=day").await;

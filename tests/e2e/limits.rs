@@ -270,14 +270,7 @@ async fn a_soft_budget_alerts_once_per_threshold_with_a_signed_webhook() {
         hook.next(Duration::from_millis(1500)).await.is_none(),
         "a restart does not fire an alert twice"
     );
-    let metrics = client()
-        .get(gw.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains("tollgate_budget_spent_usd{key=\"team-a\"}"),
         "{metrics}"
