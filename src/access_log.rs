@@ -6,7 +6,7 @@ use crate::account::{self, Ledger};
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
 use crate::limits::{self, Settlement};
-use crate::metrics::Metrics;
+use crate::metrics::{KeyMeters, Metrics};
 
 pub fn record(
     metrics: &Metrics,
@@ -16,23 +16,31 @@ pub fn record(
     err: Option<&pingora::Error>,
 ) {
     let elapsed = ctx.started.elapsed();
-    let model = ctx.model_label();
-    metrics.observe_request(ctx.endpoint.label(), model, ctx.status, elapsed);
+    let runtime = ctx.runtime.clone();
+    let meters = runtime.as_deref().map(|r| &r.meters);
+    let model_meters = meters.and_then(|m| m.model(ctx.model_label()));
+    metrics.observe_request(ctx.endpoint, model_meters, ctx.status, elapsed);
     let error = ctx.error.or_else(|| err.map(|_| "connection_error"));
     if let Some(code) = error {
-        metrics.observe_error(model, code);
+        metrics.observe_error(ctx.model_label(), code);
     }
-    if let Some(fb) = ctx.first_byte {
-        metrics.observe_first_byte(model, fb);
-    }
-    if let Some(ft) = ctx.first_token {
-        metrics.observe_first_token(model, ft);
+    if let Some(m) = model_meters {
+        if let Some(fb) = ctx.first_byte {
+            m.ttfb.observe(fb.as_secs_f64());
+        }
+        if let Some(ft) = ctx.first_token {
+            m.ttft.observe(ft.as_secs_f64());
+        }
     }
     let settled = account::settle(ctx);
-    settle_limits(metrics, alerter, ctx, &settled);
+    let key = ctx.key_id.as_deref().unwrap_or("-");
+    let key_meters = meters.and_then(|m| m.key(key));
+    settle_limits(metrics, key_meters, alerter, ctx, &settled);
+    if let (Some(m), Some(k)) = (model_meters, key_meters) {
+        metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);
+    }
     let key = ctx.key_id.as_deref().unwrap_or("-");
     let model = ctx.model_label();
-    metrics.observe_usage(model, key, &settled.usage, settled.cost_nanos as f64 / 1e9);
     if let (Some(ledger), Some(record)) = (ledger, account::record(ctx, &settled)) {
         ledger.record(record);
     }
@@ -65,6 +73,7 @@ pub fn record(
 /// fires any budget threshold this crossed, and counts refusals by kind.
 fn settle_limits(
     metrics: &Metrics,
+    key_meters: Option<&KeyMeters>,
     alerter: &Alerter,
     ctx: &mut RequestCtx,
     settled: &account::Settled,
@@ -93,11 +102,13 @@ fn settle_limits(
     ) else {
         return;
     };
-    metrics.observe_budget(
-        key_id,
-        spend.spent,
-        budget.nanos.saturating_sub(spend.spent + spend.reserved),
-    );
+    if let Some(k) = key_meters {
+        metrics.observe_budget(
+            k,
+            spend.spent,
+            budget.nanos.saturating_sub(spend.spent + spend.reserved),
+        );
+    }
     if !crossed.is_empty() {
         alerter.fire(&runtime.config.alerts, key_id, budget, crossed);
     }

@@ -1,13 +1,17 @@
 //! Every Prometheus metric tollgate exports, with help text. Labels are bounded: configured
 //! model slugs (or "-"), endpoint names, status classes and error codes.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::config::Snapshot;
+use crate::ctx::Endpoint;
 use crate::translate::usage::Usage;
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -234,72 +238,92 @@ impl Metrics {
         }
     }
 
-    pub fn observe_request(&self, endpoint: &str, model: &str, status: u16, elapsed: Duration) {
+    /// Counts a finished request and its duration. `model` is the model's handles when the
+    /// request got as far as a configured model; otherwise the labels are looked up.
+    pub fn observe_request(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&ModelMeters>,
+        status: u16,
+        elapsed: Duration,
+    ) {
         let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
         };
-        self.requests
-            .with_label_values(&[endpoint, model, class])
+        let seconds = elapsed.as_secs_f64();
+        let Some(m) = model else {
+            let labels = [endpoint.label(), "-", STATUS_CLASSES[class]];
+            self.requests.with_label_values(&labels).inc();
+            self.duration
+                .with_label_values(&labels[..2])
+                .observe(seconds);
+            return;
+        };
+        let e = endpoint as usize;
+        m.requests[e][class]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[endpoint.label(), &m.slug, STATUS_CLASSES[class]])
+            })
             .inc();
-        self.duration
-            .with_label_values(&[endpoint, model])
-            .observe(elapsed.as_secs_f64());
+        m.duration[e]
+            .get_or_init(|| {
+                self.duration
+                    .with_label_values(&[endpoint.label(), &m.slug])
+            })
+            .observe(seconds);
     }
 
     pub fn observe_error(&self, model: &str, code: &str) {
         self.errors.with_label_values(&[model, code]).inc();
     }
 
-    pub fn observe_first_byte(&self, model: &str, elapsed: Duration) {
-        self.ttfb
-            .with_label_values(&[model])
-            .observe(elapsed.as_secs_f64());
+    pub fn observe_attempt(&self, replica: &ReplicaMeters, ok: bool) {
+        let (slot, outcome) = if ok {
+            (&replica.ok, "ok")
+        } else {
+            (&replica.failed, "failed")
+        };
+        slot.get_or_init(|| {
+            self.upstream_attempts
+                .with_label_values(&[&replica.label, outcome])
+        })
+        .inc();
     }
 
-    pub fn observe_attempt(&self, replica: &str, ok: bool) {
-        let outcome = if ok { "ok" } else { "failed" };
-        self.upstream_attempts
-            .with_label_values(&[replica, outcome])
-            .inc();
-    }
-
-    /// The inter-token latency histogram of a model, fetched once per stream.
-    pub fn inter_token(&self, model: &str) -> Option<Histogram> {
-        self.itl.get_metric_with_label_values(&[model]).ok()
-    }
-
-    pub fn observe_first_token(&self, model: &str, elapsed: Duration) {
-        self.ttft
-            .with_label_values(&[model])
-            .observe(elapsed.as_secs_f64());
-    }
-
-    pub fn observe_usage(&self, model: &str, key: &str, u: &Usage, cost_usd: f64) {
-        for (kind, n) in [
-            ("input", u.input),
-            ("cached_input", u.cached_input),
-            ("output", u.output),
-            ("reasoning", u.reasoning),
+    /// The request's tokens and cost, on handles resolved once per key and model.
+    pub fn observe_usage(&self, model: &ModelMeters, key: &KeyMeters, u: &Usage, cost_usd: f64) {
+        let Some(slots) = key.tokens.get(model.index) else {
+            return;
+        };
+        for (slot, kind, n) in [
+            (&slots[0], "input", u.input),
+            (&slots[1], "cached_input", u.cached_input),
+            (&slots[2], "output", u.output),
+            (&slots[3], "reasoning", u.reasoning),
         ] {
             if n > 0 {
-                self.tokens.with_label_values(&[model, key, kind]).inc_by(n);
+                slot.get_or_init(|| self.tokens.with_label_values(&[&model.slug, &key.id, kind]))
+                    .inc_by(n);
             }
         }
         if cost_usd > 0.0 {
-            self.spend.with_label_values(&[key]).inc_by(cost_usd);
+            key.spend
+                .get_or_init(|| self.spend.with_label_values(&[&key.id]))
+                .inc_by(cost_usd);
         }
     }
 
-    pub fn observe_budget(&self, key: &str, spent_nanos: u64, remaining_nanos: u64) {
-        self.budget_spent
-            .with_label_values(&[key])
+    pub fn observe_budget(&self, key: &KeyMeters, spent_nanos: u64, remaining_nanos: u64) {
+        key.budget_spent
+            .get_or_init(|| self.budget_spent.with_label_values(&[&key.id]))
             .set(spent_nanos as f64 / 1e9);
-        self.budget_remaining
-            .with_label_values(&[key])
+        key.budget_remaining
+            .get_or_init(|| self.budget_remaining.with_label_values(&[&key.id]))
             .set(remaining_nanos as f64 / 1e9);
     }
 
@@ -330,6 +354,107 @@ impl Metrics {
         // the static definitions above cannot produce.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+}
+
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const ENDPOINTS: usize = Endpoint::Unknown as usize + 1;
+
+/// Metric handles of one config snapshot, resolved when it is built (or at first use) so that
+/// a request records without a label lookup: each lookup hashes the labels and read-locks the
+/// metric family's map, which every worker shares.
+pub struct Meters {
+    models: HashMap<String, ModelMeters>,
+    keys: HashMap<String, KeyMeters>,
+}
+
+impl Meters {
+    pub fn build(metrics: &Metrics, snapshot: &Snapshot) -> Meters {
+        let models = snapshot
+            .models
+            .iter()
+            .enumerate()
+            .map(|(index, m)| {
+                let model = [m.slug.as_str()];
+                let meters = ModelMeters {
+                    index,
+                    slug: m.slug.clone(),
+                    ttfb: metrics.ttfb.with_label_values(&model),
+                    ttft: metrics.ttft.with_label_values(&model),
+                    itl: metrics.itl.with_label_values(&model),
+                    requests: Default::default(),
+                    duration: Default::default(),
+                };
+                (m.slug.clone(), meters)
+            })
+            .collect();
+        let keys = snapshot
+            .keys()
+            .map(|k| {
+                let meters = KeyMeters {
+                    id: k.id.clone(),
+                    tokens: (0..snapshot.models.len())
+                        .map(|_| Default::default())
+                        .collect(),
+                    spend: OnceLock::new(),
+                    budget_spent: OnceLock::new(),
+                    budget_remaining: OnceLock::new(),
+                };
+                (k.id.clone(), meters)
+            })
+            .collect();
+        Meters { models, keys }
+    }
+
+    pub fn model(&self, slug: &str) -> Option<&ModelMeters> {
+        self.models.get(slug)
+    }
+
+    pub fn key(&self, id: &str) -> Option<&KeyMeters> {
+        self.keys.get(id)
+    }
+}
+
+/// One model's handles. The per-model latency histograms exist from the start (a dashboard
+/// sees the model before its first request); the rest appear with their first observation.
+pub struct ModelMeters {
+    /// The model's position in the snapshot, indexing `KeyMeters::tokens`.
+    index: usize,
+    slug: String,
+    pub ttfb: Histogram,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    requests: [[OnceLock<IntCounter>; 5]; ENDPOINTS],
+    duration: [OnceLock<Histogram>; ENDPOINTS],
+}
+
+/// One key's handles; tokens by model index, then kind.
+pub struct KeyMeters {
+    id: String,
+    tokens: Box<[[OnceLock<IntCounter>; 4]]>,
+    spend: OnceLock<Counter>,
+    budget_spent: OnceLock<Gauge>,
+    budget_remaining: OnceLock<Gauge>,
+}
+
+/// One replica's attempt counters.
+pub struct ReplicaMeters {
+    label: String,
+    ok: OnceLock<IntCounter>,
+    failed: OnceLock<IntCounter>,
+}
+
+impl ReplicaMeters {
+    pub fn new(label: String) -> Self {
+        ReplicaMeters {
+            label,
+            ok: OnceLock::new(),
+            failed: OnceLock::new(),
+        }
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
     }
 }
 

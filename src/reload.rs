@@ -56,7 +56,7 @@ impl Reloader {
         if fresh.state.dir != old.state.dir || fresh.state.ledger != old.state.ledger {
             restart.push("state");
         }
-        let next = Runtime::new(fresh, Some(&current));
+        let next = Runtime::new(fresh, Some(&current), &self.metrics);
         self.runtime.store(Arc::new(next));
         self.metrics.observe_reload(true);
         let note = if restart.is_empty() {

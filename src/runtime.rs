@@ -2,6 +2,7 @@
 
 use crate::config::Snapshot;
 use crate::limits::Registry;
+use crate::metrics::{Meters, Metrics};
 use crate::route::Router;
 
 pub struct Runtime {
@@ -9,13 +10,17 @@ pub struct Runtime {
     pub router: Router,
     /// Limit and budget counters by key and model id; carried over from `previous`.
     pub limits: Registry,
+    /// Metric handles by model, key and key × model.
+    pub meters: Meters,
 }
 
 impl Runtime {
-    pub fn new(config: Snapshot, previous: Option<&Runtime>) -> Self {
+    pub fn new(config: Snapshot, previous: Option<&Runtime>, metrics: &Metrics) -> Self {
         let router = Router::build(&config, previous.map(|p| &p.router));
         let limits = Registry::build(&config, previous.map(|p| &p.limits));
+        let meters = Meters::build(metrics, &config);
         Runtime {
+            meters,
             config,
             router,
             limits,

@@ -57,7 +57,7 @@ pub fn run(
         )?)),
         false => None,
     };
-    let runtime = Runtime::new(snapshot, None);
+    let runtime = Runtime::new(snapshot, None, &metrics);
     if let Some(ledger) = &ledger {
         seed_budgets(&runtime, ledger)?;
     }

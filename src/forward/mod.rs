@@ -98,12 +98,12 @@ impl Upstream {
             ctx.replica = Some(addr);
             match self.send(&lease, &ex, &ctx.request_id, deadline).await {
                 Ok(up) => {
-                    metrics.observe_attempt(&lease.replica().label, true);
+                    metrics.observe_attempt(&lease.replica().meters, true);
                     ctx.sent = true;
                     break (up, lease);
                 }
                 Err(detail) => {
-                    metrics.observe_attempt(&lease.replica().label, false);
+                    metrics.observe_attempt(&lease.replica().meters, false);
                     tracing::warn!(request_id = %ctx.request_id, replica = %addr, error = %detail, "replica attempt failed");
                     if ctx.attempts >= ex.pool.max_attempts.get() {
                         return Err(ForwardError::Unreachable {
@@ -141,7 +141,10 @@ impl Upstream {
             &mut up,
             &head,
             &ex.plan,
-            metrics.inter_token(ctx.model_label()),
+            ctx.runtime
+                .as_ref()
+                .and_then(|r| r.meters.model(ctx.model_label()))
+                .map(|m| m.itl.clone()),
             relay::Limits {
                 idle: ex.pool.timeouts.idle,
                 deadline,

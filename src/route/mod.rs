@@ -11,6 +11,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Key, Model, Snapshot};
 use crate::forward::pool::IdleConns;
+use crate::metrics::ReplicaMeters;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -121,8 +122,8 @@ struct Live {
 /// One upstream server and its live load.
 pub struct Replica {
     pub addr: SocketAddr,
-    /// `addr` as text, for metric labels and logs without a per-request allocation.
-    pub label: String,
+    /// Attempt counters, labelled with `addr`.
+    pub meters: ReplicaMeters,
     inflight: Arc<AtomicUsize>,
     /// Connections to it waiting for the next request.
     idle: Arc<IdleConns>,
@@ -145,7 +146,7 @@ impl Replica {
         peer.options.connection_timeout = Some(connect);
         Replica {
             addr,
-            label: addr.to_string(),
+            meters: ReplicaMeters::new(addr.to_string()),
             inflight: live.inflight,
             idle: live.idle,
             idle_limit,

@@ -124,3 +124,49 @@ async fn metrics_count_requests_by_model_and_status_class() {
     assert!(text.contains("tollgate_request_duration_seconds_bucket{endpoint=\"chat_completions\",model=\"test/model\""));
     assert!(text.contains("# HELP tollgate_requests_total"));
 }
+
+/// The value of the series `line` (its full name and labels) in the metrics text, if present.
+fn series(text: &str, line: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until the metrics show `line` at `value`: a request's metrics are recorded as it
+/// ends, which can trail the response by a moment.
+async fn metrics_reach(gw: &Gateway, line: &str, value: f64) -> String {
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = gw.metrics().await;
+        if series(&text, line) == Some(value) {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    text
+}
+
+#[tokio::test]
+async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let ttfb = r#"tollgate_upstream_first_byte_seconds_count{model="test/model"}"#;
+    let requests = r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"}"#;
+    let output = r#"tollgate_tokens_total{key="team-a",kind="output",model="test/model"}"#;
+    let text = gw.metrics().await;
+    assert_eq!(series(&text, ttfb), Some(0.0), "{text}");
+    assert_eq!(series(&text, requests), None, "{text}");
+
+    assert_eq!(gw.chat(hello()).await.status(), 200);
+    let text = metrics_reach(&gw, requests, 1.0).await;
+    assert_eq!(series(&text, requests), Some(1.0), "{text}");
+    assert_eq!(series(&text, ttfb), Some(1.0), "{text}");
+    let tokens = series(&text, output).unwrap_or_else(|| panic!("{text}"));
+    assert!(tokens > 0.0);
+
+    assert_eq!(gw.reload().await, 200);
+    assert_eq!(gw.chat(hello()).await.status(), 200);
+    let text = metrics_reach(&gw, requests, 2.0).await;
+    assert_eq!(series(&text, requests), Some(2.0), "{text}");
+    assert_eq!(series(&text, ttfb), Some(2.0), "{text}");
+    assert_eq!(series(&text, output), Some(2.0 * tokens), "{text}");
+}
