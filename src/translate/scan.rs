@@ -25,6 +25,97 @@ pub fn value_start(json: &[u8], key: &[u8]) -> Option<usize> {
     None
 }
 
+/// Where the value of the top-level member `"key"` of the object `json` starts. Only the
+/// object's own members are looked at: nested values and strings are stepped over, not parsed,
+/// so text that merely looks like the member (in a message's content, in a nested object) is
+/// never taken for it. `None` when there is no such member, or `json` is not an object as far
+/// as the walk gets. `key` is given without quotes and must not need escaping.
+pub fn top_level_value(json: &[u8], key: &[u8]) -> Option<usize> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(json, i);
+        if json.get(i) != Some(&b'"') {
+            return None;
+        }
+        let name_end = string_end(json, i)?;
+        let name = &json[i + 1..name_end - 1];
+        i = skip_ws(json, name_end);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(json, i + 1);
+        if name == key {
+            return (i < json.len()).then_some(i);
+        }
+        i = skip_ws(json, value_end(json, i)?);
+        match json.get(i) {
+            Some(b',') => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// The index just past the string that opens at `at` (a quote).
+fn string_end(json: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    loop {
+        i += memchr::memchr2(b'"', b'\\', &json[i..])?;
+        if json[i] == b'"' {
+            return Some(i + 1);
+        }
+        // A backslash escapes the next byte, whatever it is.
+        i += 2;
+        if i > json.len() {
+            return None;
+        }
+    }
+}
+
+/// The index just past the value that starts at `at`.
+fn value_end(json: &[u8], at: usize) -> Option<usize> {
+    match json.get(at)? {
+        b'"' => string_end(json, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = at;
+            while let Some(&c) = json.get(i) {
+                match c {
+                    b'"' => {
+                        i = string_end(json, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            let rest = &json[at..];
+            let len = rest
+                .iter()
+                .position(|&c| matches!(c, b',' | b'}' | b']') || c.is_ascii_whitespace())
+                .unwrap_or(rest.len());
+            Some(at + len)
+        }
+    }
+}
+
+fn skip_ws(json: &[u8], at: usize) -> usize {
+    at + json.get(at..).map_or(0, leading_ws)
+}
+
 fn leading_ws(s: &[u8]) -> usize {
     s.iter().take_while(|c| c.is_ascii_whitespace()).count()
 }
@@ -62,5 +153,35 @@ mod tests {
         assert_eq!(value_start(br#"{"usage":null}"#, b"\"usage\""), Some(9));
         assert_eq!(value_start(b"\"usage\"", b"\"usage\""), None);
         assert_eq!(find(b"", b"x"), None);
+    }
+
+    #[test]
+    fn only_the_objects_own_members_are_found() {
+        fn top(j: &str) -> Option<&str> {
+            top_level_value(j.as_bytes(), b"usage").map(|i| &j[i..])
+        }
+        assert_eq!(top(r#"{"usage":{"a":1}}"#), Some(r#"{"a":1}}"#));
+        assert_eq!(top(r#" { "id" : "x" , "usage" : 7 } "#), Some("7 } "));
+        // Look-alikes inside strings and nested values are stepped over.
+        let tricky = r#"{"choices":[{"message":{"content":"say \"usage\": {\"prompt_tokens\": 9}","usage":{"x":1}}}],"note":"\\","usage":{"prompt_tokens":3}}"#;
+        assert_eq!(top(tricky), Some(r#"{"prompt_tokens":3}}"#));
+        assert_eq!(top(r#"{"choices":[],"model":"m"}"#), None);
+        assert_eq!(
+            top(r#"{"a":[1,{"usage":2}],"b":true,"c":null,"d":-1.5e3}"#),
+            None
+        );
+        // Not an object, or broken before the member: nothing.
+        for broken in [
+            "",
+            "[1]",
+            r#"{"a":"unterminated"#,
+            r#"{"a" 1,"usage":2}"#,
+            r#"{"a":{"b":1,"usage":2}"#,
+            r#"{"a":1 "usage":2}"#,
+            r#"{"usage":"#,
+            r#"{"a":"\"#,
+        ] {
+            assert_eq!(top(broken), None, "{broken}");
+        }
     }
 }

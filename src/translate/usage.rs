@@ -77,22 +77,20 @@ impl From<&OpenAiUsage> for Usage {
     }
 }
 
-/// Just the `usage` of a chat.completion or chunk; the rest is skipped, not built.
-#[derive(Deserialize)]
-struct WithUsage {
-    #[serde(default)]
-    usage: Option<OpenAiUsage>,
-}
-
-/// The usage in an OpenAI JSON body or chunk, if it carries a non-null one.
+/// The usage in an OpenAI JSON body or chunk, if it carries a non-null one. Only the object's
+/// own `usage` member counts; it alone is parsed, the rest of the body is stepped over.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    // Most stream chunks carry no usage, or `"usage": null`: skip parsing them.
-    let start = scan::value_start(json, b"\"usage\"")?;
-    if json.get(start) != Some(&b'{') {
+    // Most stream chunks carry no usage at all: a substring search rejects them cheaply.
+    scan::find(json, b"\"usage\"")?;
+    let start = scan::top_level_value(json, b"usage")?;
+    if json[start] != b'{' {
         return None;
     }
-    let parsed: WithUsage = serde_json::from_slice(json).ok()?;
-    parsed.usage.as_ref().map(Usage::from)
+    let mut object = serde_json::Deserializer::from_slice(&json[start..]);
+    OpenAiUsage::deserialize(&mut object)
+        .ok()
+        .as_ref()
+        .map(Usage::from)
 }
 
 #[cfg(test)]
@@ -138,5 +136,15 @@ mod tests {
         assert_eq!(usage_of(br#"{"choices":[],"usage":null}"#), None);
         assert_eq!(usage_of(b"[DONE]"), None);
         assert_eq!(usage_of(b"{not json \"usage\""), None);
+        assert_eq!(usage_of(br#"{"usage":{"prompt_tokens":"many"}}"#), None);
+    }
+
+    #[test]
+    fn a_look_alike_in_the_content_is_not_the_usage() {
+        let body = br#"{"choices":[{"message":{"role":"assistant","content":"{\"usage\":{\"prompt_tokens\":999}}","usage":{"prompt_tokens":5}}}],"usage":{"prompt_tokens":10,"completion_tokens":4}}"#;
+        assert_eq!(usage_of(body).map(|u| (u.input, u.output)), Some((10, 4)));
+        let without =
+            br#"{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 999}"}}]}"#;
+        assert_eq!(usage_of(without), None);
     }
 }
