@@ -176,7 +176,14 @@ impl Upstream {
         for _ in 0..2 {
             let (stream, reused) = match replica.reuse() {
                 Some(stream) => (stream, true),
-                None => match timeout_at(deadline, self.connector.new_stream(replica.peer())).await
+                // Boxed: the connector's future is over 8 KiB (it can do TLS), and held inline
+                // it would make every request's future that size, moved on each request, for
+                // the few requests that connect.
+                None => match timeout_at(
+                    deadline,
+                    Box::pin(self.connector.new_stream(replica.peer())),
+                )
+                .await
                 {
                     Ok(Ok(stream)) => (stream, false),
                     Ok(Err(e)) => return Err(format!("connect: {}", e.etype().as_str())),
