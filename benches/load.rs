@@ -76,6 +76,11 @@ struct Params {
     /// Worker threads of the harness runtime (load generator and replicas).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// Instead of load: user-space instructions per request, counted by valgrind's callgrind
+    /// in tollgate (one worker thread) serving sequential requests: a run of 2×N minus a run
+    /// of N, so start-up and shutdown cancel out. Deterministic where CPU time is not.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    instructions: Option<u32>,
     /// Added by `cargo bench` to every target; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -156,7 +161,17 @@ async fn run(params: &Params) -> Result<(), String> {
     }
     let addrs: Vec<SocketAddr> = replicas.iter().map(SimReplica::addr).collect();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
+    if let Some(n) = params.instructions {
+        println!(
+            "tollgate instructions (valgrind callgrind): {} replicas, one worker thread, {n} and \
+             {} sequential {} requests on one connection, max_tokens {}",
+            params.replicas,
+            2 * n,
+            if params.stream { "streaming" } else { "JSON" },
+            params.tokens,
+        );
+    } else {
+        println!(
         "tollgate load harness: {} replicas, {} connections, {} s measured after {} s warm-up, {} \
          requests, max_tokens {}, {} harness threads, {cores} cores",
         params.replicas,
@@ -165,11 +180,12 @@ async fn run(params: &Params) -> Result<(), String> {
         params.warmup.as_secs_f64(),
         if params.stream { "streaming" } else { "JSON" },
         params.tokens,
-        params.threads,
-    );
+            params.threads,
+        );
+    }
 
     let mut reports = Vec::new();
-    if params.phase != Phase::Tollgate {
+    if params.phase != Phase::Tollgate && params.instructions.is_none() {
         reports.push(
             measure(
                 "direct",
@@ -201,7 +217,16 @@ async fn run(params: &Params) -> Result<(), String> {
     }
     for (name, binary, variant) in runs {
         let name: &'static str = Box::leak(name.into_boxed_str());
-        let gateway = Gateway::start(&binary, &addrs, variant, params.gateway_threads).await?;
+        if let Some(n) = params.instructions {
+            if variant == Variant::Nginx {
+                continue;
+            }
+            let per_request = instructions(params, n, &binary, variant, &addrs).await?;
+            println!("{name:<14} {per_request:>9} instructions per request");
+            continue;
+        }
+        let gateway =
+            Gateway::start(&binary, &addrs, variant, params.gateway_threads, false).await?;
         let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
         let report = measure(
             name,
@@ -221,8 +246,39 @@ async fn run(params: &Params) -> Result<(), String> {
             println!("{name} logged {count} lines at warn level; the first:\n  {first}");
         }
     }
-    print!("{}", render(&reports));
+    if !reports.is_empty() {
+        print!("{}", render(&reports));
+    }
     Ok(())
+}
+
+/// `--instructions N`: tollgate's user-space instructions per request under callgrind, from
+/// one run serving N sequential requests on one connection and one serving 2×N.
+async fn instructions(
+    params: &Params,
+    n: u32,
+    binary: &std::path::Path,
+    variant: Variant,
+    replicas: &[SocketAddr],
+) -> Result<u64, String> {
+    let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
+    let mut totals = [0u64; 2];
+    for (total, count) in totals.iter_mut().zip([n, 2 * n]) {
+        let gateway = Gateway::start(binary, replicas, variant, 1, true).await?;
+        let now = Instant::now();
+        let job = Job::new(params, variant, gateway.public, Some(&auth), now, now);
+        let mut sender = connect(gateway.public).await?;
+        for _ in 0..count {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            exchange(&mut sender, &job).await.map_err(|f| match f {
+                Failure::Status(status, text) => format!("status {status}: {text}"),
+                Failure::Body(what) | Failure::Transport(what) => what,
+            })?;
+        }
+        drop(sender);
+        *total = gateway.instructions().await?;
+    }
+    Ok(totals[1].saturating_sub(totals[0]) / u64::from(n))
 }
 
 /// What one phase measured.
@@ -278,6 +334,51 @@ struct Job {
 }
 
 impl Job {
+    /// The request of `variant` (chat completion, or Anthropic message) to `target`.
+    fn new(
+        params: &Params,
+        variant: Variant,
+        target: SocketAddr,
+        auth: Option<&HeaderValue>,
+        measure_from: Instant,
+        end: Instant,
+    ) -> Job {
+        let mut body = serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": params.tokens,
+        });
+        if params.stream {
+            body["stream"] = true.into();
+        }
+        let (path, stream_end): (&'static str, &'static [u8]) = match variant {
+            Variant::Anthropic => (
+                "/v1/messages",
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            ),
+            _ => ("/v1/chat/completions", b"data: [DONE]\n\n"),
+        };
+        let body = Bytes::from(body.to_string());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            HOST,
+            HeaderValue::try_from(target.to_string()).expect("ip:port"),
+        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        if let Some(auth) = auth {
+            headers.insert(AUTHORIZATION, auth.clone());
+        }
+        Job {
+            measure_from,
+            end,
+            path,
+            headers,
+            body,
+            stream_end: params.stream.then_some(stream_end),
+        }
+    }
+
     fn request(&self) -> Request<Full<Bytes>> {
         let mut req = Request::new(Full::new(self.body.clone()));
         *req.method_mut() = Method::POST;
@@ -296,23 +397,6 @@ async fn measure(
     auth: Option<HeaderValue>,
     tollgate_pid: Option<u32>,
 ) -> Report {
-    let mut body = serde_json::json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Hello"}],
-        "max_tokens": params.tokens,
-    });
-    if params.stream {
-        body["stream"] = true.into();
-    }
-    let (path, stream_end): (&'static str, &'static [u8]) = match variant {
-        Variant::Anthropic => (
-            "/v1/messages",
-            b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
-        ),
-        _ => ("/v1/chat/completions", b"data: [DONE]\n\n"),
-    };
-    let stream_end = params.stream.then_some(stream_end);
-    let body = Bytes::from(body.to_string());
     let upstream =
         |count: fn(&SimStats) -> u64| -> u64 { replicas.iter().map(|r| count(&r.stats())).sum() };
     let requests_before = upstream(SimStats::requests);
@@ -324,24 +408,7 @@ async fn measure(
     let mut tasks = JoinSet::new();
     for i in 0..usize::from(params.connections) {
         let target = targets[i % targets.len()];
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            HOST,
-            HeaderValue::try_from(target.to_string()).expect("ip:port"),
-        );
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        if let Some(auth) = &auth {
-            headers.insert(AUTHORIZATION, auth.clone());
-        }
-        let job = Job {
-            measure_from,
-            end,
-            path,
-            headers,
-            body: body.clone(),
-            stream_end,
-        };
+        let job = Job::new(params, variant, target, auth.as_ref(), measure_from, end);
         tasks.spawn(drive(target, job));
     }
     let mut tally = Tally::default();
@@ -547,6 +614,7 @@ impl Gateway {
         replicas: &[SocketAddr],
         variant: Variant,
         threads: u16,
+        callgrind: bool,
     ) -> Result<Gateway, String> {
         if variant == Variant::Nginx {
             return Gateway::nginx(replicas, threads).await;
@@ -578,7 +646,19 @@ impl Gateway {
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
-        let mut child = Command::new(binary)
+        let mut command = if callgrind {
+            let mut c = Command::new("valgrind");
+            c.arg("--tool=callgrind")
+                .arg(format!(
+                    "--callgrind-out-file={}",
+                    dir.path().join("callgrind.out").display()
+                ))
+                .arg(binary);
+            c
+        } else {
+            Command::new(binary)
+        };
+        let mut child = command
             .arg("run")
             .arg("-c")
             .arg(&path)
@@ -589,11 +669,15 @@ impl Gateway {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start tollgate: {e}"))?;
+            .map_err(|e| match callgrind {
+                true => format!("cannot start valgrind (is it installed?): {e}"),
+                false => format!("cannot start tollgate: {e}"),
+            })?;
         let stdout = child.stdout.take().ok_or("tollgate has no stdout")?;
         let (mut stdout, mut line) = (BufReader::new(stdout), String::new());
-        let ready =
-            tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line)).await;
+        // Under callgrind, start-up (loading the system's CA certificates) takes a while.
+        let patience = Duration::from_secs(if callgrind { 300 } else { 30 });
+        let ready = tokio::time::timeout(patience, stdout.read_line(&mut line)).await;
         let mut gateway = Gateway {
             child,
             public: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -612,6 +696,38 @@ impl Gateway {
             }
         }
         Ok(gateway)
+    }
+
+    /// Stops tollgate run under callgrind (SIGINT: Pingora's fast shutdown, which exits the
+    /// process so callgrind writes its profile) and reads the instructions it counted.
+    async fn instructions(mut self) -> Result<u64, String> {
+        let pid = self.child.id().ok_or("tollgate already exited")?;
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        tokio::time::timeout(Duration::from_secs(300), self.child.wait())
+            .await
+            .map_err(|_| "tollgate did not exit under callgrind")?
+            .map_err(|e| e.to_string())?;
+        let mut total = 0;
+        for entry in std::fs::read_dir(self.dir.path()).map_err(|e| e.to_string())? {
+            let path = entry.map_err(|e| e.to_string())?.path();
+            let is_profile = path
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("callgrind.out"));
+            if !is_profile {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("totals:").or(l.strip_prefix("summary:")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("no totals in {}", path.display()))?;
+        }
+        Ok(total)
     }
 
     fn stderr(&self) -> String {
