@@ -1,176 +1,399 @@
 //! OpenAI Chat Completions requests: validate what routing needs, keep every other field as is.
+//!
+//! The body is not rebuilt: the fields tollgate reads are borrowed from it where they lie, and
+//! the replica's body is the client's bytes with those few values replaced, so engine
+//! extensions (`top_k`, `chat_template_args`, …) and key order reach the replica untouched.
 
+use std::ops::Range;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::RequestError;
 
-/// A validated chat completion request. Fields tollgate does not interpret stay in `body`
-/// untouched, so engine extensions (`top_k`, `chat_template_args`, …) reach the replica.
+/// A validated chat completion request.
 #[derive(Debug)]
 pub struct ChatRequest {
     pub model: String,
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    body: Map<String, Value>,
+    /// The body as the client sent it.
+    raw: Vec<u8>,
+    /// Where the values tollgate may replace lie in `raw` (`null` ones included).
+    model_at: Range<usize>,
+    stream_options_at: Option<Range<usize>>,
+    max_tokens: Option<Cap>,
+    max_completion_tokens: Option<Cap>,
+    /// The budget clamp: the output cap to send instead of the client's.
+    lowered_cap: Option<u64>,
+    input_estimate: u32,
+}
+
+/// A client-set output cap field: where its value lies, and the value unless it is `null`.
+#[derive(Debug, Clone)]
+struct Cap {
+    at: Range<usize>,
+    value: Option<u64>,
+}
+
+/// The top-level fields tollgate reads. Every field is taken as written, `null` included (see
+/// `raw`), so that its place in the body is known; all others are skipped.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    stream_options: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    tools: Option<&'a RawValue>,
+}
+
+/// What the estimate reads of a message; `role` is checked.
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default, deserialize_with = "raw")]
+    role: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    image_url: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    #[serde(borrow, default)]
+    function: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(borrow, default)]
+    arguments: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions<'a> {
+    #[serde(borrow, default)]
+    include_usage: Option<&'a RawValue>,
+}
+
+/// A present field as its JSON text, `null` too (serde would make `null` a `None`).
+fn raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn first_byte(v: &RawValue) -> u8 {
+    v.get().as_bytes().first().copied().unwrap_or(b' ')
+}
+
+fn is_null(v: &RawValue) -> bool {
+    v.get() == "null"
+}
+
+/// The byte length of a JSON string value once unescaped; `None` when it is not a string.
+fn string_len(v: &RawValue) -> Option<usize> {
+    if first_byte(v) != b'"' {
+        return None;
+    }
+    match serde_json::from_str::<&str>(v.get()) {
+        Ok(s) => Some(s.len()),
+        // Escapes cannot be borrowed; they are rare in what this counts.
+        Err(_) => serde_json::from_str::<String>(v.get())
+            .ok()
+            .map(|s| s.len()),
+    }
+}
+
+/// Objects only: anything else is `None`, as a lookup in it would find nothing.
+fn object<'a, T: Deserialize<'a>>(v: &'a RawValue) -> Result<Option<T>, RequestError> {
+    if first_byte(v) != b'{' {
+        return Ok(None);
+    }
+    serde_json::from_str(v.get())
+        .map(Some)
+        .map_err(RequestError::invalid_json)
+}
+
+fn array(v: &RawValue) -> Result<Option<Vec<&RawValue>>, RequestError> {
+    if first_byte(v) != b'[' {
+        return Ok(None);
+    }
+    serde_json::from_str(v.get())
+        .map(Some)
+        .map_err(RequestError::invalid_json)
 }
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(RequestError::invalid_json)?;
-        let Value::Object(body) = value else {
+        let starts_object = bytes
+            .iter()
+            .find(|c| !c.is_ascii_whitespace())
+            .is_some_and(|&c| c == b'{');
+        let fields: Fields = serde_json::from_slice(bytes).map_err(RequestError::invalid_json)?;
+        if !starts_object {
             return Err(RequestError::invalid_json("the top level is not an object"));
+        }
+        // Every value borrowed from `bytes`: its place in them.
+        let base = bytes.as_ptr() as usize;
+        // serde_json borrows every `&RawValue` from `bytes`; checked all the same, as the ranges
+        // are used to slice the body later.
+        let at = |v: &RawValue| -> Result<Range<usize>, RequestError> {
+            let start = (v.get().as_ptr() as usize).wrapping_sub(base);
+            let range = start..start.saturating_add(v.get().len());
+            match bytes.get(range.clone()) {
+                Some(text) if text == v.get().as_bytes() => Ok(range),
+                _ => Err(RequestError::invalid_json("a value could not be located")),
+            }
         };
-        let model = match body.get("model") {
-            Some(Value::String(m)) if !m.is_empty() => m.clone(),
-            Some(Value::String(_)) | None => {
+        let model_raw = match fields.model {
+            Some(m) if first_byte(m) == b'"' => m,
+            Some(_) => return Err(RequestError::wrong_type("model", "a string")),
+            None => {
                 return Err(RequestError::missing(
                     "model",
                     "Name the model to use; GET /v1/models lists them.",
                 ))
             }
-            Some(_) => return Err(RequestError::wrong_type("model", "a string")),
         };
-        match body.get("messages") {
-            Some(Value::Array(list)) if !list.is_empty() => {
-                for (i, m) in list.iter().enumerate() {
-                    match m.get("role") {
-                        Some(Value::String(_)) => {}
-                        Some(_) => {
-                            return Err(RequestError::wrong_type(
-                                &format!("messages[{i}].role"),
-                                "a string",
-                            ))
-                        }
-                        None if m.is_object() => {
-                            return Err(RequestError::missing(
-                                &format!("messages[{i}].role"),
-                                "Each message needs a role such as \"user\".",
-                            ))
-                        }
-                        None => {
-                            return Err(RequestError::wrong_type(
-                                &format!("messages[{i}]"),
-                                "an object",
-                            ))
+        let model: String =
+            serde_json::from_str(model_raw.get()).map_err(RequestError::invalid_json)?;
+        if model.is_empty() {
+            return Err(RequestError::missing(
+                "model",
+                "Name the model to use; GET /v1/models lists them.",
+            ));
+        }
+        let no_messages = || {
+            RequestError::missing(
+                "messages",
+                "Send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hi\"}].",
+            )
+        };
+        let messages = match fields.messages {
+            Some(m) => match array(m)? {
+                Some(list) if list.is_empty() => return Err(no_messages()),
+                Some(list) => list,
+                None => return Err(RequestError::wrong_type("messages", "an array of messages")),
+            },
+            None => return Err(no_messages()),
+        };
+        // Prompt tokens, estimated: 4 per message plus one per 4 characters of text (content
+        // strings, text parts, tool call arguments), 85 per image, and the tool definitions'
+        // JSON at one token per 4 bytes. The replica's count replaces it when one arrives.
+        let mut chars = 0usize;
+        let mut tokens = 0usize;
+        for (i, m) in messages.iter().enumerate() {
+            let Some(message) = object::<Message>(m)? else {
+                return Err(RequestError::wrong_type(
+                    &format!("messages[{i}]"),
+                    "an object",
+                ));
+            };
+            match message.role {
+                Some(r) if first_byte(r) == b'"' => {}
+                Some(_) => {
+                    return Err(RequestError::wrong_type(
+                        &format!("messages[{i}].role"),
+                        "a string",
+                    ))
+                }
+                None => {
+                    return Err(RequestError::missing(
+                        &format!("messages[{i}].role"),
+                        "Each message needs a role such as \"user\".",
+                    ))
+                }
+            }
+            tokens += 4;
+            if let Some(content) = message.content {
+                if let Some(n) = string_len(content) {
+                    chars += n;
+                } else if let Some(parts) = array(content)? {
+                    for p in parts {
+                        let Some(part) = object::<Part>(p)? else {
+                            continue;
+                        };
+                        match part.text.and_then(string_len) {
+                            Some(n) => chars += n,
+                            None if part.image_url.is_some() => tokens += 85,
+                            None => {}
                         }
                     }
                 }
             }
-            Some(Value::Array(_)) | None => {
-                return Err(RequestError::missing(
-                    "messages",
-                    "Send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hi\"}].",
-                ))
+            for call in message
+                .tool_calls
+                .map(array)
+                .transpose()?
+                .flatten()
+                .unwrap_or_default()
+            {
+                let function = object::<ToolCall>(call)?.and_then(|c| c.function);
+                let arguments = function
+                    .map(object::<Function>)
+                    .transpose()?
+                    .flatten()
+                    .and_then(|f| f.arguments);
+                chars += arguments.and_then(string_len).unwrap_or(0);
             }
-            Some(_) => return Err(RequestError::wrong_type("messages", "an array of messages")),
         }
-        let stream = match body.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(RequestError::wrong_type("stream", "a boolean")),
+        if let Some(tools) = fields.tools {
+            // The definitions as compact JSON, however the client spaced them.
+            let value: Value =
+                serde_json::from_str(tools.get()).map_err(RequestError::invalid_json)?;
+            chars += value.to_string().len();
+        }
+        let input_estimate = (tokens + chars.div_ceil(4)).max(1).min(u32::MAX as usize) as u32;
+
+        let stream = match fields.stream {
+            None => false,
+            Some(v) if is_null(v) => false,
+            Some(v) => match v.get() {
+                "true" => true,
+                "false" => false,
+                _ => return Err(RequestError::wrong_type("stream", "a boolean")),
+            },
         };
-        for field in ["max_tokens", "max_completion_tokens"] {
-            match body.get(field) {
-                None | Some(Value::Null) => {}
-                Some(Value::Number(n)) if n.is_u64() => {}
-                Some(_) => return Err(RequestError::wrong_type(field, "a non-negative integer")),
+        let cap = |field: &str, v: Option<&RawValue>| -> Result<Option<Cap>, RequestError> {
+            let Some(v) = v else { return Ok(None) };
+            let value = if is_null(v) {
+                None
+            } else {
+                let n = v
+                    .get()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|_| v.get().bytes().all(|c| c.is_ascii_digit()));
+                Some(n.ok_or_else(|| RequestError::wrong_type(field, "a non-negative integer"))?)
+            };
+            Ok(Some(Cap { at: at(v)?, value }))
+        };
+        let max_tokens = cap("max_tokens", fields.max_tokens)?;
+        let max_completion_tokens = cap("max_completion_tokens", fields.max_completion_tokens)?;
+        let mut include_usage = false;
+        if let Some(o) = fields.stream_options {
+            if !is_null(o) {
+                let Some(options) = object::<StreamOptions>(o)? else {
+                    return Err(RequestError::wrong_type("stream_options", "an object"));
+                };
+                include_usage = options.include_usage.is_some_and(|v| v.get() == "true");
             }
         }
-        match body.get("stream_options") {
-            None | Some(Value::Null) | Some(Value::Object(_)) => {}
-            Some(_) => return Err(RequestError::wrong_type("stream_options", "an object")),
-        }
-        let include_usage = body
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         Ok(ChatRequest {
             model,
             stream,
             include_usage,
-            body,
+            model_at: at(model_raw)?,
+            stream_options_at: fields.stream_options.map(at).transpose()?,
+            max_tokens,
+            max_completion_tokens,
+            lowered_cap: None,
+            input_estimate,
+            raw: bytes.to_vec(),
         })
     }
 
     /// The output cap the client set: `max_completion_tokens`, else `max_tokens`.
     pub fn max_output_tokens(&self) -> Option<u64> {
-        ["max_completion_tokens", "max_tokens"]
-            .iter()
-            .find_map(|f| self.body.get(*f).and_then(Value::as_u64))
+        if let Some(n) = self.lowered_cap {
+            return Some(n);
+        }
+        [&self.max_completion_tokens, &self.max_tokens]
+            .into_iter()
+            .find_map(|c| c.as_ref().and_then(|c| c.value))
     }
 
     /// Lowers the output cap (a budget clamp): sets whichever cap fields the client used.
     pub fn set_max_output_tokens(&mut self, n: u64) {
-        let mut set = false;
-        for f in ["max_completion_tokens", "max_tokens"] {
-            if self.body.get(f).is_some_and(|v| !v.is_null()) {
-                self.body.insert(f.into(), Value::from(n));
-                set = true;
-            }
-        }
-        if !set {
-            self.body.insert("max_tokens".into(), Value::from(n));
-        }
+        self.lowered_cap = Some(n);
     }
 
-    /// Prompt tokens, estimated: 4 per message plus one per 4 characters of text (content
-    /// strings, text parts, tool call arguments), 85 per image, and the tool definitions'
-    /// JSON at one token per 4 bytes. The replica's count replaces it when one arrives.
+    /// Prompt tokens, estimated when the request was parsed (see `parse`).
     pub fn estimate_input_tokens(&self) -> u32 {
-        let mut chars = 0usize;
-        let mut tokens = 0usize;
-        if let Some(Value::Array(messages)) = self.body.get("messages") {
-            for m in messages {
-                tokens += 4;
-                match m.get("content") {
-                    Some(Value::String(s)) => chars += s.len(),
-                    Some(Value::Array(parts)) => {
-                        for p in parts {
-                            match p.get("text") {
-                                Some(Value::String(s)) => chars += s.len(),
-                                _ if p.get("image_url").is_some() => tokens += 85,
-                                _ => {}
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                if let Some(Value::Array(calls)) = m.get("tool_calls") {
-                    for c in calls {
-                        if let Some(Value::String(a)) = c.pointer("/function/arguments") {
-                            chars += a.len();
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(tools) = self.body.get("tools") {
-            chars += tools.to_string().len();
-        }
-        (tokens + chars.div_ceil(4)).max(1).min(u32::MAX as usize) as u32
+        self.input_estimate
     }
 
-    /// The body for the replica: the same request with `model` set to what the replica
-    /// serves, and, when streaming, the usage chunk always requested (accounting needs it).
-    pub fn upstream_body(mut self, upstream_model: &str) -> Vec<u8> {
-        self.body
-            .insert("model".into(), Value::String(upstream_model.to_string()));
-        if self.stream && !self.include_usage {
-            let options = self
-                .body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !options.is_object() {
-                *options = Value::Object(Map::new());
+    /// The body for the replica: the client's bytes with `model` set to what the replica
+    /// serves, the output cap lowered if a budget clamped it, and, when streaming, the usage
+    /// chunk always requested (accounting needs it).
+    pub fn upstream_body(self, upstream_model: &str) -> Vec<u8> {
+        // Serialising a string or a map of `Value`s cannot fail.
+        let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(3);
+        let mut added: Vec<u8> = Vec::new();
+        edits.push((
+            self.model_at.clone(),
+            serde_json::to_vec(upstream_model).unwrap_or_default(),
+        ));
+        if let Some(n) = self.lowered_cap {
+            let set: Vec<Range<usize>> = [&self.max_completion_tokens, &self.max_tokens]
+                .into_iter()
+                .flatten()
+                .filter(|c| c.value.is_some())
+                .map(|c| c.at.clone())
+                .collect();
+            if set.is_empty() {
+                match &self.max_tokens {
+                    // `"max_tokens": null` is there: it takes the value.
+                    Some(c) => edits.push((c.at.clone(), n.to_string().into_bytes())),
+                    None => added.extend_from_slice(format!("\"max_tokens\":{n},").as_bytes()),
+                }
             }
-            if let Value::Object(o) = options {
-                o.insert("include_usage".into(), Value::Bool(true));
+            edits.extend(set.into_iter().map(|at| (at, n.to_string().into_bytes())));
+        }
+        if self.stream && !self.include_usage {
+            let usage_on = br#"{"include_usage":true}"#.to_vec();
+            match &self.stream_options_at {
+                Some(at) => {
+                    let options =
+                        match serde_json::from_slice::<Map<String, Value>>(&self.raw[at.clone()]) {
+                            Ok(mut o) => {
+                                o.insert("include_usage".into(), Value::Bool(true));
+                                serde_json::to_vec(&o).unwrap_or(usage_on)
+                            }
+                            // `null`
+                            Err(_) => usage_on,
+                        };
+                    edits.push((at.clone(), options));
+                }
+                None => added.extend_from_slice(br#""stream_options":{"include_usage":true},"#),
             }
         }
-        // Serialising a `Map` of `Value`s cannot fail: keys are strings and numbers are finite.
-        serde_json::to_vec(&self.body).unwrap_or_default()
+        edits.sort_by_key(|(at, _)| at.start);
+        let mut out = Vec::with_capacity(self.raw.len() + added.len() + upstream_model.len() + 16);
+        let mut from = 0;
+        if !added.is_empty() {
+            // Right after the opening brace; the object has members (model, messages), so a
+            // trailing comma is always followed by one.
+            let brace = self.raw.iter().position(|&c| c == b'{').unwrap_or(0);
+            out.extend_from_slice(&self.raw[..=brace]);
+            out.extend_from_slice(&added);
+            from = brace + 1;
+        }
+        for (at, value) in edits {
+            out.extend_from_slice(&self.raw[from..at.start]);
+            out.extend_from_slice(&value);
+            from = at.end;
+        }
+        out.extend_from_slice(&self.raw[from..]);
+        out
     }
 }
 
@@ -193,6 +416,55 @@ mod tests {
         assert_eq!(out["top_k"], 5);
         assert_eq!(out["chat_template_args"]["enable_thinking"], true);
         assert_eq!(out["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn the_body_reaches_the_replica_as_sent_but_for_the_values_tollgate_sets() {
+        // Spacing, key order, escapes and numbers no float can hold all survive.
+        let body = r#" {"top_k": 5, "model" : "a", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#;
+        let req = ChatRequest::parse(body.as_bytes()).unwrap();
+        let out = String::from_utf8(req.upstream_body("org/served")).unwrap();
+        assert_eq!(
+            out,
+            r#" {"top_k": 5, "model" : "org/served", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#
+        );
+    }
+
+    #[test]
+    fn streams_always_ask_for_usage_and_a_clamp_sets_the_cap_the_client_used() {
+        let up = |body: &str, clamp: Option<u64>| {
+            let mut req = ChatRequest::parse(body.as_bytes()).unwrap();
+            if let Some(n) = clamp {
+                req.set_max_output_tokens(n);
+            }
+            let out: Value = serde_json::from_slice(&req.upstream_body("m")).unwrap();
+            out
+        };
+        let m = r#""model":"m","messages":[{"role":"user"}]"#;
+        let out = up(&format!(r#"{{{m},"stream":true}}"#), None);
+        assert_eq!(out["stream_options"]["include_usage"], true);
+        let out = up(
+            &format!(r#"{{{m},"stream":true,"stream_options":{{"x":1}}}}"#),
+            None,
+        );
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+        let out = up(&format!(r#"{{{m},"max_tokens":null}}"#), Some(7));
+        assert_eq!(out["max_tokens"], 7);
+        let out = up(&format!(r#"{{{m},"max_completion_tokens":90}}"#), Some(7));
+        assert_eq!(out["max_completion_tokens"], 7);
+        assert!(out.get("max_tokens").is_none());
+        let out = up(&format!(r#"{{{m}}}"#), Some(7));
+        assert_eq!(out["max_tokens"], 7);
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused_rather_than_guessed() {
+        // Which `model` would the replica read? Refusing is the only safe answer.
+        let e = err(r#"{"model":"a","model":"b","messages":[{"role":"user"}]}"#);
+        assert_eq!(e.code, "invalid_json");
     }
 
     #[test]
