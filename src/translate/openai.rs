@@ -461,6 +461,52 @@ mod tests {
     }
 
     #[test]
+    fn mangled_bodies_are_refused_or_forwarded_as_valid_json() {
+        use rand::{Rng, SeedableRng};
+        let seeds = [
+            r#"{"model":"a","messages":[{"role":"user","content":[{"type":"text","text":"x\"y"}]}],"stream":true,"max_tokens":9}"#,
+            r#" { "stream_options" : {"include_usage":false}, "model":"a","messages":[{"role":"u","tool_calls":[{"function":{"arguments":"{}"}}]}],"stream":true,"max_completion_tokens":null}"#,
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"{}[]\",:\\ 0123456789-.enultrfa";
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let mut body = seeds[i % seeds.len()].as_bytes().to_vec();
+            for _ in 0..rng.gen_range(1..4) {
+                let at = rng.gen_range(0..body.len());
+                match rng.gen_range(0..3) {
+                    0 => body[at] = alphabet[rng.gen_range(0..alphabet.len())],
+                    1 => {
+                        body.remove(at);
+                    }
+                    _ => body.insert(at, alphabet[rng.gen_range(0..alphabet.len())]),
+                }
+                if body.is_empty() {
+                    body.push(b'{');
+                }
+            }
+            let Ok(mut req) = ChatRequest::parse(&body) else {
+                continue;
+            };
+            if i % 2 == 0 {
+                req.set_max_output_tokens(3);
+            }
+            let out = req.upstream_body("served");
+            let value: Value = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                panic!(
+                    "{e}: {} -> {}",
+                    String::from_utf8_lossy(&body),
+                    String::from_utf8_lossy(&out)
+                )
+            });
+            assert_eq!(value["model"], "served");
+            accepted += 1;
+        }
+        // Most mangled bodies are refused; enough must pass to exercise the rewrite.
+        assert!(accepted > 1_000, "only {accepted} accepted");
+    }
+
+    #[test]
     fn a_repeated_field_is_refused_rather_than_guessed() {
         // Which `model` would the replica read? Refusing is the only safe answer.
         let e = err(r#"{"model":"a","model":"b","messages":[{"role":"user"}]}"#);
