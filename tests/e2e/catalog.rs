@@ -131,13 +131,13 @@ fn series(text: &str, line: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Waits until the metrics show `line` at `value`: a request's metrics are recorded as it
-/// ends, which can trail the response by a moment.
-async fn metrics_reach(gw: &Gateway, line: &str, value: f64) -> String {
+/// Waits until the metrics text satisfies `done`: a request's metrics are recorded as it
+/// ends, one series after another, which can trail the response by a moment.
+async fn metrics_until(gw: &Gateway, done: impl Fn(&str) -> bool) -> String {
     let mut text = String::new();
     for _ in 0..200 {
         text = gw.metrics().await;
-        if series(&text, line) == Some(value) {
+        if done(&text) {
             break;
         }
         tokio::task::yield_now().await;
@@ -157,7 +157,8 @@ async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
     assert_eq!(series(&text, requests), None, "{text}");
 
     assert_eq!(gw.chat(hello()).await.status(), 200);
-    let text = metrics_reach(&gw, requests, 1.0).await;
+    // Token counts are the last series a request records.
+    let text = metrics_until(&gw, |t| series(t, output).is_some()).await;
     assert_eq!(series(&text, requests), Some(1.0), "{text}");
     assert_eq!(series(&text, ttfb), Some(1.0), "{text}");
     let tokens = series(&text, output).unwrap_or_else(|| panic!("{text}"));
@@ -165,7 +166,7 @@ async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
 
     assert_eq!(gw.reload().await, 200);
     assert_eq!(gw.chat(hello()).await.status(), 200);
-    let text = metrics_reach(&gw, requests, 2.0).await;
+    let text = metrics_until(&gw, |t| series(t, output) == Some(2.0 * tokens)).await;
     assert_eq!(series(&text, requests), Some(2.0), "{text}");
     assert_eq!(series(&text, ttfb), Some(2.0), "{text}");
     assert_eq!(series(&text, output), Some(2.0 * tokens), "{text}");
