@@ -140,7 +140,9 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
              duration_ms REAL NOT NULL,
              replica TEXT
          ) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts_ms);
+         -- Rows are found by time through the primary key: an id starts with its row's
+         -- ts_ms in hex (see account::record_id). A separate time index cost every insert.
+         DROP INDEX IF EXISTS usage_ts;
          CREATE TABLE IF NOT EXISTS alerts (
              key_id TEXT NOT NULL,
              period_start INTEGER NOT NULL,

@@ -80,8 +80,36 @@ pub fn record(ctx: &RequestCtx, settled: &Settled) -> Option<UsageRecord> {
     })
 }
 
+/// The least id a row at or after `ts_ms` can have (see `record_id`), so time ranges are read
+/// through the primary key. As an exclusive upper bound it holds for `ts_ms` > 0 only: ids of
+/// rows before 1970 all start at zero.
+pub fn id_bound(ts_ms: i64) -> String {
+    if ts_ms > 0xffff_ffff_ffff {
+        // Past what 12 hex digits hold (year 10889): sorts after every id.
+        return "g".into();
+    }
+    format!("{:012x}", ts_ms.max(0))
+}
+
 /// A unique ledger id that sorts by time, so inserts append to the table's B-tree instead of
 /// landing at random places: 12 hex digits of milliseconds, then 16 random ones.
 pub fn record_id(ts_ms: i64) -> String {
     format!("{:012x}{:016x}", ts_ms.max(0), rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_bounds_enclose_exactly_the_ids_of_their_millisecond() {
+        for ts in [-5, 0, 1, 15, 16, 1_795_000_000_000, 0xffff_ffff_ffff] {
+            let id = record_id(ts);
+            assert!(id_bound(ts) <= id, "{ts}");
+            assert!(id < id_bound((ts + 1).max(1)), "{ts}");
+            assert!(id_bound(ts - 1) <= id, "{ts}");
+        }
+        assert!(record_id(0xffff_ffff_ffff) < id_bound(i64::MAX));
+        assert!(id_bound(i64::MIN) <= record_id(0));
+    }
 }

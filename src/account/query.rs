@@ -8,6 +8,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
+use super::id_bound;
+
 /// More buckets than this in one answer is a mistake (e.g. a year by minute).
 pub const MAX_BUCKETS: i64 = 50_000;
 
@@ -104,27 +106,30 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
             "SELECT (ts_ms / ?1) * ?1 AS b, {key_col}, {model_col}, COUNT(*),
                     SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
                     SUM(reasoning_tokens), SUM(cost_nanos), SUM(estimated)
-             FROM usage WHERE ts_ms >= ?2 AND ts_ms < ?3
+             FROM usage WHERE id >= ?4 AND id < ?5 AND ts_ms >= ?2 AND ts_ms < ?3
              GROUP BY 1, 2, 3"
         );
         let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
         let rows = stmt
-            .query_map(params![b, from, to], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    [
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                        r.get(9)?,
-                    ],
-                ))
-            })
+            .query_map(
+                params![b, from, to, id_bound(from), id_bound(to.max(1))],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        [
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                            r.get(9)?,
+                        ],
+                    ))
+                },
+            )
             .map_err(|e| e.to_string())?;
         for row in rows {
             found.push(row.map_err(|e| e.to_string())?);
@@ -198,8 +203,9 @@ pub fn spend_since(path: &Path, key_id: &str, since_ms: i64) -> Result<(u64, Vec
         .map_err(|e| format!("ledger {}: {e}", path.display()))?;
     let spent: i64 = conn
         .query_row(
-            "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage WHERE key_id = ?1 AND ts_ms >= ?2",
-            params![key_id, since_ms],
+            "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage
+             WHERE id >= ?3 AND key_id = ?1 AND ts_ms >= ?2",
+            params![key_id, since_ms, id_bound(since_ms)],
             |r| r.get(0),
         )
         .map_err(|e| e.to_string())?;
@@ -256,7 +262,8 @@ mod tests {
         output: u64,
     ) -> UsageRecord {
         UsageRecord {
-            id: id.into(),
+            // Ids start with their time, as `record_id` makes them.
+            id: format!("{}{id}", id_bound(ts_ms)),
             request_id: id.into(),
             ts_ms,
             key_id: key.into(),
