@@ -33,8 +33,7 @@ pub fn record(
         }
     }
     let settled = account::settle(ctx);
-    let key = ctx.key_id.as_deref().unwrap_or("-");
-    let key_meters = meters.and_then(|m| m.key(key));
+    let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
     settle_limits(metrics, key_meters, alerter, ctx, &settled);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
         metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);

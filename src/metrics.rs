@@ -452,10 +452,6 @@ impl ReplicaMeters {
             failed: OnceLock::new(),
         }
     }
-
-    pub fn label(&self) -> &str {
-        &self.label
-    }
 }
 
 impl Default for Metrics {
