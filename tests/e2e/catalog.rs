@@ -102,15 +102,7 @@ async fn metrics_count_requests_by_model_and_status_class() {
     let c = client();
     let health = c.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
-    // Metrics are recorded when a request ends, which can trail the response by a moment.
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = gw.metrics().await;
-        if text.contains("status_class=\"4xx\"") {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let text = metrics_until(&gw, |t| t.contains("status_class=\"4xx\"")).await;
     assert!(
         text.contains(r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"} 1"#),
         "{text}"
