@@ -262,11 +262,12 @@ async fn instructions(
     replicas: &[SocketAddr],
 ) -> Result<u64, String> {
     let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
+    let payload = Payload::new(params, variant);
     let mut totals = [0u64; 2];
     for (total, count) in totals.iter_mut().zip([n, 2 * n]) {
         let gateway = Gateway::start(binary, replicas, variant, 1, true).await?;
         let now = Instant::now();
-        let job = Job::new(params, variant, gateway.public, Some(&auth), now, now);
+        let job = Job::new(&payload, gateway.public, Some(&auth), now, now);
         let mut sender = connect(gateway.public).await?;
         for _ in 0..count {
             sender.ready().await.map_err(|e| e.to_string())?;
@@ -333,16 +334,16 @@ struct Job {
     stream_end: Option<&'static [u8]>,
 }
 
-impl Job {
-    /// The request of `variant` (chat completion, or Anthropic message) to `target`.
-    fn new(
-        params: &Params,
-        variant: Variant,
-        target: SocketAddr,
-        auth: Option<&HeaderValue>,
-        measure_from: Instant,
-        end: Instant,
-    ) -> Job {
+/// The request every connection of a phase sends, serialised once.
+struct Payload {
+    path: &'static str,
+    body: Bytes,
+    stream_end: Option<&'static [u8]>,
+}
+
+impl Payload {
+    /// The request of `variant`: a chat completion, or an Anthropic message.
+    fn new(params: &Params, variant: Variant) -> Payload {
         let mut body = serde_json::json!({
             "model": MODEL,
             "messages": [{"role": "user", "content": "Hello"}],
@@ -358,7 +359,24 @@ impl Job {
             ),
             _ => ("/v1/chat/completions", b"data: [DONE]\n\n"),
         };
-        let body = Bytes::from(body.to_string());
+        Payload {
+            path,
+            body: Bytes::from(body.to_string()),
+            stream_end: params.stream.then_some(stream_end),
+        }
+    }
+}
+
+impl Job {
+    /// `payload` sent to `target`.
+    fn new(
+        payload: &Payload,
+        target: SocketAddr,
+        auth: Option<&HeaderValue>,
+        measure_from: Instant,
+        end: Instant,
+    ) -> Job {
+        let body = payload.body.clone();
         let mut headers = HeaderMap::new();
         headers.insert(
             HOST,
@@ -372,10 +390,10 @@ impl Job {
         Job {
             measure_from,
             end,
-            path,
+            path: payload.path,
             headers,
             body,
-            stream_end: params.stream.then_some(stream_end),
+            stream_end: payload.stream_end,
         }
     }
 
@@ -406,9 +424,10 @@ async fn measure(
     let end = measure_from + params.duration;
     let cpu = tokio::spawn(sample_cpu(measure_from, end, tollgate_pid));
     let mut tasks = JoinSet::new();
+    let payload = Payload::new(params, variant);
     for i in 0..usize::from(params.connections) {
         let target = targets[i % targets.len()];
-        let job = Job::new(params, variant, target, auth.as_ref(), measure_from, end);
+        let job = Job::new(&payload, target, auth.as_ref(), measure_from, end);
         tasks.spawn(drive(target, job));
     }
     let mut tally = Tally::default();
