@@ -306,11 +306,16 @@ pub fn hello() -> serde_json::Value {
     serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]})
 }
 
-/// An address that refuses connections: a port bound and then released.
+/// An address that refuses connections: a port bound but never listened on. The socket is
+/// kept for the rest of the test process, so the port cannot be handed to another test's
+/// listener (a released port can be, and then it answers instead of refusing).
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    drop(l);
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let a = socket.local_addr().expect("addr");
+    std::mem::forget(socket);
     a
 }
 
