@@ -81,6 +81,10 @@ struct Params {
     /// of N, so start-up and shutdown cancel out. Deterministic where CPU time is not.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     instructions: Option<u32>,
+    /// With `--instructions`: keep the callgrind profile of each 2×N run in this directory,
+    /// as `<phase name>.callgrind.out`, for `callgrind_annotate`.
+    #[arg(long, value_name = "DIR", requires = "instructions")]
+    profiles: Option<std::path::PathBuf>,
     /// Added by `cargo bench` to every target; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -221,7 +225,12 @@ async fn run(params: &Params) -> Result<(), String> {
             if variant == Variant::Nginx {
                 continue;
             }
-            let per_request = instructions(params, n, &binary, variant, &addrs).await?;
+            let keep = params
+                .profiles
+                .as_ref()
+                .map(|dir| dir.join(format!("{}.callgrind.out", name.replace(':', "-"))));
+            let per_request =
+                instructions(params, n, &binary, variant, &addrs, keep.as_deref()).await?;
             println!("{name:<14} {per_request:>9} instructions per request");
             continue;
         }
@@ -253,13 +262,15 @@ async fn run(params: &Params) -> Result<(), String> {
 }
 
 /// `--instructions N`: tollgate's user-space instructions per request under callgrind, from
-/// one run serving N sequential requests on one connection and one serving 2×N.
+/// one run serving N sequential requests on one connection and one serving 2×N. The profile
+/// of the 2×N run is copied to `keep`, if given.
 async fn instructions(
     params: &Params,
     n: u32,
     binary: &std::path::Path,
     variant: Variant,
     replicas: &[SocketAddr],
+    keep: Option<&std::path::Path>,
 ) -> Result<u64, String> {
     let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
     let payload = Payload::new(params, variant);
@@ -277,7 +288,9 @@ async fn instructions(
             })?;
         }
         drop(sender);
-        *total = gateway.instructions().await?;
+        *total = gateway
+            .instructions(keep.filter(|_| count == 2 * n))
+            .await?;
     }
     Ok(totals[1].saturating_sub(totals[0]) / u64::from(n))
 }
@@ -718,8 +731,9 @@ impl Gateway {
     }
 
     /// Stops tollgate run under callgrind (SIGINT: Pingora's fast shutdown, which exits the
-    /// process so callgrind writes its profile) and reads the instructions it counted.
-    async fn instructions(mut self) -> Result<u64, String> {
+    /// process so callgrind writes its profile) and reads the instructions it counted. The
+    /// profile is copied to `keep`, if given.
+    async fn instructions(mut self, keep: Option<&std::path::Path>) -> Result<u64, String> {
         let pid = self.child.id().ok_or("tollgate already exited")?;
         let _ = Command::new("kill")
             .arg("-INT")
@@ -745,6 +759,12 @@ impl Gateway {
                 .find_map(|l| l.strip_prefix("totals:").or(l.strip_prefix("summary:")))
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .ok_or_else(|| format!("no totals in {}", path.display()))?;
+            if let Some(keep) = keep {
+                if let Some(dir) = keep.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                std::fs::copy(&path, keep).map_err(|e| format!("{}: {e}", keep.display()))?;
+            }
         }
         Ok(total)
     }
