@@ -17,8 +17,8 @@ fn records(n: usize, offset: usize) -> Vec<UsageRecord> {
             id: tollgate::account::record_id(1_795_000_000_000 + (offset + i) as i64),
             request_id: format!("req_{:032x}", offset + i),
             ts_ms: 1_795_000_000_000 + (offset + i) as i64,
-            key_id: format!("team-{}", i % 16),
-            model: format!("org/model-{}", i % 4),
+            key_id: format!("team-{}", i % 16).into(),
+            model: format!("org/model-{}", i % 4).into(),
             surface: "chat_completions",
             status: 200,
             usage: Usage {

@@ -62,7 +62,7 @@ pub fn record(
         duration_ms = elapsed.as_secs_f64() * 1e3,
         first_byte_ms = ctx.first_byte.map(|d| d.as_secs_f64() * 1e3),
         first_token_ms = ctx.first_token.map(|d| d.as_secs_f64() * 1e3),
-        replica = ctx.replica.map(|a| a.to_string()),
+        replica = ctx.replica.as_deref(),
         attempts = ctx.attempts,
         "request"
     );

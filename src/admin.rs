@@ -70,7 +70,7 @@ impl Admin {
             })
         });
         let body = json!({
-            "id": key.id,
+            "id": &*key.id,
             "limits": {
                 "rpm": key.limits.rpm,
                 "tpm": key.limits.tpm,

@@ -26,7 +26,7 @@ pub fn get(snapshot: &Snapshot, key: &Key, slug: &str) -> Option<Value> {
 
 fn entry(m: &Model) -> Value {
     json!({
-        "id": m.slug,
+        "id": &*m.slug,
         "object": "model",
         "created": m.created,
         "owned_by": m.owned_by,

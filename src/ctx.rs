@@ -1,7 +1,6 @@
 //! Per-request context. Each field says which stage writes it and which read it; a stage never
 //! reads what a later stage owns.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,7 +54,7 @@ pub struct RequestCtx {
     /// accept → logging, metrics.
     pub endpoint: Endpoint,
     /// identify → logging.
-    pub key_id: Option<String>,
+    pub key_id: Option<Arc<str>>,
     /// identify → account (budget settlement).
     pub key: Option<Arc<Key>>,
     /// read body → respond (whether the connection can be kept after an early answer).
@@ -65,7 +64,7 @@ pub struct RequestCtx {
     /// route → forward, logging, metrics.
     pub model: Option<Arc<Model>>,
     /// forward → logging.
-    pub replica: Option<SocketAddr>,
+    pub replica: Option<Arc<str>>,
     /// forward → logging.
     pub attempts: u32,
     /// forward → logging, metrics: time to the replica's response header.
@@ -120,7 +119,7 @@ impl RequestCtx {
 
     /// The model label for metrics and logs: a configured slug, or "-".
     pub fn model_label(&self) -> &str {
-        self.model.as_ref().map_or("-", |m| m.slug.as_str())
+        self.model.as_ref().map_or("-", |m| &*m.slug)
     }
 }
 

@@ -375,24 +375,24 @@ impl Meters {
             .iter()
             .enumerate()
             .map(|(index, m)| {
-                let model = [m.slug.as_str()];
+                let model = [&*m.slug];
                 let meters = ModelMeters {
                     index,
-                    slug: m.slug.clone(),
+                    slug: m.slug.to_string(),
                     ttfb: metrics.ttfb.with_label_values(&model),
                     ttft: metrics.ttft.with_label_values(&model),
                     itl: metrics.itl.with_label_values(&model),
                     requests: Default::default(),
                     duration: Default::default(),
                 };
-                (m.slug.clone(), meters)
+                (m.slug.to_string(), meters)
             })
             .collect();
         let keys = snapshot
             .keys()
             .map(|k| {
                 let meters = KeyMeters {
-                    id: k.id.clone(),
+                    id: k.id.to_string(),
                     tokens: (0..snapshot.models.len())
                         .map(|_| Default::default())
                         .collect(),
@@ -400,7 +400,7 @@ impl Meters {
                     budget_spent: OnceLock::new(),
                     budget_remaining: OnceLock::new(),
                 };
-                (k.id.clone(), meters)
+                (k.id.to_string(), meters)
             })
             .collect();
         Meters { models, keys }

@@ -279,8 +279,8 @@ fn admit(
             ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
             Err(GatewayError::Limit {
                 err,
-                key_id: key.id.clone(),
-                model: model.slug.clone(),
+                key_id: key.id.to_string(),
+                model: model.slug.to_string(),
             })
         }
     }
@@ -295,7 +295,7 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
         .and_then(|v| v.to_str().ok())
     {
         Some(id) if is_safe_request_id(id) => id.to_string(),
-        _ => format!("req_{:032x}", rand::random::<u128>()),
+        _ => generated_request_id(),
     };
     ctx.runtime = Some(runtime.clone());
     let path = req.uri.path();
@@ -334,6 +334,17 @@ fn message_id() -> String {
         "msg_{}",
         Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
     )
+}
+
+/// `req_` and 32 random hex digits.
+fn generated_request_id() -> String {
+    let mut hex = [0u8; 32];
+    // Cannot fail: the output is exactly twice the input's length.
+    let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
+    let mut id = String::with_capacity(4 + hex.len());
+    id.push_str("req_");
+    id.extend(hex.iter().map(|&b| char::from(b)));
+    id
 }
 
 /// A client-chosen request id is kept when it is short and made of safe characters.

@@ -157,6 +157,7 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
 
 fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
+    let sql = InsertSql::new();
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
     let mut alerts: Vec<(String, i64, f64)> = Vec::new();
     let mut closing = false;
@@ -190,7 +191,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
             }
         }
         let taken = batch.len();
-        if let Err(e) = insert(&mut conn, &batch) {
+        if let Err(e) = insert(&mut conn, &sql, &batch) {
             metrics.ledger_write_errors.inc();
             tracing::error!(error = %e, records = batch.len(), "usage ledger write failed; will retry");
             if batch.len() > MAX_PENDING || closing {
@@ -228,7 +229,22 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
 const ROWS_PER_STATEMENT: usize = 64;
 const COLUMNS: usize = 16;
 
-fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+/// The two INSERT statements' text, built once: it is also the key of the statement cache.
+struct InsertSql {
+    full: String,
+    one: String,
+}
+
+impl InsertSql {
+    fn new() -> Self {
+        InsertSql {
+            full: insert_sql(ROWS_PER_STATEMENT),
+            one: insert_sql(1),
+        }
+    }
+}
+
+fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusqlite::Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -237,7 +253,12 @@ fn insert(conn: &mut Connection, batch: &[UsageRecord]) -> rusqlite::Result<()> 
     // so no batch pays for parsing SQL again.
     let (full, rest) = batch.split_at(batch.len() - batch.len() % ROWS_PER_STATEMENT);
     for rows in full.chunks(ROWS_PER_STATEMENT).chain(rest.chunks(1)) {
-        let mut stmt = tx.prepare_cached(&insert_sql(rows.len()))?;
+        let text = if rows.len() == ROWS_PER_STATEMENT {
+            &sql.full
+        } else {
+            &sql.one
+        };
+        let mut stmt = tx.prepare_cached(text)?;
         let mut values: Vec<&dyn ToSql> = Vec::with_capacity(rows.len() * COLUMNS);
         let numbers: Vec<[i64; 6]> = rows
             .iter()

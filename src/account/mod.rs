@@ -65,7 +65,10 @@ pub fn record(ctx: &RequestCtx, settled: &Settled) -> Option<UsageRecord> {
         request_id: ctx.request_id.clone(),
         ts_ms,
         key_id: ctx.key_id.clone().unwrap_or_else(|| "-".into()),
-        model: ctx.model_label().to_string(),
+        model: ctx
+            .model
+            .as_ref()
+            .map_or_else(|| "-".into(), |m| m.slug.clone()),
         surface: ctx.endpoint.label(),
         status: ctx.status,
         usage: settled.usage,
@@ -76,7 +79,7 @@ pub fn record(ctx: &RequestCtx, settled: &Settled) -> Option<UsageRecord> {
             .or(ctx.first_byte)
             .map(|d| d.as_secs_f64() * 1e3),
         duration_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
-        replica: ctx.replica.map(|a| a.to_string()),
+        replica: ctx.replica.clone(),
     })
 }
 
@@ -94,7 +97,12 @@ pub fn id_bound(ts_ms: i64) -> String {
 /// A unique ledger id that sorts by time, so inserts append to the table's B-tree instead of
 /// landing at random places: 12 hex digits of milliseconds, then 16 random ones.
 pub fn record_id(ts_ms: i64) -> String {
-    format!("{:012x}{:016x}", ts_ms.max(0), rand::random::<u64>())
+    // Past what 12 hex digits hold (year 10889), every id shares the largest prefix.
+    let ts = ts_ms.clamp(0, 0xffff_ffff_ffff);
+    let mut raw = [0u8; 14];
+    raw[..6].copy_from_slice(&ts.to_be_bytes()[2..]);
+    raw[6..].copy_from_slice(&rand::random::<u64>().to_be_bytes());
+    hex::encode(raw)
 }
 
 #[cfg(test)]

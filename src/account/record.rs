@@ -1,5 +1,7 @@
 //! One finished request, as the ledger keeps it.
 
+use std::sync::Arc;
+
 use crate::translate::usage::Usage;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -10,8 +12,8 @@ pub struct UsageRecord {
     pub request_id: String,
     /// Request start, Unix milliseconds.
     pub ts_ms: i64,
-    pub key_id: String,
-    pub model: String,
+    pub key_id: Arc<str>,
+    pub model: Arc<str>,
     /// `chat_completions`, `messages`, …
     pub surface: &'static str,
     pub status: u16,
@@ -21,5 +23,5 @@ pub struct UsageRecord {
     pub estimated: bool,
     pub ttft_ms: Option<f64>,
     pub duration_ms: f64,
-    pub replica: Option<String>,
+    pub replica: Option<Arc<str>>,
 }

@@ -110,7 +110,7 @@ models = ["*"]
         assert_eq!(m.upstream_model, "meta/llama");
         assert_eq!(m.input_modalities, vec!["text"]);
         let digest: [u8; 32] = hex::decode(DIGEST).unwrap().try_into().unwrap();
-        assert_eq!(s.key_by_digest(&digest).unwrap().id, "team-a");
+        assert_eq!(&*s.key_by_digest(&digest).unwrap().id, "team-a");
     }
 
     #[test]

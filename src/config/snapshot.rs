@@ -40,7 +40,7 @@ impl Snapshot {
     }
 
     pub fn key_by_id(&self, id: &str) -> Option<&Arc<Key>> {
-        self.keys.values().find(|k| k.id == id)
+        self.keys.values().find(|k| &*k.id == id)
     }
 
     pub fn key_count(&self) -> usize {
@@ -135,7 +135,7 @@ pub struct Timeouts {
 
 #[derive(Debug)]
 pub struct Model {
-    pub slug: String,
+    pub slug: Arc<str>,
     /// Index into `Snapshot::pools`.
     pub pool: usize,
     pub upstream_model: String,
@@ -169,7 +169,7 @@ pub struct Price {
 #[derive(Debug)]
 pub struct Key {
     /// Appears in logs, metrics and usage; never the secret.
-    pub id: String,
+    pub id: Arc<str>,
     pub models: ModelAccess,
     pub limits: Limits,
     pub budget: Option<Budget>,

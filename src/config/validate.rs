@@ -110,7 +110,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     for (i, m) in raw.models.iter().enumerate() {
         let path = format!("models[{i}]");
         let model = model(src, m, &path, &pool_index)?;
-        if model_index.insert(model.slug.clone(), i).is_some() {
+        if model_index.insert(model.slug.to_string(), i).is_some() {
             return src.err(
                 m.slug.span(),
                 format!("{path}.slug"),
@@ -396,7 +396,7 @@ fn model(
         )?,
         reasoning_switch,
         upstream_model: m.upstream_model.clone().unwrap_or_else(|| slug.clone()),
-        slug,
+        slug: slug.into(),
         pool,
         display_name: m.display_name.clone(),
         description: m.description.clone(),
@@ -504,7 +504,7 @@ fn key(
     Ok((
         digest,
         Key {
-            id,
+            id: id.into(),
             models,
             limits,
             budget,

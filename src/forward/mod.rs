@@ -95,7 +95,7 @@ impl Upstream {
             let addr = lease.replica().addr;
             tried.push(addr);
             ctx.attempts += 1;
-            ctx.replica = Some(addr);
+            ctx.replica = Some(lease.replica().authority.clone());
             match self.send(&lease, &ex, &ctx.request_id, deadline).await {
                 Ok(up) => {
                     metrics.observe_attempt(&lease.replica().meters, true);
@@ -172,7 +172,7 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<Conn, String> {
         let replica = lease.replica();
-        let head = request_head(ex, replica.addr, request_id);
+        let head = request_head(ex, &replica.authority, request_id);
         for _ in 0..2 {
             let (stream, reused) = match replica.reuse() {
                 Some(stream) => (stream, true),
@@ -205,24 +205,36 @@ impl Upstream {
 /// The request line and header fields, ending in the empty line. Every value is known safe:
 /// the path is ours, the request id was checked or generated, the upstream key was checked
 /// when the config was loaded.
-fn request_head(ex: &Exchange<'_>, addr: SocketAddr, request_id: &str) -> Vec<u8> {
-    use std::io::Write;
-    let accept = if ex.stream {
-        "text/event-stream"
+fn request_head(ex: &Exchange<'_>, authority: &str, request_id: &str) -> Vec<u8> {
+    let accept: &[u8] = if ex.stream {
+        b"text/event-stream"
     } else {
-        "application/json"
+        b"application/json"
     };
-    let mut h = Vec::with_capacity(256);
-    // Writing into a Vec cannot fail.
-    let _ = write!(
-        h,
-        "POST {} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\naccept: {accept}\r\nx-request-id: {request_id}\r\n",
-        ex.path,
-        ex.body.len(),
-    );
-    if let Some(key) = &ex.pool.upstream_key {
-        let _ = write!(h, "authorization: Bearer {}\r\n", key.expose());
+    let mut length = itoa::Buffer::new();
+    let parts: [&[u8]; 11] = [
+        b"POST ",
+        ex.path.as_bytes(),
+        b" HTTP/1.1\r\nhost: ",
+        authority.as_bytes(),
+        b"\r\ncontent-type: application/json\r\ncontent-length: ",
+        length.format(ex.body.len()).as_bytes(),
+        b"\r\naccept: ",
+        accept,
+        b"\r\nx-request-id: ",
+        request_id.as_bytes(),
+        b"\r\n",
+    ];
+    let key = ex.pool.upstream_key.as_ref().map(|k| k.expose().as_bytes());
+    let size = parts.iter().map(|p| p.len()).sum::<usize>() + key.map_or(0, |k| k.len() + 24) + 2;
+    let mut h = Vec::with_capacity(size);
+    for part in parts {
+        h.extend_from_slice(part);
+    }
+    if let Some(key) = key {
+        h.extend_from_slice(b"authorization: Bearer ");
+        h.extend_from_slice(key);
+        h.extend_from_slice(b"\r\n");
     }
     h.extend_from_slice(b"\r\n");
     h

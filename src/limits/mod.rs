@@ -33,12 +33,17 @@ impl Registry {
         Registry {
             keys: snapshot
                 .keys()
-                .map(|k| (k.id.clone(), carry(previous.map(|p| &p.keys), &k.id)))
+                .map(|k| (k.id.to_string(), carry(previous.map(|p| &p.keys), &k.id)))
                 .collect(),
             models: snapshot
                 .models
                 .iter()
-                .map(|m| (m.slug.clone(), carry(previous.map(|p| &p.models), &m.slug)))
+                .map(|m| {
+                    (
+                        m.slug.to_string(),
+                        carry(previous.map(|p| &p.models), &m.slug),
+                    )
+                })
                 .collect(),
         }
     }

@@ -35,7 +35,7 @@ pub fn resolve<'s>(
     if !key.allows(slug) {
         return Err(RouteError::ModelForbidden {
             model: slug.to_string(),
-            key_id: key.id.clone(),
+            key_id: key.id.to_string(),
         });
     }
     Ok(model)
@@ -122,6 +122,9 @@ struct Live {
 /// One upstream server and its live load.
 pub struct Replica {
     pub addr: SocketAddr,
+    /// `addr` rendered once, for the `host` header of every request sent to it, its ledger
+    /// rows and log lines.
+    pub authority: Arc<str>,
     /// Attempt counters, labelled with `addr`.
     pub meters: ReplicaMeters,
     inflight: Arc<AtomicUsize>,
@@ -144,9 +147,11 @@ impl Replica {
     ) -> Self {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(connect);
+        let authority = addr.to_string();
         Replica {
             addr,
-            meters: ReplicaMeters::new(addr.to_string()),
+            meters: ReplicaMeters::new(authority.clone()),
+            authority: authority.into(),
             inflight: live.inflight,
             idle: live.idle,
             idle_limit,

@@ -133,7 +133,14 @@ async fn request_ids_are_generated_or_kept_when_safe() {
         .await
         .unwrap();
     let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert!(generated.starts_with("req_"), "{generated}");
+    let digits = generated.strip_prefix("req_").unwrap_or_default();
+    assert!(
+        digits.len() == 32
+            && digits
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{generated}"
+    );
     assert_eq!(
         sim.stats().last_request().unwrap().headers["x-request-id"],
         generated.as_str()
