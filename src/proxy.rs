@@ -2,6 +2,7 @@
 //!
 //! Stage order (each hook calls one stage; `RequestCtx` in `ctx.rs` says who writes what):
 //!
+//! 0. `init_downstream_modules`  none (no compression module).
 //! 1. `new_ctx`         start the clock.
 //! 2. `request_filter`  accept (request id, config snapshot, endpoint) → identify (key) →
 //!    read body (capped, 413 before any upstream work) → understand (parse, validate) →
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -65,6 +67,12 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::new()
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // None. Pingora's default adds a response compression module, disabled, whose hooks
+        // would still run (and allocate) on every request; tollgate relays responses as the
+        // replica encoded them.
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
