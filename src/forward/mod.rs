@@ -121,7 +121,7 @@ impl Upstream {
             r = timeout_at(first_byte_deadline, up.read_head()) => r,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
-        let head = match head {
+        let mut head = match head {
             Ok(Ok(head)) => head,
             Ok(Err(e)) => {
                 return Err(ForwardError::Broken {
@@ -139,7 +139,7 @@ impl Upstream {
             session,
             ctx,
             &mut up,
-            &head,
+            &mut head,
             &ex.plan,
             ctx.runtime
                 .as_ref()

@@ -41,7 +41,7 @@ pub(super) async fn relay(
     session: &mut Session,
     ctx: &mut RequestCtx,
     up: &mut Conn,
-    upstream: &Head,
+    upstream: &mut Head,
     plan: &ResponsePlan,
     inter_token: Option<Histogram>,
     limits: Limits,
@@ -65,7 +65,7 @@ async fn pump(
     session: &mut Session,
     ctx: &mut RequestCtx,
     up: &mut Conn,
-    upstream: &Head,
+    upstream: &mut Head,
     transcoder: &mut Transcoder,
     limits: Limits,
 ) -> Result<Ending, ForwardError> {
@@ -211,26 +211,32 @@ fn broken(e: &pingora::Error) -> ForwardError {
 
 /// The client's response header: the replica's, minus hop-by-hop headers, with the body's
 /// framing (`length` when the body is known whole) and content type decided by the transcoder.
+/// The client's response header: the replica's fields (moved out of `upstream`, which is
+/// left without them) less the hop-by-hop ones, then tollgate's own.
 fn response_header(
-    upstream: &Head,
+    upstream: &mut Head,
     transcoder: &Transcoder,
     ctx: &RequestCtx,
     length: Option<usize>,
 ) -> pingora::Result<ResponseHeader> {
     let request_id = ctx.request_id.as_str();
-    let mut h = ResponseHeader::build(
-        upstream.status,
-        Some(upstream.headers.len() + 3 + ctx.headers.len()),
-    )?;
+    let fields = std::mem::take(&mut upstream.headers);
+    let mut h = ResponseHeader::build(upstream.status, Some(fields.len() + 3 + ctx.headers.len()))?;
     let replaced_type = transcoder.content_type();
-    for (name, value) in upstream.headers.iter() {
+    // `into_iter` names a field once and gives `None` for each further value under that name.
+    let mut name: Option<http::HeaderName> = None;
+    for (next, value) in fields {
+        if next.is_some() {
+            name = next;
+        }
+        let Some(name) = &name else { continue };
         let skip = HOP_BY_HOP.contains(&name.as_str())
             || name == "x-request-id"
             || name == "request-id"
             || (replaced_type.is_some()
                 && (name == http::header::CONTENT_TYPE || name == http::header::CONTENT_LENGTH));
         if !skip {
-            h.append_header(name.clone(), value.clone())?;
+            h.append_header(name.clone(), value)?;
         }
     }
     if let Some(t) = replaced_type {
