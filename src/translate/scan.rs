@@ -136,13 +136,19 @@ pub fn has_nonempty_string(json: &[u8], key: &[u8]) -> bool {
 /// Whether the first `"key":` holds an empty array.
 pub fn is_empty_array(json: &[u8], key: &[u8]) -> bool {
     value_start(json, key).is_some_and(|i| {
-        json[i] == b'[' && json.get(i + 1 + leading_ws(&json[i + 1..])) == Some(&b']')
+        json.get(i) == Some(&b'[') && json.get(i + 1 + leading_ws(&json[i + 1..])) == Some(&b']')
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_at_the_very_end_holds_no_array() {
+        assert!(!is_empty_array(br#"{"choices":"#, b"\"choices\""));
+        assert!(!is_empty_array(br#"{"choices": "#, b"\"choices\""));
+    }
 
     #[test]
     fn values_are_found_through_whitespace() {

@@ -54,6 +54,10 @@ const MAPPED: &[&str] = &[
 ];
 
 /// Anthropic API features with no OpenAI-engine equivalent: dropped, never forwarded.
+/// OpenAI fields that would override what tollgate admits and clamps (the output cap, the
+/// number of answers): never passed through from a Messages request.
+const GATEWAY_OWNED: &[&str] = &["max_completion_tokens", "n", "best_of"];
+
 const ANTHROPIC_ONLY: &[&str] = &[
     "service_tier",
     "container",
@@ -151,7 +155,10 @@ fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestErr
         thinking: parse_thinking(&body)?,
         extra: body
             .iter()
-            .filter(|(k, _)| !MAPPED.contains(&k.as_str()) && !ANTHROPIC_ONLY.contains(&k.as_str()))
+            .filter(|(k, _)| {
+                let k = k.as_str();
+                !MAPPED.contains(&k) && !ANTHROPIC_ONLY.contains(&k) && !GATEWAY_OWNED.contains(&k)
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
     })

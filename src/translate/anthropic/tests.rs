@@ -373,3 +373,17 @@ fn tool_calls_without_ids_names_or_indexes() {
     assert_eq!(all.last().unwrap().0, "message_stop");
     assert_eq!(all[all.len() - 2].1["delta"]["stop_reason"], "tool_use");
 }
+
+#[test]
+fn fields_that_would_override_the_output_cap_are_not_passed_through() {
+    let body = with(json!({"max_completion_tokens": 32000, "n": 4, "best_of": 4, "seed": 7}));
+    let out = MessagesRequest::parse(body.to_string().as_bytes())
+        .unwrap()
+        .to_openai("u", ThinkingStyle::Ignore);
+    assert_eq!(out["max_tokens"], 16);
+    for owned in ["max_completion_tokens", "n", "best_of"] {
+        assert!(out.get(owned).is_none(), "{owned} reached the replica");
+    }
+    // Other engine extensions still pass through.
+    assert_eq!(out["seed"], 7);
+}
