@@ -226,15 +226,21 @@ fn request_head(ex: &Exchange<'_>, authority: &str, request_id: &str) -> Vec<u8>
         b"\r\n",
     ];
     let key = ex.pool.upstream_key.as_ref().map(|k| k.expose().as_bytes());
-    let size = parts.iter().map(|p| p.len()).sum::<usize>() + key.map_or(0, |k| k.len() + 24) + 2;
+    let authorization: [&[u8]; 3] = [b"authorization: Bearer ", key.unwrap_or_default(), b"\r\n"];
+    let authorization = if key.is_some() {
+        &authorization[..]
+    } else {
+        &[]
+    };
+    let size = parts
+        .iter()
+        .chain(authorization)
+        .map(|p| p.len())
+        .sum::<usize>()
+        + 2;
     let mut h = Vec::with_capacity(size);
-    for part in parts {
+    for part in parts.iter().chain(authorization) {
         h.extend_from_slice(part);
-    }
-    if let Some(key) = key {
-        h.extend_from_slice(b"authorization: Bearer ");
-        h.extend_from_slice(key);
-        h.extend_from_slice(b"\r\n");
     }
     h.extend_from_slice(b"\r\n");
     h
