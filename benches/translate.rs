@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
 use tollgate::translate::anthropic::{
-    message_from_openai, MessagesRequest, StreamTranslator, ThinkingStyle,
+    message_from_openai, AnswerPlan, MessagesRequest, StreamTranslator, ThinkingStyle,
 };
 use tollgate::translate::sse::SseFramer;
 
@@ -84,7 +84,10 @@ fn stream_translator(c: &mut Criterion) {
             let mut out = Vec::with_capacity(256 * 1024);
             b.iter(|| {
                 out.clear();
-                let mut t = StreamTranslator::new("msg_bench", "claude-sonnet-4-5", vec![], 100);
+                let mut t = StreamTranslator::new(AnswerPlan {
+                    input_estimate: 100,
+                    ..AnswerPlan::new("msg_bench", "claude-sonnet-4-5")
+                });
                 for p in &payloads {
                     t.on_data(p, &mut out);
                 }
@@ -167,7 +170,7 @@ fn mapping(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(name), &body, |b, body| {
             b.iter(|| {
                 black_box(
-                    message_from_openai(body, "msg_bench", "claude-sonnet-4-5", &[])
+                    message_from_openai(body, &AnswerPlan::new("msg_bench", "claude-sonnet-4-5"))
                         .map(|o| o.len()),
                 )
             });

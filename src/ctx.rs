@@ -75,8 +75,9 @@ pub struct RequestCtx {
     pub sent: bool,
     /// forward → account: usage the replica reported, if any.
     pub usage: Option<Usage>,
-    /// forward → account: stream events that carried output (the estimate without usage).
-    pub output_events: u64,
+    /// forward → account: output tokens as estimated from what was relayed, for when the
+    /// replica reports no usage.
+    pub output_estimate: u64,
     /// forward → account, metrics: time to the first generated token (streams).
     pub first_token: Option<Duration>,
     /// admit → account: the request's reservation against limits and budget.
@@ -108,7 +109,7 @@ impl RequestCtx {
             input_estimate: 0,
             sent: false,
             usage: None,
-            output_events: 0,
+            output_estimate: 0,
             first_token: None,
             ticket: None,
             headers: Vec::new(),

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use tollgate::translate::anthropic::{
-    message_from_openai, MessagesRequest, StreamTranslator, ThinkingStyle,
+    message_from_openai, AnswerPlan, MessagesRequest, StreamTranslator, ThinkingStyle,
 };
 use tollgate::translate::sse::SseFramer;
 
@@ -99,21 +99,24 @@ fn requests_map_to_openai() {
 
 #[test]
 fn responses_map_to_anthropic() {
-    let cases: [(&str, &[&str]); 7] = [
-        ("text_cached", &[]),
-        ("thinking", &[]),
-        ("tool_single", &[]),
-        ("tool_parallel_reasoning", &[]),
-        ("stop_sequence", &["3.", "\n\n"]),
-        ("max_tokens_truncated_tool", &[]),
-        ("empty", &[]),
+    // (name, stop sequences, whether the request enabled thinking)
+    let cases: [(&str, &[&str], bool); 7] = [
+        ("text_cached", &[], false),
+        ("thinking", &[], true),
+        ("tool_single", &[], false),
+        ("tool_parallel_reasoning", &[], true),
+        ("stop_sequence", &["3.", "\n\n"], false),
+        ("max_tokens_truncated_tool", &[], false),
+        ("empty", &[], false),
     ];
-    for (name, stops) in cases {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+    for (name, stops, thinking) in cases {
         let input = read(&format!("response/{name}.openai.json"));
-        let id = format!("msg_golden_{name}");
-        let out = message_from_openai(&input, &id, "claude-sonnet-4-5", &stops)
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let plan = AnswerPlan {
+            stop_sequences: stops.iter().map(|s| s.to_string()).collect(),
+            thinking,
+            ..AnswerPlan::new(&format!("msg_golden_{name}"), "claude-sonnet-4-5")
+        };
+        let out = message_from_openai(&input, &plan).unwrap_or_else(|e| panic!("{name}: {e}"));
         let actual: Value = serde_json::from_slice(&out).unwrap();
         let expected_file = format!("response/{name}.anthropic.json");
         if blessing() && !same_json(&expected_file, &actual) {
@@ -135,6 +138,8 @@ struct StreamCase {
     name: &'static str,
     stops: &'static [&'static str],
     estimate: u32,
+    /// The request enabled thinking.
+    thinking: bool,
     end: End,
 }
 
@@ -143,81 +148,96 @@ const STREAMS: &[StreamCase] = &[
         name: "text_final_usage",
         stops: &[],
         estimate: 19,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "text_running_usage",
         stops: &[],
         estimate: 2000,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "thinking",
         stops: &[],
         estimate: 16,
+        thinking: true,
         end: End::Finish,
     },
     StreamCase {
         name: "thinking_then_tool",
         stops: &[],
         estimate: 300,
+        thinking: true,
         end: End::Finish,
     },
     StreamCase {
         name: "tool_single",
         stops: &[],
         estimate: 250,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "tool_parallel_finish_stop",
         stops: &[],
         estimate: 290,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "stop_sequence",
         stops: &["3.", "\n\n"],
         estimate: 38,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "max_tokens",
         stops: &[],
         estimate: 11,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "empty",
         stops: &[],
         estimate: 8,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "upstream_reset",
         stops: &[],
         estimate: 10,
+        thinking: false,
         end: End::Fail("api_error", "The model replica closed the stream early."),
     },
     StreamCase {
         name: "error_chunk",
         stops: &[],
         estimate: 10,
+        thinking: false,
         end: End::Finish,
     },
     StreamCase {
         name: "no_finish",
         stops: &[],
         estimate: 10,
+        thinking: false,
         end: End::Finish,
     },
 ];
 
 /// Frames `pieces` as they would arrive and translates them, as the proxy does.
 fn translate<'a>(case: &StreamCase, pieces: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let stops = case.stops.iter().map(|s| s.to_string()).collect();
-    let id = format!("msg_golden_{}", case.name);
-    let mut translator = StreamTranslator::new(&id, "claude-sonnet-4-5", stops, case.estimate);
+    let mut translator = StreamTranslator::new(AnswerPlan {
+        stop_sequences: case.stops.iter().map(|s| s.to_string()).collect(),
+        input_estimate: case.estimate,
+        thinking: case.thinking,
+        ..AnswerPlan::new(&format!("msg_golden_{}", case.name), "claude-sonnet-4-5")
+    });
     let mut framer = SseFramer::new();
     let mut out = Vec::new();
     for piece in pieces {

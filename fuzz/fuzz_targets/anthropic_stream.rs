@@ -7,7 +7,7 @@
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
-use tollgate::translate::anthropic::StreamTranslator;
+use tollgate::translate::anthropic::{AnswerPlan, StreamTranslator};
 use tollgate::translate::sse::SseFramer;
 
 #[derive(Arbitrary, Debug)]
@@ -46,6 +46,8 @@ struct Input {
     payloads: Vec<Payload>,
     fail_at_end: Option<(String, String)>,
     finish_twice: bool,
+    /// The request enabled thinking.
+    thinking: bool,
 }
 
 fn render(payload: &Payload) -> String {
@@ -168,7 +170,12 @@ fn check(out: &[u8]) {
 }
 
 fuzz_target!(|input: Input| {
-    let mut translator = StreamTranslator::new("msg_fuzz", "m", input.stops, 5);
+    let mut translator = StreamTranslator::new(AnswerPlan {
+        stop_sequences: input.stops,
+        input_estimate: 5,
+        thinking: input.thinking,
+        ..AnswerPlan::new("msg_fuzz", "m")
+    });
     let mut out = Vec::new();
     for payload in &input.payloads {
         translator.on_data(&render(payload), &mut out);

@@ -25,15 +25,15 @@ pub struct Settled {
 
 /// The usage of a finished request: the replica's own count when it reported one; else, if
 /// the request reached a replica (cut short by a disconnect, a reset, a timeout, a stream
-/// without a usage chunk), the prompt estimate and one token per relayed output event,
-/// marked estimated; else (refused before forwarding) zero.
+/// without a usage chunk), the prompt estimate and the output estimate of what was relayed
+/// (`Observed::output_estimate`), marked estimated; else (refused before forwarding) zero.
 pub fn settle(ctx: &RequestCtx) -> Settled {
     let (usage, estimated) = match ctx.usage {
         Some(u) => (u, false),
         None if ctx.sent => (
             Usage {
                 input: u64::from(ctx.input_estimate),
-                output: ctx.output_events,
+                output: ctx.output_estimate,
                 ..Usage::default()
             },
             true,

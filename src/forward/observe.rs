@@ -11,8 +11,10 @@ use crate::translate::usage::{self, Usage};
 pub struct Observed {
     /// The last usage the replica reported (running totals replace, never add).
     pub usage: Option<Usage>,
-    /// Stream events that carried output; one token each, as engines stream them.
-    pub output_events: u64,
+    /// Output tokens as estimated from what was relayed, for when usage never comes: one
+    /// per stream event that carried output, as engines stream them; for a whole answer,
+    /// its generated text (`usage::estimate_output`).
+    pub output_estimate: u64,
     pub first_token: Option<Instant>,
     last_token: Option<Instant>,
     inter_token: Option<Histogram>,
@@ -22,7 +24,7 @@ impl Observed {
     pub fn new(inter_token: Option<Histogram>) -> Self {
         Observed {
             usage: None,
-            output_events: 0,
+            output_estimate: 0,
             first_token: None,
             last_token: None,
             inter_token,
@@ -36,7 +38,7 @@ impl Observed {
         }
         if carries_output(data) {
             let now = Instant::now();
-            self.output_events += 1;
+            self.output_estimate += 1;
             if self.first_token.is_none() {
                 self.first_token = Some(now);
             }
@@ -50,6 +52,9 @@ impl Observed {
     /// A whole (non-streamed) JSON answer.
     pub fn body(&mut self, json: &[u8]) {
         self.usage = usage::usage_of(json);
+        if self.usage.is_none() {
+            self.output_estimate = usage::estimate_output(json);
+        }
     }
 }
 
@@ -99,6 +104,6 @@ mod tests {
         o.event(br#"{"choices":[{"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#);
         assert_eq!(o.usage.unwrap().output, 2);
         assert_eq!(o.usage.unwrap().input, 5);
-        assert_eq!(o.output_events, 2);
+        assert_eq!(o.output_estimate, 2);
     }
 }

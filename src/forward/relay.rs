@@ -54,7 +54,7 @@ pub(super) async fn relay(
     let result = pump(session, ctx, up, upstream, &mut transcoder, limits).await;
     let seen = &transcoder.observed;
     ctx.usage = seen.usage;
-    ctx.output_events = seen.output_events;
+    ctx.output_estimate = seen.output_estimate;
     ctx.first_token = seen
         .first_token
         .map(|t| t.into_std().saturating_duration_since(ctx.started));

@@ -40,17 +40,9 @@ enum Mode {
 }
 
 enum Collected {
-    OpenAiMessage {
-        rename: Option<Rename>,
-    },
-    AnthropicMessage {
-        id: String,
-        model: String,
-        stop_sequences: Vec<String>,
-    },
-    AnthropicError {
-        status: u16,
-    },
+    OpenAiMessage { rename: Option<Rename> },
+    AnthropicMessage(anthropic::AnswerPlan),
+    AnthropicError { status: u16 },
 }
 
 impl Transcoder {
@@ -76,36 +68,17 @@ impl Transcoder {
                     rename: rename.as_ref().map(Rename::new),
                 },
             },
-            ResponsePlan::Anthropic { .. } if status >= 400 => Mode::Collect {
+            ResponsePlan::Anthropic(_) if status >= 400 => Mode::Collect {
                 buf: BytesMut::new(),
                 then: Collected::AnthropicError { status },
             },
-            ResponsePlan::Anthropic {
-                id,
-                model,
-                stop_sequences,
-                input_estimate,
-            } if sse => Mode::AnthropicStream {
+            ResponsePlan::Anthropic(answer) if sse => Mode::AnthropicStream {
                 framer: SseFramer::new(),
-                translator: Box::new(StreamTranslator::new(
-                    id,
-                    model,
-                    stop_sequences.clone(),
-                    *input_estimate,
-                )),
+                translator: Box::new(StreamTranslator::new(answer.clone())),
             },
-            ResponsePlan::Anthropic {
-                id,
-                model,
-                stop_sequences,
-                ..
-            } => Mode::Collect {
+            ResponsePlan::Anthropic(answer) => Mode::Collect {
                 buf: BytesMut::new(),
-                then: Collected::AnthropicMessage {
-                    id: id.clone(),
-                    model: model.clone(),
-                    stop_sequences: stop_sequences.clone(),
-                },
+                then: Collected::AnthropicMessage(answer.clone()),
             },
         };
         Transcoder {
@@ -199,13 +172,11 @@ impl Transcoder {
                         Some(r) => Bytes::from(r.apply(buf).unwrap_or_else(|| buf.to_vec())),
                         None => std::mem::take(buf).freeze(),
                     }),
-                    Collected::AnthropicMessage {
-                        id,
-                        model,
-                        stop_sequences,
-                    } => anthropic::message_from_openai(buf, id, model, stop_sequences)
-                        .map(Bytes::from)
-                        .map_err(|e| e.message),
+                    Collected::AnthropicMessage(answer) => {
+                        anthropic::message_from_openai(buf, answer)
+                            .map(Bytes::from)
+                            .map_err(|e| e.message)
+                    }
                     Collected::AnthropicError { status } => {
                         Ok(Bytes::from(anthropic::error_from_openai(*status, buf)))
                     }

@@ -19,6 +19,7 @@
 //! | `stall_ms` | wait that long before sending response headers |
 //! | `reset_after` | stream: cut the connection after N token chunks; JSON: close it unanswered |
 //! | `include_usage_every_chunk` | put a running `usage` object on every chunk |
+//! | `no_usage` | report no usage: none in the JSON answer, no usage chunk in a stream |
 //!
 //! File map: `service` routes requests and writes JSON answers, `scenario` and `request` read
 //! the body, `generate` decides the output, `wire` shapes the JSON, `stream` sends SSE,

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::SimOptions;
 
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 10] = [
     "ttft_ms",
     "token_delay_ms",
     "tokens",
@@ -17,6 +17,7 @@ const FIELDS: [&str; 9] = [
     "stall_ms",
     "reset_after",
     "include_usage_every_chunk",
+    "no_usage",
 ];
 
 /// What one request asked the replica to simulate, with the replica's defaults filled in.
@@ -32,6 +33,8 @@ pub(crate) struct Scenario {
     pub stall: Option<Duration>,
     pub reset_after: Option<u32>,
     pub usage_every_chunk: bool,
+    /// Report no usage at all, as some engines do.
+    pub no_usage: bool,
 }
 
 impl Scenario {
@@ -60,6 +63,14 @@ impl Scenario {
                     .ok_or_else(|| format!("`sim.fail_status` must be 400-599, got {code}"))?,
             ),
         };
+        let usage_every_chunk = flag(sim, "include_usage_every_chunk")?;
+        let no_usage = flag(sim, "no_usage")?;
+        if usage_every_chunk && no_usage {
+            return Err(
+                "`sim.no_usage` and `sim.include_usage_every_chunk` contradict each other"
+                    .to_owned(),
+            );
+        }
         Ok(Scenario {
             ttft: millis(sim, "ttft_ms")?.unwrap_or(opts.ttft),
             token_delay: millis(sim, "token_delay_ms")?.unwrap_or(opts.token_delay),
@@ -69,7 +80,8 @@ impl Scenario {
             fail_status,
             stall: millis(sim, "stall_ms")?,
             reset_after: count(sim, "reset_after")?,
-            usage_every_chunk: flag(sim, "include_usage_every_chunk")?,
+            usage_every_chunk,
+            no_usage,
         })
     }
 }

@@ -156,7 +156,7 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
             env,
             generation,
             prompt_tokens: request.prompt_tokens,
-            include_usage: request.include_usage,
+            include_usage: request.include_usage && !scenario.no_usage,
             scenario,
             stats: stats.clone(),
             running,
@@ -170,7 +170,12 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
     if !generation_time.is_zero() {
         tokio::time::sleep(generation_time).await;
     }
-    let body = wire::completion(&env, &generation, request.prompt_tokens);
+    let mut body = wire::completion(&env, &generation, request.prompt_tokens);
+    if scenario.no_usage {
+        if let Some(answer) = body.as_object_mut() {
+            answer.remove("usage");
+        }
+    }
     stats.add_usage(request.prompt_tokens, tokens);
     stats.response_completed();
     drop(running);

@@ -62,12 +62,7 @@ pub enum ResponsePlan {
         rename: Option<(String, String)>,
     },
     /// An Anthropic Messages client: the OpenAI answer becomes an Anthropic one.
-    Anthropic {
-        id: String,
-        model: String,
-        stop_sequences: Vec<String>,
-        input_estimate: u32,
-    },
+    Anthropic(anthropic::AnswerPlan),
 }
 
 /// A Model API request, understood: what routing needs, and how to build the replica's
@@ -135,12 +130,13 @@ impl ModelRequest {
             }
             ModelRequest::Messages(r) => {
                 let body = r.to_openai(upstream_model, thinking);
-                let plan = ResponsePlan::Anthropic {
+                let plan = ResponsePlan::Anthropic(anthropic::AnswerPlan {
                     id: message_id(),
                     input_estimate: r.estimate_input_tokens(),
+                    thinking: r.shows_thinking(),
                     stop_sequences: r.stop_sequences,
                     model: r.model,
-                };
+                });
                 // Serialising a `Value` cannot fail: keys are strings, numbers finite.
                 (serde_json::to_vec(&body).unwrap_or_default(), plan)
             }

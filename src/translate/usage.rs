@@ -93,9 +93,60 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
         .map(Usage::from)
 }
 
+/// Output tokens of a whole `chat.completion` that reported no usage: the text it
+/// generated (content, reasoning and tool call arguments of every choice) at four bytes a
+/// token, the rate prompts are estimated at. 0 for a body that is not a completion.
+pub fn estimate_output(json: &[u8]) -> u64 {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return 0;
+    };
+    let text_len = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => s.len(),
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(serde_json::Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    };
+    let mut bytes = 0;
+    let choices = body.get("choices").and_then(serde_json::Value::as_array);
+    for message in choices
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("message"))
+    {
+        bytes += text_len(message.get("content"));
+        bytes += text_len(
+            message
+                .get("reasoning_content")
+                .or(message.get("reasoning")),
+        );
+        let calls = message
+            .get("tool_calls")
+            .and_then(serde_json::Value::as_array);
+        for call in calls.into_iter().flatten() {
+            bytes += text_len(call.pointer("/function/arguments"));
+        }
+    }
+    (bytes as u64).div_ceil(4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_without_usage_is_estimated_from_the_generated_text() {
+        let body = br#"{"choices":[{"message":{"content":"12345678","reasoning_content":"abcd","tool_calls":[{"function":{"name":"f","arguments":"{\"a\":1}"}}]}},{"message":{"content":[{"type":"text","text":"xy"}]}}]}"#;
+        // 8 + 4 + 7 + 2 bytes.
+        assert_eq!(estimate_output(body), 6);
+        assert_eq!(
+            estimate_output(br#"{"choices":[{"message":{"content":null}}]}"#),
+            0
+        );
+        assert_eq!(estimate_output(b"<html>"), 0);
+    }
 
     #[test]
     fn engine_variants_normalise_without_double_counting() {

@@ -50,7 +50,7 @@ async fn ledger_totals_equal_the_replicas_ground_truth() {
         expected_requests += 1;
     }
     let stats = sim.stats();
-    let (requests, input, output, estimated) = gw.usage_totals().await;
+    let (requests, input, output, estimated) = gw.usage_totals_of(expected_requests).await;
     assert_eq!(requests, expected_requests);
     assert_eq!(estimated, 0);
     assert_eq!(
@@ -132,22 +132,46 @@ async fn a_client_leaving_mid_stream_is_billed_as_estimated_from_what_was_relaye
     drop(stream);
     assert!(sim.stats().wait_cancelled(1, Duration::from_secs(10)).await);
     let generated = sim.stats().completion_tokens();
-    // The record is written when tollgate has seen the disconnect; poll the admin API.
-    let mut totals = (0, 0, 0, 0);
-    for _ in 0..200 {
-        totals = gw.usage_totals().await;
-        if totals.0 == 1 {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    let (requests, input, output, estimated) = totals;
+    // The record is written when tollgate has seen the disconnect.
+    let (requests, input, output, estimated) = gw.usage_totals_of(1).await;
     assert_eq!((requests, estimated), (1, 1));
     assert!(input > 0, "input comes from the prompt estimate");
     assert!(
         (3..=generated).contains(&output),
         "output {output} is what was relayed (replica generated {generated})"
     );
+}
+
+#[tokio::test]
+async fn a_whole_answer_without_usage_is_billed_from_its_text() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let mut body = chat(false, false, 5);
+    body["sim"] = json!({"no_usage": true});
+    let answer: Value = gw.chat(body).await.json().await.unwrap();
+    assert!(answer.get("usage").is_none(), "the replica reported none");
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    let (requests, input, output, estimated) = gw.usage_totals_of(1).await;
+    assert_eq!((requests, estimated), (1, 1));
+    assert!(input > 0, "input comes from the prompt estimate");
+    assert_eq!(output, text.len().div_ceil(4) as u64, "four bytes a token");
+
+    // An Anthropic client is shown the same estimates it is billed.
+    let m: Value = gw
+        .messages(
+            json!({"model": MODEL, "max_tokens": 5, "sim": {"no_usage": true},
+            "messages": [{"role": "user", "content": "Hello there"}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let text = m["content"][0]["text"].as_str().unwrap();
+    assert_eq!(m["usage"]["output_tokens"], text.len().div_ceil(4) as u64);
+    let (requests, input_after, output_after, estimated) = gw.usage_totals_of(2).await;
+    assert_eq!((requests, estimated), (2, 2));
+    assert_eq!(m["usage"]["input_tokens"], input_after - input);
+    assert_eq!(m["usage"]["output_tokens"], output_after - output);
 }
 
 #[tokio::test]
@@ -165,7 +189,7 @@ async fn refused_requests_are_recorded_with_zero_tokens() {
         .chat(json!({"model": "no/such", "messages": [{"role": "user", "content": "x"}]}))
         .await;
     assert_eq!(r.status(), 404);
-    let (requests, input, output, estimated) = gw.usage_totals().await;
+    let (requests, input, output, estimated) = gw.usage_totals_of(2).await;
     assert_eq!((requests, input, output, estimated), (2, 0, 0, 0));
 }
 

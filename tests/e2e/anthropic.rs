@@ -245,6 +245,60 @@ async fn thinking_is_switched_on_upstream_and_streamed_as_thinking_blocks() {
 }
 
 #[tokio::test]
+async fn a_model_that_reasons_unasked_answers_with_text_only() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    // The replica's model thinks by default (as Qwen3 does); the client did not ask to see it.
+    let mut body = ask(12);
+    body["sim"] = json!({"reasoning_tokens": 3});
+    let m: Value = gw.messages(body.clone()).await.json().await.unwrap();
+    let kinds: Vec<&str> = m["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["text"], "{m}");
+    assert_eq!(m["usage"]["output_tokens"], 12, "reasoning is still output");
+
+    body["stream"] = json!(true);
+    let evs = events(&gw.messages(body).await.text().await.unwrap());
+    let blocks: Vec<&Value> = evs
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0]["index"], 0);
+    assert_eq!(blocks[0]["content_block"]["type"], "text");
+    assert!(!evs
+        .iter()
+        .any(|(_, d)| d["delta"]["type"] == "thinking_delta"));
+}
+
+#[tokio::test]
+async fn consecutive_turns_are_merged_and_a_prefill_is_continued() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let body = json!({"model": MODEL, "max_tokens": 5, "messages": [
+        {"role": "user", "content": "Name three colours."},
+        {"role": "user", "content": "Answer in JSON."},
+        {"role": "assistant", "content": "{\"colours\": ["}]});
+    let r = gw.messages(body).await;
+    assert_eq!(r.status(), 200);
+    let m: Value = r.json().await.unwrap();
+    assert_eq!(m["content"][0]["type"], "text", "{m}");
+    let up = sim.stats().last_request().unwrap().body;
+    assert_eq!(
+        up["messages"],
+        json!([{"role": "user", "content": "Name three colours.\nAnswer in JSON."},
+            {"role": "assistant", "content": "{\"colours\": ["}])
+    );
+    assert_eq!(up["continue_final_message"], true);
+    assert_eq!(up["add_generation_prompt"], false);
+}
+
+#[tokio::test]
 async fn errors_use_the_anthropic_shape() {
     let sim = sim().await;
     let gw = Gateway::start(&format!(
@@ -278,16 +332,16 @@ async fn errors_use_the_anthropic_shape() {
             "max_tokens",
         ),
         (
-            json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+            json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]}]}),
             400,
             "invalid_request_error",
-            "messages[1]",
+            "tool_result",
         ),
         (
-            json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}),
+            json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "system", "content": "a"}]}),
             400,
             "invalid_request_error",
-            "messages[1].role",
+            "messages[0].role",
         ),
         (
             json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x".repeat(5000)}]}),

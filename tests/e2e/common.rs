@@ -269,6 +269,19 @@ impl Gateway {
         )
     }
 
+    /// `usage_totals` once `requests` requests are recorded. A request is recorded when
+    /// tollgate has finished it, which can be just after the client read the last byte.
+    pub async fn usage_totals_of(&self, requests: u64) -> (u64, u64, u64, u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let totals = self.usage_totals().await;
+            if totals.0 >= requests || std::time::Instant::now() > deadline {
+                return totals;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A POST of `body` to the chat completions endpoint with `KEY`.
     pub async fn chat(&self, body: serde_json::Value) -> reqwest::Response {
         client()

@@ -58,6 +58,39 @@ def test_messages_stream_gives_text_final_message_and_usage(anthropic_client):
     assert final.usage.input_tokens > 0
 
 
+def test_a_reasoning_model_shows_thinking_only_when_asked(anthropic_client):
+    # The replica's model reasons by default, as Qwen3 does.
+    reasons = {"sim": {"reasoning_tokens": 3}}
+    m = anthropic_client.messages.create(
+        model=MODEL, max_tokens=8, messages=ask(), extra_body=reasons
+    )
+    assert [b.type for b in m.content] == ["text"]
+    assert m.content[0].text
+    m = anthropic_client.messages.create(
+        model=MODEL,
+        max_tokens=8,
+        messages=ask(),
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        extra_body=reasons,
+    )
+    assert [b.type for b in m.content] == ["thinking", "text"]
+    with anthropic_client.messages.stream(
+        model=MODEL, max_tokens=8, messages=ask(), extra_body=reasons
+    ) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["text"]
+
+
+def test_an_assistant_prefill_is_continued(anthropic_client):
+    m = anthropic_client.messages.create(
+        model=MODEL,
+        max_tokens=4,
+        messages=ask("Name a colour as JSON.") + [{"role": "assistant", "content": '{"colour": "'}],
+    )
+    assert m.content[0].type == "text"
+    assert m.stop_reason == "max_tokens"
+
+
 def test_tool_use_round_trip(anthropic_client):
     first = anthropic_client.messages.create(
         model=MODEL, max_tokens=64, tools=[WEATHER], messages=ask("Weather in Paris?")

@@ -53,13 +53,15 @@ pub(super) enum ResultPart {
 const BLOCK_TYPES: &str =
     "\"text\", \"image\", \"tool_use\", \"tool_result\", \"thinking\" or \"redacted_thinking\"";
 
-/// `messages`: non-empty, roles alternating, ending with a user message.
+/// `messages`: non-empty. Consecutive messages of one role become one turn, as the
+/// Messages API combines them. A final assistant message is a prefill the answer continues;
+/// it may hold text only, since a tool call there would have no result to follow it.
 pub(super) fn parse_messages(body: &Object) -> Result<Vec<Message>, RequestError> {
     let hint = "Send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}].";
     let items = fields::opt_array(body, "", "messages", "an array of messages")?
         .filter(|items| !items.is_empty())
         .ok_or_else(|| RequestError::missing("messages", hint))?;
-    let mut messages = Vec::with_capacity(items.len());
+    let mut messages: Vec<Message> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = format!("messages[{i}]");
         let obj = fields::object(item, &at)?;
@@ -78,20 +80,19 @@ pub(super) fn parse_messages(body: &Object) -> Result<Vec<Message>, RequestError
                     ))
                 }
             };
-        if messages.last().is_some_and(|m: &Message| m.role == role) {
-            return Err(RequestError::invalid_value(
-                &format!("{at}.role"),
-                "roles must alternate between \"user\" and \"assistant\"; merge consecutive \
-                 messages of the same role into one.",
-            ));
-        }
         let blocks = parse_content(obj, &at, role)?;
-        messages.push(Message { role, blocks });
+        match messages.last_mut() {
+            Some(last) if last.role == role => last.blocks.extend(blocks),
+            _ => messages.push(Message { role, blocks }),
+        }
     }
-    if messages.last().is_some_and(|m| m.role != Role::User) {
+    let last = messages.last().filter(|m| m.role == Role::Assistant);
+    if last.is_some_and(|m| m.blocks.iter().any(|b| matches!(b, Block::ToolUse { .. }))) {
         return Err(RequestError::invalid_value(
-            &format!("messages[{}].role", messages.len() - 1),
-            "the last message must have role \"user\"; assistant prefill is not supported here.",
+            &format!("messages[{}].content", items.len() - 1),
+            "the conversation ends with a tool_use block that has no result; add a user \
+             message with a tool_result block for it (a final assistant message may hold \
+             only text to continue).",
         ));
     }
     Ok(messages)

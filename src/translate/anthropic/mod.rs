@@ -45,10 +45,43 @@ pub enum ThinkingStyle {
     /// `chat_template_args.enable_thinking` (TensorRT-LLM and some hosted engines).
     ChatTemplateArgs,
     /// `reasoning_effort`: `low` for budgets under 4,096 tokens, `medium` under 16,384,
-    /// `high` above; `none` when thinking is disabled.
+    /// `high` above. Disabled thinking asks for `low`, the least effort every engine takes
+    /// (OpenAI's `none` is refused by engines that know only the three levels); the
+    /// reasoning it still produces is left out of the answer.
     ReasoningEffort,
     /// The model is not told: `thinking` is dropped.
     Ignore,
+}
+
+/// What the client's request decides about its answer: the caller builds it once per
+/// request and both the whole-message and the stream translation read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerPlan {
+    /// The `msg_…` id to report.
+    pub id: String,
+    /// The model name the client asked for.
+    pub model: String,
+    /// The request's `stop_sequences`, to recognise which one stopped the answer.
+    pub stop_sequences: Vec<String>,
+    /// Prompt tokens as estimated, reported when the replica sends no usage.
+    pub input_estimate: u32,
+    /// Whether `thinking` blocks are returned: only when the request enabled thinking, as
+    /// on the Messages API. A model that reasons anyway (Qwen3 and DeepSeek-R1 do by
+    /// default) has its reasoning left out of the answer; its tokens still count as output.
+    pub thinking: bool,
+}
+
+impl AnswerPlan {
+    /// A plan with no stop sequences, no estimate and no thinking shown.
+    pub fn new(id: &str, model: &str) -> Self {
+        AnswerPlan {
+            id: id.to_string(),
+            model: model.to_string(),
+            stop_sequences: Vec::new(),
+            input_estimate: 0,
+            thinking: false,
+        }
+    }
 }
 
 /// The replica sent something that cannot be turned into an Anthropic answer.

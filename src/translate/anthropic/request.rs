@@ -103,6 +103,11 @@ enum Endpoint {
 }
 
 impl MessagesRequest {
+    /// Whether the client enabled thinking, and so gets `thinking` blocks back.
+    pub fn shows_thinking(&self) -> bool {
+        matches!(self.thinking, Some(Thinking::Enabled { .. }))
+    }
+
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
         parse(bytes, Endpoint::Messages)
     }

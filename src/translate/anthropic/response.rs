@@ -1,17 +1,21 @@
 //! A whole `chat.completion` to an Anthropic `message`.
 //!
-//! Blocks come in the order thinking, text, tool calls; empty ones are left out. Tool call
+//! Blocks come in the order thinking, text, tool calls; empty ones are left out, and so is
+//! whitespace-only text beside tool calls (engines' tool parsers leave the newlines between
+//! calls behind). Thinking is returned only when the request enabled it. Tool call
 //! arguments that are not a JSON object (malformed output, cut short by `max_tokens`) are
 //! kept as `{"_unparsed_arguments": "<raw>"}` rather than replaced by `{}`, so the client
 //! and the model can see what went wrong; empty arguments are `{}`. A missing `usage`
-//! reports zeros: the caller accounts with its estimate then.
+//! reports the estimates tollgate accounts with: the prompt estimate, and the generated
+//! text at four bytes a token.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::events::AnthropicUsage;
 use super::wire::{self, Completion, ToolCall};
-use super::TranslateError;
+use super::{AnswerPlan, TranslateError};
+use crate::translate::usage::estimate_output;
 
 /// The key holding tool call arguments that did not parse as a JSON object.
 pub const UNPARSED_ARGUMENTS: &str = "_unparsed_arguments";
@@ -46,15 +50,8 @@ enum Block {
     },
 }
 
-/// `body` is the replica's `chat.completion`; `id` (`msg_…`) and `model` (the name the
-/// client asked for) are the caller's; `stop_sequences` are the request's, to recognise
-/// which one stopped the answer.
-pub fn message_from_openai(
-    body: &[u8],
-    id: &str,
-    model: &str,
-    stop_sequences: &[String],
-) -> Result<Vec<u8>, TranslateError> {
+/// `body` is the replica's `chat.completion`; `plan` is what the request decided.
+pub fn message_from_openai(body: &[u8], plan: &AnswerPlan) -> Result<Vec<u8>, TranslateError> {
     let completion: Completion = serde_json::from_slice(body).map_err(|e| {
         TranslateError::new(format!(
             "the replica's answer is not a chat completion ({e})"
@@ -70,39 +67,46 @@ pub fn message_from_openai(
         .ok_or_else(|| TranslateError::new("the replica's answer has no message"))?;
     let mut content = Vec::new();
     let reasoning = message.reasoning_content.or(message.reasoning);
-    if let Some(thinking) = reasoning.filter(|t| !t.is_empty()) {
+    if let Some(thinking) = reasoning.filter(|t| plan.thinking && !t.is_empty()) {
         content.push(Block::Thinking {
             thinking,
             signature: "",
         });
     }
-    let text = message.content.map(content_text).unwrap_or_default();
-    if !text.is_empty() {
-        content.push(Block::Text { text });
-    }
     let calls = message.tool_calls.unwrap_or_default();
     let called_tool = !calls.is_empty();
+    let text = message.content.map(content_text).unwrap_or_default();
+    let blank = if called_tool {
+        text.trim().is_empty()
+    } else {
+        text.is_empty()
+    };
+    if !blank {
+        content.push(Block::Text { text });
+    }
     for (i, call) in calls.into_iter().enumerate() {
-        content.push(tool_use(call, id, i));
+        content.push(tool_use(call, &plan.id, i));
     }
     let matched = wire::matched_stop(choice.stop_reason.as_ref(), choice.matched_stop.as_ref());
     let (stop_reason, stop_sequence) = wire::stop_reason(
         choice.finish_reason.as_deref(),
         matched,
-        stop_sequences,
+        &plan.stop_sequences,
         called_tool,
     );
-    let usage = completion
-        .usage
-        .as_ref()
-        .and_then(wire::usage)
-        .map(AnthropicUsage::from)
-        .unwrap_or_default();
+    let usage = match completion.usage.as_ref().and_then(wire::usage) {
+        Some(u) => AnthropicUsage::from(u),
+        None => AnthropicUsage {
+            input_tokens: u64::from(plan.input_estimate),
+            output_tokens: estimate_output(body),
+            ..AnthropicUsage::default()
+        },
+    };
     let message = Message {
-        id,
+        id: &plan.id,
         kind: "message",
         role: "assistant",
-        model,
+        model: &plan.model,
         content,
         stop_reason,
         stop_sequence,
@@ -168,9 +172,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn translate(body: Value) -> Value {
-        let out = message_from_openai(body.to_string().as_bytes(), "msg_1", "m", &[]).unwrap();
+    fn translate_with(body: Value, plan: &AnswerPlan) -> Value {
+        let out = message_from_openai(body.to_string().as_bytes(), plan).unwrap();
         serde_json::from_slice(&out).unwrap()
+    }
+
+    fn translate(body: Value) -> Value {
+        translate_with(body, &AnswerPlan::new("msg_1", "m"))
     }
 
     #[test]
@@ -197,7 +205,7 @@ mod tests {
             b"{\"choices\":[]}",
             b"{\"choices\":[{}]}",
         ] {
-            assert!(message_from_openai(body, "msg_1", "m", &[]).is_err());
+            assert!(message_from_openai(body, &AnswerPlan::new("msg_1", "m")).is_err());
         }
     }
 
@@ -211,6 +219,49 @@ mod tests {
         assert_eq!(out["content"][1]["id"], "toolu_1_0");
         assert_eq!(out["content"][1]["input"], json!({}));
         assert_eq!(out["stop_reason"], "tool_use");
+        // No usage from the replica: the estimates tollgate accounts with (2 bytes → 1).
         assert_eq!(out["usage"]["input_tokens"], 0);
+        assert_eq!(out["usage"]["output_tokens"], 1);
+        let plan = AnswerPlan {
+            input_estimate: 42,
+            ..AnswerPlan::new("msg_1", "m")
+        };
+        let out = translate_with(
+            json!({"choices": [{"message": {"content": "twelve bytes"}}]}),
+            &plan,
+        );
+        assert_eq!(out["usage"]["input_tokens"], 42);
+        assert_eq!(out["usage"]["output_tokens"], 3);
+    }
+
+    #[test]
+    fn thinking_is_returned_only_when_the_request_enabled_it() {
+        let body = json!({"choices": [{"message": {
+            "reasoning_content": "Let me see.", "content": "4"}, "finish_reason": "stop"}]});
+        let hidden = translate(body.clone());
+        assert_eq!(hidden["content"], json!([{"type": "text", "text": "4"}]));
+        let plan = AnswerPlan {
+            thinking: true,
+            ..AnswerPlan::new("msg_1", "m")
+        };
+        let shown = translate_with(body, &plan);
+        assert_eq!(
+            shown["content"][0],
+            json!({"type": "thinking", "thinking": "Let me see.", "signature": ""})
+        );
+        assert_eq!(shown["content"][1]["text"], "4");
+    }
+
+    #[test]
+    fn whitespace_beside_tool_calls_is_no_text_block() {
+        let out = translate(json!({"choices": [{"message": {
+            "content": "\n\n",
+            "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]},
+            "finish_reason": "tool_calls"}]}));
+        assert_eq!(out["content"].as_array().unwrap().len(), 1);
+        assert_eq!(out["content"][0]["type"], "tool_use");
+        // Without tool calls, whitespace is the answer and is kept.
+        let out = translate(json!({"choices": [{"message": {"content": " "}}]}));
+        assert_eq!(out["content"], json!([{"type": "text", "text": " "}]));
     }
 }

@@ -11,10 +11,14 @@
 //!
 //! Only one block is open at a time; switching kind (or to a new tool call index) closes it
 //! and opens the next, so indexes run 0, 1, 2… in order. Empty strings open nothing: the
-//! role chunk's `"content": ""` makes no text block. Argument pieces that arrive for a tool
-//! call after another block has opened cannot be placed in a closed block and are dropped
-//! (no engine interleaves calls). A call with no `id` gets `toolu_<message id>_<n>` (the
-//! n-th call, from 0); one with no name gets `""`, since its arguments must not wait.
+//! role chunk's `"content": ""` makes no text block. Whitespace-only text while a tool call
+//! is open is held back (tool parsers leak the newlines between calls) and opens a text
+//! block only if real text follows, so it cannot cut a call in two. Argument pieces that
+//! arrive for a tool call after another block has opened cannot be placed in a closed block
+//! and are dropped (no engine interleaves calls). A call with no `id` gets
+//! `toolu_<message id>_<n>` (the n-th call, from 0); one with no name gets `""`, since its
+//! arguments must not wait. Reasoning is relayed as thinking blocks only when the request
+//! enabled thinking; otherwise it is left out, and still counted as output.
 //!
 //! Payloads that are not JSON chunks are ignored and counted (`ignored_chunks`); an error
 //! object in place of a chunk (vLLM writes `{"error": …}` into a failing stream) ends the
@@ -24,15 +28,12 @@ use super::events::{
     AnthropicUsage, BlockDelta, BlockStart, Empty, ErrorBody, Event, MessageDelta, MessageStart,
 };
 use super::wire::{self, Chunk, Delta, ToolCallDelta};
-use super::{error_type_for_status, Usage};
+use super::{error_type_for_status, AnswerPlan, Usage};
 
 /// Translates one streamed answer.
 #[derive(Debug)]
 pub struct StreamTranslator {
-    id: String,
-    model: String,
-    stop_sequences: Vec<String>,
-    input_estimate: u32,
+    plan: AnswerPlan,
     started: bool,
     done: bool,
     next_index: usize,
@@ -40,6 +41,8 @@ pub struct StreamTranslator {
     /// Upstream tool call indexes that have had a block.
     tools_seen: Vec<u64>,
     called_tool: bool,
+    /// Whitespace-only text that arrived while a tool call was open.
+    held_text: String,
     finish_reason: Option<String>,
     matched_stop: Option<String>,
     usage: Option<Usage>,
@@ -58,25 +61,18 @@ enum Open {
 }
 
 impl StreamTranslator {
-    /// `id` is the `msg_…` id to report, `model` the name the client asked for, and the
-    /// estimate goes into `message_start` unless the first chunk carries real usage.
-    pub fn new(
-        id: &str,
-        model: &str,
-        stop_sequences: Vec<String>,
-        input_tokens_estimate: u32,
-    ) -> Self {
+    /// The plan's input estimate goes into `message_start` unless the first chunk carries
+    /// real usage.
+    pub fn new(plan: AnswerPlan) -> Self {
         StreamTranslator {
-            id: id.to_string(),
-            model: model.to_string(),
-            stop_sequences,
-            input_estimate: input_tokens_estimate,
+            plan,
             started: false,
             done: false,
             next_index: 0,
             open: None,
             tools_seen: Vec::new(),
             called_tool: false,
+            held_text: String::new(),
             finish_reason: None,
             matched_stop: None,
             usage: None,
@@ -133,13 +129,13 @@ impl StreamTranslator {
         let (stop_reason, stop_sequence) = wire::stop_reason(
             self.finish_reason.as_deref(),
             self.matched_stop.as_deref(),
-            &self.stop_sequences,
+            &self.plan.stop_sequences,
             self.called_tool,
         );
         let usage = match self.usage {
             Some(u) => AnthropicUsage::from(u),
             None => AnthropicUsage {
-                input_tokens: u64::from(self.input_estimate),
+                input_tokens: u64::from(self.plan.input_estimate),
                 output_tokens: self.content_chunks,
                 ..AnthropicUsage::default()
             },
@@ -198,18 +194,18 @@ impl StreamTranslator {
                 ..AnthropicUsage::from(u)
             },
             None => AnthropicUsage {
-                input_tokens: u64::from(self.input_estimate),
+                input_tokens: u64::from(self.plan.input_estimate),
                 output_tokens: 1,
                 ..AnthropicUsage::default()
             },
         };
         Event::MessageStart {
             message: MessageStart {
-                id: &self.id,
+                id: &self.plan.id,
                 kind: "message",
                 role: "assistant",
                 content: [],
-                model: &self.model,
+                model: &self.plan.model,
                 stop_reason: None,
                 stop_sequence: None,
                 usage,
@@ -221,13 +217,14 @@ impl StreamTranslator {
     fn delta(&mut self, delta: &Delta<'_>, out: &mut Vec<u8>) {
         let mut carried = false;
         if let Some(thinking) = delta.reasoning_text().filter(|t| !t.is_empty()) {
-            self.open_block(Open::Thinking, out);
-            self.block_delta(BlockDelta::Thinking { thinking }, out);
+            if self.plan.thinking {
+                self.open_block(Open::Thinking, out);
+                self.block_delta(BlockDelta::Thinking { thinking }, out);
+            }
             carried = true;
         }
         if let Some(text) = delta.content.as_deref().filter(|t| !t.is_empty()) {
-            self.open_block(Open::Text, out);
-            self.block_delta(BlockDelta::Text { text }, out);
+            self.text(text, out);
             carried = true;
         }
         for call in delta.tool_calls.iter().flatten() {
@@ -235,6 +232,22 @@ impl StreamTranslator {
         }
         if carried {
             self.content_chunks += 1;
+        }
+    }
+
+    /// A piece of text: held back while it is only whitespace inside a tool call.
+    fn text(&mut self, text: &str, out: &mut Vec<u8>) {
+        if matches!(self.open, Some(Open::Tool(_))) && text.trim().is_empty() {
+            self.held_text.push_str(text);
+            return;
+        }
+        self.open_block(Open::Text, out);
+        if self.held_text.is_empty() {
+            self.block_delta(BlockDelta::Text { text }, out);
+        } else {
+            let mut joined = std::mem::take(&mut self.held_text);
+            joined.push_str(text);
+            self.block_delta(BlockDelta::Text { text: &joined }, out);
         }
     }
 
@@ -268,7 +281,7 @@ impl StreamTranslator {
             self.close(out);
             let id = match call.id.as_deref().filter(|id| !id.is_empty()) {
                 Some(id) => id.to_string(),
-                None => format!("toolu_{}_{nth}", self.id.trim_start_matches("msg_")),
+                None => format!("toolu_{}_{nth}", self.plan.id.trim_start_matches("msg_")),
             };
             let name = function.and_then(|f| f.name.as_deref()).unwrap_or("");
             self.open_new(

@@ -72,14 +72,10 @@ fn top_level_fields_are_checked() {
 
 #[test]
 fn messages_and_blocks_are_checked() {
-    let two_users = json!({"messages": [
-        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]});
-    assert_eq!(param(with(two_users)), "messages[1].role");
-    let ends_with_assistant = json!({"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]});
-    let err = MessagesRequest::parse(with(ends_with_assistant).to_string().as_bytes()).unwrap_err();
-    assert_eq!(err.param.as_deref(), Some("messages[1].role"));
-    assert!(err.message.contains("prefill"));
+    let dangling_call = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]});
+    assert_eq!(param(with(dangling_call)), "messages[1].content");
     assert_eq!(
         param(with(
             json!({"messages": [{"role": "system", "content": "a"}]})
@@ -227,7 +223,7 @@ fn tool_choice_needs_tools_and_thinking_follows_the_style() {
     let off = req(json!({"thinking": {"type": "disabled"}}));
     assert_eq!(
         off.to_openai("u", ThinkingStyle::ReasoningEffort)["reasoning_effort"],
-        "none"
+        "low"
     );
     assert_eq!(
         off.to_openai("u", ThinkingStyle::ChatTemplateArgs)["chat_template_args"],
@@ -265,7 +261,10 @@ fn names(bytes: &[u8]) -> Vec<String> {
 
 #[test]
 fn garbage_is_ignored_and_the_end_is_coherent() {
-    let mut t = StreamTranslator::new("msg_1", "m", vec![], 7);
+    let mut t = StreamTranslator::new(AnswerPlan {
+        input_estimate: 7,
+        ..AnswerPlan::new("msg_1", "m")
+    });
     let mut out = Vec::new();
     for junk in ["", "not json", "[1,2]", "{\"choices\": 5}", "null"] {
         t.on_data(junk, &mut out);
@@ -293,7 +292,7 @@ fn garbage_is_ignored_and_the_end_is_coherent() {
 
 #[test]
 fn failures_before_and_after_content() {
-    let mut t = StreamTranslator::new("msg_1", "m", vec![], 0);
+    let mut t = StreamTranslator::new(AnswerPlan::new("msg_1", "m"));
     let mut out = Vec::new();
     t.fail("overloaded_error", "no capacity", &mut out);
     t.fail("api_error", "twice", &mut out);
@@ -308,7 +307,7 @@ fn failures_before_and_after_content() {
     );
 
     // vLLM's error object in place of a chunk, after some text.
-    let mut t = StreamTranslator::new("msg_1", "m", vec![], 0);
+    let mut t = StreamTranslator::new(AnswerPlan::new("msg_1", "m"));
     let mut out = Vec::new();
     t.on_data(
         r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
@@ -331,7 +330,7 @@ fn failures_before_and_after_content() {
         json!({"type": "api_error", "message": "engine dead"})
     );
 
-    let mut t = StreamTranslator::new("msg_1", "m", vec![], 0);
+    let mut t = StreamTranslator::new(AnswerPlan::new("msg_1", "m"));
     let mut out = Vec::new();
     t.on_data(r#"{"object":"error","message":"bad","code":400}"#, &mut out);
     assert_eq!(events(&out)[0].1["error"]["type"], "invalid_request_error");
@@ -339,7 +338,7 @@ fn failures_before_and_after_content() {
 
 #[test]
 fn tool_calls_without_ids_names_or_indexes() {
-    let mut t = StreamTranslator::new("msg_abc", "m", vec![], 0);
+    let mut t = StreamTranslator::new(AnswerPlan::new("msg_abc", "m"));
     let mut out = Vec::new();
     for chunk in [
         r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\""}}]}}]}"#,
@@ -386,4 +385,108 @@ fn fields_that_would_override_the_output_cap_are_not_passed_through() {
     }
     // Other engine extensions still pass through.
     assert_eq!(out["seed"], 7);
+}
+
+#[test]
+fn whitespace_between_argument_pieces_does_not_cut_the_call() {
+    let mut t = StreamTranslator::new(AnswerPlan::new("msg_1", "m"));
+    let mut out = Vec::new();
+    for chunk in [
+        r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":"{\"a\""}}]}}]}"#,
+        r#"{"choices":[{"delta":{"content":"\n"}}]}"#,
+        r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}"#,
+        r#"{"choices":[{"delta":{"content":"\n\n"}}]}"#,
+        r#"{"choices":[{"delta":{"content":"Done."}}]}"#,
+        r#"{"choices":[{"delta":{},"finish_reason":"tool_calls"}]}"#,
+    ] {
+        t.on_data(chunk, &mut out);
+    }
+    t.finish(&mut out);
+    let all = events(&out);
+    let pieces: Vec<&str> = all
+        .iter()
+        .filter_map(|(_, v)| v["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(pieces.concat(), "{\"a\":1}");
+    let texts: Vec<&str> = all
+        .iter()
+        .filter_map(|(_, v)| v["delta"]["text"].as_str())
+        .collect();
+    // The held whitespace leads the text that followed it.
+    assert_eq!(texts, ["\n\n\nDone."]);
+    let starts: Vec<&str> = all
+        .iter()
+        .filter_map(|(_, v)| v["content_block"]["type"].as_str())
+        .collect();
+    assert_eq!(starts, ["tool_use", "text"]);
+}
+
+#[test]
+fn reasoning_streams_as_thinking_only_when_enabled() {
+    let chunks = [
+        r#"{"choices":[{"delta":{"reasoning_content":"Hmm."}}]}"#,
+        r#"{"choices":[{"delta":{"content":"4"}}]}"#,
+        r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#,
+    ];
+    let run = |plan: AnswerPlan| {
+        let mut t = StreamTranslator::new(plan);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            t.on_data(chunk, &mut out);
+        }
+        t.finish(&mut out);
+        events(&out)
+    };
+    let hidden = run(AnswerPlan::new("msg_1", "m"));
+    let starts: Vec<&Value> = hidden
+        .iter()
+        .filter(|(n, _)| n == "content_block_start")
+        .map(|(_, v)| &v["content_block"])
+        .collect();
+    assert_eq!(starts, [&json!({"type": "text", "text": ""})]);
+    assert_eq!(hidden[2].1["index"], 0);
+    // The hidden reasoning still counts as output.
+    let delta = hidden.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(delta.1["usage"]["output_tokens"], 2);
+
+    let shown = run(AnswerPlan {
+        thinking: true,
+        ..AnswerPlan::new("msg_1", "m")
+    });
+    let kinds: Vec<&str> = shown
+        .iter()
+        .filter_map(|(_, v)| v["content_block"]["type"].as_str())
+        .collect();
+    assert_eq!(kinds, ["thinking", "text"]);
+}
+
+#[test]
+fn consecutive_turns_merge_and_a_final_assistant_message_is_continued() {
+    let body = with(json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "user", "content": [{"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "c"},
+        {"role": "assistant", "content": "d"},
+        {"role": "user", "content": "e"}]}));
+    let out = MessagesRequest::parse(body.to_string().as_bytes())
+        .unwrap()
+        .to_openai("u", ThinkingStyle::Ignore);
+    assert_eq!(
+        out["messages"],
+        json!([{"role": "user", "content": "a\nb"},
+            {"role": "assistant", "content": "c\nd"},
+            {"role": "user", "content": "e"}])
+    );
+    assert!(out.get("continue_final_message").is_none());
+    assert!(out.get("add_generation_prompt").is_none());
+
+    let prefill = with(json!({"messages": [
+        {"role": "user", "content": "List three colours as JSON."},
+        {"role": "assistant", "content": "{\"colours\": ["}]}));
+    let out = MessagesRequest::parse(prefill.to_string().as_bytes())
+        .unwrap()
+        .to_openai("u", ThinkingStyle::Ignore);
+    assert_eq!(out["messages"][1]["content"], "{\"colours\": [");
+    assert_eq!(out["continue_final_message"], true);
+    assert_eq!(out["add_generation_prompt"], false);
 }

@@ -10,6 +10,9 @@
 //! - An assistant message: text blocks joined with `\n` as `content` (`null` when it has
 //!   tool calls and no text, `""` when it has neither), `tool_use` blocks as `tool_calls`.
 //! - `tool_choice` is sent only with a non-empty `tools`: engines refuse it alone.
+//! - A final assistant message (prefill) sets `continue_final_message: true` and
+//!   `add_generation_prompt: false`, so the engine continues it rather than starting a new
+//!   turn; the answer holds only the continuation, as on the Messages API.
 
 use serde_json::{json, Map, Value};
 
@@ -27,6 +30,15 @@ impl MessagesRequest {
         let mut body = Map::new();
         body.insert("model".into(), json!(upstream_model));
         body.insert("messages".into(), Value::Array(self.openai_messages()));
+        if self
+            .messages
+            .last()
+            .is_some_and(|m| m.role == Role::Assistant)
+        {
+            // A prefill: the answer continues the last assistant message (vLLM, SGLang).
+            body.insert("continue_final_message".into(), json!(true));
+            body.insert("add_generation_prompt".into(), json!(false));
+        }
         body.insert("max_tokens".into(), json!(self.max_tokens));
         if !self.stop_sequences.is_empty() {
             body.insert("stop".into(), json!(self.stop_sequences));
@@ -119,7 +131,7 @@ fn add_thinking(body: &mut Map<String, Value>, thinking: Thinking, style: Thinki
         }
         ThinkingStyle::ReasoningEffort => {
             let effort = match thinking {
-                Thinking::Disabled => "none",
+                Thinking::Disabled => "low",
                 Thinking::Enabled {
                     budget_tokens: None,
                 } => "medium",
