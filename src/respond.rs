@@ -1,8 +1,11 @@
 //! Responses tollgate writes itself: errors in the client's dialect and direct JSON answers.
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
+use pingora::{Error, ErrorType};
 use serde_json::json;
 
 use crate::error::GatewayError;
@@ -34,6 +37,43 @@ pub fn error_body(dialect: Dialect, err: &GatewayError) -> Bytes {
     Bytes::from(value.to_string())
 }
 
+/// A response header for the client from its status and fields. It keeps no record of how
+/// each name was spelt (Pingora's case map): HTTP field names are case-insensitive, and
+/// without the map a field is one insert into an `http::HeaderMap`, with no re-parsing or
+/// copying of its name. Standard names still go out in their usual title case.
+pub fn client_header(status: StatusCode, fields: HeaderMap) -> ResponseHeader {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = fields;
+    ResponseHeader::from(parts)
+}
+
+/// tollgate's own fields, last on every response it answers: rate-limit headers and notices
+/// (`extra`), and the request id under the names the OpenAI (`x-request-id`) and Anthropic
+/// (`request-id`) SDKs read. Each replaces a field of the same name.
+pub fn add_own_fields(
+    fields: &mut HeaderMap,
+    request_id: &str,
+    extra: &[(&'static str, String)],
+) -> pingora::Result<()> {
+    for (name, value) in extra {
+        fields.insert(HeaderName::from_static(name), field_value(value)?);
+    }
+    let id = field_value(request_id)?;
+    fields.insert(HeaderName::from_static("x-request-id"), id.clone());
+    fields.insert(HeaderName::from_static("request-id"), id);
+    Ok(())
+}
+
+fn field_value(value: &str) -> pingora::Result<HeaderValue> {
+    HeaderValue::from_str(value).map_err(|_| {
+        Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "a response field value is not valid in a header",
+        )
+    })
+}
+
 /// Writes a complete JSON response with an exact Content-Length.
 pub async fn send_json(
     session: &mut Session,
@@ -42,16 +82,14 @@ pub async fn send_json(
     request_id: &str,
     extra: &[(&'static str, String)],
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(5 + extra.len()))?;
-    for (name, value) in extra {
-        header.insert_header(*name, value.as_str())?;
-    }
-    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    header.insert_header("x-request-id", request_id)?;
-    header.insert_header("request-id", request_id)?;
+    let status = StatusCode::from_u16(status)
+        .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "invalid status"))?;
+    let mut fields = HeaderMap::with_capacity(4 + extra.len());
+    fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    add_own_fields(&mut fields, request_id, extra)?;
     session
-        .write_response_header(Box::new(header), false)
+        .write_response_header(Box::new(client_header(status, fields)), false)
         .await?;
     session.write_response_body(Some(body), true).await
 }

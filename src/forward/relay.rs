@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use prometheus::Histogram;
@@ -15,6 +16,7 @@ use super::transcode::Transcoder;
 use super::{client_gone, ForwardError, Relayed};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
+use crate::respond;
 use crate::translate::ResponsePlan;
 
 /// Headers that describe one hop's connection, not the response.
@@ -209,19 +211,18 @@ fn broken(e: &pingora::Error) -> ForwardError {
     }
 }
 
-/// The client's response header: the replica's, minus hop-by-hop headers, with the body's
-/// framing (`length` when the body is known whole) and content type decided by the transcoder.
 /// The client's response header: the replica's fields (moved out of `upstream`, which is
-/// left without them) less the hop-by-hop ones, then tollgate's own.
+/// left without them) less the hop-by-hop ones and its request ids, the body's framing
+/// (`length` when the body is known whole) and content type as the transcoder decides, then
+/// tollgate's own fields.
 fn response_header(
     upstream: &mut Head,
     transcoder: &Transcoder,
     ctx: &RequestCtx,
     length: Option<usize>,
 ) -> pingora::Result<ResponseHeader> {
-    let request_id = ctx.request_id.as_str();
     let fields = std::mem::take(&mut upstream.headers);
-    let mut h = ResponseHeader::build(upstream.status, Some(fields.len() + 3 + ctx.headers.len()))?;
+    let mut out = HeaderMap::with_capacity(fields.len() + 4 + ctx.headers.len());
     let replaced_type = transcoder.content_type();
     // `into_iter` names a field once and gives `None` for each further value under that name.
     let mut name: Option<http::HeaderName> = None;
@@ -233,27 +234,23 @@ fn response_header(
         let skip = HOP_BY_HOP.contains(&name.as_str())
             || name == "x-request-id"
             || name == "request-id"
-            || (replaced_type.is_some()
-                && (name == http::header::CONTENT_TYPE || name == http::header::CONTENT_LENGTH));
+            || (replaced_type.is_some() && (name == CONTENT_TYPE || name == CONTENT_LENGTH));
         if !skip {
-            h.append_header(name.clone(), value)?;
+            out.append(name.clone(), value);
         }
     }
     if let Some(t) = replaced_type {
-        h.insert_header(http::header::CONTENT_TYPE, t)?;
+        out.insert(CONTENT_TYPE, HeaderValue::from_static(t));
     }
     match length {
-        Some(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
-        None if !h.headers.contains_key(http::header::CONTENT_LENGTH) => {
-            h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?
+        Some(n) => {
+            out.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None if !out.contains_key(CONTENT_LENGTH) => {
+            out.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
         None => {}
     }
-    for (name, value) in &ctx.headers {
-        h.insert_header(*name, value.as_str())?;
-    }
-    h.insert_header("x-request-id", request_id)?;
-    // The Anthropic SDKs read the request id from `request-id`.
-    h.insert_header("request-id", request_id)?;
-    Ok(h)
+    respond::add_own_fields(&mut out, &ctx.request_id, &ctx.headers)?;
+    Ok(respond::client_header(upstream.status, out))
 }

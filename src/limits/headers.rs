@@ -7,7 +7,8 @@ use super::RateView;
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (OpenAI; reset as a duration) and
 /// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (reset as RFC 3339).
 pub fn rate_headers(view: &RateView, now_ms: i64) -> Vec<(&'static str, String)> {
-    let mut out = Vec::with_capacity(12);
+    // Most keys have no limits: no allocation for them.
+    let mut out = Vec::new();
     let kinds = [
         (
             view.requests,
@@ -40,6 +41,7 @@ pub fn rate_headers(view: &RateView, now_ms: i64) -> Vec<(&'static str, String)>
         let Some((limit, remaining, reset)) = values else {
             continue;
         };
+        out.reserve(6);
         out.push((openai[0], limit.to_string()));
         out.push((openai[1], remaining.to_string()));
         out.push((openai[2], duration(reset)));
