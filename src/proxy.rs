@@ -249,8 +249,14 @@ impl Gateway {
     }
 }
 
-/// Stage "admit": reserve the request's worst case against the key's and the model's limits
-/// and budget (settled in `logging`), and prepare the rate-limit headers.
+/// Stage "admit": settle the request's output cap, reserve its worst case against the key's
+/// and the model's limits and budget (settled in `logging`), and prepare the rate-limit
+/// headers.
+///
+/// The replica always receives the cap that was reserved: the client's `max_tokens`, or the
+/// model's `default_max_tokens` when it set none, never above the model's
+/// `max_output_tokens`, and lower still when a budget clamped it. A request can therefore
+/// never generate more than its reservation, which is what keeps limits and budgets exact.
 fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -258,40 +264,50 @@ fn admit(
     model: &Model,
     request: &mut ModelRequest,
 ) -> Result<(), GatewayError> {
-    let (Some(key_counters), Some(model_counters)) = (
+    let asked = request.max_output_tokens();
+    let mut cap = asked.unwrap_or(u64::from(model.default_max_tokens));
+    if let Some(max) = model.max_output_tokens {
+        cap = cap.min(u64::from(max));
+    }
+    let result = match (
         runtime.limits.key(&key.id),
         runtime.limits.model(&model.slug),
-    ) else {
-        return Ok(());
-    };
-    let demand = Demand {
-        input_tokens: u64::from(ctx.input_estimate),
-        output_tokens: request
-            .max_output_tokens()
-            .unwrap_or(u64::from(model.default_max_tokens)),
-        prices: model.token_prices,
-    };
-    let now = limits::now_ms();
-    match limits::admit(key, key_counters, model, model_counters, demand, now) {
-        Ok((ticket, view)) => {
-            ctx.headers = limits::rate_headers(&view, now);
-            if let Some(n) = ticket.clamped_output {
-                request.set_max_output_tokens(n);
-                ctx.headers
-                    .push(("x-tollgate-max-tokens-clamped", n.to_string()));
+    ) {
+        (Some(key_counters), Some(model_counters)) => {
+            let demand = Demand {
+                input_tokens: u64::from(ctx.input_estimate),
+                output_tokens: cap,
+                prices: model.token_prices,
+            };
+            let now = limits::now_ms();
+            match limits::admit(key, key_counters, model, model_counters, demand, now) {
+                Ok((ticket, view)) => {
+                    ctx.headers = limits::rate_headers(&view, now);
+                    if let Some(n) = ticket.clamped_output {
+                        cap = n;
+                        ctx.headers
+                            .push(("x-tollgate-max-tokens-clamped", n.to_string()));
+                    }
+                    ctx.ticket = Some(ticket);
+                    Ok(())
+                }
+                Err(err) => {
+                    ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
+                    Err(GatewayError::Limit {
+                        err,
+                        key_id: key.id.to_string(),
+                        model: model.slug.to_string(),
+                    })
+                }
             }
-            ctx.ticket = Some(ticket);
-            Ok(())
         }
-        Err(err) => {
-            ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
-            Err(GatewayError::Limit {
-                err,
-                key_id: key.id.to_string(),
-                model: model.slug.to_string(),
-            })
-        }
+        // Every configured key and model has counters; nothing to reserve against otherwise.
+        _ => Ok(()),
+    };
+    if asked != Some(cap) {
+        request.set_max_output_tokens(cap);
     }
+    result
 }
 
 /// Stage "accept": request id, config snapshot, endpoint.

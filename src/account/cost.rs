@@ -26,10 +26,12 @@ impl From<&Price> for TokenPrices {
 
 impl TokenPrices {
     /// uncached input × input price + cached input × cached price + output × output price.
+    /// Saturates instead of wrapping on counts no replica reports honestly.
     pub fn cost_nanos(&self, u: &Usage) -> u64 {
-        u.uncached_input() * self.input
-            + u.cached_input * self.cached_input
-            + u.output * self.output
+        u.uncached_input()
+            .saturating_mul(self.input)
+            .saturating_add(u.cached_input.saturating_mul(self.cached_input))
+            .saturating_add(u.output.saturating_mul(self.output))
     }
 
     /// The cost in micro-dollars, rounded half up.
@@ -39,7 +41,7 @@ impl TokenPrices {
 }
 
 pub fn micros(nanos: u64) -> u64 {
-    (nanos + 500) / 1000
+    nanos.saturating_add(500) / 1000
 }
 
 #[cfg(test)]

@@ -382,7 +382,16 @@ fn model(
                 "must be at least 1 (tokens)".into(),
             )
         }
-        Some(v) => *v.get_ref(),
+        Some(v) => match max_output_tokens {
+            Some(max) if *v.get_ref() > max => {
+                return src.err(
+                    v.span(),
+                    format!("{path}.default_max_tokens"),
+                    format!("{} is more than max_output_tokens ({max}); lower it or raise max_output_tokens", v.get_ref()),
+                )
+            }
+            _ => *v.get_ref(),
+        },
         None => max_output_tokens.unwrap_or(4096),
     };
     Ok(Model {

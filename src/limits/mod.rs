@@ -111,12 +111,18 @@ pub struct Demand {
 
 impl Demand {
     fn tokens(&self) -> u64 {
-        self.input_tokens + self.output_tokens
+        self.input_tokens.saturating_add(self.output_tokens)
     }
 
-    /// Cost if no input is cached and every allowed output token is generated.
+    /// Cost if no input is cached and every allowed output token is generated. Saturates:
+    /// a worst case past `u64::MAX` nano-dollars fits no budget either way.
     fn worst_nanos(&self) -> u64 {
-        self.input_tokens * self.prices.input + self.output_tokens * self.prices.output
+        self.input_cost()
+            .saturating_add(self.output_tokens.saturating_mul(self.prices.output))
+    }
+
+    fn input_cost(&self) -> u64 {
+        self.input_tokens.saturating_mul(self.prices.input)
     }
 }
 
@@ -184,9 +190,10 @@ pub fn admit(
     if let Some(b) = &key.budget {
         k.roll(b, now_ms);
         let spend = k.spend;
-        let available = b.nanos.saturating_sub(spend.spent + spend.reserved);
+        let committed = spend.spent.saturating_add(spend.reserved);
+        let available = b.nanos.saturating_sub(committed);
         if b.enforce && demand.worst_nanos() > available {
-            let input_cost = demand.input_tokens * demand.prices.input;
+            let input_cost = demand.input_cost();
             let affordable = match demand.prices.output {
                 0 => demand.output_tokens,
                 p => available.saturating_sub(input_cost) / p,
@@ -200,7 +207,7 @@ pub fn admit(
             } else {
                 return Err(LimitError::Budget {
                     budget_nanos: b.nanos,
-                    spent_nanos: spend.spent + spend.reserved,
+                    spent_nanos: committed,
                     worst_nanos: demand.worst_nanos(),
                     retry_after: period::end(b.period, now_ms)
                         .map(|e| ((e - now_ms).max(0) as u64).div_ceil(1000)),
@@ -218,7 +225,7 @@ pub fn admit(
         state.requests.add(now, 1);
         state.tokens.add(now, demand.tokens());
     }
-    k.spend.reserved += nanos;
+    k.spend.reserved = k.spend.reserved.saturating_add(nanos);
     let view = k.rate_view(&key.limits, now);
     let period_start = k.spend.period_start;
     drop(m);
@@ -320,11 +327,13 @@ impl Ticket {
             k.inflight = k.inflight.saturating_sub(1);
             k.tokens.settle(now, self.at_sec, self.tokens, tokens);
             k.spend.reserved = k.spend.reserved.saturating_sub(self.nanos);
+            // Spend belongs to the period the request started in, as in the ledger. No roll
+            // here: this ticket's budget may be older than the config's (a reload), and a
+            // roll to `now_ms` would start a period the admissions have not seen yet. When
+            // the period already rolled on, the request only releases its reservation.
             if let Some(b) = &self.budget {
-                k.roll(b, now_ms);
-                // Spend belongs to the period the request started in, as in the ledger.
                 if k.spend.period_start == self.period_start {
-                    k.spend.spent += nanos;
+                    k.spend.spent = k.spend.spent.saturating_add(nanos);
                     for (i, &t) in b.alert_at.iter().enumerate() {
                         let bit = 1u32 << i;
                         if k.spend.alerted & bit == 0 && k.spend.spent as f64 >= t * b.nanos as f64

@@ -250,3 +250,53 @@ fn a_reload_keeps_counters_of_keys_that_still_exist() {
         "the new limit applies at once"
     );
 }
+
+#[test]
+fn a_request_that_outlives_its_period_never_touches_the_next_one() {
+    const DAY: i64 = 86_400_000;
+    let (key, model, r) = setup("budget = { usd = 1.0, period = \"daily\" }", "");
+    let spend = |now| r.key("k").unwrap().spend(key.budget.as_ref(), now);
+    // Admitted late on day 1; still running on day 2.
+    let (late, _) = try_admit(&key, &model, &r, demand(&model, 10, 10), NOW).unwrap();
+    let (dropped, _) = try_admit(&key, &model, &r, demand(&model, 10, 10), NOW).unwrap();
+    let next_day = NOW + DAY;
+    let (today, _) = try_admit(&key, &model, &r, demand(&model, 10, 10), next_day).unwrap();
+    today.settle(20, 5_000, next_day);
+    assert_eq!(spend(next_day).spent, 5_000);
+
+    // Settled or dropped on day 2, the day-1 requests only release their reservations.
+    late.settle(20, 7_000, next_day);
+    drop(dropped);
+    let s = spend(next_day);
+    assert_eq!((s.spent, s.reserved), (5_000, 0));
+}
+
+#[test]
+fn token_counts_past_u64_saturate_instead_of_wrapping() {
+    let (key, model, r) = setup("tpm = 1000\nbudget = { usd = 1.0, period = \"daily\" }", "");
+    let err = try_admit(&key, &model, &r, demand(&model, 5, u64::MAX), NOW)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            LimitError::Budget {
+                worst_nanos: u64::MAX,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let (key, model, r) = setup("tpm = 1000", "");
+    let err = try_admit(&key, &model, &r, demand(&model, 5, u64::MAX), NOW)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        LimitError::TooLarge {
+            scope: Scope::Key,
+            limit: 1000,
+            need: u64::MAX
+        }
+    );
+}

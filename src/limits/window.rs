@@ -40,7 +40,7 @@ impl Window {
     /// The total over the last 60 seconds.
     pub fn sum(&mut self, now: u64) -> u64 {
         self.advance(now);
-        self.slots.iter().sum()
+        self.slots.iter().fold(0, |t, &n| t.saturating_add(n))
     }
 
     pub fn add(&mut self, now: u64, n: u64) {
@@ -70,7 +70,7 @@ impl Window {
             return None;
         }
         let mut total = self.sum(now);
-        if total + need <= limit {
+        if total.saturating_add(need) <= limit {
             return Some(0);
         }
         // Slots leave oldest first: the one written at `head - 59` leaves after 1 second.
@@ -78,8 +78,8 @@ impl Window {
             let Some(second) = now.checked_sub(age) else {
                 continue;
             };
-            total -= self.slots[(second % SLOTS as u64) as usize];
-            if total + need <= limit {
+            total = total.saturating_sub(self.slots[(second % SLOTS as u64) as usize]);
+            if total.saturating_add(need) <= limit {
                 return Some(SLOTS as u64 - age);
             }
         }

@@ -95,7 +95,7 @@ impl ModelRequest {
         }
     }
 
-    /// Lowers the output cap to `n` tokens.
+    /// Sets the output cap the replica gets to `n` tokens.
     pub fn set_max_output_tokens(&mut self, n: u64) {
         match self {
             ModelRequest::Chat(r) => r.set_max_output_tokens(n),

@@ -321,7 +321,8 @@ impl ChatRequest {
             .find_map(|c| c.as_ref().and_then(|c| c.value))
     }
 
-    /// Lowers the output cap (a budget clamp): sets whichever cap fields the client used.
+    /// Sets the output cap the replica gets (the one reserved at admission): whichever cap
+    /// fields the client used, else `max_tokens`.
     pub fn set_max_output_tokens(&mut self, n: u64) {
         self.lowered_cap = Some(n);
     }
@@ -332,8 +333,8 @@ impl ChatRequest {
     }
 
     /// The body for the replica: the client's bytes with `model` set to what the replica
-    /// serves, the output cap lowered if a budget clamped it, and, when streaming, the usage
-    /// chunk always requested (accounting needs it).
+    /// serves, the output cap set at admission where it differs from the client's, and, when
+    /// streaming, the usage chunk always requested (accounting needs it).
     pub fn upstream_body(self, upstream_model: &str) -> Vec<u8> {
         // Serialising a string or a map of `Value`s cannot fail.
         let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(3);

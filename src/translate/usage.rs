@@ -20,11 +20,11 @@ pub struct Usage {
 
 impl Usage {
     pub fn uncached_input(&self) -> u64 {
-        self.input - self.cached_input
+        self.input.saturating_sub(self.cached_input)
     }
 
     pub fn total(&self) -> u64 {
-        self.input + self.output
+        self.input.saturating_add(self.output)
     }
 }
 

@@ -149,6 +149,82 @@ async fn a_request_that_can_never_fit_the_tpm_gets_400_not_429() {
 }
 
 #[tokio::test]
+async fn the_replica_never_generates_more_than_was_reserved() {
+    let sim = sim().await;
+    let config = config_with(&sim, "tpm = 1000").replace(
+        "max_output_tokens = 4096",
+        "max_output_tokens = 40\ndefault_max_tokens = 12",
+    );
+    let gw = Gateway::start(&config);
+    let no_cap = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]});
+
+    // No max_tokens: the model's default is reserved and sent, so usage cannot pass it.
+    let r = gw.chat(no_cap.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"],
+        "982",
+        "6 + 12 reserved"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let sent = sim.stats().last_request().unwrap().body;
+    assert_eq!(sent["max_tokens"], 12);
+
+    // Above max_output_tokens: capped there (in whichever field the client used).
+    let r = gw
+        .chat(json!({"model": MODEL, "max_completion_tokens": 900, "messages": [{"role": "user", "content": "Hello"}]}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 40);
+    let sent = sim.stats().last_request().unwrap().body;
+    assert_eq!(sent["max_completion_tokens"], 40);
+
+    // Anthropic's required max_tokens is capped the same way.
+    let r = gw.messages(json!({"model": MODEL, "max_tokens": 5000, "messages": [{"role": "user", "content": "Hello"}]})).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["output_tokens"], 40);
+    assert_eq!(v["stop_reason"], "max_tokens");
+}
+
+#[tokio::test]
+async fn output_caps_past_any_price_are_refused_cleanly() {
+    let sim = sim().await;
+    // test/other publishes no max_output_tokens: the client's cap is taken as it is.
+    let gw = Gateway::start(&config_with(&sim, "tpm = 1000").replace(
+        "slug = \"test/other\"\npool = \"main\"",
+        "slug = \"test/other\"\npool = \"main\"\nprice = { input_per_mtok = 1, output_per_mtok = 1000 }",
+    ));
+    let huge = json!({"model": "test/other", "max_tokens": u64::MAX, "messages": [{"role": "user", "content": "Hello"}]});
+    let r = gw.chat(huge).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "max_tokens_too_large");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&u64::MAX.to_string()),
+        "the worst case saturates instead of wrapping: {e}"
+    );
+    let gw2 = Gateway::start(&config_with(&sim, "budget = { usd = 1.0, period = \"daily\" }").replace(
+        "slug = \"test/other\"\npool = \"main\"",
+        "slug = \"test/other\"\npool = \"main\"\nprice = { input_per_mtok = 1, output_per_mtok = 1000 }",
+    ));
+    let huge = json!({"model": "test/other", "max_tokens": u64::MAX / 1000, "messages": [{"role": "user", "content": "Hello"}]});
+    let r = gw2.chat(huge).await;
+    assert_eq!(
+        r.status(),
+        402,
+        "a worst case past u64 nano-dollars does not fit"
+    );
+    let small = json!({"model": "test/other", "max_tokens": 10, "messages": [{"role": "user", "content": "Hello"}]});
+    assert_eq!(gw2.chat(small).await.status(), 200, "the key still works");
+}
+
+#[tokio::test]
 async fn budget_402_in_the_anthropic_dialect_and_clamping() {
     let sim = sim().await;
     let gw = Gateway::start(&config_with(

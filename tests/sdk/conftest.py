@@ -140,6 +140,7 @@ pool = "main"
 upstream_model = "served-model"
 context_tokens = 32768
 max_output_tokens = 4096
+default_max_tokens = 20
 price = {{ input_per_mtok = 0.5, cached_input_per_mtok = 0.1, output_per_mtok = 1.5 }}
 features = ["tools", "json_mode"]
 

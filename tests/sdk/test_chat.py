@@ -10,16 +10,17 @@ def expected_text(n):
     return " ".join(WORDS[i % len(WORDS)] for i in range(n))
 
 
-def test_default_completion_is_sixteen_tokens(client):
+def test_without_max_tokens_the_models_default_cap_applies(client):
+    # test/model sets default_max_tokens = 20 (the simulated replica alone would write 16).
     completion = client.chat.completions.create(model=MODEL, messages=HELLO)
 
     choice = completion.choices[0]
     assert completion.object == "chat.completion"
     assert choice.message.role == "assistant"
-    assert choice.message.content == expected_text(16)
-    assert choice.finish_reason in ("length", "stop")
+    assert choice.message.content == expected_text(20)
+    assert choice.finish_reason == "length"
     usage = completion.usage
-    assert usage.completion_tokens == 16
+    assert usage.completion_tokens == 20
     assert usage.prompt_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
