@@ -69,6 +69,8 @@ pub struct RequestCtx {
     pub attempts: u32,
     /// forward → logging, metrics: time to the replica's response header.
     pub first_byte: Option<Duration>,
+    /// forward → account: the status the replica answered with (0: no response header).
+    pub upstream_status: u16,
     /// understand → account: the prompt's estimated tokens (used when no usage arrives).
     pub input_estimate: u32,
     /// forward → account: the request reached a replica (it may have spent GPU time).
@@ -106,6 +108,7 @@ impl RequestCtx {
             replica: None,
             attempts: 0,
             first_byte: None,
+            upstream_status: 0,
             input_estimate: 0,
             sent: false,
             usage: None,

@@ -24,13 +24,15 @@ pub struct Settled {
 }
 
 /// The usage of a finished request: the replica's own count when it reported one; else, if
-/// the request reached a replica (cut short by a disconnect, a reset, a timeout, a stream
-/// without a usage chunk), the prompt estimate and the output estimate of what was relayed
-/// (`Observed::output_estimate`), marked estimated; else (refused before forwarding) zero.
+/// the request reached a replica and was not refused by it (cut short by a disconnect, a
+/// reset, a timeout, a stream without a usage chunk), the prompt estimate and the output
+/// estimate of what was relayed (`Observed::output_estimate`), marked estimated; else zero:
+/// refused before forwarding, or answered with an error status and no usage (an engine that
+/// rejects a request has not generated anything for it, and the client got no answer).
 pub fn settle(ctx: &RequestCtx) -> Settled {
     let (usage, estimated) = match ctx.usage {
         Some(u) => (u, false),
-        None if ctx.sent => (
+        None if ctx.sent && ctx.upstream_status < 400 => (
             Usage {
                 input: u64::from(ctx.input_estimate),
                 output: ctx.output_estimate,
@@ -51,9 +53,14 @@ pub fn settle(ctx: &RequestCtx) -> Settled {
     }
 }
 
-/// The ledger record of a finished Model API request; `None` for other endpoints.
-pub fn record(ctx: &RequestCtx, settled: &Settled) -> Option<UsageRecord> {
-    if !matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Messages) {
+/// The ledger record of a finished Model API request that was admitted (`admitted`: it held
+/// a reservation, or reached a replica); `None` for other endpoints and for requests refused
+/// before that (401, 413, 429, 402…), which cost nothing and are counted in the metrics and
+/// the access log instead: the ledger cannot be grown by requests nobody pays for.
+pub fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<UsageRecord> {
+    if !matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
+        || !(admitted || ctx.sent)
+    {
         return None;
     }
     let ts_ms = ctx

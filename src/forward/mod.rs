@@ -135,6 +135,7 @@ impl Upstream {
             }
         };
         ctx.first_byte = Some(ctx.started.elapsed());
+        ctx.upstream_status = head.status.as_u16();
         let ending = relay::relay(
             session,
             ctx,

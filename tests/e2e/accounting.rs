@@ -175,9 +175,14 @@ async fn a_whole_answer_without_usage_is_billed_from_its_text() {
 }
 
 #[tokio::test]
-async fn refused_requests_are_recorded_with_zero_tokens() {
+async fn refusals_leave_no_rows_and_replica_errors_bill_nothing() {
     let sim = sim().await;
-    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let config = standard_config(&[sim.addr()], "").replacen(
+        "models = [\"*\"]\n",
+        "models = [\"*\"]\nrpm = 3\n",
+        1,
+    );
+    let gw = Gateway::start(&config);
     let r = client()
         .post(gw.url("/v1/chat/completions"))
         .json(&hello())
@@ -189,8 +194,25 @@ async fn refused_requests_are_recorded_with_zero_tokens() {
         .chat(json!({"model": "no/such", "messages": [{"role": "user", "content": "x"}]}))
         .await;
     assert_eq!(r.status(), 404);
-    let (requests, input, output, estimated) = gw.usage_totals_of(2).await;
-    assert_eq!((requests, input, output, estimated), (2, 0, 0, 0));
+
+    // The replica refuses: the client gets its error and the request costs nothing.
+    let mut failing = hello();
+    failing["sim"] = json!({"fail_status": 400});
+    let r = gw.chat(failing).await;
+    assert_eq!(r.status(), 400);
+    let mut ok = hello();
+    ok["max_tokens"] = json!(4);
+    assert_eq!(gw.chat(ok.clone()).await.status(), 200);
+    assert_eq!(gw.chat(ok.clone()).await.status(), 200);
+    assert_eq!(gw.chat(ok).await.status(), 429, "rpm = 3");
+
+    let (requests, input, output, estimated) = gw.usage_totals_of(3).await;
+    assert_eq!(
+        (requests, input, output, estimated),
+        (3, sim.stats().prompt_tokens(), 8, 0),
+        "the two answered requests, and the one the replica refused at no cost"
+    );
+    assert_eq!(sim.stats().requests(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
