@@ -3,7 +3,7 @@
 //! in one atomic store. Requests in flight keep the snapshot they started with.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -11,6 +11,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::account::Ledger;
 use crate::config;
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -19,20 +20,33 @@ pub struct Reloader {
     path: PathBuf,
     runtime: Arc<ArcSwap<Runtime>>,
     metrics: Arc<Metrics>,
+    /// Where budgets a reload adds or changes rebuild their spend from.
+    ledger: Option<Arc<Ledger>>,
+    /// One reload at a time: two at once could each build on the same running config and
+    /// the later store would drop what the other carried over.
+    busy: Mutex<()>,
 }
 
 impl Reloader {
-    pub fn new(path: &Path, runtime: Arc<ArcSwap<Runtime>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        path: &Path,
+        runtime: Arc<ArcSwap<Runtime>>,
+        metrics: Arc<Metrics>,
+        ledger: Option<Arc<Ledger>>,
+    ) -> Self {
         Reloader {
             path: path.to_path_buf(),
             runtime,
             metrics,
+            ledger,
+            busy: Mutex::new(()),
         }
     }
 
     /// Reloads now. A file that fails validation is logged and counted, and the running
     /// config stays. Returns what happened, for the admin API.
     pub fn reload(&self) -> Result<String, String> {
+        let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let fresh = match config::load(&self.path) {
             Ok(s) => s,
             Err(e) => {
@@ -57,6 +71,13 @@ impl Reloader {
             restart.push("state");
         }
         let next = Runtime::new(fresh, Some(&current), &self.metrics);
+        if let Some(ledger) = &self.ledger {
+            if let Err(e) = next.seed_budgets(ledger, Some(old)) {
+                self.metrics.observe_reload(false);
+                tracing::error!(error = %e, "config reload refused: budgets could not be rebuilt from the ledger; keeping the running config");
+                return Err(format!("budgets could not be rebuilt from the ledger: {e}"));
+            }
+        }
         self.runtime.store(Arc::new(next));
         self.metrics.observe_reload(true);
         let note = if restart.is_empty() {

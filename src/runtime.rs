@@ -1,7 +1,10 @@
 //! Everything derived from one config snapshot, swapped as a unit.
 
-use crate::config::Snapshot;
-use crate::limits::Registry;
+use std::collections::HashMap;
+
+use crate::account::{self, Ledger};
+use crate::config::{Budget, Snapshot};
+use crate::limits::{self, Registry};
 use crate::metrics::{Meters, Metrics};
 use crate::route::Router;
 
@@ -25,5 +28,60 @@ impl Runtime {
             router,
             limits,
         }
+    }
+}
+
+impl Runtime {
+    /// Rebuilds from the ledger each budget's spend in its current period and the alerts
+    /// already fired, so neither a restart nor a reload resets a budget or repeats an alert.
+    /// With `previous` (a reload), only budgets whose counters cannot carry on are rebuilt:
+    /// keys that are new, that gained a budget, or whose period or thresholds changed.
+    /// Reservations of requests in flight are kept. Returns how many budgets were rebuilt.
+    pub fn seed_budgets(
+        &self,
+        ledger: &Ledger,
+        previous: Option<&Snapshot>,
+    ) -> Result<usize, String> {
+        let before: HashMap<&str, Option<&Budget>> = previous
+            .map(|p| p.keys().map(|k| (&*k.id, k.budget.as_ref())).collect())
+            .unwrap_or_default();
+        let carries_on =
+            |id: &str, budget: &Budget| {
+                before.get(id).copied().flatten().is_some_and(|old| {
+                    old.period == budget.period && old.alert_at == budget.alert_at
+                })
+            };
+        let now = limits::now_ms();
+        let mut flushed = false;
+        let mut seeded = 0;
+        for key in self.config.keys() {
+            let (Some(budget), Some(counters)) = (&key.budget, self.limits.key(&key.id)) else {
+                continue;
+            };
+            if previous.is_some() && carries_on(&key.id, budget) {
+                continue;
+            }
+            if !flushed {
+                // Records of requests that already ended must be in the file to be counted.
+                ledger.flush();
+                flushed = true;
+            }
+            let period_start = limits::period::start(budget.period, now);
+            let (spent, fired) = account::query::spend_since(ledger.path(), &key.id, period_start)?;
+            let alerted = budget
+                .alert_at
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| fired.iter().any(|f| (*f - **t).abs() < 1e-9))
+                .fold(0u32, |mask, (i, _)| mask | (1 << i));
+            counters.seed(limits::Spend {
+                period_start,
+                spent,
+                reserved: 0,
+                alerted,
+            });
+            seeded += 1;
+        }
+        Ok(seeded)
     }
 }

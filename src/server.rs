@@ -15,10 +15,9 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service as ListeningService;
 use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
-use crate::account::{self, Ledger};
+use crate::account::Ledger;
 use crate::admin::Admin;
 use crate::config::Snapshot;
-use crate::limits;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{ReloadOnSignal, Reloader};
@@ -59,11 +58,17 @@ pub fn run(
     };
     let runtime = Runtime::new(snapshot, None, &metrics);
     if let Some(ledger) = &ledger {
-        seed_budgets(&runtime, ledger)?;
+        runtime.seed_budgets(ledger, None)?;
     }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
-    let reloader =
-        config_path.map(|p| Arc::new(Reloader::new(p, runtime.clone(), metrics.clone())));
+    let reloader = config_path.map(|p| {
+        Arc::new(Reloader::new(
+            p,
+            runtime.clone(),
+            metrics.clone(),
+            ledger.clone(),
+        ))
+    });
 
     let sockets = server.add_service(Sockets {
         fds: vec![
@@ -106,32 +111,6 @@ pub fn run(
     // Every request has finished: write what the ledger still holds before exiting.
     if let Some(ledger) = ledger {
         ledger.close();
-    }
-    Ok(())
-}
-
-/// Rebuilds each budget's spend in its current period, and the alerts already fired, from the
-/// ledger: a restart never resets a budget nor repeats an alert.
-fn seed_budgets(runtime: &Runtime, ledger: &Ledger) -> Result<(), String> {
-    let now = limits::now_ms();
-    for key in runtime.config.keys() {
-        let (Some(budget), Some(counters)) = (&key.budget, runtime.limits.key(&key.id)) else {
-            continue;
-        };
-        let period_start = limits::period::start(budget.period, now);
-        let (spent, fired) = account::query::spend_since(ledger.path(), &key.id, period_start)?;
-        let alerted = budget
-            .alert_at
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| fired.iter().any(|f| (*f - **t).abs() < 1e-9))
-            .fold(0u32, |mask, (i, _)| mask | (1 << i));
-        counters.seed(limits::Spend {
-            period_start,
-            spent,
-            reserved: 0,
-            alerted,
-        });
     }
     Ok(())
 }

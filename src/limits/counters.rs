@@ -40,9 +40,14 @@ impl Counters {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts from spend rebuilt from the ledger (at startup).
+    /// Starts from spend rebuilt from the ledger (at startup, or for a budget a reload
+    /// changed). Reservations of requests in flight are kept: they still settle here.
     pub fn seed(&self, spend: Spend) {
-        self.lock().spend = spend;
+        let mut s = self.lock();
+        s.spend = Spend {
+            reserved: s.spend.reserved,
+            ..spend
+        };
     }
 
     pub fn inflight(&self) -> u64 {

@@ -294,6 +294,44 @@ async fn a_restart_keeps_spend_and_a_reload_keeps_counters() {
 }
 
 #[tokio::test]
+async fn a_budget_a_reload_adds_or_changes_starts_from_the_ledger() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, ""));
+    // Each: 6 × $0.5/M + 100 × $1.5/M = $0.000153.
+    for _ in 0..2 {
+        assert_eq!(gw.chat(ask(100)).await.status(), 200);
+    }
+    let path = gw.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    let with_budget = |period: &str| {
+        original.replacen(
+            "models = [\"*\"]\n",
+            &format!("models = [\"*\"]\nbudget = {{ usd = 0.0004, period = \"{period}\" }}\n"),
+            1,
+        )
+    };
+    std::fs::write(&path, with_budget("daily")).unwrap();
+    assert_eq!(gw.reload().await, 200);
+    let spent = |v: Value| v["budget"]["spent_usd"].as_f64().unwrap();
+    assert_eq!(
+        spent(gw.key_state("team-a").await),
+        0.000306,
+        "today's spend so far"
+    );
+    assert_eq!(
+        gw.chat(ask(100)).await.status(),
+        402,
+        "$0.000094 left cannot pay a $0.000153 worst case"
+    );
+
+    // A new period counts what the ledger holds for it, not a fresh zero.
+    std::fs::write(&path, with_budget("monthly")).unwrap();
+    assert_eq!(gw.reload().await, 200);
+    assert_eq!(spent(gw.key_state("team-a").await), 0.000306);
+    assert_eq!(gw.chat(ask(100)).await.status(), 402);
+}
+
+#[tokio::test]
 async fn a_soft_budget_alerts_once_per_threshold_with_a_signed_webhook() {
     let sim = sim().await;
     let hook = WebhookSink::start().await;
