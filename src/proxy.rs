@@ -83,6 +83,10 @@ impl ProxyHttp for Gateway {
             h1.set_pipelining_enabled(true);
         }
         let runtime = self.runtime.load_full();
+        // A client that stops reading fails the write, which the relay treats as a departure.
+        session
+            .as_downstream_mut()
+            .set_write_timeout(Some(runtime.config.server.client_write_timeout));
         accept(session, ctx, &runtime);
         match self.serve(session, ctx, &runtime).await {
             Ok(Relayed::Complete) => Ok(true),

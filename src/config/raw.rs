@@ -34,6 +34,7 @@ pub struct RawServer {
     pub max_body_bytes: Spanned<u64>,
     pub threads: Spanned<usize>,
     pub grace_period_secs: u64,
+    pub client_write_timeout_ms: Spanned<u64>,
     pub upstream_keepalive_pool_size: Spanned<usize>,
 }
 
@@ -44,6 +45,7 @@ impl Default for RawServer {
             max_body_bytes: Spanned::new(0..0, DEFAULT_MAX_BODY_BYTES),
             threads: Spanned::new(0..0, 2),
             grace_period_secs: 30,
+            client_write_timeout_ms: Spanned::new(0..0, 60_000),
             upstream_keepalive_pool_size: Spanned::new(0..0, 1024),
         }
     }

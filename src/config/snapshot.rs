@@ -54,6 +54,8 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     pub threads: NonZeroUsize,
     pub grace_period: Duration,
+    /// How long a write to a client may make no progress before the client is given up.
+    pub client_write_timeout: Duration,
     pub upstream_keepalive_pool_size: NonZeroUsize,
 }
 
@@ -119,7 +121,8 @@ pub struct Pool {
     /// Sent upstream as `Authorization: Bearer …` instead of the client's key.
     pub upstream_key: Option<Secret>,
     pub timeouts: Timeouts,
-    /// Attempts per request, counting the first; only connect failures are retried.
+    /// Attempts per request, counting the first; connect failures and 502/503 answers are
+    /// retried on another replica.
     pub max_attempts: NonZeroU32,
 }
 

@@ -61,6 +61,11 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         max_body_bytes: positive(src, &raw.server.max_body_bytes, "server.max_body_bytes")?,
         threads: nonzero(src, &raw.server.threads, "server.threads")?,
         grace_period: Duration::from_secs(raw.server.grace_period_secs),
+        client_write_timeout: Duration::from_millis(positive(
+            src,
+            &raw.server.client_write_timeout_ms,
+            "server.client_write_timeout_ms",
+        )?),
         upstream_keepalive_pool_size: nonzero(
             src,
             &raw.server.upstream_keepalive_pool_size,

@@ -13,7 +13,7 @@ mod transcode;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use h1::Conn;
+use h1::{Conn, Head};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
@@ -80,8 +80,9 @@ impl Upstream {
     ) -> Result<Relayed, ForwardError> {
         let deadline = Instant::now() + ex.pool.timeouts.total;
         let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
-        let (mut up, lease) = loop {
-            let Some(lease) = ex.route.pick(&tried) else {
+        let mut next = ex.route.pick(&tried);
+        let (mut up, lease, mut head, first_output) = loop {
+            let Some(lease) = next.take() else {
                 return Err(if tried.is_empty() {
                     ForwardError::NoReplica {
                         pool: ex.pool.name.clone(),
@@ -96,43 +97,35 @@ impl Upstream {
             tried.push(addr);
             ctx.attempts += 1;
             ctx.replica = Some(lease.replica().authority.clone());
-            match self.send(&lease, &ex, &ctx.request_id, deadline).await {
-                Ok(up) => {
-                    metrics.observe_attempt(&lease.replica().meters, true);
-                    ctx.sent = true;
-                    break (up, lease);
-                }
+            let may_retry = ctx.attempts < ex.pool.max_attempts.get();
+            let mut up = match self.send(&lease, &ex, &ctx.request_id, deadline).await {
+                Ok(up) => up,
                 Err(detail) => {
                     metrics.observe_attempt(&lease.replica().meters, false);
                     tracing::warn!(request_id = %ctx.request_id, replica = %addr, error = %detail, "replica attempt failed");
-                    if ctx.attempts >= ex.pool.max_attempts.get() {
+                    if !may_retry {
                         return Err(ForwardError::Unreachable {
                             attempts: ctx.attempts,
                         });
                     }
+                    next = ex.route.pick(&tried);
+                    continue;
+                }
+            };
+            ctx.sent = true;
+            let (head, first_output) = self.wait_head(session, &mut up, &ex, deadline).await?;
+            // An overloaded or restarting replica (502, 503) has not started on the request:
+            // it goes to another replica while one is left, within the attempts and the time.
+            let refused = matches!(head.status.as_u16(), 502 | 503);
+            metrics.observe_attempt(&lease.replica().meters, !refused);
+            if refused && may_retry {
+                if let Some(other) = ex.route.pick(&tried) {
+                    tracing::warn!(request_id = %ctx.request_id, replica = %addr, status = head.status.as_u16(), "replica refused the request; trying another");
+                    next = Some(other);
+                    continue;
                 }
             }
-        };
-
-        // Nothing is retried from here on: the replica may already be generating.
-        let first_byte_deadline = deadline.min(Instant::now() + ex.pool.timeouts.first_byte);
-        // Dropping the connection on any failure closes it, which tells the replica to stop.
-        let head = tokio::select! {
-            r = timeout_at(first_byte_deadline, up.read_head()) => r,
-            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
-        };
-        let mut head = match head {
-            Ok(Ok(head)) => head,
-            Ok(Err(e)) => {
-                return Err(ForwardError::Broken {
-                    detail: e.0.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(ForwardError::Timeout {
-                    phase: "no response header before first_byte_ms",
-                })
-            }
+            break (up, lease, head, first_output);
         };
         ctx.first_byte = Some(ctx.started.elapsed());
         ctx.upstream_status = head.status.as_u16();
@@ -148,6 +141,7 @@ impl Upstream {
                 .map(|m| m.itl.clone()),
             relay::Limits {
                 idle: ex.pool.timeouts.idle,
+                first_output: ex.stream.then_some(first_output),
                 deadline,
             },
         )
@@ -160,6 +154,42 @@ impl Upstream {
                 }
                 relay::deliver(session, header, tail).await
             }
+        }
+    }
+
+    /// Waits for the replica's response header, watching the client. Returns it with the
+    /// moment the first generated output is due.
+    ///
+    /// `first_byte_ms` bounds the wait for the first generated output. A stream's header
+    /// comes at once and its first event after prefill, so the relay applies the bound to
+    /// that event; a whole answer's header comes only when all of it is generated, so the
+    /// wait for it is bounded by `total_ms` alone. Dropping the connection on any failure
+    /// closes it, which tells the replica to stop.
+    async fn wait_head(
+        &self,
+        session: &mut Session,
+        up: &mut Conn,
+        ex: &Exchange<'_>,
+        deadline: Instant,
+    ) -> Result<(Head, Instant), ForwardError> {
+        let first_output = deadline.min(Instant::now() + ex.pool.timeouts.first_byte);
+        let head_deadline = if ex.stream { first_output } else { deadline };
+        let head = tokio::select! {
+            r = timeout_at(head_deadline, up.read_head()) => r,
+            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+        };
+        match head {
+            Ok(Ok(head)) => Ok((head, first_output)),
+            Ok(Err(e)) => Err(ForwardError::Broken {
+                detail: e.0.to_string(),
+            }),
+            Err(_) => Err(ForwardError::Timeout {
+                phase: if head_deadline < deadline {
+                    "no response header within first_byte_ms"
+                } else {
+                    "no complete answer within total_ms"
+                },
+            }),
         }
     }
 

@@ -30,10 +30,14 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// How long the answer may take: between two chunks, and in all.
+/// How long the answer may take: to its first chunk (streams), between two chunks, and in
+/// all.
 #[derive(Clone, Copy)]
 pub(super) struct Limits {
     pub idle: Duration,
+    /// When the first body chunk must have come (`first_byte_ms` after the request was sent),
+    /// for streams, whose first event waits for prefill. `None`: `idle` applies from the start.
+    pub first_output: Option<Instant>,
     pub deadline: Instant,
 }
 
@@ -71,7 +75,11 @@ async fn pump(
     transcoder: &mut Transcoder,
     limits: Limits,
 ) -> Result<Ending, ForwardError> {
-    let Limits { idle, deadline } = limits;
+    let Limits {
+        idle,
+        mut first_output,
+        deadline,
+    } = limits;
     let status = upstream.status.as_u16();
     // Bytes of a Content-Length body still to send; `None` for other framings.
     let mut unsent: Option<u64> = None;
@@ -92,7 +100,7 @@ async fn pump(
     }
 
     loop {
-        let read_deadline = deadline.min(Instant::now() + idle);
+        let read_deadline = deadline.min(first_output.unwrap_or_else(|| Instant::now() + idle));
         // Once a Content-Length body is all sent, the client may already send its next
         // request on the connection: stop watching it, or the probe would eat that request.
         let read = if unsent == Some(0) {
@@ -103,25 +111,42 @@ async fn pump(
                 _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
             }
         };
-        let failure = match read {
-            Ok(Ok(Some(chunk))) => match transcoder.on_chunk(chunk) {
-                Ok(Some(out)) => {
-                    unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
-                    if session.write_response_body(Some(out), false).await.is_err() {
-                        return Err(ForwardError::ClientGone);
-                    }
-                    continue;
+        let relayed = match read {
+            Ok(Ok(Some(chunk))) => {
+                let out = transcoder
+                    .on_chunk(chunk)
+                    .map_err(|detail| ForwardError::Broken { detail });
+                // Before the first token only a role chunk or keep-alives come: prefill runs
+                // until it, under `first_byte_ms`; then `idle_ms` applies.
+                if transcoder.observed.first_token.is_some() {
+                    first_output = None;
                 }
-                Ok(None) => continue,
-                Err(detail) => ForwardError::Broken { detail },
-            },
+                out
+            }
             Ok(Ok(None)) => break,
-            Ok(Err(H1Error(detail))) => ForwardError::Broken {
+            Ok(Err(H1Error(detail))) => Err(ForwardError::Broken {
                 detail: detail.to_string(),
-            },
-            Err(_) => ForwardError::Timeout {
-                phase: "no data within idle_ms",
-            },
+            }),
+            Err(_) => Err(ForwardError::Timeout {
+                phase: if read_deadline >= deadline {
+                    "no complete answer within total_ms"
+                } else if first_output.is_some() {
+                    "no first token within first_byte_ms"
+                } else {
+                    "no data within idle_ms"
+                },
+            }),
+        };
+        let failure = match relayed {
+            Ok(Some(out)) => {
+                unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
+                if session.write_response_body(Some(out), false).await.is_err() {
+                    return Err(ForwardError::ClientGone);
+                }
+                continue;
+            }
+            Ok(None) => continue,
+            Err(failure) => failure,
         };
         if !transcoder.streams() {
             // Nothing was sent yet: the client gets a proper error status instead.
@@ -234,7 +259,9 @@ fn response_header(
         let skip = HOP_BY_HOP.contains(&name.as_str())
             || name == "x-request-id"
             || name == "request-id"
-            || (replaced_type.is_some() && (name == CONTENT_TYPE || name == CONTENT_LENGTH));
+            || (replaced_type.is_some() && name == CONTENT_TYPE)
+            // The replica's length holds only for a body passed on byte for byte.
+            || (!transcoder.passes_through() && name == CONTENT_LENGTH);
         if !skip {
             out.append(name.clone(), value);
         }

@@ -92,6 +92,11 @@ impl Transcoder {
         !matches!(self.mode, Mode::Collect { .. })
     }
 
+    /// Whether the client gets the replica's body byte for byte (so its length holds).
+    pub fn passes_through(&self) -> bool {
+        matches!(self.mode, Mode::Raw)
+    }
+
     /// The content type of what the client receives, when it differs from the replica's.
     pub fn content_type(&self) -> Option<&'static str> {
         match self.mode {

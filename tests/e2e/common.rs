@@ -397,3 +397,65 @@ impl WebhookSink {
             .flatten()
     }
 }
+
+/// A replica that answers every request with the same raw HTTP/1.1 response and closes the
+/// connection; it counts the requests it answered.
+pub struct CannedReplica {
+    pub addr: SocketAddr,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CannedReplica {
+    pub async fn start(response: String) -> CannedReplica {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = answered.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (response, count) = (response.clone(), count.clone());
+                tokio::spawn(async move {
+                    // The request: its head, then as many body bytes as its content-length says.
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                        let text = String::from_utf8_lossy(&seen).to_string();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length: usize = text[..end]
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length: "))
+                                .and_then(|v| v.trim().parse().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        CannedReplica { addr, answered }
+    }
+
+    /// A response with `status`, `content_type` and `body`, framed by content-length.
+    pub async fn answering(status: &str, content_type: &str, body: &str) -> CannedReplica {
+        Self::start(format!(
+            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+        .await
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -95,7 +95,10 @@ async fn a_replica_that_does_not_answer_in_time_is_504() {
         &[sim.addr()],
         "timeouts = { first_byte_ms = 200 }",
     ));
+    // A stream's header comes before prefill: a replica that sends none in first_byte_ms is
+    // stuck.
     let mut body = hello();
+    body["stream"] = json!(true);
     body["sim"] = json!({"stall_ms": 20_000});
     let r = gw.chat(body).await;
     assert_eq!(r.status(), 504);
@@ -259,4 +262,123 @@ async fn pipelined_requests_are_answered_in_order() {
         got.extend_from_slice(&buf[..n]);
     }
     assert_eq!(sim.stats().requests(), 2);
+}
+
+const OVERLOADED: &str =
+    r#"{"error":{"message":"overloaded","type":"server_error","param":null,"code":503}}"#;
+
+#[tokio::test]
+async fn a_replica_answering_503_hands_the_request_to_another() {
+    let busy =
+        CannedReplica::answering("503 Service Unavailable", "application/json", OVERLOADED).await;
+    let live = sim().await;
+    let gw = Gateway::start(&standard_config(&[busy.addr, live.addr()], ""));
+    // Ties between idle replicas are broken at random: over 16 requests the busy one is
+    // picked first about half the time (never, with odds of 1 in 65536).
+    for _ in 0..16 {
+        let r = gw.chat(hello()).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    assert_eq!(live.stats().requests(), 16);
+    assert!(busy.answered() > 0);
+}
+
+#[tokio::test]
+async fn when_every_replica_answers_503_the_last_answer_reaches_the_client() {
+    let a =
+        CannedReplica::answering("503 Service Unavailable", "application/json", OVERLOADED).await;
+    let b =
+        CannedReplica::answering("503 Service Unavailable", "application/json", OVERLOADED).await;
+    let gw = Gateway::start(&standard_config(&[a.addr, b.addr], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.text().await.unwrap(), OVERLOADED);
+    assert_eq!(
+        (a.answered(), b.answered()),
+        (1, 1),
+        "each replica tried once"
+    );
+}
+
+#[tokio::test]
+async fn each_timeout_bounds_its_own_phase() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(
+        &[sim.addr()],
+        "timeouts = { first_byte_ms = 1000, idle_ms = 150, total_ms = 2000 }",
+    ));
+    // Prefill longer than idle_ms: a stream's first token is due within first_byte_ms.
+    let r = gw
+        .chat(
+            json!({"model": MODEL, "stream": true, "max_tokens": 3, "sim": {"ttft_ms": 400},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    let events = sse_data(&r.text().await.unwrap());
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
+
+    // A whole answer arrives when it is all generated: longer than first_byte_ms is fine,
+    // longer than total_ms is a 504 that says so.
+    let mut long = hello();
+    long["max_tokens"] = json!(3);
+    long["sim"] = json!({"ttft_ms": 1200});
+    assert_eq!(gw.chat(long.clone()).await.status(), 200);
+    long["sim"] = json!({"ttft_ms": 4000});
+    let r = gw.chat(long).await;
+    assert_eq!(r.status(), 504);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("total_ms"),
+        "{e}"
+    );
+
+    // A stream whose first token does not come within first_byte_ms ends with an error event.
+    let r = gw
+        .chat(
+            json!({"model": MODEL, "stream": true, "max_tokens": 3, "sim": {"ttft_ms": 1800},
+            "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("first_byte_ms"), "{text}");
+}
+
+#[tokio::test]
+async fn a_rewritten_event_stream_does_not_keep_the_replicas_length() {
+    let events = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"served-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"served-model\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"served-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n",
+        "data: [DONE]\n\n"
+    );
+    let replica = CannedReplica::answering("200 OK", "text/event-stream", events).await;
+    let gw = Gateway::start(&standard_config(&[replica.addr], ""));
+    let r = gw
+        .chat(json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let declared = r.headers().get("content-length").cloned();
+    let body = r
+        .bytes()
+        .await
+        .expect("the body ends where its framing says");
+    if let Some(n) = declared {
+        assert_eq!(n.to_str().unwrap(), body.len().to_string());
+    }
+    let data = sse_data(&String::from_utf8_lossy(&body));
+    assert_eq!(
+        data.len(),
+        3,
+        "the usage chunk the client did not ask for is gone: {data:?}"
+    );
+    assert!(
+        data[0].contains(&format!("\"model\":\"{MODEL}\"")),
+        "{data:?}"
+    );
 }

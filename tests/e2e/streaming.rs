@@ -133,3 +133,41 @@ async fn a_replica_breaking_mid_stream_ends_it_with_an_error_event() {
     assert_eq!(last["error"]["code"], "upstream_error", "{text}");
     assert!(data.iter().any(|d| d.contains("\"content\":\"The\"")));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_given_up_and_frees_its_slot() {
+    use tokio::io::AsyncWriteExt;
+    let sim = sim().await;
+    let config = standard_config(&[sim.addr()], "")
+        .replacen(
+            "models = [\"*\"]\n",
+            "models = [\"*\"]\nmax_concurrent = 1\n",
+            1,
+        )
+        .replace(
+            "[[pools]]",
+            "[server]\nlisten = \"127.0.0.1:0\"\ngrace_period_secs = 0\nclient_write_timeout_ms = 300\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[pools]]",
+        );
+    let gw = Gateway::start(&config);
+    // A long stream to a client that never reads: once the socket buffers fill, tollgate's
+    // writes stall, and after client_write_timeout_ms it gives the client up.
+    let body = json!({"model": "test/other", "stream": true, "max_tokens": 2_000_000,
+        "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.public).await.unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stalled.write_all(request.as_bytes()).await.unwrap();
+    assert!(
+        sim.stats().wait_cancelled(1, Duration::from_secs(20)).await,
+        "the replica was told to stop"
+    );
+    // The key's one concurrency slot is free again while the stalled socket is still open.
+    let r = gw.chat(json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})).await;
+    assert_eq!(r.status(), 200);
+    drop(stalled);
+}
