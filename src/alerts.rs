@@ -111,7 +111,9 @@ async fn deliver(
                 status = r.status().as_u16(),
                 "budget webhook refused"
             ),
-            Err(e) => tracing::warn!(attempt, error = %e, "budget webhook unreachable"),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e.without_url(), "budget webhook unreachable")
+            }
         }
         if attempt < ATTEMPTS {
             tokio::time::sleep(wait).await;

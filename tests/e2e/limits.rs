@@ -393,3 +393,26 @@ async fn a_soft_budget_alerts_once_per_threshold_with_a_signed_webhook() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_webhook_is_logged_without_its_url() {
+    let sim = sim().await;
+    let hook = refused_addr();
+    let config = format!(
+        "[alerts]\nwebhook_url = \"http://{hook}/services/T0KEN-IN-PATH\"\n\n{}",
+        config_with(
+            &sim,
+            "budget = { usd = 0.000001, period = \"daily\", enforce = false, alert_at = [1.0] }"
+        )
+    );
+    let gw = Gateway::start(&config);
+    assert_eq!(gw.chat(ask(4)).await.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw.stderr().contains("budget webhook unreachable") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.stderr());
+        tokio::task::yield_now().await;
+    }
+    let log = gw.stderr();
+    assert!(!log.contains("T0KEN-IN-PATH"), "{log}");
+    assert!(!log.contains(&hook.to_string()), "{log}");
+}
