@@ -2,9 +2,10 @@
 //! that batches inserts. Requests hand records over a bounded channel and never wait on disk.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, Connection, ToSql};
 
@@ -20,7 +21,7 @@ const MAX_BATCH: usize = 4096;
 /// most this window's records (plus the commit in progress). Short windows keep each commit a
 /// short burst of CPU: at 20k requests/s a 50 ms window made ~3 ms bursts that took a core
 /// from a request worker and stalled its connections, a visible share of the p99.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(5);
 /// Records kept in memory for a retry while the disk refuses writes.
 const MAX_PENDING: usize = 1_000_000;
 
@@ -155,23 +156,36 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
     Ok(conn)
 }
 
+/// First wait before writing again after a failed write; it doubles up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
 fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
     let sql = InsertSql::new();
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
     let mut alerts: Vec<(String, i64, f64)> = Vec::new();
+    // While the disk refuses writes: when to try again, and the wait after that.
+    let mut retry: Option<(Instant, Duration)> = None;
     let mut closing = false;
     while !closing {
-        // Block for the first message, then let `GATHER` pass before draining the queue: one
-        // transaction per window under load, and no wake-up of this thread per record.
-        let mut next = rx.recv().ok();
-        if next.is_none() {
-            closing = true;
+        // Block for the first message (while failing, no later than the next try), then let
+        // `GATHER` pass before draining the queue: one transaction per window under load,
+        // and no wake-up of this thread per record.
+        let mut next = match retry {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some((at, _)) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
         }
+        .map_err(|e| closing = e == RecvTimeoutError::Disconnected)
+        .ok();
+        let mut gathered = 0;
         let mut slept = false;
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Record(r) => batch.push(*r),
+                Msg::Record(r) => {
+                    batch.push(*r);
+                    gathered += 1;
+                }
                 Msg::Alert {
                     key_id,
                     period_start,
@@ -180,20 +194,27 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
                 Msg::Flush(w) => waiters.push(w),
                 Msg::Close => closing = true,
             }
-            if batch.len() >= MAX_BATCH || closing {
+            if gathered >= MAX_BATCH || closing {
                 break;
             }
             next = rx.try_recv().ok();
-            if next.is_none() && !slept && waiters.is_empty() {
+            if next.is_none() && !slept && waiters.is_empty() && retry.is_none() {
                 std::thread::sleep(GATHER);
                 slept = true;
                 next = rx.try_recv().ok();
             }
         }
+        // After a failure, records only gather until the next try, unless someone waits.
+        let due = retry.is_none_or(|(at, _)| Instant::now() >= at);
+        if !(due || closing || !waiters.is_empty()) {
+            continue;
+        }
         let taken = batch.len();
         if let Err(e) = insert(&mut conn, &sql, &batch) {
             metrics.ledger_write_errors.inc();
-            tracing::error!(error = %e, records = batch.len(), "usage ledger write failed; will retry");
+            let wait = retry.map_or(FIRST_BACKOFF, |(_, w)| (w * 2).min(MAX_BACKOFF));
+            retry = Some((Instant::now() + wait, wait));
+            tracing::error!(error = %e, records = batch.len(), retry_in_ms = wait.as_millis() as u64, "usage ledger write failed; will retry");
             if batch.len() > MAX_PENDING || closing {
                 // Past the memory bound, or out of time at shutdown: lost, and counted.
                 let lost = if closing {
@@ -206,6 +227,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
             }
         } else {
             batch.clear();
+            retry = None;
         }
         metrics.ledger_queue.sub(taken as i64 - batch.len() as i64);
         for (key_id, period_start, threshold) in alerts.drain(..) {
@@ -264,13 +286,15 @@ fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusq
             .iter()
             .map(|r| {
                 [
-                    r.usage.input as i64,
-                    r.usage.cached_input as i64,
-                    r.usage.output as i64,
-                    r.usage.reasoning as i64,
-                    r.cost_nanos as i64,
-                    i64::from(r.status),
+                    r.usage.input,
+                    r.usage.cached_input,
+                    r.usage.output,
+                    r.usage.reasoning,
+                    r.cost_nanos,
+                    u64::from(r.status),
                 ]
+                // SQLite integers are signed; counts past that were saturated already.
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
             })
             .collect();
         for (r, n) in rows.iter().zip(&numbers) {
@@ -306,4 +330,73 @@ fn insert_sql(rows: usize) -> String {
              estimated, ttft_ms, duration_ms, replica) VALUES {}",
         vec![row; rows].join(",")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::account::record_id;
+    use crate::translate::usage::Usage;
+
+    fn record(ts_ms: i64) -> UsageRecord {
+        UsageRecord {
+            id: record_id(ts_ms),
+            request_id: "r".into(),
+            ts_ms,
+            key_id: "k".into(),
+            model: "m".into(),
+            surface: "chat_completions",
+            status: 200,
+            usage: Usage {
+                input: u64::MAX,
+                ..Usage::default()
+            },
+            cost_nanos: 1,
+            estimated: false,
+            ttft_ms: None,
+            duration_ms: 1.0,
+            replica: None,
+        }
+    }
+
+    fn rows(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM usage", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failing_disk_is_retried_with_backoff_and_nothing_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Ledger::open(dir.path(), metrics.clone()).unwrap();
+        let path = ledger.path().to_path_buf();
+        // The table disappears under the writer: every insert fails until it is back.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch("ALTER TABLE usage RENAME TO usage_away")
+            .unwrap();
+        for i in 0..(MAX_BATCH as i64 + 10) {
+            ledger.record(record(1_795_000_000_000 + i));
+        }
+        ledger.flush();
+        // Records keep arriving one by one, more than a batch already pending: they are
+        // kept for the next try instead of each causing a write (and an error line) of its own.
+        for i in 0..300 {
+            ledger.record(record(1_796_000_000_000 + i));
+        }
+        ledger.flush();
+        let errors = metrics.ledger_write_errors.get();
+        assert!((1..=4).contains(&errors), "{errors} failed writes");
+        assert_eq!(metrics.ledger_dropped.get(), 0);
+
+        other
+            .execute_batch("ALTER TABLE usage_away RENAME TO usage")
+            .unwrap();
+        ledger.flush();
+        assert_eq!(rows(&path), MAX_BATCH as i64 + 310);
+        assert_eq!(metrics.ledger_queue.get(), 0);
+        ledger.close();
+    }
 }
