@@ -34,6 +34,7 @@ pub fn record(
     }
     let settled = account::settle(ctx);
     let admitted = ctx.ticket.is_some();
+    ctx.logged = true;
     let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
     settle_limits(metrics, key_meters, alerter, ctx, &settled);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::account::{self, Ledger};
 use crate::config::{Key, Model};
 use crate::limits::Ticket;
 use crate::respond::Dialect;
@@ -90,10 +91,14 @@ pub struct RequestCtx {
     pub status: u16,
     /// respond / forward → logging, metrics. The error code, when the request failed.
     pub error: Option<&'static str>,
+    /// new_ctx → drop: where a request that never reached `logging` is still recorded.
+    pub ledger: Option<Arc<Ledger>>,
+    /// logging → drop: `logging` ran (and recorded the request).
+    pub logged: bool,
 }
 
 impl RequestCtx {
-    pub fn new() -> Self {
+    pub fn new(ledger: Option<Arc<Ledger>>) -> Self {
         RequestCtx {
             started: Instant::now(),
             started_at: SystemTime::now(),
@@ -118,6 +123,8 @@ impl RequestCtx {
             headers: Vec::new(),
             status: 0,
             error: None,
+            ledger,
+            logged: false,
         }
     }
 
@@ -129,6 +136,23 @@ impl RequestCtx {
 
 impl Default for RequestCtx {
     fn default() -> Self {
-        Self::new()
+        Self::new(None)
+    }
+}
+
+impl Drop for RequestCtx {
+    /// A request whose task was dropped before `logging` (a shutdown past the grace period
+    /// cuts whatever still runs) may have used a replica: it is still recorded, estimated.
+    fn drop(&mut self) {
+        if self.logged {
+            return;
+        }
+        let Some(ledger) = self.ledger.take() else {
+            return;
+        };
+        let settled = account::settle(self);
+        if let Some(record) = account::record(self, &settled, self.ticket.is_some()) {
+            ledger.record(record);
+        }
     }
 }

@@ -66,7 +66,7 @@ impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.ledger.clone())
     }
 
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {

@@ -139,6 +139,9 @@ async fn pump(
         };
         let failure = match relayed {
             Ok(Some(out)) => {
+                // Kept current, so a request cut by a shutdown is accounted from what it sent.
+                ctx.usage = transcoder.observed.usage;
+                ctx.output_estimate = transcoder.observed.output_estimate;
                 unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
                 if session.write_response_body(Some(out), false).await.is_err() {
                     return Err(ForwardError::ClientGone);

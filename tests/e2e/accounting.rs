@@ -335,6 +335,49 @@ async fn a_graceful_stop_writes_every_record_before_exiting() {
     assert_eq!(ids.len(), 20, "{ids:?}");
 }
 
+#[tokio::test]
+async fn a_stream_cut_by_shutdown_is_still_recorded() {
+    let sim = sim().await;
+    let mut gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-request-id", "cut-by-shutdown")
+        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 3,
+            "sim": {"token_delay_ms": 60_000},
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"The\"") {
+        let chunk = body.next().await.expect("the first token arrives").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // The grace period (0 s here) ends with the stream still running: it is cut.
+    gw.stop();
+    let db = gw
+        .config_path()
+        .parent()
+        .unwrap()
+        .join("state")
+        .join("usage.sqlite");
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let (output, estimated): (i64, bool) = conn
+        .query_row(
+            "SELECT output_tokens, estimated FROM usage WHERE request_id = 'cut-by-shutdown'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("the cut request has its row");
+    assert_eq!(
+        (output, estimated),
+        (1, true),
+        "billed from what was relayed"
+    );
+}
+
 /// Request ids in the ledger, read straight from the SQLite file.
 fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
     let db = gw
