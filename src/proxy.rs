@@ -351,6 +351,9 @@ async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError)
     if let Some(secs) = err.retry_after() {
         ctx.headers.push(("retry-after", secs.to_string()));
     }
+    if let GatewayError::MethodNotAllowed { allow, .. } = err {
+        ctx.headers.push(("allow", (*allow).to_string()));
+    }
     let body = respond::error_body(ctx.endpoint.dialect(), err);
     let _ = respond::send_json(session, ctx.status, body, &ctx.request_id, &ctx.headers).await;
 }

@@ -153,6 +153,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             }
             headers.append(name, value);
         }
+        if coded && length.is_some() {
+            // Both framings given (RFC 9112 §6.1): Transfer-Encoding wins, the length is wrong
+            // for what is passed on, and the connection is not trusted for another message.
+            headers.remove(http::header::CONTENT_LENGTH);
+            close = true;
+        }
         let _ = self.buf.split_to(len);
         self.framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Done
@@ -363,6 +369,16 @@ mod tests {
             assert_eq!(body, b"hello");
             assert!(reusable);
         }
+    }
+
+    #[tokio::test]
+    async fn transfer_encoding_overrides_a_length_and_the_connection_is_not_reused() {
+        let wire = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 99\r\n\
+            transfer-encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
+        let (head, body, reusable) = read_all(wire, wire.len()).await.unwrap();
+        assert_eq!(body, b"no");
+        assert!(!head.headers.contains_key("content-length"));
+        assert!(!reusable);
     }
 
     #[tokio::test]

@@ -204,8 +204,16 @@ impl Upstream {
     ) -> Result<Conn, String> {
         let replica = lease.replica();
         let head = request_head(ex, &replica.authority, request_id);
-        for _ in 0..2 {
-            let (stream, reused) = match replica.reuse() {
+        // Pooled connections the replica closed meanwhile fail the send; a few are tried,
+        // then a fresh connection, so a pool of stale ones never fails the request.
+        let mut stale = 0;
+        loop {
+            let pooled = if stale < MAX_STALE {
+                replica.reuse()
+            } else {
+                None
+            };
+            let (stream, reused) = match pooled {
                 Some(stream) => (stream, true),
                 // Boxed: the connector's future is over 8 KiB (it can do TLS), and held inline
                 // it would make every request's future that size, moved on each request, for
@@ -224,14 +232,16 @@ impl Upstream {
             let mut up = Conn::new(stream);
             match timeout_at(deadline, up.send(&head, &ex.body)).await {
                 Ok(Ok(())) => return Ok(up),
-                Ok(Err(_)) if reused => continue,
+                Ok(Err(_)) if reused => stale += 1,
                 Ok(Err(e)) => return Err(format!("send: {}", e.kind())),
                 Err(_) => return Err("send: total timeout".into()),
             }
         }
-        Err("send: pooled connections were closed by the replica".into())
     }
 }
+
+/// Stale pooled connections tried for one request before a fresh connection is opened.
+const MAX_STALE: u32 = 4;
 
 /// The request line and header fields, ending in the empty line. Every value is known safe:
 /// the path is ours, the request id was checked or generated, the upstream key was checked

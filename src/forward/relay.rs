@@ -252,6 +252,15 @@ fn response_header(
     let fields = std::mem::take(&mut upstream.headers);
     let mut out = HeaderMap::with_capacity(fields.len() + 4 + ctx.headers.len());
     let replaced_type = transcoder.content_type();
+    // Fields the replica named in `Connection` are about its hop too (RFC 9110 §7.6.1).
+    let connection_scoped: Vec<String> = fields
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
     // `into_iter` names a field once and gives `None` for each further value under that name.
     let mut name: Option<http::HeaderName> = None;
     for (next, value) in fields {
@@ -260,6 +269,7 @@ fn response_header(
         }
         let Some(name) = &name else { continue };
         let skip = HOP_BY_HOP.contains(&name.as_str())
+            || connection_scoped.iter().any(|t| t == name.as_str())
             || name == "x-request-id"
             || name == "request-id"
             || (replaced_type.is_some() && name == CONTENT_TYPE)

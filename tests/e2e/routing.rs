@@ -154,7 +154,8 @@ async fn replica_header_fields_reach_the_client_except_hop_by_hop_ones() {
         let body = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-replica: a\r\n\
-             keep-alive: timeout=5\r\nx-replica: b\r\nconnection: keep-alive\r\n\
+             keep-alive: timeout=5\r\nx-replica: b\r\nconnection: keep-alive, X-Hop-Only\r\n\
+             x-hop-only: 1\r\n\
              x-request-id: replica-own\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
@@ -172,6 +173,10 @@ async fn replica_header_fields_reach_the_client_except_hop_by_hop_ones() {
         .collect();
     assert_eq!(replica, ["a", "b"]);
     assert!(r.headers().get("keep-alive").is_none());
+    assert!(
+        r.headers().get("x-hop-only").is_none(),
+        "a field named in Connection is the replica's hop only"
+    );
     let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(request_id.starts_with("req_"), "{request_id}");
     assert_eq!(r.headers()["content-type"], "application/json");
@@ -224,6 +229,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
     assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "method_not_allowed"
