@@ -52,31 +52,43 @@ impl Runtime {
                 })
             };
         let now = limits::now_ms();
-        let mut flushed = false;
+        let due: Vec<_> = self
+            .config
+            .keys()
+            .filter_map(|key| {
+                let budget = key.budget.as_ref()?;
+                let counters = self.limits.key(&key.id)?;
+                (previous.is_none() || !carries_on(&key.id, budget)).then(|| {
+                    let start = limits::period::start(budget.period, now);
+                    (key, budget, counters, start)
+                })
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        // Records of requests that already ended must be in the file to be counted.
+        ledger.flush();
+        // One pass over the ledger per period start (a handful: today, this week…).
+        let mut spends: HashMap<i64, HashMap<String, account::query::KeySpend>> = HashMap::new();
         let mut seeded = 0;
-        for key in self.config.keys() {
-            let (Some(budget), Some(counters)) = (&key.budget, self.limits.key(&key.id)) else {
-                continue;
+        for (key, budget, counters, period_start) in due {
+            let by_key = match spends.entry(period_start) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(account::query::spend_since(ledger.path(), period_start)?)
+                }
             };
-            if previous.is_some() && carries_on(&key.id, budget) {
-                continue;
-            }
-            if !flushed {
-                // Records of requests that already ended must be in the file to be counted.
-                ledger.flush();
-                flushed = true;
-            }
-            let period_start = limits::period::start(budget.period, now);
-            let (spent, fired) = account::query::spend_since(ledger.path(), &key.id, period_start)?;
+            let spend = by_key.get(&*key.id).cloned().unwrap_or_default();
             let alerted = budget
                 .alert_at
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| fired.iter().any(|f| (*f - **t).abs() < 1e-9))
+                .filter(|(_, t)| spend.fired.iter().any(|f| (*f - **t).abs() < 1e-9))
                 .fold(0u32, |mask, (i, _)| mask | (1 << i));
             counters.seed(limits::Spend {
                 period_start,
-                spent,
+                spent: spend.spent_nanos,
                 reserved: 0,
                 alerted,
             });

@@ -1,7 +1,7 @@
 //! Usage queries: totals per time bucket, optionally per key and/or model, empty buckets
 //! included. Read from the ledger file with its own connection, never on the request path.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -91,6 +91,8 @@ impl UsageQuery {
 
 /// One grouped row of the ledger: bucket start, key, model, and the seven sums.
 type Sums = (i64, Option<String>, Option<String>, [i64; 7]);
+/// A row's bucket start, key and model.
+type Group<'a> = (i64, &'a Option<String>, &'a Option<String>);
 
 /// Runs a query against the ledger file at `path`. A missing file is an empty ledger.
 pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
@@ -145,14 +147,13 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
     } else {
         groups.into_iter().collect()
     };
-    let mut out = Vec::new();
+    let sums_of: HashMap<Group<'_>, [i64; 7]> =
+        found.iter().map(|(s, k, m, v)| ((*s, k, m), *v)).collect();
+    let mut out = Vec::with_capacity(groups.len() * ((to - from) / b) as usize);
     let mut start = from;
     while start < to {
         for (key, model) in &groups {
-            let sums = found
-                .iter()
-                .find(|(s, k, m, _)| *s == start && k == key && m == model)
-                .map_or([0; 7], |(_, _, _, v)| *v);
+            let sums = sums_of.get(&(start, key, model)).copied().unwrap_or([0; 7]);
             out.push(row(start, key, model, sums, q));
         }
         start += b;
@@ -193,31 +194,53 @@ fn row(
     }
 }
 
-/// What a key spent since `since_ms` (nano-dollars), and the alert thresholds already fired
-/// for the period starting then: what a restart rebuilds a budget from.
-pub fn spend_since(path: &Path, key_id: &str, since_ms: i64) -> Result<(u64, Vec<f64>), String> {
+/// What each key spent since `since_ms` (nano-dollars), and the alert thresholds already
+/// fired for the period starting then: what budgets are rebuilt from at startup and reload.
+/// One pass over the period's rows for all keys, whatever their number.
+pub fn spend_since(path: &Path, since_ms: i64) -> Result<HashMap<String, KeySpend>, String> {
+    let mut by_key: HashMap<String, KeySpend> = HashMap::new();
     if !path.exists() {
-        return Ok((0, Vec::new()));
+        return Ok(by_key);
     }
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("ledger {}: {e}", path.display()))?;
-    let spent: i64 = conn
-        .query_row(
-            "SELECT COALESCE(SUM(cost_nanos), 0) FROM usage
-             WHERE id >= ?3 AND key_id = ?1 AND ts_ms >= ?2",
-            params![key_id, since_ms, id_bound(since_ms)],
-            |r| r.get(0),
-        )
-        .map_err(|e| e.to_string())?;
+    let err = |e: rusqlite::Error| e.to_string();
     let mut stmt = conn
-        .prepare("SELECT threshold FROM alerts WHERE key_id = ?1 AND period_start = ?2")
-        .map_err(|e| e.to_string())?;
+        .prepare(
+            "SELECT key_id, COALESCE(SUM(cost_nanos), 0) FROM usage
+             WHERE id >= ?2 AND ts_ms >= ?1 GROUP BY key_id",
+        )
+        .map_err(err)?;
+    let rows = stmt
+        .query_map(params![since_ms, id_bound(since_ms)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
+        .map_err(err)?;
+    for row in rows {
+        let (key, spent) = row.map_err(err)?;
+        by_key.entry(key).or_default().spent_nanos = spent.max(0) as u64;
+    }
+    let mut stmt = conn
+        .prepare("SELECT key_id, threshold FROM alerts WHERE period_start = ?1")
+        .map_err(err)?;
     let fired = stmt
-        .query_map(params![key_id, since_ms], |r| r.get::<_, f64>(0))
-        .map_err(|e| e.to_string())?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    Ok((spent.max(0) as u64, fired))
+        .query_map(params![since_ms], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
+        })
+        .map_err(err)?;
+    for row in fired {
+        let (key, threshold) = row.map_err(err)?;
+        by_key.entry(key).or_default().fired.push(threshold);
+    }
+    Ok(by_key)
+}
+
+/// One key's spend in a period, as the ledger has it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct KeySpend {
+    pub spent_nanos: u64,
+    /// Alert thresholds already fired in the period.
+    pub fired: Vec<f64>,
 }
 
 pub fn rfc3339(ms: i64) -> String {
@@ -354,5 +377,28 @@ mod tests {
         assert!(run(Path::new("/nonexistent/ledger"), &q)
             .unwrap_err()
             .contains("buckets"));
+    }
+
+    #[test]
+    fn spend_since_sums_every_key_of_the_period_in_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let day = 1_795_000_000_000i64 / 86_400_000 * 86_400_000;
+        ledger.record(record("old", day - 1, "k1", "m", 1, 1000)); // the day before
+        ledger.record(record("a", day, "k1", "m", 1, 10));
+        ledger.record(record("b", day + 5, "k1", "m", 1, 20));
+        ledger.record(record("c", day + 9, "k2", "m", 1, 7));
+        ledger.record_alert("k1", day, 0.5);
+        ledger.record_alert("k1", day - 86_400_000, 0.9);
+        ledger.close();
+        let spend = spend_since(&dir.path().join(super::super::ledger::FILE_NAME), day).unwrap();
+        assert_eq!(spend.len(), 2);
+        assert_eq!(spend["k1"].spent_nanos, 1_500 * 30);
+        assert_eq!(spend["k1"].fired, vec![0.5]);
+        assert_eq!(spend["k2"].spent_nanos, 1_500 * 7);
+        assert!(spend["k2"].fired.is_empty());
+        assert!(spend_since(Path::new("/nonexistent/ledger"), day)
+            .unwrap()
+            .is_empty());
     }
 }
