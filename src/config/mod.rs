@@ -189,6 +189,28 @@ models = ["*"]
     }
 
     #[test]
+    fn prices_finer_than_a_nano_dollar_per_token_and_caps_past_the_maximum_are_refused() {
+        let priced =
+            |p: &str| ok("").replace("pool = \"llama\"", &format!("pool = \"llama\"\n{p}"));
+        let e = err(&priced(
+            "price = { input_per_mtok = 0.0375, output_per_mtok = 1 }",
+        ));
+        assert!(
+            e.contains("models[0].price: 0.0375 has more than 3 decimals"),
+            "{e}"
+        );
+        assert!(e.contains("e.g. to 0.038"), "{e}");
+        let s = parse(&priced("price = { input_per_mtok = 0.1, cached_input_per_mtok = 0.014, output_per_mtok = 2.19 }")).unwrap();
+        let p = s.model("meta/llama").unwrap().token_prices;
+        assert_eq!((p.input, p.cached_input, p.output), (100, 14, 2190));
+        let e = err(&priced("max_output_tokens = 100\ndefault_max_tokens = 200"));
+        assert!(
+            e.contains("models[0].default_max_tokens: 200 is more than max_output_tokens (100)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_feature_and_zero_values_are_refused() {
         let e = err(&ok("").replace(
             "pool = \"llama\"",

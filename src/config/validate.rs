@@ -345,6 +345,17 @@ fn model(
                     "prices are USD per million tokens and must be finite and >= 0".into(),
                 );
             }
+            // Costs are exact integers of nano-dollars per token: 0.001 USD per million.
+            if let Some(v) = all.iter().find(|v| {
+                let nanos = **v * 1000.0;
+                (nanos - nanos.round()).abs() > 1e-6 || nanos > 1e12
+            }) {
+                return src.err(
+                    p.span(),
+                    format!("{path}.price"),
+                    format!("{v} has more than 3 decimals (or is over 1e9): prices are kept exactly in steps of 0.001 USD per million tokens (one nano-dollar per token); round it, e.g. to {:.3}", (v * 1000.0).round() / 1000.0),
+                );
+            }
             price
         }
     };
