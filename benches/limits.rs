@@ -74,6 +74,7 @@ fn one(key: &Key, model: &Model, r: &Registry, now: i64) {
         r.model("m").expect("model"),
         demand,
         now,
+        r.generation,
     )
     .expect("admitted");
     ticket.settle(500, 1_000, now);

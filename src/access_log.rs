@@ -35,6 +35,11 @@ pub fn record(
     let settled = account::settle(ctx);
     let admitted = ctx.ticket.is_some();
     ctx.logged = true;
+    // The record goes to the ledger before the reservation settles: a budget rebuilt from
+    // the ledger (`Runtime::seed_budgets`) then misses no request that already settled.
+    if let (Some(ledger), Some(record)) = (ledger, account::record(ctx, &settled, admitted)) {
+        ledger.record(record);
+    }
     let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
     settle_limits(metrics, key_meters, alerter, ctx, &settled);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
@@ -42,9 +47,7 @@ pub fn record(
     }
     let key = ctx.key_id.as_deref().unwrap_or("-");
     let model = ctx.model_label();
-    if let (Some(ledger), Some(record)) = (ledger, account::record(ctx, &settled, admitted)) {
-        ledger.record(record);
-    }
+
     let u = &settled.usage;
     tracing::info!(
         target: "tollgate::access",

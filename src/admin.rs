@@ -50,7 +50,7 @@ impl Admin {
         let now = limits::now_ms();
         let (requests, tokens) = counters.window((now / 1000) as u64);
         let budget = key.budget.as_ref().map(|b| {
-            let spend = counters.spend(Some(b), now);
+            let spend = counters.spend(Some(b), now, runtime.limits.generation);
             let usd = |n: u64| n as f64 / 1e9;
             json!({
                 "usd": usd(b.nanos),

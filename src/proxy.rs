@@ -284,7 +284,16 @@ fn admit(
                 prices: model.token_prices,
             };
             let now = limits::now_ms();
-            match limits::admit(key, key_counters, model, model_counters, demand, now) {
+            let generation = runtime.limits.generation;
+            match limits::admit(
+                key,
+                key_counters,
+                model,
+                model_counters,
+                demand,
+                now,
+                generation,
+            ) {
                 Ok((ticket, view)) => {
                     ctx.headers = limits::rate_headers(&view, now);
                     if let Some(n) = ticket.clamped_output {
@@ -308,7 +317,7 @@ fn admit(
         // Every configured key and model has counters; nothing to reserve against otherwise.
         _ => Ok(()),
     };
-    if asked != Some(cap) {
+    if asked != Some(cap) || request.sets_both_caps() {
         request.set_max_output_tokens(cap);
     }
     result

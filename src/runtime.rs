@@ -37,6 +37,11 @@ impl Runtime {
     /// With `previous` (a reload), only budgets whose counters cannot carry on are rebuilt:
     /// keys that are new, that gained a budget, or whose period or thresholds changed.
     /// Reservations of requests in flight are kept. Returns how many budgets were rebuilt.
+    ///
+    /// Exact even while requests run: the keys' counters are held from before the ledger is
+    /// flushed until they are seeded, and a request hands its record to the ledger before it
+    /// settles, so every request that settled before the hold is in what is read, and every
+    /// other one settles after the seed. Nothing is changed unless every read succeeds.
     pub fn seed_budgets(
         &self,
         ledger: &Ledger,
@@ -52,34 +57,42 @@ impl Runtime {
                 })
             };
         let now = limits::now_ms();
-        let due: Vec<_> = self
+        let mut due: Vec<_> = self
             .config
             .keys()
             .filter_map(|key| {
                 let budget = key.budget.as_ref()?;
                 let counters = self.limits.key(&key.id)?;
                 (previous.is_none() || !carries_on(&key.id, budget)).then(|| {
-                    let start = limits::period::start(budget.period, now);
-                    (key, budget, counters, start)
+                    (
+                        &*key.id,
+                        budget,
+                        counters,
+                        limits::period::start(budget.period, now),
+                    )
                 })
             })
             .collect();
         if due.is_empty() {
             return Ok(0);
         }
-        // Records of requests that already ended must be in the file to be counted.
+        // One order for every holder of several keys' counters.
+        due.sort_unstable_by_key(|d| d.0);
+        let mut held: Vec<_> = due.iter().map(|d| d.2.hold()).collect();
         ledger.flush();
         // One pass over the ledger per period start (a handful: today, this week…).
         let mut spends: HashMap<i64, HashMap<String, account::query::KeySpend>> = HashMap::new();
-        let mut seeded = 0;
-        for (key, budget, counters, period_start) in due {
-            let by_key = match spends.entry(period_start) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(account::query::spend_since(ledger.path(), period_start)?)
-                }
-            };
-            let spend = by_key.get(&*key.id).cloned().unwrap_or_default();
+        for &(_, _, _, period_start) in &due {
+            if let std::collections::hash_map::Entry::Vacant(e) = spends.entry(period_start) {
+                e.insert(account::query::spend_since(ledger.path(), period_start)?);
+            }
+        }
+        for ((id, budget, _, period_start), counters) in due.iter().zip(&mut held) {
+            let spend = spends
+                .get(period_start)
+                .and_then(|by_key| by_key.get(*id))
+                .cloned()
+                .unwrap_or_default();
             let alerted = budget
                 .alert_at
                 .iter()
@@ -87,13 +100,13 @@ impl Runtime {
                 .filter(|(_, t)| spend.fired.iter().any(|f| (*f - **t).abs() < 1e-9))
                 .fold(0u32, |mask, (i, _)| mask | (1 << i));
             counters.seed(limits::Spend {
-                period_start,
+                period_start: *period_start,
                 spent: spend.spent_nanos,
                 reserved: 0,
                 alerted,
+                generation: self.limits.generation,
             });
-            seeded += 1;
         }
-        Ok(seeded)
+        Ok(due.len())
     }
 }

@@ -207,18 +207,21 @@ pub fn spend_since(path: &Path, since_ms: i64) -> Result<HashMap<String, KeySpen
     let err = |e: rusqlite::Error| e.to_string();
     let mut stmt = conn
         .prepare(
-            "SELECT key_id, COALESCE(SUM(cost_nanos), 0) FROM usage
+            // TOTAL, not SUM: a sum past i64 (absurd costs a replica reported) must not
+            // fail the rebuild; it is exact up to 2^53 nano-dollars (9 million USD).
+            "SELECT key_id, TOTAL(cost_nanos) FROM usage
              WHERE id >= ?2 AND ts_ms >= ?1 GROUP BY key_id",
         )
         .map_err(err)?;
     let rows = stmt
         .query_map(params![since_ms, id_bound(since_ms)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
         })
         .map_err(err)?;
     for row in rows {
         let (key, spent) = row.map_err(err)?;
-        by_key.entry(key).or_default().spent_nanos = spent.max(0) as u64;
+        // Saturating: negative or past u64 cannot be a spend.
+        by_key.entry(key).or_default().spent_nanos = spent as u64;
     }
     let mut stmt = conn
         .prepare("SELECT key_id, threshold FROM alerts WHERE period_start = ?1")
@@ -397,6 +400,18 @@ mod tests {
         assert_eq!(spend["k1"].fired, vec![0.5]);
         assert_eq!(spend["k2"].spent_nanos, 1_500 * 7);
         assert!(spend["k2"].fired.is_empty());
+        // Costs past what SQLite's integers sum (a replica reporting nonsense) saturate
+        // instead of failing the rebuild of every budget.
+        let dir2 = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir2.path(), Arc::new(Metrics::new())).unwrap();
+        for id in ["x", "y"] {
+            let mut r = record(id, day, "k3", "m", 1, 1);
+            r.cost_nanos = u64::MAX;
+            ledger.record(r);
+        }
+        ledger.close();
+        let spend = spend_since(&dir2.path().join(super::super::ledger::FILE_NAME), day).unwrap();
+        assert!(spend["k3"].spent_nanos >= i64::MAX as u64);
         assert!(spend_since(Path::new("/nonexistent/ledger"), day)
             .unwrap()
             .is_empty());

@@ -121,6 +121,8 @@ impl Upstream {
             if refused && may_retry {
                 if let Some(other) = ex.route.pick(&tried) {
                     tracing::warn!(request_id = %ctx.request_id, replica = %addr, status = head.status.as_u16(), "replica refused the request; trying another");
+                    // It did no work on it: only the next attempt can make it billable.
+                    ctx.sent = false;
                     next = Some(other);
                     continue;
                 }

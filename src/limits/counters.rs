@@ -31,6 +31,10 @@ pub struct Spend {
     pub reserved: u64,
     /// Bit i set: the budget's i-th alert threshold already fired this period.
     pub alerted: u32,
+    /// The config generation (`Registry::generation`) whose budget this spend is counted
+    /// for. A request still holding an older config never rolls it: its budget may have
+    /// another period, and its roll would reset what a reload rebuilt.
+    pub generation: u64,
 }
 
 impl Counters {
@@ -40,14 +44,11 @@ impl Counters {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts from spend rebuilt from the ledger (at startup, or for a budget a reload
-    /// changed). Reservations of requests in flight are kept: they still settle here.
-    pub fn seed(&self, spend: Spend) {
-        let mut s = self.lock();
-        s.spend = Spend {
-            reserved: s.spend.reserved,
-            ..spend
-        };
+    /// Holds the counters (admissions and settlements of this key wait) while a budget is
+    /// rebuilt from the ledger, so that nothing settles between reading the ledger and
+    /// seeding the spend.
+    pub fn hold(&self) -> Held<'_> {
+        Held(self.lock())
     }
 
     pub fn inflight(&self) -> u64 {
@@ -60,12 +61,26 @@ impl Counters {
         (s.requests.sum(now_sec), s.tokens.sum(now_sec))
     }
 
-    pub fn spend(&self, budget: Option<&Budget>, now_ms: i64) -> Spend {
+    pub fn spend(&self, budget: Option<&Budget>, now_ms: i64, generation: u64) -> Spend {
         let mut s = self.lock();
         if let Some(b) = budget {
-            s.roll(b, now_ms);
+            s.roll(b, now_ms, generation);
         }
         s.spend
+    }
+}
+
+/// Counters held for a budget rebuild (see `Counters::hold`).
+pub struct Held<'a>(MutexGuard<'a, State>);
+
+impl Held<'_> {
+    /// Starts from spend rebuilt from the ledger (at startup, or for a budget a reload
+    /// changed). Reservations of requests in flight are kept: they still settle here.
+    pub fn seed(&mut self, spend: Spend) {
+        self.0.spend = Spend {
+            reserved: self.0.spend.reserved,
+            ..spend
+        };
     }
 }
 
@@ -82,8 +97,13 @@ impl State {
         }
     }
 
-    /// Starts a new budget period when `now_ms` left the current one.
-    pub fn roll(&mut self, budget: &Budget, now_ms: i64) {
+    /// Starts a new budget period when `now_ms` left the current one. `generation` is the
+    /// config the budget comes from; an older one than the spend's leaves it alone.
+    pub fn roll(&mut self, budget: &Budget, now_ms: i64, generation: u64) {
+        if generation < self.spend.generation {
+            return;
+        }
+        self.spend.generation = generation;
         let start = period::start(budget.period, now_ms);
         if start != self.spend.period_start {
             // Requests still in flight keep their reservations; they settle into the
@@ -91,6 +111,7 @@ impl State {
             self.spend = Spend {
                 period_start: start,
                 reserved: self.spend.reserved,
+                generation,
                 ..Spend::default()
             };
         }

@@ -23,6 +23,8 @@ use crate::config::{Budget, Key, Limits, Model, Snapshot};
 pub struct Registry {
     keys: HashMap<String, Arc<Counters>>,
     models: HashMap<String, Arc<Counters>>,
+    /// Counts the configs: each reload's registry is one more than the one it replaces.
+    pub generation: u64,
 }
 
 impl Registry {
@@ -45,6 +47,7 @@ impl Registry {
                     )
                 })
                 .collect(),
+            generation: previous.map_or(0, |p| p.generation + 1),
         }
     }
 
@@ -144,7 +147,6 @@ pub struct Ticket {
     at_sec: u64,
     tokens: u64,
     nanos: u64,
-    period_start: i64,
     /// `max_tokens` lowered to what the budget pays for, when clamping applied.
     pub clamped_output: Option<u64>,
     settled: bool,
@@ -177,6 +179,7 @@ pub fn admit(
     model_counters: &Arc<Counters>,
     mut demand: Demand,
     now_ms: i64,
+    generation: u64,
 ) -> Result<(Ticket, RateView), LimitError> {
     let now = (now_ms / 1000).max(0) as u64;
     let model_counters = (!model.limits.is_empty()).then_some(model_counters);
@@ -188,7 +191,7 @@ pub fn admit(
     }
     let mut clamped_output = None;
     if let Some(b) = &key.budget {
-        k.roll(b, now_ms);
+        k.roll(b, now_ms, generation);
         let spend = k.spend;
         let committed = spend.spent.saturating_add(spend.reserved);
         let available = b.nanos.saturating_sub(committed);
@@ -227,7 +230,6 @@ pub fn admit(
     }
     k.spend.reserved = k.spend.reserved.saturating_add(nanos);
     let view = k.rate_view(&key.limits, now);
-    let period_start = k.spend.period_start;
     drop(m);
     drop(k);
     Ok((
@@ -238,7 +240,6 @@ pub fn admit(
             at_sec: now,
             tokens: demand.tokens(),
             nanos,
-            period_start,
             clamped_output,
             settled: false,
         },
@@ -327,12 +328,14 @@ impl Ticket {
             k.inflight = k.inflight.saturating_sub(1);
             k.tokens.settle(now, self.at_sec, self.tokens, tokens);
             k.spend.reserved = k.spend.reserved.saturating_sub(self.nanos);
-            // Spend belongs to the period the request started in, as in the ledger. No roll
-            // here: this ticket's budget may be older than the config's (a reload), and a
-            // roll to `now_ms` would start a period the admissions have not seen yet. When
-            // the period already rolled on, the request only releases its reservation.
+            // Spend belongs to the period the request started in, as in the ledger: the one
+            // counted now if it started within it (a reload may have given the budget
+            // another period since), else one that is over, and then the request only
+            // releases its reservation. No roll here: this ticket's budget may be older than
+            // the config's, and a roll to `now_ms` would start a period the admissions have
+            // not seen yet.
             if let Some(b) = &self.budget {
-                if k.spend.period_start == self.period_start {
+                if self.at_sec as i64 * 1000 >= k.spend.period_start {
                     k.spend.spent = k.spend.spent.saturating_add(nanos);
                     for (i, &t) in b.alert_at.iter().enumerate() {
                         let bit = 1u32 << i;

@@ -55,6 +55,7 @@ fn try_admit(
         r.model("m").unwrap(),
         d,
         now,
+        r.generation,
     )
 }
 
@@ -81,7 +82,7 @@ fn concurrent_admissions_never_pass_the_budget() {
     for t in tickets {
         t.settle(2000, 3_000_000, NOW + 1);
     }
-    let spend = r.key("k").unwrap().spend(key.budget.as_ref(), NOW + 2);
+    let spend = r.key("k").unwrap().spend(key.budget.as_ref(), NOW + 2, 0);
     assert_eq!((spend.spent, spend.reserved), (30_000_000, 0));
     let refused = try_admit(&key, &model, &r, demand(&model, 1000, 1000), NOW + 3)
         .err()
@@ -244,7 +245,8 @@ fn a_reload_keeps_counters_of_keys_that_still_exist() {
             s.model("m").unwrap(),
             r2.model("m").unwrap(),
             demand(&model, 1, 1),
-            NOW
+            NOW,
+            r2.generation
         )
         .is_ok(),
         "the new limit applies at once"
@@ -255,7 +257,7 @@ fn a_reload_keeps_counters_of_keys_that_still_exist() {
 fn a_request_that_outlives_its_period_never_touches_the_next_one() {
     const DAY: i64 = 86_400_000;
     let (key, model, r) = setup("budget = { usd = 1.0, period = \"daily\" }", "");
-    let spend = |now| r.key("k").unwrap().spend(key.budget.as_ref(), now);
+    let spend = |now| r.key("k").unwrap().spend(key.budget.as_ref(), now, 0);
     // Admitted late on day 1; still running on day 2.
     let (late, _) = try_admit(&key, &model, &r, demand(&model, 10, 10), NOW).unwrap();
     let (dropped, _) = try_admit(&key, &model, &r, demand(&model, 10, 10), NOW).unwrap();
@@ -298,5 +300,46 @@ fn token_counts_past_u64_saturate_instead_of_wrapping() {
             limit: 1000,
             need: u64::MAX
         }
+    );
+}
+
+#[test]
+fn a_rebuilt_budget_is_never_rolled_back_by_a_request_on_the_older_config() {
+    const DAY: i64 = 86_400_000;
+    let (daily, model, r) = setup("budget = { usd = 1.0, period = \"daily\" }", "");
+    // Admitted under the daily budget, still running when a reload makes it monthly.
+    let (running, _) = try_admit(&daily, &model, &r, demand(&model, 10, 10), NOW).unwrap();
+    let s = config::parse(
+        "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\nprice = { input_per_mtok = 1.0, output_per_mtok = 2.0 }\n[[keys]]\nid = \"k\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmodels = [\"*\"]\nbudget = { usd = 1.0, period = \"monthly\" }\n",
+    )
+    .unwrap();
+    let r2 = Registry::build(&s, Some(&r));
+    let monthly = s.key_by_id("k").unwrap();
+    let month_start = period::start(monthly.budget.as_ref().unwrap().period, NOW);
+    assert!(month_start < NOW - DAY, "the month began before yesterday");
+    r2.key("k").unwrap().hold().seed(Spend {
+        period_start: month_start,
+        spent: 900_000_000,
+        reserved: 0,
+        alerted: 0,
+        generation: r2.generation,
+    });
+    // A request that loaded the old config before the swap admits with the daily budget:
+    // it must not roll the rebuilt monthly spend back to a fresh day.
+    let (late, _) = try_admit(&daily, &model, &r, demand(&model, 10, 10), NOW).unwrap();
+    let spend = |reg: &Registry, b: &Budget, g| reg.key("k").unwrap().spend(Some(b), NOW, g);
+    assert_eq!(
+        spend(&r2, monthly.budget.as_ref().unwrap(), r2.generation).spent,
+        900_000_000
+    );
+    // Both started within the month: their cost lands in it.
+    running.settle(20, 5_000, NOW);
+    late.settle(20, 7_000, NOW);
+    let s = spend(&r2, monthly.budget.as_ref().unwrap(), r2.generation);
+    assert_eq!((s.spent, s.reserved), (900_012_000, 0));
+    // The older config's view leaves it as it is.
+    assert_eq!(
+        spend(&r, daily.budget.as_ref().unwrap(), r.generation).spent,
+        900_012_000
     );
 }

@@ -95,6 +95,14 @@ impl ModelRequest {
         }
     }
 
+    /// Whether the replica would see two output caps that may differ (see `ChatRequest`).
+    pub fn sets_both_caps(&self) -> bool {
+        match self {
+            ModelRequest::Chat(r) => r.sets_both_caps(),
+            ModelRequest::Messages(_) => false,
+        }
+    }
+
     /// Sets the output cap the replica gets to `n` tokens.
     pub fn set_max_output_tokens(&mut self, n: u64) {
         match self {

@@ -282,7 +282,15 @@ impl ChatRequest {
                     .parse::<u64>()
                     .ok()
                     .filter(|_| v.get().bytes().all(|c| c.is_ascii_digit()));
-                Some(n.ok_or_else(|| RequestError::wrong_type(field, "a non-negative integer"))?)
+                let n = n.ok_or_else(|| RequestError::wrong_type(field, "a positive integer"))?;
+                // Engines read 0 as "no cap" and would generate past any reservation.
+                if n == 0 {
+                    return Err(RequestError::invalid_value(
+                        field,
+                        "the output cap must be at least 1 token; leave it out for the model's default.",
+                    ));
+                }
+                Some(n)
             };
             Ok(Some(Cap { at: at(v)?, value }))
         };
@@ -309,6 +317,14 @@ impl ChatRequest {
             input_estimate,
             raw: bytes.to_vec(),
         })
+    }
+
+    /// Whether the client set both cap fields: engines differ in which one they obey, so
+    /// the replica must get the reserved cap in both.
+    pub fn sets_both_caps(&self) -> bool {
+        [&self.max_completion_tokens, &self.max_tokens]
+            .iter()
+            .all(|c| c.as_ref().is_some_and(|c| c.value.is_some()))
     }
 
     /// The output cap the client set: `max_completion_tokens`, else `max_tokens`.

@@ -28,6 +28,9 @@ impl Usage {
     }
 }
 
+/// The most tokens of one kind a reported usage is taken to have.
+const MAX_TOKENS: u64 = u32::MAX as u64;
+
 /// OpenAI's `usage` object, every field optional as engines omit some.
 #[derive(Debug, Default, Deserialize)]
 pub struct OpenAiUsage {
@@ -68,6 +71,9 @@ impl From<&OpenAiUsage> for Usage {
             .and_then(|d| d.reasoning_tokens)
             .unwrap_or(0);
         // A subset can never exceed its whole; clamp rather than trust a confused engine.
+        // No request uses four billion tokens: larger counts are capped there, so costs and
+        // the ledger's sums stay far from overflowing.
+        let (input, output) = (input.min(MAX_TOKENS), output.min(MAX_TOKENS));
         Usage {
             input,
             cached_input: cached.min(input),
@@ -176,6 +182,14 @@ mod tests {
         let u = usage_of(confused).unwrap();
         assert_eq!((u.cached_input, u.reasoning), (10, 5));
         assert_eq!(u.uncached_input(), 0);
+    }
+
+    #[test]
+    fn absurd_counts_are_capped_at_four_billion_tokens() {
+        let body = br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":99999999999,"prompt_tokens_details":{"cached_tokens":18446744073709551615}}}"#;
+        let u = usage_of(body).unwrap();
+        let max = u64::from(u32::MAX);
+        assert_eq!((u.input, u.cached_input, u.output), (max, max, max));
     }
 
     #[test]

@@ -191,6 +191,44 @@ async fn the_replica_never_generates_more_than_was_reserved() {
 }
 
 #[tokio::test]
+async fn an_output_cap_engines_could_read_as_none_is_refused_and_two_caps_agree() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, "tpm = 100000"));
+    // Engines take `max_completion_tokens or max_tokens`: a 0 would fall through to the
+    // other field, or to the whole context, past what was reserved.
+    let r = gw
+        .chat(
+            json!({"model": MODEL, "max_completion_tokens": 0, "max_tokens": 50000,
+            "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "max_completion_tokens");
+    assert_eq!(e["error"]["code"], "invalid_value");
+    assert_eq!(sim.stats().requests(), 0);
+
+    // Two caps: the reserved one reaches the replica in both fields.
+    let r = gw
+        .chat(
+            json!({"model": MODEL, "max_completion_tokens": 10, "max_tokens": 3000,
+            "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"],
+        "99984",
+        "6 + 10 reserved"
+    );
+    let sent = sim.stats().last_request().unwrap().body;
+    assert_eq!(
+        (&sent["max_completion_tokens"], &sent["max_tokens"]),
+        (&json!(10), &json!(10))
+    );
+}
+
+#[tokio::test]
 async fn output_caps_past_any_price_are_refused_cleanly() {
     let sim = sim().await;
     // test/other publishes no max_output_tokens: the client's cap is taken as it is.

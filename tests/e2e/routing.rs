@@ -388,3 +388,17 @@ async fn a_rewritten_event_stream_does_not_keep_the_replicas_length() {
         "{data:?}"
     );
 }
+
+#[tokio::test]
+async fn a_replica_that_refused_with_503_bills_nothing_when_no_other_answers() {
+    let busy =
+        CannedReplica::answering("503 Service Unavailable", "application/json", OVERLOADED).await;
+    let gw = Gateway::start(&standard_config(&[busy.addr, refused_addr()], ""));
+    // Whichever replica is tried first, no model worked on these requests.
+    for _ in 0..8 {
+        let r = gw.chat(hello()).await;
+        assert!([502, 503].contains(&r.status().as_u16()), "{}", r.status());
+    }
+    let (requests, input, output, estimated) = gw.usage_totals_of(8).await;
+    assert_eq!((requests, input, output, estimated), (8, 0, 0, 0));
+}
