@@ -2,7 +2,7 @@
 //! and one JSON access-log line. Called from `logging` only, so it runs exactly once per
 //! request, whatever happened.
 
-use crate::account::{self, Ledger};
+use crate::account::{self, Ledger, UsageRecord};
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
 use crate::limits::{self, Settlement};
@@ -35,13 +35,9 @@ pub fn record(
     let settled = account::settle(ctx);
     let admitted = ctx.ticket.is_some();
     ctx.logged = true;
-    // The record goes to the ledger before the reservation settles: a budget rebuilt from
-    // the ledger (`Runtime::seed_budgets`) then misses no request that already settled.
-    if let (Some(ledger), Some(record)) = (ledger, account::record(ctx, &settled, admitted)) {
-        ledger.record(record);
-    }
+    let record = ledger.and_then(|l| Some((l, account::record(ctx, &settled, admitted)?)));
     let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
-    settle_limits(metrics, key_meters, alerter, ctx, &settled);
+    settle_limits(metrics, key_meters, alerter, ctx, &settled, record);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
         metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);
     }
@@ -81,6 +77,7 @@ fn settle_limits(
     alerter: &Alerter,
     ctx: &mut RequestCtx,
     settled: &account::Settled,
+    record: Option<(&Ledger, UsageRecord)>,
 ) {
     let key_id = ctx.key_id.as_deref().unwrap_or("-");
     let refused = match ctx.error {
@@ -94,12 +91,20 @@ fn settle_limits(
     if let Some(kind) = refused {
         metrics.observe_rejection(key_id, kind);
     }
+    let hand = move || {
+        if let Some((ledger, record)) = record {
+            ledger.record(record);
+        }
+    };
     let Some(ticket) = ctx.ticket.take() else {
+        hand();
         return;
     };
+    // The record is handed to the ledger in the same step as the cost settles (see
+    // `Ticket::settle_with`).
     let now = limits::now_ms();
     let Settlement { spend, crossed } =
-        ticket.settle(settled.usage.total(), settled.cost_nanos, now);
+        ticket.settle_with(settled.usage.total(), settled.cost_nanos, now, hand);
     let (Some(runtime), Some(budget)) = (
         &ctx.runtime,
         ctx.key.as_ref().and_then(|k| k.budget.as_ref()),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::account::{self, Ledger};
 use crate::config::{Key, Model};
-use crate::limits::Ticket;
+use crate::limits::{self, Ticket};
 use crate::respond::Dialect;
 use crate::runtime::Runtime;
 use crate::translate::usage::Usage;
@@ -147,12 +147,29 @@ impl Drop for RequestCtx {
         if self.logged {
             return;
         }
-        let Some(ledger) = self.ledger.take() else {
-            return;
-        };
         let settled = account::settle(self);
-        if let Some(record) = account::record(self, &settled, self.ticket.is_some()) {
-            ledger.record(record);
+        let record = self.ledger.take().and_then(|ledger| {
+            Some((
+                ledger,
+                account::record(self, &settled, self.ticket.is_some())?,
+            ))
+        });
+        let hand = move || {
+            if let Some((ledger, record)) = record {
+                ledger.record(record);
+            }
+        };
+        match self.ticket.take() {
+            // Settled at the estimate the record carries, not at its worst case.
+            Some(ticket) => {
+                ticket.settle_with(
+                    settled.usage.total(),
+                    settled.cost_nanos,
+                    limits::now_ms(),
+                    hand,
+                );
+            }
+            None => hand(),
         }
     }
 }

@@ -22,7 +22,7 @@ use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::account::Ledger;
+use crate::account::{self, Ledger};
 use crate::alerts::Alerter;
 use crate::config::{Key, Model};
 use crate::ctx::{Endpoint, RequestCtx};
@@ -294,7 +294,9 @@ fn admit(
                 now,
                 generation,
             ) {
-                Ok((ticket, view)) => {
+                Ok((mut ticket, view)) => {
+                    // Its cost belongs to the budget period it arrived in, as its ledger row.
+                    ticket.set_started_ms(account::started_ms(ctx));
                     ctx.headers = limits::rate_headers(&view, now);
                     if let Some(n) = ticket.clamped_output {
                         cap = n;

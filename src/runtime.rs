@@ -1,8 +1,9 @@
 //! Everything derived from one config snapshot, swapped as a unit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
-use crate::account::{self, Ledger};
+use crate::account::ledger::SpendByKey;
+use crate::account::Ledger;
 use crate::config::{Budget, Snapshot};
 use crate::limits::{self, Registry};
 use crate::metrics::{Meters, Metrics};
@@ -38,10 +39,12 @@ impl Runtime {
     /// keys that are new, that gained a budget, or whose period or thresholds changed.
     /// Reservations of requests in flight are kept. Returns how many budgets were rebuilt.
     ///
-    /// Exact even while requests run: the keys' counters are held from before the ledger is
-    /// flushed until they are seeded, and a request hands its record to the ledger before it
-    /// settles, so every request that settled before the hold is in what is read, and every
-    /// other one settles after the seed. Nothing is changed unless every read succeeds.
+    /// Exact while requests run, without holding any counter across a read of the ledger:
+    /// each key's counters are held only to mark the rebuild and to queue the question to
+    /// the ledger writer, which answers with exactly the records handed over before it. A
+    /// request hands its record in the same step as it settles (`Ticket::settle_with`), so
+    /// it is either in the answer or settles after the mark and is added to it. Nothing
+    /// changes unless every answer comes.
     pub fn seed_budgets(
         &self,
         ledger: &Ledger,
@@ -78,16 +81,33 @@ impl Runtime {
         }
         // One order for every holder of several keys' counters.
         due.sort_unstable_by_key(|d| d.0);
-        let mut held: Vec<_> = due.iter().map(|d| d.2.hold()).collect();
-        ledger.flush();
-        // One pass over the ledger per period start (a handful: today, this week…).
-        let mut spends: HashMap<i64, HashMap<String, account::query::KeySpend>> = HashMap::new();
-        for &(_, _, _, period_start) in &due {
-            if let std::collections::hash_map::Entry::Vacant(e) = spends.entry(period_start) {
-                e.insert(account::query::spend_since(ledger.path(), period_start)?);
+        let starts: BTreeSet<i64> = due.iter().map(|d| d.3).collect();
+        let asked: Vec<_> = {
+            let mut held: Vec<_> = due.iter().map(|d| d.2.hold()).collect();
+            for (h, d) in held.iter_mut().zip(&due) {
+                h.begin_rebuild(d.3);
+            }
+            // One pass over the ledger per period start (a handful: today, this week…).
+            starts
+                .iter()
+                .map(|&start| (start, ledger.ask_spend_since(start)))
+                .collect()
+        };
+        let mut spends: HashMap<i64, SpendByKey> = HashMap::new();
+        for (start, answer) in asked {
+            match answer.wait() {
+                Ok(by_key) => {
+                    spends.insert(start, by_key);
+                }
+                Err(e) => {
+                    for d in &due {
+                        d.2.abandon_rebuild();
+                    }
+                    return Err(e);
+                }
             }
         }
-        for ((id, budget, _, period_start), counters) in due.iter().zip(&mut held) {
+        for (id, budget, counters, period_start) in &due {
             let spend = spends
                 .get(period_start)
                 .and_then(|by_key| by_key.get(*id))
@@ -99,7 +119,7 @@ impl Runtime {
                 .enumerate()
                 .filter(|(_, t)| spend.fired.iter().any(|f| (*f - **t).abs() < 1e-9))
                 .fold(0u32, |mask, (i, _)| mask | (1 << i));
-            counters.seed(limits::Spend {
+            counters.finish_rebuild(limits::Spend {
                 period_start: *period_start,
                 spent: spend.spent_nanos,
                 reserved: 0,
@@ -108,5 +128,145 @@ impl Runtime {
             });
         }
         Ok(due.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::account::{record_id, UsageRecord};
+    use crate::config;
+    use crate::limits::{Demand, Ticket};
+    use crate::translate::usage::Usage;
+
+    fn config(budget: &str) -> Snapshot {
+        config::parse(&format!(
+            "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n\
+             price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}\n[[keys]]\nid = \"k\"\n\
+             sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\
+             models = [\"*\"]\n{budget}\n"
+        ))
+        .unwrap()
+    }
+
+    fn admit(runtime: &Runtime) -> Ticket {
+        let key = runtime.config.key_by_id("k").unwrap();
+        let model = runtime.config.model("m").unwrap();
+        let demand = Demand {
+            input_tokens: 10,
+            output_tokens: 10,
+            prices: model.token_prices,
+        };
+        let (ticket, _) = limits::admit(
+            key,
+            runtime.limits.key("k").unwrap(),
+            model,
+            runtime.limits.model("m").unwrap(),
+            demand,
+            limits::now_ms(),
+            runtime.limits.generation,
+        )
+        .unwrap();
+        ticket
+    }
+
+    /// Settles `ticket` at `nanos`, handing its ledger row in the same step.
+    fn finish(ledger: &Ledger, ticket: Ticket, nanos: u64) {
+        let now = limits::now_ms();
+        let row = UsageRecord {
+            id: record_id(now),
+            request_id: "r".into(),
+            ts_ms: now,
+            key_id: "k".into(),
+            model: "m".into(),
+            surface: "chat_completions",
+            status: 200,
+            usage: Usage::default(),
+            cost_nanos: nanos,
+            estimated: false,
+            ttft_ms: None,
+            duration_ms: 1.0,
+            replica: None,
+        };
+        ticket.settle_with(0, nanos, now, || ledger.record(row));
+    }
+
+    fn spent(runtime: &Runtime) -> u64 {
+        let key = runtime.config.key_by_id("k").unwrap();
+        runtime
+            .limits
+            .key("k")
+            .unwrap()
+            .spend(
+                key.budget.as_ref(),
+                limits::now_ms(),
+                runtime.limits.generation,
+            )
+            .spent
+    }
+
+    #[test]
+    fn a_request_settling_while_the_ledger_is_asked_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let runtime = Runtime::new(
+            config("budget = { usd = 1.0, period = \"monthly\" }"),
+            None,
+            &metrics,
+        );
+        let counters = runtime.limits.key("k").unwrap();
+        let start = limits::period::start(config::Period::Monthly, limits::now_ms());
+        finish(&ledger, admit(&runtime), 10_000);
+        let running = admit(&runtime);
+
+        // The rebuild's steps, with a settlement between the question and the answer.
+        let mut held = counters.hold();
+        held.begin_rebuild(start);
+        let answer = ledger.ask_spend_since(start);
+        drop(held);
+        finish(&ledger, running, 7_000);
+        let from_ledger = answer.wait().unwrap();
+        assert_eq!(
+            from_ledger["k"].spent_nanos, 10_000,
+            "the answer is as of the question"
+        );
+        counters.finish_rebuild(limits::Spend {
+            period_start: start,
+            spent: from_ledger["k"].spent_nanos,
+            ..limits::Spend::default()
+        });
+        assert_eq!(spent(&runtime), 17_000, "each request once");
+        ledger.close();
+    }
+
+    #[test]
+    fn a_reload_that_gives_a_key_a_budget_keeps_what_its_running_requests_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let old = Runtime::new(config(""), None, &metrics);
+        finish(&ledger, admit(&old), 10_000);
+        let running = admit(&old);
+        let new = Runtime::new(
+            config("budget = { usd = 1.0, period = \"monthly\" }"),
+            Some(&old),
+            &metrics,
+        );
+        assert_eq!(new.seed_budgets(&ledger, Some(&old.config)), Ok(1));
+        assert_eq!(spent(&new), 10_000);
+        finish(&ledger, running, 7_000);
+        assert_eq!(spent(&new), 17_000);
+        // Reloading the same config again rebuilds nothing and keeps the spend.
+        let again = Runtime::new(
+            config("budget = { usd = 1.0, period = \"monthly\" }"),
+            Some(&new),
+            &metrics,
+        );
+        assert_eq!(again.seed_budgets(&ledger, Some(&new.config)), Ok(0));
+        assert_eq!(spent(&again), 17_000);
+        ledger.close();
     }
 }

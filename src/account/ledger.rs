@@ -1,6 +1,7 @@
 //! The durable usage ledger: SQLite (WAL) under `state.dir`, written by one dedicated thread
 //! that batches inserts. Requests hand records over a bounded channel and never wait on disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, Connection, ToSql};
 
+use super::query::{spend_since_in, KeySpend};
 use super::record::UsageRecord;
 use crate::metrics::Metrics;
 
@@ -44,6 +46,12 @@ enum Msg {
     },
     /// Write everything before this, then answer.
     Flush(SyncSender<()>),
+    /// Write everything before this, then answer with each key's spend since `since_ms`:
+    /// exactly the records handed over before this message, none after.
+    SpendSince {
+        since_ms: i64,
+        reply: SyncSender<Result<SpendByKey, String>>,
+    },
     /// Write everything before this, then stop.
     Close,
 }
@@ -105,6 +113,19 @@ impl Ledger {
         }
     }
 
+    /// Asks for each key's spend since `since_ms`, as of this moment: the answer holds
+    /// exactly the records handed over before this call. Read the answer with
+    /// `SpendAnswer::wait`; asking does not wait (the writer answers between two commits).
+    pub fn ask_spend_since(&self, since_ms: i64) -> SpendAnswer {
+        let (reply, rx) = mpsc::sync_channel(1);
+        // Blocks only while the queue is full, which the writer drains whatever happens.
+        let asked = self
+            .sender
+            .send(Msg::SpendSince { since_ms, reply })
+            .is_ok();
+        SpendAnswer(asked.then_some(rx))
+    }
+
     /// Writes everything queued and stops the writer; records after this are dropped.
     pub fn close(&self) {
         let _ = self.sender.send(Msg::Close);
@@ -113,6 +134,20 @@ impl Ledger {
                 let _ = handle.join();
             }
         }
+    }
+}
+
+/// Each key's spend in a period, from the ledger.
+pub type SpendByKey = HashMap<String, KeySpend>;
+
+/// The writer's answer to `Ledger::ask_spend_since`.
+pub struct SpendAnswer(Option<Receiver<Result<SpendByKey, String>>>);
+
+impl SpendAnswer {
+    pub fn wait(self) -> Result<SpendByKey, String> {
+        self.0
+            .and_then(|rx| rx.recv().ok())
+            .unwrap_or_else(|| Err("the ledger writer has stopped".into()))
     }
 }
 
@@ -164,6 +199,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
     let sql = InsertSql::new();
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
+    let mut questions: Vec<(i64, SyncSender<Result<SpendByKey, String>>)> = Vec::new();
     let mut alerts: Vec<(String, i64, f64)> = Vec::new();
     // While the disk refuses writes: when to try again, and the wait after that.
     let mut retry: Option<(Instant, Duration)> = None;
@@ -192,9 +228,12 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
                     threshold,
                 } => alerts.push((key_id, period_start, threshold)),
                 Msg::Flush(w) => waiters.push(w),
+                Msg::SpendSince { since_ms, reply } => questions.push((since_ms, reply)),
                 Msg::Close => closing = true,
             }
-            if gathered >= MAX_BATCH || closing {
+            // A question is answered as of its place in the queue: nothing after it may be
+            // written before the answer.
+            if gathered >= MAX_BATCH || closing || !questions.is_empty() {
                 break;
             }
             next = rx.try_recv().ok();
@@ -206,7 +245,8 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
         }
         // After a failure, records only gather until the next try, unless someone waits.
         let due = retry.is_none_or(|(at, _)| Instant::now() >= at);
-        if !(due || closing || !waiters.is_empty()) {
+        let asked = !waiters.is_empty() || !questions.is_empty();
+        if !(due || closing || asked) {
             continue;
         }
         let taken = batch.len();
@@ -243,6 +283,16 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
         }
         for w in waiters.drain(..) {
             let _ = w.send(());
+        }
+        for (since_ms, reply) in questions.drain(..) {
+            let answer = if batch.is_empty() {
+                spend_since_in(&conn, since_ms)
+            } else {
+                // Records handed before the question are not written: the answer would
+                // miss them.
+                Err("the ledger cannot write its records; budgets cannot be rebuilt now".into())
+            };
+            let _ = reply.send(answer);
         }
     }
 }

@@ -63,10 +63,7 @@ pub fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<Usa
     {
         return None;
     }
-    let ts_ms = ctx
-        .started_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let ts_ms = started_ms(ctx);
     Some(UsageRecord {
         id: record_id(ts_ms),
         request_id: ctx.request_id.clone(),
@@ -88,6 +85,14 @@ pub fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<Usa
         duration_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
         replica: ctx.replica.clone(),
     })
+}
+
+/// When the request arrived, in Unix milliseconds: its ledger row's time, and the budget
+/// period its cost belongs to.
+pub fn started_ms(ctx: &RequestCtx) -> i64 {
+    ctx.started_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The least id a row at or after `ts_ms` can have (see `record_id`), so time ranges are read

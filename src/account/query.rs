@@ -198,12 +198,20 @@ fn row(
 /// fired for the period starting then: what budgets are rebuilt from at startup and reload.
 /// One pass over the period's rows for all keys, whatever their number.
 pub fn spend_since(path: &Path, since_ms: i64) -> Result<HashMap<String, KeySpend>, String> {
-    let mut by_key: HashMap<String, KeySpend> = HashMap::new();
     if !path.exists() {
-        return Ok(by_key);
+        return Ok(HashMap::new());
     }
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    spend_since_in(&conn, since_ms)
+}
+
+/// `spend_since` on an open connection (the ledger writer's own, see `Ledger::spend_since`).
+pub fn spend_since_in(
+    conn: &Connection,
+    since_ms: i64,
+) -> Result<HashMap<String, KeySpend>, String> {
+    let mut by_key: HashMap<String, KeySpend> = HashMap::new();
     let err = |e: rusqlite::Error| e.to_string();
     let mut stmt = conn
         .prepare(

@@ -20,6 +20,17 @@ pub(super) struct State {
     pub tokens: Window,
     pub inflight: u64,
     pub spend: Spend,
+    /// While the budget is rebuilt from the ledger: what settled since the ledger was asked.
+    rebuild: Option<Rebuild>,
+}
+
+/// A budget rebuild under way (see `Held::begin_rebuild`).
+struct Rebuild {
+    /// The period being rebuilt.
+    period_start: i64,
+    /// Cost of requests of that period settled since the ledger was asked: their records
+    /// came after the question, so the answer does not hold them.
+    settled: u64,
 }
 
 /// Spend of the current budget period, in nano-dollars.
@@ -44,9 +55,9 @@ impl Counters {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Holds the counters (admissions and settlements of this key wait) while a budget is
-    /// rebuilt from the ledger, so that nothing settles between reading the ledger and
-    /// seeding the spend.
+    /// Holds the counters (admissions and settlements of this key wait) while a budget
+    /// rebuild starts: only for as long as it takes to mark it and to put the question in
+    /// the ledger's queue, never across a read of the ledger.
     pub fn hold(&self) -> Held<'_> {
         Held(self.lock())
     }
@@ -70,21 +81,52 @@ impl Counters {
     }
 }
 
-/// Counters held for a budget rebuild (see `Counters::hold`).
+/// Counters held while the ledger is asked for a budget rebuild (see `Counters::hold`).
 pub struct Held<'a>(MutexGuard<'a, State>);
 
 impl Held<'_> {
-    /// Starts from spend rebuilt from the ledger (at startup, or for a budget a reload
-    /// changed). Reservations of requests in flight are kept: they still settle here.
-    pub fn seed(&mut self, spend: Spend) {
-        self.0.spend = Spend {
-            reserved: self.0.spend.reserved,
-            ..spend
+    /// Marks the start of a rebuild of the period starting at `period_start`: from here on,
+    /// what settles into that period is counted apart, to be added to the ledger's answer.
+    /// The ledger must be asked before the hold ends (requests hand their record under the
+    /// same lock, see `Ticket::settle_with`).
+    pub fn begin_rebuild(&mut self, period_start: i64) {
+        self.0.rebuild = Some(Rebuild {
+            period_start,
+            settled: 0,
+        });
+    }
+}
+
+impl Counters {
+    /// Ends a rebuild: the spend is what the ledger answered plus what settled into the
+    /// period since it was asked. Reservations of requests in flight are kept.
+    pub fn finish_rebuild(&self, from_ledger: Spend) {
+        let mut s = self.lock();
+        let since = s.rebuild.take().map_or(0, |r| r.settled);
+        s.spend = Spend {
+            spent: from_ledger.spent.saturating_add(since),
+            reserved: s.spend.reserved,
+            ..from_ledger
         };
+    }
+
+    /// Drops a rebuild that failed; the spend stays as it was.
+    pub fn abandon_rebuild(&self) {
+        self.lock().rebuild = None;
     }
 }
 
 impl State {
+    /// A request that started at `started_ms` settled `nanos`: counted for a rebuild under
+    /// way if it belongs to the period rebuilt.
+    pub fn note_rebuild(&mut self, started_ms: i64, nanos: u64) {
+        if let Some(r) = &mut self.rebuild {
+            if started_ms >= r.period_start {
+                r.settled = r.settled.saturating_add(nanos);
+            }
+        }
+    }
+
     /// (limit, remaining, seconds until empty) of the requests and tokens windows: what the
     /// next request would see, for rate-limit headers.
     pub fn rate_view(&mut self, limits: &Limits, now: u64) -> RateView {

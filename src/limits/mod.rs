@@ -145,6 +145,8 @@ pub struct Ticket {
     model: Option<Arc<Counters>>,
     budget: Option<Budget>,
     at_sec: u64,
+    /// When the request started (ms): the budget period its cost belongs to.
+    started_ms: i64,
     tokens: u64,
     nanos: u64,
     /// `max_tokens` lowered to what the budget pays for, when clamping applied.
@@ -238,6 +240,7 @@ pub fn admit(
             model: model_counters.cloned(),
             budget: key.budget.clone(),
             at_sec: now,
+            started_ms: now_ms,
             tokens: demand.tokens(),
             nanos,
             clamped_output,
@@ -315,28 +318,54 @@ pub struct Settlement {
 impl Ticket {
     /// Replaces the reservation with what the request used. The thresholds crossed fire once
     /// per key and period.
-    pub fn settle(mut self, tokens: u64, nanos: u64, now_ms: i64) -> Settlement {
-        self.settled = true;
-        self.release(tokens, nanos, now_ms)
+    pub fn settle(self, tokens: u64, nanos: u64, now_ms: i64) -> Settlement {
+        self.settle_with(tokens, nanos, now_ms, || ())
     }
 
-    fn release(&mut self, tokens: u64, nanos: u64, now_ms: i64) -> Settlement {
+    /// `settle`, calling `handed` under the key's lock first: the request's ledger record
+    /// is handed over in the same step as its cost lands in the counters, so a budget rebuilt
+    /// from the ledger (`Runtime::seed_budgets`) sees each request either in the ledger or
+    /// in the counters, never in both nor in neither.
+    pub fn settle_with(
+        mut self,
+        tokens: u64,
+        nanos: u64,
+        now_ms: i64,
+        handed: impl FnOnce(),
+    ) -> Settlement {
+        self.settled = true;
+        self.release(tokens, nanos, now_ms, handed)
+    }
+
+    /// The request's period is the one it started in (by default, its admission).
+    pub fn set_started_ms(&mut self, started_ms: i64) {
+        self.started_ms = started_ms;
+    }
+
+    fn release(
+        &mut self,
+        tokens: u64,
+        nanos: u64,
+        now_ms: i64,
+        handed: impl FnOnce(),
+    ) -> Settlement {
         let now = (now_ms / 1000).max(0) as u64;
         let mut crossed = Vec::new();
         let spend = {
             let mut k = self.key.lock();
+            handed();
             k.inflight = k.inflight.saturating_sub(1);
             k.tokens.settle(now, self.at_sec, self.tokens, tokens);
             k.spend.reserved = k.spend.reserved.saturating_sub(self.nanos);
             // Spend belongs to the period the request started in, as in the ledger: the one
             // counted now if it started within it (a reload may have given the budget
-            // another period since), else one that is over, and then the request only
-            // releases its reservation. No roll here: this ticket's budget may be older than
-            // the config's, and a roll to `now_ms` would start a period the admissions have
-            // not seen yet.
-            if let Some(b) = &self.budget {
-                if self.at_sec as i64 * 1000 >= k.spend.period_start {
-                    k.spend.spent = k.spend.spent.saturating_add(nanos);
+            // another period since, or given the key its budget), else one that is over, and
+            // then the request only releases its reservation. No roll here: this ticket's
+            // budget may be older than the config's, and a roll to `now_ms` would start a
+            // period the admissions have not seen yet.
+            if self.started_ms >= k.spend.period_start {
+                k.spend.spent = k.spend.spent.saturating_add(nanos);
+                if let Some(b) = &self.budget {
                     for (i, &t) in b.alert_at.iter().enumerate() {
                         let bit = 1u32 << i;
                         if k.spend.alerted & bit == 0 && k.spend.spent as f64 >= t * b.nanos as f64
@@ -352,6 +381,7 @@ impl Ticket {
                     }
                 }
             }
+            k.note_rebuild(self.started_ms, nanos);
             k.spend
         };
         if let Some(model) = &self.model {
@@ -368,7 +398,7 @@ impl Drop for Ticket {
         if !self.settled {
             // Counted at its worst case, at the time it was admitted.
             let (tokens, nanos, at_ms) = (self.tokens, self.nanos, self.at_sec as i64 * 1000);
-            self.release(tokens, nanos, at_ms);
+            self.release(tokens, nanos, at_ms, || ());
         }
     }
 }

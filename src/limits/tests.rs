@@ -317,7 +317,7 @@ fn a_rebuilt_budget_is_never_rolled_back_by_a_request_on_the_older_config() {
     let monthly = s.key_by_id("k").unwrap();
     let month_start = period::start(monthly.budget.as_ref().unwrap().period, NOW);
     assert!(month_start < NOW - DAY, "the month began before yesterday");
-    r2.key("k").unwrap().hold().seed(Spend {
+    r2.key("k").unwrap().finish_rebuild(Spend {
         period_start: month_start,
         spent: 900_000_000,
         reserved: 0,
