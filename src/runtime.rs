@@ -125,6 +125,7 @@ impl Runtime {
                 reserved: 0,
                 alerted,
                 generation: self.limits.generation,
+                period: Some(budget.period),
             });
         }
         Ok(due.len())
@@ -236,6 +237,7 @@ mod tests {
         counters.finish_rebuild(limits::Spend {
             period_start: start,
             spent: from_ledger["k"].spent_nanos,
+            period: Some(config::Period::Monthly),
             ..limits::Spend::default()
         });
         assert_eq!(spent(&runtime), 17_000, "each request once");

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use super::period;
 use super::window::Window;
 use super::RateView;
-use crate::config::{Budget, Limits};
+use crate::config::{Budget, Limits, Period};
 
 #[derive(Default)]
 pub struct Counters {
@@ -43,9 +43,11 @@ pub struct Spend {
     /// Bit i set: the budget's i-th alert threshold already fired this period.
     pub alerted: u32,
     /// The config generation (`Registry::generation`) whose budget this spend is counted
-    /// for. A request still holding an older config never rolls it: its budget may have
-    /// another period, and its roll would reset what a reload rebuilt.
+    /// for. A request still holding an older config whose budget has another period never
+    /// rolls it: its roll would reset what a reload rebuilt.
     pub generation: u64,
+    /// The kind of period counted (`None` before any budget was seen).
+    pub period: Option<Period>,
 }
 
 impl Counters {
@@ -142,20 +144,38 @@ impl State {
     /// Starts a new budget period when `now_ms` left the current one. `generation` is the
     /// config the budget comes from; an older one than the spend's leaves it alone.
     pub fn roll(&mut self, budget: &Budget, now_ms: i64, generation: u64) {
-        if generation < self.spend.generation {
+        let same_kind = self.spend.period == Some(budget.period);
+        if generation < self.spend.generation && !same_kind {
             return;
         }
-        self.spend.generation = generation;
+        self.spend.generation = self.spend.generation.max(generation);
         let start = period::start(budget.period, now_ms);
-        if start != self.spend.period_start {
-            // Requests still in flight keep their reservations; they settle into the
-            // period they started in, which is over, so they only release them.
-            self.spend = Spend {
-                period_start: start,
-                reserved: self.spend.reserved,
-                generation,
-                ..Spend::default()
-            };
+        if start != self.spend.period_start || !same_kind {
+            self.start_period(budget.period, start);
         }
+    }
+
+    /// Makes sure the period counted is not over at `at_ms`, rolling it on by its own kind:
+    /// a request that settles into a period no admission has rolled to yet (one on an older
+    /// config, just after a period ended) starts it instead of being counted in the last.
+    pub fn catch_up(&mut self, at_ms: i64) {
+        let Some(kind) = self.spend.period else {
+            return;
+        };
+        if period::end(kind, self.spend.period_start).is_some_and(|end| at_ms >= end) {
+            self.start_period(kind, period::start(kind, at_ms));
+        }
+    }
+
+    fn start_period(&mut self, kind: Period, start: i64) {
+        // Requests still in flight keep their reservations; they settle into the period
+        // they started in, which is over, so they only release them.
+        self.spend = Spend {
+            period_start: start,
+            period: Some(kind),
+            reserved: self.spend.reserved,
+            generation: self.spend.generation,
+            ..Spend::default()
+        };
     }
 }

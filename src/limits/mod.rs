@@ -363,6 +363,7 @@ impl Ticket {
             // then the request only releases its reservation. No roll here: this ticket's
             // budget may be older than the config's, and a roll to `now_ms` would start a
             // period the admissions have not seen yet.
+            k.catch_up(self.started_ms);
             if self.started_ms >= k.spend.period_start {
                 k.spend.spent = k.spend.spent.saturating_add(nanos);
                 if let Some(b) = &self.budget {

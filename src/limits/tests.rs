@@ -323,6 +323,7 @@ fn a_rebuilt_budget_is_never_rolled_back_by_a_request_on_the_older_config() {
         reserved: 0,
         alerted: 0,
         generation: r2.generation,
+        period: Some(config::Period::Monthly),
     });
     // A request that loaded the old config before the swap admits with the daily budget:
     // it must not roll the rebuilt monthly spend back to a fresh day.
@@ -342,4 +343,60 @@ fn a_rebuilt_budget_is_never_rolled_back_by_a_request_on_the_older_config() {
         spend(&r, daily.budget.as_ref().unwrap(), r.generation).spent,
         900_012_000
     );
+}
+
+/// The registry after a reload to `budget` (same key and model), and that key.
+fn reloaded(r: &Registry, budget: &str) -> (Registry, Arc<Key>) {
+    let s = config::parse(&format!(
+        "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\nprice = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}\n[[keys]]\nid = \"k\"\nsha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmodels = [\"*\"]\n{budget}\n"
+    ))
+    .unwrap();
+    (
+        Registry::build(&s, Some(r)),
+        s.key_by_id("k").unwrap().clone(),
+    )
+}
+
+#[test]
+fn a_request_on_the_older_config_just_after_midnight_counts_in_the_new_day() {
+    const DAY: i64 = 86_400_000;
+    let midnight = (NOW / DAY + 1) * DAY;
+    // Same daily budget before and after a reload at 23:59:59.
+    let (old, model, r) = setup("budget = { usd = 1.0, period = \"daily\" }", "");
+    let (r2, new) = reloaded(&r, "budget = { usd = 1.0, period = \"daily\" }");
+    let admit_on = |key: &Key, reg: &Registry, at| {
+        admit(
+            key,
+            reg.key("k").unwrap(),
+            &model,
+            reg.model("m").unwrap(),
+            demand(&model, 1, 1),
+            at,
+            reg.generation,
+        )
+        .unwrap()
+        .0
+    };
+    admit_on(&new, &r2, midnight - 500).settle(2, 3_000, midnight - 400);
+    // A request that loaded the older config admits after midnight, settles, and the day's
+    // spend holds it once the new config's next request rolls.
+    admit_on(&old, &r, midnight + 500).settle(2, 5_000, midnight + 600);
+    admit_on(&new, &r2, midnight + 700).settle(2, 0, midnight + 800);
+    let day = r2
+        .key("k")
+        .unwrap()
+        .spend(new.budget.as_ref(), midnight + 900, r2.generation);
+    assert_eq!((day.period_start, day.spent), (midnight, 5_000));
+
+    // Now the older config is monthly and the new daily: the older one cannot roll, but
+    // what it settles after midnight still starts the new day instead of landing in the last.
+    let (monthly, _, r) = setup("budget = { usd = 1.0, period = \"monthly\" }", "");
+    let (r2, daily) = reloaded(&r, "budget = { usd = 1.0, period = \"daily\" }");
+    admit_on(&daily, &r2, midnight - 500).settle(2, 3_000, midnight - 400);
+    admit_on(&monthly, &r, midnight + 500).settle(2, 5_000, midnight + 600);
+    let day = r2
+        .key("k")
+        .unwrap()
+        .spend(daily.budget.as_ref(), midnight + 900, r2.generation);
+    assert_eq!((day.period_start, day.spent), (midnight, 5_000));
 }
