@@ -59,6 +59,23 @@ impl Runtime {
                     old.period == budget.period && old.alert_at == budget.alert_at
                 })
             };
+        // A rebuild that a period boundary overtakes is done again for the new period.
+        for _ in 0..3 {
+            if let Some(rebuilt) = self.rebuild_budgets(ledger, &carries_on, previous.is_some())? {
+                return Ok(rebuilt);
+            }
+        }
+        Err("budget periods kept ending during the rebuild; try again".into())
+    }
+
+    /// One attempt of `seed_budgets`; `None` when a rebuilt period ended meanwhile (nothing
+    /// was changed then).
+    fn rebuild_budgets(
+        &self,
+        ledger: &Ledger,
+        carries_on: &dyn Fn(&str, &Budget) -> bool,
+        reload: bool,
+    ) -> Result<Option<usize>, String> {
         let now = limits::now_ms();
         let mut due: Vec<_> = self
             .config
@@ -66,50 +83,55 @@ impl Runtime {
             .filter_map(|key| {
                 let budget = key.budget.as_ref()?;
                 let counters = self.limits.key(&key.id)?;
-                (previous.is_none() || !carries_on(&key.id, budget)).then(|| {
-                    (
-                        &*key.id,
-                        budget,
-                        counters,
-                        limits::period::start(budget.period, now),
-                    )
+                (!reload || !carries_on(&key.id, budget)).then(|| {
+                    let start = limits::period::start(budget.period, now);
+                    let end = limits::period::end(budget.period, now);
+                    (&*key.id, budget, counters, (start, end))
                 })
             })
             .collect();
         if due.is_empty() {
-            return Ok(0);
+            return Ok(Some(0));
         }
         // One order for every holder of several keys' counters.
         due.sort_unstable_by_key(|d| d.0);
-        let starts: BTreeSet<i64> = due.iter().map(|d| d.3).collect();
+        let periods: BTreeSet<(i64, Option<i64>)> = due.iter().map(|d| d.3).collect();
         let asked: Vec<_> = {
             let mut held: Vec<_> = due.iter().map(|d| d.2.hold()).collect();
             for (h, d) in held.iter_mut().zip(&due) {
-                h.begin_rebuild(d.3);
+                h.begin_rebuild(d.3 .0, d.3 .1);
             }
-            // One pass over the ledger per period start (a handful: today, this week…).
-            starts
+            // One pass over the ledger per period (a handful: today, this week…).
+            periods
                 .iter()
-                .map(|&start| (start, ledger.ask_spend_since(start)))
+                .map(|&(start, end)| ((start, end), ledger.ask_spend_since(start, end)))
                 .collect()
         };
-        let mut spends: HashMap<i64, SpendByKey> = HashMap::new();
-        for (start, answer) in asked {
+        let abandon = || {
+            for d in &due {
+                d.2.abandon_rebuild();
+            }
+        };
+        let mut spends: HashMap<(i64, Option<i64>), SpendByKey> = HashMap::new();
+        for (period, answer) in asked {
             match answer.wait() {
                 Ok(by_key) => {
-                    spends.insert(start, by_key);
+                    spends.insert(period, by_key);
                 }
                 Err(e) => {
-                    for d in &due {
-                        d.2.abandon_rebuild();
-                    }
+                    abandon();
                     return Err(e);
                 }
             }
         }
-        for (id, budget, counters, period_start) in &due {
+        let later = limits::now_ms();
+        if due.iter().any(|d| d.3 .1.is_some_and(|end| later >= end)) {
+            abandon();
+            return Ok(None);
+        }
+        for (id, budget, counters, period) in &due {
             let spend = spends
-                .get(period_start)
+                .get(period)
                 .and_then(|by_key| by_key.get(*id))
                 .cloned()
                 .unwrap_or_default();
@@ -120,7 +142,7 @@ impl Runtime {
                 .filter(|(_, t)| spend.fired.iter().any(|f| (*f - **t).abs() < 1e-9))
                 .fold(0u32, |mask, (i, _)| mask | (1 << i));
             counters.finish_rebuild(limits::Spend {
-                period_start: *period_start,
+                period_start: period.0,
                 spent: spend.spent_nanos,
                 reserved: 0,
                 alerted,
@@ -128,7 +150,7 @@ impl Runtime {
                 period: Some(budget.period),
             });
         }
-        Ok(due.len())
+        Ok(Some(due.len()))
     }
 }
 
@@ -225,8 +247,8 @@ mod tests {
 
         // The rebuild's steps, with a settlement between the question and the answer.
         let mut held = counters.hold();
-        held.begin_rebuild(start);
-        let answer = ledger.ask_spend_since(start);
+        held.begin_rebuild(start, None);
+        let answer = ledger.ask_spend_since(start, None);
         drop(held);
         finish(&ledger, running, 7_000);
         let from_ledger = answer.wait().unwrap();
@@ -270,5 +292,31 @@ mod tests {
         assert_eq!(again.seed_budgets(&ledger, Some(&new.config)), Ok(0));
         assert_eq!(spent(&again), 17_000);
         ledger.close();
+    }
+
+    #[test]
+    fn a_rebuild_the_ledger_cannot_answer_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let old = Runtime::new(
+            config("budget = { usd = 1.0, period = \"daily\" }"),
+            None,
+            &metrics,
+        );
+        finish(&ledger, admit(&old), 10_000);
+        let running = admit(&old);
+        ledger.close();
+        let new = Runtime::new(
+            config("budget = { usd = 1.0, period = \"monthly\" }"),
+            Some(&old),
+            &metrics,
+        );
+        let refused = new.seed_budgets(&ledger, Some(&old.config));
+        assert!(refused.unwrap_err().contains("stopped"));
+        // The running config's spend is as it was, and nothing is left marked.
+        assert_eq!(spent(&old), 10_000);
+        finish(&ledger, running, 7_000);
+        assert_eq!(spent(&old), 17_000);
     }
 }

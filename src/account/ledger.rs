@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params_from_iter, Connection, ToSql};
+use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
 
 use super::query::{spend_since_in, KeySpend};
 use super::record::UsageRecord;
@@ -50,6 +50,7 @@ enum Msg {
     /// exactly the records handed over before this message, none after.
     SpendSince {
         since_ms: i64,
+        until_ms: Option<i64>,
         reply: SyncSender<Result<SpendByKey, String>>,
     },
     /// Write everything before this, then stop.
@@ -66,7 +67,10 @@ impl Ledger {
         let writer_metrics = metrics.clone();
         let writer = std::thread::Builder::new()
             .name("tollgate-ledger".into())
-            .spawn(move || write_loop(conn, rx, &writer_metrics))
+            .spawn({
+                let path = path.clone();
+                move || write_loop(conn, &path, rx, &writer_metrics)
+            })
             .map_err(|e| format!("cannot start the ledger writer: {e}"))?;
         Ok(Ledger {
             sender,
@@ -116,14 +120,22 @@ impl Ledger {
     /// Asks for each key's spend since `since_ms`, as of this moment: the answer holds
     /// exactly the records handed over before this call. Read the answer with
     /// `SpendAnswer::wait`; asking does not wait (the writer answers between two commits).
-    pub fn ask_spend_since(&self, since_ms: i64) -> SpendAnswer {
+    pub fn ask_spend_since(&self, since_ms: i64, until_ms: Option<i64>) -> SpendAnswer {
         let (reply, rx) = mpsc::sync_channel(1);
-        // Blocks only while the queue is full, which the writer drains whatever happens.
-        let asked = self
-            .sender
-            .send(Msg::SpendSince { since_ms, reply })
-            .is_ok();
-        SpendAnswer(asked.then_some(rx))
+        // Never waits: the caller holds counters that request workers need.
+        match self.sender.try_send(Msg::SpendSince {
+            since_ms,
+            until_ms,
+            reply,
+        }) {
+            Ok(()) => SpendAnswer(Ok(rx)),
+            Err(TrySendError::Full(_)) => SpendAnswer(Err(
+                "the ledger's queue is full; budgets cannot be rebuilt now, try again".into(),
+            )),
+            Err(TrySendError::Disconnected(_)) => {
+                SpendAnswer(Err("the ledger writer has stopped".into()))
+            }
+        }
     }
 
     /// Writes everything queued and stops the writer; records after this are dropped.
@@ -141,13 +153,13 @@ impl Ledger {
 pub type SpendByKey = HashMap<String, KeySpend>;
 
 /// The writer's answer to `Ledger::ask_spend_since`.
-pub struct SpendAnswer(Option<Receiver<Result<SpendByKey, String>>>);
+pub struct SpendAnswer(Result<Receiver<Result<SpendByKey, String>>, String>);
 
 impl SpendAnswer {
     pub fn wait(self) -> Result<SpendByKey, String> {
-        self.0
-            .and_then(|rx| rx.recv().ok())
-            .unwrap_or_else(|| Err("the ledger writer has stopped".into()))
+        self.0?
+            .recv()
+            .unwrap_or_else(|_| Err("the ledger writer has stopped".into()))
     }
 }
 
@@ -195,11 +207,11 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
+fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Metrics) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
     let sql = InsertSql::new();
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
-    let mut questions: Vec<(i64, SyncSender<Result<SpendByKey, String>>)> = Vec::new();
+    let mut questions: Vec<Question> = Vec::new();
     let mut alerts: Vec<(String, i64, f64)> = Vec::new();
     // While the disk refuses writes: when to try again, and the wait after that.
     let mut retry: Option<(Instant, Duration)> = None;
@@ -228,7 +240,11 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
                     threshold,
                 } => alerts.push((key_id, period_start, threshold)),
                 Msg::Flush(w) => waiters.push(w),
-                Msg::SpendSince { since_ms, reply } => questions.push((since_ms, reply)),
+                Msg::SpendSince {
+                    since_ms,
+                    until_ms,
+                    reply,
+                } => questions.push((since_ms, until_ms, reply)),
                 Msg::Close => closing = true,
             }
             // A question is answered as of its place in the queue: nothing after it may be
@@ -284,16 +300,52 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, metrics: &Metrics) {
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
-        for (since_ms, reply) in questions.drain(..) {
-            let answer = if batch.is_empty() {
-                spend_since_in(&conn, since_ms)
-            } else {
+        for (since_ms, until_ms, reply) in questions.drain(..) {
+            if !batch.is_empty() {
                 // Records handed before the question are not written: the answer would
                 // miss them.
-                Err("the ledger cannot write its records; budgets cannot be rebuilt now".into())
-            };
-            let _ = reply.send(answer);
+                let _ = reply.send(Err(
+                    "the ledger cannot write its records; budgets cannot be rebuilt now".into(),
+                ));
+                continue;
+            }
+            answer_off_thread(path, since_ms, until_ms, reply);
         }
+    }
+}
+
+/// A budget rebuild's question: period start, end, where to answer.
+type Question = (i64, Option<i64>, SyncSender<Result<SpendByKey, String>>);
+
+/// Answers a question as of now (everything written so far) without holding up the
+/// writer: a read transaction taken here fixes what the answer sees (WAL readers keep their
+/// snapshot while the writer goes on), and another thread reads through it.
+fn answer_off_thread(
+    path: &Path,
+    since_ms: i64,
+    until_ms: Option<i64>,
+    reply: SyncSender<Result<SpendByKey, String>>,
+) {
+    let snapshot =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).and_then(|reader| {
+            reader.execute_batch("BEGIN")?;
+            reader.query_row("SELECT count(*) FROM alerts", [], |_| Ok(()))?;
+            Ok(reader)
+        });
+    let reader = match snapshot {
+        Ok(reader) => reader,
+        Err(e) => {
+            let _ = reply.send(Err(format!("ledger {}: {e}", path.display())));
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("tollgate-ledger-read".into())
+        .spawn(move || {
+            let _ = reply.send(spend_since_in(&reader, since_ms, until_ms));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a ledger reader");
     }
 }
 

@@ -203,14 +203,17 @@ pub fn spend_since(path: &Path, since_ms: i64) -> Result<HashMap<String, KeySpen
     }
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("ledger {}: {e}", path.display()))?;
-    spend_since_in(&conn, since_ms)
+    spend_since_in(&conn, since_ms, None)
 }
 
-/// `spend_since` on an open connection (the ledger writer's own, see `Ledger::spend_since`).
+/// `spend_since` on an open connection, for the period `[since_ms, until_ms)` (see
+/// `Ledger::ask_spend_since`).
 pub fn spend_since_in(
     conn: &Connection,
     since_ms: i64,
+    until_ms: Option<i64>,
 ) -> Result<HashMap<String, KeySpend>, String> {
+    let until_ms = until_ms.unwrap_or(i64::MAX);
     let mut by_key: HashMap<String, KeySpend> = HashMap::new();
     let err = |e: rusqlite::Error| e.to_string();
     let mut stmt = conn
@@ -218,11 +221,11 @@ pub fn spend_since_in(
             // TOTAL, not SUM: a sum past i64 (absurd costs a replica reported) must not
             // fail the rebuild; it is exact up to 2^53 nano-dollars (9 million USD).
             "SELECT key_id, TOTAL(cost_nanos) FROM usage
-             WHERE id >= ?2 AND ts_ms >= ?1 GROUP BY key_id",
+             WHERE id >= ?2 AND ts_ms >= ?1 AND ts_ms < ?3 GROUP BY key_id",
         )
         .map_err(err)?;
     let rows = stmt
-        .query_map(params![since_ms, id_bound(since_ms)], |r| {
+        .query_map(params![since_ms, id_bound(since_ms), until_ms], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
         })
         .map_err(err)?;

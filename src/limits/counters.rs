@@ -26,8 +26,9 @@ pub(super) struct State {
 
 /// A budget rebuild under way (see `Held::begin_rebuild`).
 struct Rebuild {
-    /// The period being rebuilt.
+    /// The period being rebuilt: `[period_start, period_end)`.
     period_start: i64,
+    period_end: Option<i64>,
     /// Cost of requests of that period settled since the ledger was asked: their records
     /// came after the question, so the answer does not hold them.
     settled: u64,
@@ -91,9 +92,10 @@ impl Held<'_> {
     /// what settles into that period is counted apart, to be added to the ledger's answer.
     /// The ledger must be asked before the hold ends (requests hand their record under the
     /// same lock, see `Ticket::settle_with`).
-    pub fn begin_rebuild(&mut self, period_start: i64) {
+    pub fn begin_rebuild(&mut self, period_start: i64, period_end: Option<i64>) {
         self.0.rebuild = Some(Rebuild {
             period_start,
+            period_end,
             settled: 0,
         });
     }
@@ -123,7 +125,7 @@ impl State {
     /// way if it belongs to the period rebuilt.
     pub fn note_rebuild(&mut self, started_ms: i64, nanos: u64) {
         if let Some(r) = &mut self.rebuild {
-            if started_ms >= r.period_start {
+            if started_ms >= r.period_start && r.period_end.is_none_or(|end| started_ms < end) {
                 r.settled = r.settled.saturating_add(nanos);
             }
         }
@@ -150,7 +152,9 @@ impl State {
         }
         self.spend.generation = self.spend.generation.max(generation);
         let start = period::start(budget.period, now_ms);
-        if start != self.spend.period_start || !same_kind {
+        // Only ever forward within a kind: a request whose clock was read just before the
+        // period began must not take the spend back to the one before.
+        if !same_kind || start > self.spend.period_start {
             self.start_period(budget.period, start);
         }
     }

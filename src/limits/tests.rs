@@ -400,3 +400,20 @@ fn a_request_on_the_older_config_just_after_midnight_counts_in_the_new_day() {
         .spend(daily.budget.as_ref(), midnight + 900, r2.generation);
     assert_eq!((day.period_start, day.spent), (midnight, 5_000));
 }
+
+#[test]
+fn a_clock_read_just_before_the_period_began_never_takes_the_spend_back() {
+    const DAY: i64 = 86_400_000;
+    let midnight = (NOW / DAY + 1) * DAY;
+    let (key, model, r) = setup("budget = { usd = 1.0, period = \"daily\" }", "");
+    let (today, _) = try_admit(&key, &model, &r, demand(&model, 1, 1), midnight + 100).unwrap();
+    today.settle(2, 4_000, midnight + 150);
+    // Another worker read the clock a moment before midnight.
+    let (late, _) = try_admit(&key, &model, &r, demand(&model, 1, 1), midnight - 1).unwrap();
+    late.settle(2, 9_000, midnight + 160);
+    let s = r
+        .key("k")
+        .unwrap()
+        .spend(key.budget.as_ref(), midnight + 200, 0);
+    assert_eq!((s.period_start, s.spent), (midnight, 4_000));
+}
