@@ -117,9 +117,10 @@ impl Ledger {
         }
     }
 
-    /// Asks for each key's spend since `since_ms`, as of this moment: the answer holds
-    /// exactly the records handed over before this call. Read the answer with
-    /// `SpendAnswer::wait`; asking does not wait (the writer answers between two commits).
+    /// Asks for each key's spend in `[since_ms, until_ms)`, as of this moment: the answer
+    /// holds exactly the records handed over before this call. Asking never waits; read the
+    /// answer with `SpendAnswer::wait`. The writer commits what came before the question,
+    /// takes a read snapshot and goes on writing while another thread reads it.
     pub fn ask_spend_since(&self, since_ms: i64, until_ms: Option<i64>) -> SpendAnswer {
         let (reply, rx) = mpsc::sync_channel(1);
         // Never waits: the caller holds counters that request workers need.
