@@ -81,3 +81,15 @@ def test_streamed_request_failing_upfront_raises_before_any_chunk(client):
         next(iter(stream))
 
     assert_request_id(caught.value)
+
+
+def test_an_output_cap_of_zero_is_a_bad_request_naming_the_field(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=HELLO, max_completion_tokens=0, max_tokens=500
+        )
+
+    assert caught.value.status_code == 400
+    assert error_code(caught.value) == "invalid_value"
+    assert caught.value.param == "max_completion_tokens"
+    assert_request_id(caught.value)
