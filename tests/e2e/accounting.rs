@@ -357,14 +357,7 @@ async fn a_stream_cut_by_shutdown_is_still_recorded() {
     }
     // The grace period (0 s here) ends with the stream still running: it is cut.
     gw.stop();
-    let db = gw
-        .config_path()
-        .parent()
-        .unwrap()
-        .join("state")
-        .join("usage.sqlite");
-    let conn = rusqlite::Connection::open(db).unwrap();
-    let (output, estimated): (i64, bool) = conn
+    let (output, estimated): (i64, bool) = ledger_file(&gw)
         .query_row(
             "SELECT output_tokens, estimated FROM usage WHERE request_id = 'cut-by-shutdown'",
             [],
@@ -378,15 +371,20 @@ async fn a_stream_cut_by_shutdown_is_still_recorded() {
     );
 }
 
-/// Request ids in the ledger, read straight from the SQLite file.
-fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
+/// The ledger's SQLite file, opened straight.
+fn ledger_file(gw: &Gateway) -> rusqlite::Connection {
     let db = gw
         .config_path()
         .parent()
         .unwrap()
         .join("state")
         .join("usage.sqlite");
-    let conn = rusqlite::Connection::open(db).unwrap();
+    rusqlite::Connection::open(db).unwrap()
+}
+
+/// Request ids in the ledger, read straight from the SQLite file.
+fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
+    let conn = ledger_file(gw);
     let mut stmt = conn.prepare("SELECT request_id FROM usage").unwrap();
     let ids = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
     ids.map(Result::unwrap).collect()

@@ -120,48 +120,17 @@ async fn upstream_error_bodies_pass_through_unchanged() {
 
 #[tokio::test]
 async fn replica_header_fields_reach_the_client_except_hop_by_hop_ones() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A replica that answers with a repeated field and connection-scoped fields of its own.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            return;
-        };
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        // The request: its head, then as many body bytes as its content-length says.
-        loop {
-            let Ok(n) = stream.read(&mut buf).await else {
-                return;
-            };
-            if n == 0 {
-                return;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&seen).to_string();
-            if let Some(end) = text.find("\r\n\r\n") {
-                let length: usize = text[..end]
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .and_then(|v| v.trim().parse().ok())
-                    .unwrap_or(0);
-                if seen.len() >= end + 4 + length {
-                    break;
-                }
-            }
-        }
-        let body = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-replica: a\r\n\
-             keep-alive: timeout=5\r\nx-replica: b\r\nconnection: keep-alive, X-Hop-Only\r\n\
-             x-hop-only: 1\r\n\
-             x-request-id: replica-own\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.read(&mut buf).await;
-    });
+    let body = r#"{"id":"c1","object":"chat.completion","model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+    let replica = CannedReplica::start(format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-replica: a\r\n\
+         keep-alive: timeout=5\r\nx-replica: b\r\nconnection: keep-alive, X-Hop-Only\r\n\
+         x-hop-only: 1\r\n\
+         x-request-id: replica-own\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await;
+    let addr = replica.addr;
     let gw = Gateway::start(&standard_config(&[addr], ""));
     let r = gw.chat(hello()).await;
     assert_eq!(r.status(), 200);
