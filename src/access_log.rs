@@ -5,7 +5,7 @@
 use crate::account::{self, Ledger, UsageRecord};
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
-use crate::limits::{self, Settlement};
+use crate::limits::Settlement;
 use crate::metrics::{KeyMeters, Metrics};
 
 pub fn record(
@@ -91,20 +91,10 @@ fn settle_limits(
     if let Some(kind) = refused {
         metrics.observe_rejection(key_id, kind);
     }
-    let hand = move || {
-        if let Some((ledger, record)) = record {
-            ledger.record(record);
-        }
-    };
-    let Some(ticket) = ctx.ticket.take() else {
-        hand();
+    let Some(Settlement { spend, crossed }) = account::close(ctx.ticket.take(), settled, record)
+    else {
         return;
     };
-    // The record is handed to the ledger in the same step as the cost settles (see
-    // `Ticket::settle_with`).
-    let now = limits::now_ms();
-    let Settlement { spend, crossed } =
-        ticket.settle_with(settled.usage.total(), settled.cost_nanos, now, hand);
     let (Some(runtime), Some(budget)) = (
         &ctx.runtime,
         ctx.key.as_ref().and_then(|k| k.budget.as_ref()),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::account::{self, Ledger};
 use crate::config::{Key, Model};
-use crate::limits::{self, Ticket};
+use crate::limits::Ticket;
 use crate::respond::Dialect;
 use crate::runtime::Runtime;
 use crate::translate::usage::Usage;
@@ -148,28 +148,14 @@ impl Drop for RequestCtx {
             return;
         }
         let settled = account::settle(self);
-        let record = self.ledger.take().and_then(|ledger| {
+        let ledger = self.ledger.take();
+        let record = ledger.as_deref().and_then(|ledger| {
             Some((
                 ledger,
                 account::record(self, &settled, self.ticket.is_some())?,
             ))
         });
-        let hand = move || {
-            if let Some((ledger, record)) = record {
-                ledger.record(record);
-            }
-        };
-        match self.ticket.take() {
-            // Settled at the estimate the record carries, not at its worst case.
-            Some(ticket) => {
-                ticket.settle_with(
-                    settled.usage.total(),
-                    settled.cost_nanos,
-                    limits::now_ms(),
-                    hand,
-                );
-            }
-            None => hand(),
-        }
+        // Settled at the estimate the record carries, not at its worst case.
+        account::close(self.ticket.take(), &settled, record);
     }
 }

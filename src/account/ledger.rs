@@ -46,13 +46,9 @@ enum Msg {
     },
     /// Write everything before this, then answer.
     Flush(SyncSender<()>),
-    /// Write everything before this, then answer with each key's spend since `since_ms`:
-    /// exactly the records handed over before this message, none after.
-    SpendSince {
-        since_ms: i64,
-        until_ms: Option<i64>,
-        reply: SyncSender<Result<SpendByKey, String>>,
-    },
+    /// Write everything before this, then answer with each key's spend in the question's
+    /// period: exactly the records handed over before this message, none after.
+    SpendSince(Question),
     /// Write everything before this, then stop.
     Close,
 }
@@ -124,11 +120,11 @@ impl Ledger {
     pub fn ask_spend_since(&self, since_ms: i64, until_ms: Option<i64>) -> SpendAnswer {
         let (reply, rx) = mpsc::sync_channel(1);
         // Never waits: the caller holds counters that request workers need.
-        match self.sender.try_send(Msg::SpendSince {
+        match self.sender.try_send(Msg::SpendSince(Question {
             since_ms,
             until_ms,
             reply,
-        }) {
+        })) {
             Ok(()) => SpendAnswer(Ok(rx)),
             Err(TrySendError::Full(_)) => SpendAnswer(Err(
                 "the ledger's queue is full; budgets cannot be rebuilt now, try again".into(),
@@ -241,11 +237,7 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Me
                     threshold,
                 } => alerts.push((key_id, period_start, threshold)),
                 Msg::Flush(w) => waiters.push(w),
-                Msg::SpendSince {
-                    since_ms,
-                    until_ms,
-                    reply,
-                } => questions.push((since_ms, until_ms, reply)),
+                Msg::SpendSince(q) => questions.push(q),
                 Msg::Close => closing = true,
             }
             // A question is answered as of its place in the queue: nothing after it may be
@@ -301,32 +293,36 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Me
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
-        for (since_ms, until_ms, reply) in questions.drain(..) {
+        for q in questions.drain(..) {
             if !batch.is_empty() {
                 // Records handed before the question are not written: the answer would
                 // miss them.
-                let _ = reply.send(Err(
+                let _ = q.reply.send(Err(
                     "the ledger cannot write its records; budgets cannot be rebuilt now".into(),
                 ));
                 continue;
             }
-            answer_off_thread(path, since_ms, until_ms, reply);
+            answer_off_thread(path, q);
         }
     }
 }
 
-/// A budget rebuild's question: period start, end, where to answer.
-type Question = (i64, Option<i64>, SyncSender<Result<SpendByKey, String>>);
+/// A budget rebuild's question: each key's spend in `[since_ms, until_ms)`.
+struct Question {
+    since_ms: i64,
+    until_ms: Option<i64>,
+    reply: SyncSender<Result<SpendByKey, String>>,
+}
 
 /// Answers a question as of now (everything written so far) without holding up the
 /// writer: a read transaction taken here fixes what the answer sees (WAL readers keep their
 /// snapshot while the writer goes on), and another thread reads through it.
-fn answer_off_thread(
-    path: &Path,
-    since_ms: i64,
-    until_ms: Option<i64>,
-    reply: SyncSender<Result<SpendByKey, String>>,
-) {
+fn answer_off_thread(path: &Path, q: Question) {
+    let Question {
+        since_ms,
+        until_ms,
+        reply,
+    } = q;
     let snapshot =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).and_then(|reader| {
             reader.execute_batch("BEGIN")?;

@@ -13,6 +13,7 @@ pub use record::UsageRecord;
 use std::time::UNIX_EPOCH;
 
 use crate::ctx::{Endpoint, RequestCtx};
+use crate::limits::{self, Settlement, Ticket};
 use crate::translate::usage::Usage;
 
 /// What a finished request used, and whether that had to be estimated.
@@ -50,6 +51,34 @@ pub fn settle(ctx: &RequestCtx) -> Settled {
         usage,
         estimated,
         cost_nanos,
+    }
+}
+
+/// Ends a request's accounting: settles its reservation, if it holds one, at what it used,
+/// handing its ledger record over in the same step (`Ticket::settle_with`), so a budget
+/// rebuilt from the ledger counts it exactly once; without a reservation, only hands the
+/// record over.
+pub fn close(
+    ticket: Option<Ticket>,
+    settled: &Settled,
+    record: Option<(&Ledger, UsageRecord)>,
+) -> Option<Settlement> {
+    let hand = move || {
+        if let Some((ledger, record)) = record {
+            ledger.record(record);
+        }
+    };
+    match ticket {
+        Some(ticket) => Some(ticket.settle_with(
+            settled.usage.total(),
+            settled.cost_nanos,
+            limits::now_ms(),
+            hand,
+        )),
+        None => {
+            hand();
+            None
+        }
     }
 }
 

@@ -20,6 +20,9 @@ pub(super) struct State {
     pub tokens: Window,
     pub inflight: u64,
     pub spend: Spend,
+    /// When the counted period ends (`None`: it never does, or no period is counted yet),
+    /// kept with it so admissions and settlements compare instead of doing calendar work.
+    period_end: Option<i64>,
     /// While the budget is rebuilt from the ledger: what settled since the ledger was asked.
     rebuild: Option<Rebuild>,
 }
@@ -82,6 +85,26 @@ impl Counters {
         }
         s.spend
     }
+
+    /// Ends a rebuild: the spend is what the ledger answered plus what settled into the
+    /// period since it was asked. Reservations of requests in flight are kept.
+    pub fn finish_rebuild(&self, from_ledger: Spend) {
+        let mut s = self.lock();
+        let since = s.rebuild.take().map_or(0, |r| r.settled);
+        s.period_end = from_ledger
+            .period
+            .and_then(|kind| period::end(kind, from_ledger.period_start));
+        s.spend = Spend {
+            spent: from_ledger.spent.saturating_add(since),
+            reserved: s.spend.reserved,
+            ..from_ledger
+        };
+    }
+
+    /// Drops a rebuild that failed; the spend stays as it was.
+    pub fn abandon_rebuild(&self) {
+        self.lock().rebuild = None;
+    }
 }
 
 /// Counters held while the ledger is asked for a budget rebuild (see `Counters::hold`).
@@ -98,25 +121,6 @@ impl Held<'_> {
             period_end,
             settled: 0,
         });
-    }
-}
-
-impl Counters {
-    /// Ends a rebuild: the spend is what the ledger answered plus what settled into the
-    /// period since it was asked. Reservations of requests in flight are kept.
-    pub fn finish_rebuild(&self, from_ledger: Spend) {
-        let mut s = self.lock();
-        let since = s.rebuild.take().map_or(0, |r| r.settled);
-        s.spend = Spend {
-            spent: from_ledger.spent.saturating_add(since),
-            reserved: s.spend.reserved,
-            ..from_ledger
-        };
-    }
-
-    /// Drops a rebuild that failed; the spend stays as it was.
-    pub fn abandon_rebuild(&self) {
-        self.lock().rebuild = None;
     }
 }
 
@@ -151,6 +155,11 @@ impl State {
             return;
         }
         self.spend.generation = self.spend.generation.max(generation);
+        let within =
+            now_ms >= self.spend.period_start && self.period_end.is_none_or(|end| now_ms < end);
+        if same_kind && within {
+            return;
+        }
         let start = period::start(budget.period, now_ms);
         // Only ever forward within a kind: a request whose clock was read just before the
         // period began must not take the spend back to the one before.
@@ -166,12 +175,13 @@ impl State {
         let Some(kind) = self.spend.period else {
             return;
         };
-        if period::end(kind, self.spend.period_start).is_some_and(|end| at_ms >= end) {
+        if self.period_end.is_some_and(|end| at_ms >= end) {
             self.start_period(kind, period::start(kind, at_ms));
         }
     }
 
     fn start_period(&mut self, kind: Period, start: i64) {
+        self.period_end = period::end(kind, start);
         // Requests still in flight keep their reservations; they settle into the period
         // they started in, which is over, so they only release them.
         self.spend = Spend {
