@@ -273,56 +273,49 @@ fn admit(
     if let Some(max) = model.max_output_tokens {
         cap = cap.min(u64::from(max));
     }
-    let result = match (
+    // Every configured key and model has counters; nothing to reserve against otherwise.
+    if let (Some(key_counters), Some(model_counters)) = (
         runtime.limits.key(&key.id),
         runtime.limits.model(&model.slug),
     ) {
-        (Some(key_counters), Some(model_counters)) => {
-            let demand = Demand {
-                input_tokens: u64::from(ctx.input_estimate),
-                output_tokens: cap,
-                prices: model.token_prices,
-            };
-            let now = limits::now_ms();
-            let generation = runtime.limits.generation;
-            match limits::admit(
-                key,
-                key_counters,
-                model,
-                model_counters,
-                demand,
-                now,
-                generation,
-            ) {
-                Ok((mut ticket, view)) => {
-                    // Its cost belongs to the budget period it arrived in, as its ledger row.
-                    ticket.set_started_ms(account::started_ms(ctx));
-                    ctx.headers = limits::rate_headers(&view, now);
-                    if let Some(n) = ticket.clamped_output {
-                        cap = n;
-                        ctx.headers
-                            .push(("x-tollgate-max-tokens-clamped", n.to_string()));
-                    }
-                    ctx.ticket = Some(ticket);
-                    Ok(())
-                }
-                Err(err) => {
-                    ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
-                    Err(GatewayError::Limit {
-                        err,
-                        key_id: key.id.to_string(),
-                        model: model.slug.to_string(),
-                    })
-                }
+        let demand = Demand {
+            input_tokens: u64::from(ctx.input_estimate),
+            output_tokens: cap,
+            prices: model.token_prices,
+        };
+        let now = limits::now_ms();
+        let generation = runtime.limits.generation;
+        let (mut ticket, view) = limits::admit(
+            key,
+            key_counters,
+            model,
+            model_counters,
+            demand,
+            now,
+            generation,
+        )
+        .map_err(|err| {
+            ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
+            GatewayError::Limit {
+                err,
+                key_id: key.id.to_string(),
+                model: model.slug.to_string(),
             }
+        })?;
+        // Its cost belongs to the budget period it arrived in, as its ledger row.
+        ticket.set_started_ms(account::started_ms(ctx));
+        ctx.headers = limits::rate_headers(&view, now);
+        if let Some(n) = ticket.clamped_output {
+            cap = n;
+            ctx.headers
+                .push(("x-tollgate-max-tokens-clamped", n.to_string()));
         }
-        // Every configured key and model has counters; nothing to reserve against otherwise.
-        _ => Ok(()),
-    };
+        ctx.ticket = Some(ticket);
+    }
     if asked != Some(cap) || request.sets_both_caps() {
         request.set_max_output_tokens(cap);
     }
-    result
+    Ok(())
 }
 
 /// Stage "accept": request id, config snapshot, endpoint.
