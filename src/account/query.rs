@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
@@ -102,40 +103,15 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
     if path.exists() {
         let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
             .map_err(|e| format!("ledger {}: {e}", path.display()))?;
-        let key_col = if q.by_key { "key_id" } else { "NULL" };
-        let model_col = if q.by_model { "model" } else { "NULL" };
-        let sql = format!(
-            "SELECT (ts_ms / ?1) * ?1 AS b, {key_col}, {model_col}, COUNT(*),
-                    SUM(input_tokens), SUM(cached_input_tokens), SUM(output_tokens),
-                    SUM(reasoning_tokens), SUM(cost_nanos), SUM(estimated)
-             FROM usage WHERE id >= ?4 AND id < ?5 AND ts_ms >= ?2 AND ts_ms < ?3
-             GROUP BY 1, 2, 3"
-        );
-        let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map(
-                params![b, from, to, id_bound(from), id_bound(to.max(1))],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        [
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                            r.get(6)?,
-                            r.get(7)?,
-                            r.get(8)?,
-                            r.get(9)?,
-                        ],
-                    ))
-                },
-            )
-            .map_err(|e| e.to_string())?;
-        for row in rows {
-            found.push(row.map_err(|e| e.to_string())?);
+        // SUM is exact but fails past i64; only a ledger holding absurd costs gets there,
+        // and its report then saturates (TOTAL sums in floating point) instead of failing.
+        found = match grouped_sums(&conn, q, "SUM", (b, from, to)) {
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("integer overflow") => {
+                grouped_sums(&conn, q, "TOTAL", (b, from, to))
+            }
+            other => other,
         }
+        .map_err(|e| e.to_string())?;
     }
     // Every group seen in the range gets a row in every bucket, zeros where it was idle.
     let groups: BTreeSet<(Option<String>, Option<String>)> = found
@@ -159,6 +135,54 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
         start += b;
     }
     Ok(out)
+}
+
+/// The ledger's rows in `[from, to)` summed per bucket of `b` ms (and per key and model if
+/// asked), with `agg` (`SUM` or `TOTAL`) as the sum.
+fn grouped_sums(
+    conn: &Connection,
+    q: &UsageQuery,
+    agg: &str,
+    (b, from, to): (i64, i64, i64),
+) -> rusqlite::Result<Vec<Sums>> {
+    let key_col = if q.by_key { "key_id" } else { "NULL" };
+    let model_col = if q.by_model { "model" } else { "NULL" };
+    let sql = format!(
+        "SELECT (ts_ms / ?1) * ?1 AS b, {key_col}, {model_col}, COUNT(*),
+                {agg}(input_tokens), {agg}(cached_input_tokens), {agg}(output_tokens),
+                {agg}(reasoning_tokens), {agg}(cost_nanos), {agg}(estimated)
+         FROM usage WHERE id >= ?4 AND id < ?5 AND ts_ms >= ?2 AND ts_ms < ?3
+         GROUP BY 1, 2, 3"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    // Integers from SUM, reals from TOTAL; a real past i64 saturates.
+    let int = |r: &rusqlite::Row<'_>, i: usize| -> rusqlite::Result<i64> {
+        Ok(match r.get_ref(i)? {
+            ValueRef::Integer(n) => n,
+            ValueRef::Real(f) => f as i64,
+            _ => 0,
+        })
+    };
+    let rows = stmt.query_map(
+        params![b, from, to, id_bound(from), id_bound(to.max(1))],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                [
+                    int(r, 3)?,
+                    int(r, 4)?,
+                    int(r, 5)?,
+                    int(r, 6)?,
+                    int(r, 7)?,
+                    int(r, 8)?,
+                    int(r, 9)?,
+                ],
+            ))
+        },
+    )?;
+    rows.collect()
 }
 
 fn row(
@@ -373,6 +397,37 @@ mod tests {
             k1m2.iter().map(|r| r.requests).collect::<Vec<_>>(),
             vec![0, 0, 1]
         );
+    }
+
+    #[test]
+    fn a_report_over_absurd_costs_saturates_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let t0 = 1_795_000_000_000i64 / 60_000 * 60_000;
+        for id in ["x", "y"] {
+            let mut r = record(id, t0, "k", "m", 10, 4);
+            // Stored as i64::MAX; two of them overflow SQLite's integer SUM.
+            r.cost_nanos = u64::MAX;
+            ledger.record(r);
+        }
+        ledger.record(record("z", t0 + 60_000, "k", "m", 10, 4));
+        ledger.close();
+        let q = UsageQuery {
+            from_ms: t0,
+            to_ms: t0 + 120_000,
+            bucket: Bucket::Minute,
+            by_key: true,
+            by_model: false,
+        };
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].requests, rows[0].input_tokens), (2, 20));
+        assert_eq!(
+            rows[0].cost_micros,
+            crate::account::cost::micros(i64::MAX as u64)
+        );
+        // The other bucket, summed in the same fallback, is still exact.
+        assert_eq!((rows[1].requests, rows[1].cost_micros), (1, 6));
     }
 
     #[test]
