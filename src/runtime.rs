@@ -135,20 +135,18 @@ impl Runtime {
                 .and_then(|by_key| by_key.get(*id))
                 .cloned()
                 .unwrap_or_default();
-            let alerted = budget
-                .alert_at
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| spend.fired.iter().any(|f| (*f - **t).abs() < 1e-9))
-                .fold(0u32, |mask, (i, _)| mask | (1 << i));
-            counters.finish_rebuild(limits::Spend {
-                period_start: period.0,
-                spent: spend.spent_nanos,
-                reserved: 0,
-                alerted,
-                generation: self.limits.generation,
-                period: Some(budget.period),
-            });
+            counters.finish_rebuild(
+                limits::Spend {
+                    period_start: period.0,
+                    spent: spend.spent_nanos,
+                    reserved: 0,
+                    alerted: 0,
+                    generation: self.limits.generation,
+                    period: Some(budget.period),
+                },
+                &budget.alert_at,
+                &spend.fired,
+            );
         }
         Ok(Some(due.len()))
     }
@@ -196,7 +194,7 @@ mod tests {
     }
 
     /// Settles `ticket` at `nanos`, handing its ledger row in the same step.
-    fn finish(ledger: &Ledger, ticket: Ticket, nanos: u64) {
+    fn finish(ledger: &Ledger, ticket: Ticket, nanos: u64) -> limits::Settlement {
         let now = limits::now_ms();
         let row = UsageRecord {
             id: record_id(now),
@@ -213,7 +211,7 @@ mod tests {
             duration_ms: 1.0,
             replica: None,
         };
-        ticket.settle_with(0, nanos, now, || ledger.record(row));
+        ticket.settle_with(0, nanos, now, || ledger.record(row))
     }
 
     fn spent(runtime: &Runtime) -> u64 {
@@ -256,13 +254,56 @@ mod tests {
             from_ledger["k"].spent_nanos, 10_000,
             "the answer is as of the question"
         );
-        counters.finish_rebuild(limits::Spend {
-            period_start: start,
-            spent: from_ledger["k"].spent_nanos,
-            period: Some(config::Period::Monthly),
-            ..limits::Spend::default()
-        });
+        counters.finish_rebuild(
+            limits::Spend {
+                period_start: start,
+                spent: from_ledger["k"].spent_nanos,
+                period: Some(config::Period::Monthly),
+                ..limits::Spend::default()
+            },
+            &[],
+            &[],
+        );
         assert_eq!(spent(&runtime), 17_000, "each request once");
+        ledger.close();
+    }
+
+    #[test]
+    fn an_alert_fired_while_the_ledger_is_asked_does_not_fire_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let runtime = Runtime::new(
+            config("budget = { usd = 1.0, period = \"monthly\", alert_at = [0.5] }"),
+            None,
+            &metrics,
+        );
+        let counters = runtime.limits.key("k").unwrap();
+        let start = limits::period::start(config::Period::Monthly, limits::now_ms());
+        let running = admit(&runtime);
+
+        let mut held = counters.hold();
+        held.begin_rebuild(start, None);
+        let answer = ledger.ask_spend_since(start, None);
+        drop(held);
+        // Half the budget settles after the question: the alert fires now, and its row
+        // reaches the ledger after the answer was taken.
+        let crossed = finish(&ledger, running, 600_000_000).crossed;
+        assert_eq!(crossed.len(), 1);
+        let from_ledger = answer.wait().unwrap();
+        assert!(from_ledger.get("k").is_none_or(|s| s.fired.is_empty()));
+        counters.finish_rebuild(
+            limits::Spend {
+                period_start: start,
+                period: Some(config::Period::Monthly),
+                ..limits::Spend::default()
+            },
+            &[0.5],
+            &[],
+        );
+        assert_eq!(spent(&runtime), 600_000_000);
+        let next = finish(&ledger, admit(&runtime), 1_000);
+        assert!(next.crossed.is_empty(), "the 50% alert fired once already");
         ledger.close();
     }
 

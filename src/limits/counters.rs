@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::period;
 use super::window::Window;
-use super::RateView;
+use super::{Crossed, RateView};
 use crate::config::{Budget, Limits, Period};
 
 #[derive(Default)]
@@ -35,6 +35,9 @@ struct Rebuild {
     /// Cost of requests of that period settled since the ledger was asked: their records
     /// came after the question, so the answer does not hold them.
     settled: u64,
+    /// Alert thresholds fired for that period since the ledger was asked: their rows too
+    /// came after the question.
+    fired: Vec<f64>,
 }
 
 /// Spend of the current budget period, in nano-dollars.
@@ -87,16 +90,27 @@ impl Counters {
     }
 
     /// Ends a rebuild: the spend is what the ledger answered plus what settled into the
-    /// period since it was asked. Reservations of requests in flight are kept.
-    pub fn finish_rebuild(&self, from_ledger: Spend) {
+    /// period since it was asked. Of the budget's thresholds `alert_at`, those fired are the
+    /// ones the ledger answered (`ledger_fired`) and those fired since it was asked.
+    /// Reservations of requests in flight are kept.
+    pub fn finish_rebuild(&self, from_ledger: Spend, alert_at: &[f64], ledger_fired: &[f64]) {
         let mut s = self.lock();
-        let since = s.rebuild.take().map_or(0, |r| r.settled);
+        let (since, fired) = s
+            .rebuild
+            .take()
+            .map_or((0, Vec::new()), |r| (r.settled, r.fired));
+        let alerted = alert_at
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| (ledger_fired.iter().chain(&fired)).any(|f| (*f - **t).abs() < 1e-9))
+            .fold(0u32, |mask, (i, _)| mask | (1 << i));
         s.period_end = from_ledger
             .period
             .and_then(|kind| period::end(kind, from_ledger.period_start));
         s.spend = Spend {
             spent: from_ledger.spent.saturating_add(since),
             reserved: s.spend.reserved,
+            alerted,
             ..from_ledger
         };
     }
@@ -120,18 +134,25 @@ impl Held<'_> {
             period_start,
             period_end,
             settled: 0,
+            fired: Vec::new(),
         });
     }
 }
 
 impl State {
-    /// A request that started at `started_ms` settled `nanos`: counted for a rebuild under
-    /// way if it belongs to the period rebuilt.
-    pub fn note_rebuild(&mut self, started_ms: i64, nanos: u64) {
+    /// A request that started at `started_ms` settled `nanos` and fired the alerts
+    /// `crossed`: counted for a rebuild under way if it belongs to the period rebuilt.
+    pub fn note_rebuild(&mut self, started_ms: i64, nanos: u64, crossed: &[Crossed]) {
         if let Some(r) = &mut self.rebuild {
             if started_ms >= r.period_start && r.period_end.is_none_or(|end| started_ms < end) {
                 r.settled = r.settled.saturating_add(nanos);
             }
+            r.fired.extend(
+                crossed
+                    .iter()
+                    .filter(|c| c.period_start == r.period_start)
+                    .map(|c| c.threshold),
+            );
         }
     }
 

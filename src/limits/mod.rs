@@ -382,7 +382,7 @@ impl Ticket {
                     }
                 }
             }
-            k.note_rebuild(self.started_ms, nanos);
+            k.note_rebuild(self.started_ms, nanos, &crossed);
             k.spend
         };
         if let Some(model) = &self.model {

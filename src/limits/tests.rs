@@ -317,14 +317,18 @@ fn a_rebuilt_budget_is_never_rolled_back_by_a_request_on_the_older_config() {
     let monthly = s.key_by_id("k").unwrap();
     let month_start = period::start(monthly.budget.as_ref().unwrap().period, NOW);
     assert!(month_start < NOW - DAY, "the month began before yesterday");
-    r2.key("k").unwrap().finish_rebuild(Spend {
-        period_start: month_start,
-        spent: 900_000_000,
-        reserved: 0,
-        alerted: 0,
-        generation: r2.generation,
-        period: Some(config::Period::Monthly),
-    });
+    r2.key("k").unwrap().finish_rebuild(
+        Spend {
+            period_start: month_start,
+            spent: 900_000_000,
+            reserved: 0,
+            alerted: 0,
+            generation: r2.generation,
+            period: Some(config::Period::Monthly),
+        },
+        &[],
+        &[],
+    );
     // A request that loaded the old config before the swap admits with the daily budget:
     // it must not roll the rebuilt monthly spend back to a fresh day.
     let (late, _) = try_admit(&daily, &model, &r, demand(&model, 10, 10), NOW).unwrap();
