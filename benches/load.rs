@@ -4,6 +4,9 @@
 //! `cargo bench --bench load -- --connections 32 --duration 10`; every flag is described in
 //! `benches/README.md` and by `--help`.
 
+#[path = "load/floor.rs"]
+mod floor;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::process::{ExitCode, Stdio};
@@ -63,7 +66,8 @@ struct Params {
     /// Tollgate setups to measure after the direct phase, in one run: `default`,
     /// `no-ledger` (accounting not written), `limits` (every limit and a budget configured,
     /// none reached), `anthropic` (the same load as Anthropic Messages requests), `nginx`
-    /// (nginx from `PATH` as a plain reverse proxy, for calibration).
+    /// (nginx from `PATH` as a plain reverse proxy, for calibration), `pingora` (Pingora's own
+    /// proxy path with nothing of tollgate's: the floor of a gateway built on Pingora).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "default")]
     variants: Vec<Variant>,
     /// Another tollgate binary (an earlier build) to measure before each variant, in the same
@@ -91,6 +95,9 @@ struct Params {
     /// A name filter `cargo bench` may pass on; ignored.
     #[arg(hide = true)]
     filter: Option<String>,
+    /// Not a measurement: serve as the `pingora` variant's proxy (see `floor`).
+    #[arg(long, hide = true, num_args = 3.., value_name = "LISTEN THREADS REPLICA")]
+    serve_floor: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,6 +109,9 @@ enum Variant {
     /// Not tollgate: nginx (from `PATH`) as a plain reverse proxy in front of the same
     /// replicas, with upstream keep-alive and no access log, for calibration.
     Nginx,
+    /// Not tollgate: Pingora's own proxy path with nothing of tollgate's
+    /// (`floor`), the floor of any gateway built on Pingora.
+    Pingora,
 }
 
 impl Variant {
@@ -112,7 +122,13 @@ impl Variant {
             Variant::Limits => "tg-limits",
             Variant::Anthropic => "tg-anthropic",
             Variant::Nginx => "nginx",
+            Variant::Pingora => "pingora",
         }
+    }
+
+    /// Not tollgate: no baseline build of tollgate applies to it.
+    fn foreign(self) -> bool {
+        matches!(self, Variant::Nginx | Variant::Pingora)
     }
 }
 
@@ -132,6 +148,12 @@ fn seconds(v: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let params = Params::parse();
+    if let Some(args) = &params.serve_floor {
+        if let Err(message) = floor::serve(args) {
+            eprintln!("load --serve-floor: {message}");
+        }
+        return ExitCode::FAILURE;
+    }
     if params.duration.is_zero() {
         eprintln!("load: --duration must be more than 0");
         return ExitCode::FAILURE;
@@ -210,14 +232,15 @@ async fn run(params: &Params) -> Result<(), String> {
         .iter()
         .filter(|_| params.phase != Phase::Direct)
     {
-        if let Some(base) = params
-            .baseline
-            .as_ref()
-            .filter(|_| variant != Variant::Nginx)
-        {
+        if let Some(base) = params.baseline.as_ref().filter(|_| !variant.foreign()) {
             runs.push((format!("base:{}", variant.name()), base.clone(), variant));
         }
-        runs.push((variant.name().to_string(), built.clone(), variant));
+        let binary = match variant {
+            // This harness's own binary, run with `--serve-floor`.
+            Variant::Pingora => std::env::current_exe().map_err(|e| e.to_string())?,
+            _ => built.clone(),
+        };
+        runs.push((variant.name().to_string(), binary, variant));
     }
     for (name, binary, variant) in runs {
         let name: &'static str = Box::leak(name.into_boxed_str());
@@ -648,8 +671,10 @@ impl Gateway {
         threads: u16,
         callgrind: bool,
     ) -> Result<Gateway, String> {
-        if variant == Variant::Nginx {
-            return Gateway::nginx(replicas, threads).await;
+        match variant {
+            Variant::Nginx => return Gateway::nginx(replicas, threads).await,
+            Variant::Pingora => return Gateway::floor(binary, replicas, threads, callgrind).await,
+            _ => {}
         }
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let list: Vec<String> = replicas.iter().map(|a| format!("\"{a}\"")).collect();
@@ -678,18 +703,7 @@ impl Gateway {
         std::fs::write(&path, config).map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
-        let mut command = if callgrind {
-            let mut c = Command::new("valgrind");
-            c.arg("--tool=callgrind")
-                .arg(format!(
-                    "--callgrind-out-file={}",
-                    dir.path().join("callgrind.out").display()
-                ))
-                .arg(binary);
-            c
-        } else {
-            Command::new(binary)
-        };
+        let mut command = launch(binary, dir.path(), callgrind);
         let mut child = command
             .arg("run")
             .arg("-c")
@@ -776,9 +790,7 @@ impl Gateway {
     /// nginx with `threads` workers; its port is found free first, as it cannot report one.
     async fn nginx(replicas: &[SocketAddr], threads: u16) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let free = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        let public = free.local_addr().map_err(|e| e.to_string())?;
-        drop(free);
+        let public = free_port()?;
         let servers: String = replicas.iter().map(|a| format!("server {a}; ")).collect();
         let d = dir.path().display();
         let config = format!(
@@ -803,16 +815,56 @@ impl Gateway {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start nginx (is it installed?): {e}"))?;
-        let gateway = Gateway { child, public, dir };
-        // nginx prints no ready line: it is ready once its port accepts connections.
-        for _ in 0..500 {
-            if TcpStream::connect(public).await.is_ok() {
-                return Ok(gateway);
+        Gateway { child, public, dir }
+            .listening("nginx", Duration::from_secs(5))
+            .await
+    }
+
+    /// The Pingora floor (`floor`, this harness's binary) with `threads` workers, on a port
+    /// found free first.
+    async fn floor(
+        binary: &std::path::Path,
+        replicas: &[SocketAddr],
+        threads: u16,
+        callgrind: bool,
+    ) -> Result<Gateway, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let public = free_port()?;
+        let log =
+            std::fs::File::create(dir.path().join("stderr.log")).map_err(|e| e.to_string())?;
+        let mut command = launch(binary, dir.path(), callgrind);
+        let child = command
+            .arg("--serve-floor")
+            .arg(public.to_string())
+            .arg(threads.to_string())
+            .args(replicas.iter().map(|a| a.to_string()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let patience = Duration::from_secs(if callgrind { 300 } else { 5 });
+        Gateway { child, public, dir }
+            .listening("the Pingora floor", patience)
+            .await
+    }
+
+    /// Waits until the proxy, which prints no ready line, accepts connections.
+    async fn listening(self, what: &str, patience: Duration) -> Result<Gateway, String> {
+        let give_up = Instant::now() + patience;
+        while Instant::now() < give_up {
+            if TcpStream::connect(self.public).await.is_ok() {
+                return Ok(self);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let why = format!("nginx did not listen on {public}: {}", gateway.stderr());
-        gateway.stop().await;
+        let why = format!(
+            "{what} did not listen on {}: {}",
+            self.public,
+            self.stderr()
+        );
+        self.stop().await;
         Err(why)
     }
 
@@ -833,6 +885,27 @@ impl Gateway {
         }
         let _ = self.child.kill().await;
     }
+}
+
+/// A command running `binary`, under callgrind (profile in `dir`) if asked.
+fn launch(binary: &std::path::Path, dir: &std::path::Path, callgrind: bool) -> Command {
+    if !callgrind {
+        return Command::new(binary);
+    }
+    let mut c = Command::new("valgrind");
+    c.arg("--tool=callgrind")
+        .arg(format!(
+            "--callgrind-out-file={}",
+            dir.join("callgrind.out").display()
+        ))
+        .arg(binary);
+    c
+}
+
+/// A loopback port free a moment ago, for proxies that cannot report the one they bound.
+fn free_port() -> Result<SocketAddr, String> {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    free.local_addr().map_err(|e| e.to_string())
 }
 
 /// Nearest-rank percentile of sorted microseconds, in milliseconds.
