@@ -95,6 +95,26 @@ pub struct RequestCtx {
     pub ledger: Option<Arc<Ledger>>,
     /// logging → drop: `logging` ran (and recorded the request).
     pub logged: bool,
+    /// request_filter → logging or drop: counts the request in `tollgate_requests_in_flight`
+    /// until its record is handed to the ledger, however it ends (see `Metrics::wait_idle`).
+    /// Declared last, so that it drops after everything else in the context.
+    pub in_flight: Option<InFlight>,
+}
+
+/// One request counted in flight; dropping it uncounts it.
+pub struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    pub fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl RequestCtx {
@@ -125,6 +145,7 @@ impl RequestCtx {
             error: None,
             ledger,
             logged: false,
+            in_flight: None,
         }
     }
 

@@ -25,7 +25,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use crate::account::{self, Ledger};
 use crate::alerts::Alerter;
 use crate::config::{Key, Model};
-use crate::ctx::{Endpoint, RequestCtx};
+use crate::ctx::{Endpoint, InFlight, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
 use crate::limits::{self, Demand};
@@ -76,7 +76,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        self.metrics.inflight.inc();
+        ctx.in_flight = Some(InFlight::new(&self.metrics.inflight));
         // tollgate watches the client while a replica works, to cancel on disconnect; a
         // client's next request arriving meanwhile must be kept for it, not lost.
         if let ServerSession::H1(h1) = session.as_downstream_mut() {
@@ -150,7 +150,8 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        self.metrics.inflight.dec();
+        // Uncounted once the request is recorded, at the end of this call.
+        let _in_flight = ctx.in_flight.take();
         if ctx.status == 0 {
             ctx.status = session.response_written().map_or(0, |h| h.status.as_u16());
         }

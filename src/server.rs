@@ -88,7 +88,7 @@ pub fn run(
     let mut admin_service = ListeningService::new(
         "tollgate admin".into(),
         HttpServer::new_app(Admin::new(
-            metrics,
+            metrics.clone(),
             ledger.clone(),
             runtime.clone(),
             reloader.clone(),
@@ -108,12 +108,22 @@ pub fn run(
 
     on_ready(bound);
     server.run(RunArgs::default());
-    // Every request has finished: write what the ledger still holds before exiting.
+    // Every request has finished or been cut; the cut ones hand their records as the workers
+    // drop them. Then write what the ledger still holds before exiting.
+    if !metrics.wait_idle(IDLE_AT_EXIT) {
+        tracing::warn!(
+            in_flight = metrics.inflight.get(),
+            "requests still unrecorded at exit; their usage is lost"
+        );
+    }
     if let Some(ledger) = ledger {
         ledger.close();
     }
     Ok(())
 }
+
+/// How long the exit waits for the records of requests cut at shutdown.
+const IDLE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn server_conf(snapshot: &Snapshot) -> ServerConf {
     let pid = std::process::id();

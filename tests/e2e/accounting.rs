@@ -337,38 +337,57 @@ async fn a_graceful_stop_writes_every_record_before_exiting() {
 
 #[tokio::test]
 async fn a_stream_cut_by_shutdown_is_still_recorded() {
+    cut_streams_are_recorded(1, Gateway::stop).await;
+}
+
+/// Enough streams that Pingora's workers are still dropping them when it returns.
+#[tokio::test]
+async fn streams_cut_by_a_fast_stop_are_still_recorded() {
+    cut_streams_are_recorded(64, Gateway::interrupt).await;
+}
+
+/// Starts `n` streams, stops tollgate with `stop` while each has relayed one token, and
+/// checks that every one has its row, billed from what was relayed.
+async fn cut_streams_are_recorded(n: usize, stop: fn(&mut Gateway)) {
     let sim = sim().await;
     let mut gw = Gateway::start(&standard_config(&[sim.addr()], ""));
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .header("x-request-id", "cut-by-shutdown")
-        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 3,
-            "sim": {"token_delay_ms": 60_000},
-            "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    let mut body = r.bytes_stream();
-    let mut seen = String::new();
-    while !seen.contains("\"content\":\"The\"") {
-        let chunk = body.next().await.expect("the first token arrives").unwrap();
-        seen.push_str(&String::from_utf8_lossy(&chunk));
+    let mut streams = Vec::new();
+    for i in 0..n {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("x-request-id", format!("cut-by-shutdown-{i}"))
+            .json(&json!({"model": MODEL, "stream": true, "max_tokens": 3,
+                "sim": {"token_delay_ms": 60_000},
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        let mut body = r.bytes_stream();
+        let mut seen = String::new();
+        while !seen.contains("\"content\":\"The\"") {
+            let chunk = body.next().await.expect("the first token arrives").unwrap();
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        streams.push(body);
     }
-    // The grace period (0 s here) ends with the stream still running: it is cut.
-    gw.stop();
-    let (output, estimated): (i64, bool) = ledger_file(&gw)
-        .query_row(
-            "SELECT output_tokens, estimated FROM usage WHERE request_id = 'cut-by-shutdown'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .expect("the cut request has its row");
-    assert_eq!(
-        (output, estimated),
-        (1, true),
-        "billed from what was relayed"
-    );
+    // The grace period (0 s here, none at all for SIGINT) ends with the streams running.
+    stop(&mut gw);
+    let conn = ledger_file(&gw);
+    for i in 0..n {
+        let (output, estimated): (i64, bool) = conn
+            .query_row(
+                "SELECT output_tokens, estimated FROM usage WHERE request_id = ?1",
+                [format!("cut-by-shutdown-{i}")],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap_or_else(|e| panic!("cut request {i} has no row: {e}"));
+        assert_eq!(
+            (output, estimated),
+            (1, true),
+            "billed from what was relayed"
+        );
+    }
 }
 
 /// The ledger's SQLite file, opened straight.

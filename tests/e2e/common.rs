@@ -113,8 +113,17 @@ impl Gateway {
 
     /// Stops the process gracefully (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
+        self.signal("-TERM");
+    }
+
+    /// Stops the process fast (SIGINT: no grace period) and waits for it to exit.
+    pub fn interrupt(&mut self) {
+        self.signal("-INT");
+    }
+
+    fn signal(&mut self, which: &str) {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(which)
             .arg(self.child.id().to_string())
             .status();
         let _ = self.child.wait();
