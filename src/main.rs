@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use tollgate::{account, auth, config, demo, logs, server, sim};
+use tollgate::{account, auth, config, demo, logs, reload, server, sim};
 
 /// Every request allocates and frees many small buffers across threads; mimalloc's per-thread
 /// free lists cost a fraction of glibc malloc's arenas there.
@@ -130,6 +130,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(c) => {
             let _guard = logs::init();
+            if let Err(e) = reload::catch_hangup() {
+                tracing::error!(error = %e, "a SIGHUP while starting would stop tollgate");
+            }
             let snapshot = match config::load(&c.config) {
                 Ok(s) => s,
                 Err(e) => return fail(&e.to_string()),

@@ -2,8 +2,11 @@
 //! that carries over the counters of keys, models and replicas that still exist, and swap it
 //! in one atomic store. Requests in flight keep the snapshot they started with.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -12,7 +15,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::account::Ledger;
-use crate::config;
+use crate::config::{self, Snapshot};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
@@ -25,6 +28,54 @@ pub struct Reloader {
     /// One reload at a time: two at once could each build on the same running config and
     /// the later store would drop what the other carried over.
     busy: Mutex<()>,
+    /// What the process started with of the settings only a restart applies.
+    at_start: AtStart,
+}
+
+/// The settings read once at start. A reload compares the file with these, not with the
+/// previous reload, so a change waiting for a restart is reported until it is applied.
+#[derive(Clone, PartialEq)]
+struct AtStart {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    threads: usize,
+    state_dir: PathBuf,
+    ledger: bool,
+    grace_period: Duration,
+}
+
+impl AtStart {
+    fn of(s: &Snapshot) -> Self {
+        AtStart {
+            listen: s.server.listen,
+            admin_listen: s.admin.listen,
+            threads: s.server.threads.get(),
+            state_dir: s.state.dir.clone(),
+            ledger: s.state.ledger,
+            grace_period: s.server.grace_period,
+        }
+    }
+
+    /// The TOML names of the settings where `fresh` differs from these.
+    fn changed_in(&self, fresh: &AtStart) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if fresh.listen != self.listen {
+            names.push("server.listen");
+        }
+        if fresh.threads != self.threads {
+            names.push("server.threads");
+        }
+        if fresh.grace_period != self.grace_period {
+            names.push("server.grace_period_secs");
+        }
+        if fresh.admin_listen != self.admin_listen {
+            names.push("admin.listen");
+        }
+        if fresh.state_dir != self.state_dir || fresh.ledger != self.ledger {
+            names.push("state");
+        }
+        names
+    }
 }
 
 impl Reloader {
@@ -34,12 +85,14 @@ impl Reloader {
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
     ) -> Self {
+        let at_start = AtStart::of(&runtime.load().config);
         Reloader {
             path: path.to_path_buf(),
             runtime,
             metrics,
             ledger,
             busy: Mutex::new(()),
+            at_start,
         }
     }
 
@@ -57,19 +110,7 @@ impl Reloader {
         };
         let current = self.runtime.load();
         let old = &current.config;
-        let mut restart = Vec::new();
-        if fresh.server.listen != old.server.listen {
-            restart.push("server.listen");
-        }
-        if fresh.admin.listen != old.admin.listen {
-            restart.push("admin.listen");
-        }
-        if fresh.server.threads != old.server.threads {
-            restart.push("server.threads");
-        }
-        if fresh.state.dir != old.state.dir || fresh.state.ledger != old.state.ledger {
-            restart.push("state");
-        }
+        let restart = self.at_start.changed_in(&AtStart::of(&fresh));
         let next = Runtime::new(fresh, Some(&current), &self.metrics);
         if let Some(ledger) = &self.ledger {
             if let Err(e) = next.seed_budgets(ledger, Some(old)) {
@@ -93,6 +134,26 @@ impl Reloader {
     }
 }
 
+/// Set by a SIGHUP that arrives before `ReloadOnSignal` watches for them.
+static EARLY_HANGUP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// First thing in `tollgate run`: from here on a SIGHUP no longer terminates the process
+/// (its default action). One that arrives while tollgate is still starting (loading the
+/// config, opening the ledger, rebuilding budgets) reloads as soon as `ReloadOnSignal`
+/// runs. systemd counts the service as started at exec, so `systemctl reload` can come
+/// that early.
+pub fn catch_hangup() -> Result<(), String> {
+    let mut caught = Ok(());
+    EARLY_HANGUP.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, flag.clone()) {
+            caught = Err(format!("cannot catch SIGHUP: {e}"));
+        }
+        flag
+    });
+    caught
+}
+
 /// Reloads on SIGHUP (what `systemctl reload` sends).
 pub struct ReloadOnSignal(pub Arc<Reloader>);
 
@@ -106,6 +167,14 @@ impl BackgroundService for ReloadOnSignal {
                 return;
             }
         };
+        // Watched from here on; one that came while starting is acted on now.
+        if EARLY_HANGUP
+            .get()
+            .is_some_and(|early| early.swap(false, Ordering::Relaxed))
+        {
+            tracing::info!("SIGHUP received while starting; reloading now");
+            let _ = self.0.reload();
+        }
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -117,5 +186,77 @@ impl BackgroundService for ReloadOnSignal {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEYS: &str = "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n";
+
+    fn reloader(dir: &Path, server: &str) -> Reloader {
+        let path = dir.join("tollgate.toml");
+        std::fs::write(&path, format!("{server}\n{KEYS}")).unwrap();
+        let snapshot = config::load(&path).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
+            snapshot, None, &metrics,
+        )));
+        Reloader::new(&path, runtime, metrics, None)
+    }
+
+    #[test]
+    fn a_setting_waiting_for_a_restart_is_reported_until_it_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reloader(dir.path(), "[server]\nlisten = \"127.0.0.1:0\"");
+        let write = |server: &str| {
+            std::fs::write(
+                dir.path().join("tollgate.toml"),
+                format!("{server}\n{KEYS}"),
+            )
+            .unwrap()
+        };
+        write("[server]\nlisten = \"127.0.0.2:0\"\ngrace_period_secs = 5");
+        let first = r.reload().unwrap();
+        assert!(
+            first.contains("server.listen") && first.contains("server.grace_period_secs"),
+            "{first}"
+        );
+        // Nothing edited since: the restart is still due.
+        assert_eq!(r.reload().unwrap(), first);
+        // Back to what runs: nothing waits any more.
+        write("[server]\nlisten = \"127.0.0.1:0\"");
+        assert_eq!(r.reload().unwrap(), "config reloaded");
+    }
+
+    #[test]
+    fn a_sighup_while_starting_reloads_once_the_service_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Arc::new(reloader(dir.path(), ""));
+        catch_hangup().unwrap();
+        // Without the early catch, SIGHUP's default action would end this test process.
+        signal_hook::low_level::raise(signal_hook::consts::SIGHUP).unwrap();
+        std::fs::write(
+            dir.path().join("tollgate.toml"),
+            format!("{KEYS}[[models]]\nslug = \"added\"\npool = \"p\"\n"),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (stop, watch) = tokio::sync::watch::channel(false);
+            let service = ReloadOnSignal(r.clone());
+            let running = tokio::spawn(async move { service.start(watch).await });
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while r.runtime.load().config.model("added").is_none() {
+                assert!(tokio::time::Instant::now() < deadline, "no reload");
+                tokio::task::yield_now().await;
+            }
+            let _ = stop.send(true);
+            running.await.unwrap();
+        });
     }
 }
