@@ -13,6 +13,8 @@ use super::id_bound;
 
 /// More buckets than this in one answer is a mistake (e.g. a year by minute).
 pub const MAX_BUCKETS: i64 = 50_000;
+/// The last millisecond of 9999-12-31, the latest time a query may name.
+const LAST_MS: i64 = 253_402_300_799_999;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
@@ -75,6 +77,14 @@ pub struct UsageRow {
 
 impl UsageQuery {
     fn range(&self) -> Result<(i64, i64), String> {
+        for (name, ms) in [("from", self.from_ms), ("to", self.to_ms)] {
+            if !(0..=LAST_MS).contains(&ms) {
+                return Err(format!(
+                    "`{name}` is {}; it must lie between 1970-01-01 and 9999-12-31",
+                    if ms < 0 { "before 1970" } else { "after 9999" }
+                ));
+            }
+        }
         let b = self.bucket.millis();
         let from = self.from_ms.div_euclid(b) * b;
         let to = (self.to_ms + b - 1).div_euclid(b) * b;
@@ -118,7 +128,8 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
         .iter()
         .map(|(_, k, m, _)| (k.clone(), m.clone()))
         .collect();
-    let groups: Vec<_> = if groups.is_empty() {
+    // Ungrouped, an idle range is a row of zeros per bucket; grouped, it has no groups.
+    let groups: Vec<_> = if groups.is_empty() && !q.by_key && !q.by_model {
         vec![(None, None)]
     } else {
         groups.into_iter().collect()
@@ -298,7 +309,8 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
         }
     }
     if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
+        // Past i64 milliseconds is far past what a query may name; `range` says so.
+        return Ok(secs.saturating_mul(1000));
     }
     Err(format!(
         "{s:?} is not a time: use RFC 3339 (2026-11-22T10:00:00Z), a date (2026-11-22) or Unix seconds"
@@ -446,6 +458,32 @@ mod tests {
         assert!(run(Path::new("/nonexistent/ledger"), &q)
             .unwrap_err()
             .contains("buckets"));
+        // Times no calendar holds are refused, not overflowed.
+        for (from, to) in [
+            (parse_time("-9223372036854").unwrap(), 0),
+            (0, parse_time("9223372030000000").unwrap()),
+            (0, parse_time(&i64::MAX.to_string()).unwrap()),
+        ] {
+            let q = UsageQuery {
+                from_ms: from,
+                to_ms: to,
+                bucket: Bucket::Hour,
+                ..q.clone()
+            };
+            let e = run(Path::new("/nonexistent/ledger"), &q).unwrap_err();
+            assert!(e.contains("between 1970-01-01 and 9999-12-31"), "{e}");
+        }
+        // Grouped by key, a range without usage has no rows (no key named "").
+        let q = UsageQuery {
+            from_ms: 0,
+            to_ms: 3_600_000,
+            bucket: Bucket::Hour,
+            by_key: true,
+            by_model: false,
+        };
+        assert!(run(Path::new("/nonexistent/ledger"), &q)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
