@@ -166,6 +166,9 @@ fn main() -> ExitCode {
             let secret = auth::new_secret();
             let id =
                 id.unwrap_or_else(|| format!("key-{}", &hex::encode(auth::digest(&secret))[..8]));
+            if let Err(e) = config::key_id(&id) {
+                return fail(&format!("--id: {e}"));
+            }
             let models: Vec<String> = models.iter().map(|m| format!("{m:?}")).collect();
             println!("Secret (shown only now; hand it to the client):\n\n  {secret}\n");
             println!("Add to the config file:\n");
@@ -236,7 +239,7 @@ fn run_sim(args: SimArgs) -> ExitCode {
 }
 
 fn usage(args: UsageArgs) -> ExitCode {
-    let snapshot = match config::load(&args.config.config) {
+    let state = match config::load_state(&args.config.config) {
         Ok(s) => s,
         Err(e) => return fail(&e.to_string()),
     };
@@ -255,7 +258,7 @@ fn usage(args: UsageArgs) -> ExitCode {
         Ok(q) => q,
         Err(e) => return fail(&e),
     };
-    let path = snapshot.state.dir.join(account::ledger::FILE_NAME);
+    let path = state.dir.join(account::ledger::FILE_NAME);
     let rows = match account::query::run(&path, &q) {
         Ok(rows) => rows,
         Err(e) => return fail(&e),

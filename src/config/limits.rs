@@ -66,7 +66,8 @@ pub(super) fn budget(
                 return src.err(
                     list.span(),
                     format!("{path}.alert_at"),
-                    "fractions of the budget must be > 0 (e.g. [0.75, 0.9, 1.0])".into(),
+                    "fractions of the budget must be > 0 and at most 10 (e.g. [0.75, 0.9, 1.0])"
+                        .into(),
                 );
             }
             list.get_ref().clone()
@@ -81,8 +82,16 @@ pub(super) fn budget(
             "at most 16 thresholds".into(),
         );
     }
+    let nanos = (usd * 1e9).round() as u64;
+    if nanos == 0 {
+        return src.err(
+            r.usd.span(),
+            format!("{path}.usd"),
+            format!("{usd} USD is less than a nano-dollar, the unit spend is counted in"),
+        );
+    }
     Ok(Budget {
-        nanos: (usd * 1e9).round() as u64,
+        nanos,
         period,
         enforce: r.enforce,
         alert_at,
@@ -98,11 +107,15 @@ pub(super) fn alert_settings(
         None => None,
         Some(u) => {
             let url = u.get_ref();
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let usable = url.parse::<http::Uri>().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some_and(|h| !h.is_empty())
+            });
+            if !usable {
                 return src.err(
                     u.span(),
                     "alerts.webhook_url".into(),
-                    format!("{url:?} is not an http:// or https:// URL"),
+                    format!("{url:?} is not an http:// or https:// URL with a host"),
                 );
             }
             Some(url.clone())

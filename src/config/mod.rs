@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
-pub use validate::{FEATURES, MODALITIES};
+pub use validate::{key_id, FEATURES, MODALITIES};
 
 /// Why a config was refused: where (file, line, TOML path) and what to change.
 #[derive(Debug)]
@@ -46,27 +46,57 @@ impl std::error::Error for ConfigError {}
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: Some(path.to_path_buf()),
-        line: None,
-        path: String::new(),
-        message: format!("cannot read the config file: {e}"),
-    })?;
+    let text = read(path)?;
     parse(&text).map_err(|mut e| {
         e.file = Some(path.to_path_buf());
         e
     })
 }
 
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        line: None,
+        path: String::new(),
+        message: format!("cannot read the config file: {e}"),
+    })
+}
+
 /// Parses and validates config text.
 pub fn parse(text: &str) -> Result<Snapshot, ConfigError> {
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-        file: None,
-        line: e.span().map(|s| validate::line_of(text, s.start)),
-        path: String::new(),
-        message: e.message().trim_end().to_string(),
-    })?;
-    validate::validate(raw, &validate::Source { text })
+    validate::validate(parse_raw(text)?, &validate::Source { text })
+}
+
+/// Only the `[state]` section of a config file, validated: where the ledger is. For
+/// commands that read the ledger and nothing else (`tollgate usage`), so that they need
+/// neither the replicas' secrets in the environment nor their names in DNS.
+pub fn load_state(path: &Path) -> Result<StateSettings, ConfigError> {
+    let text = read(path)?;
+    parse_raw(&text)
+        .and_then(|raw| validate::state(&raw.state, &validate::Source { text: &text }))
+        .map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
+}
+
+/// The file as TOML in the config's shape; an error names the TOML path where it is.
+fn parse_raw(text: &str) -> Result<raw::RawConfig, ConfigError> {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        // Values kept with their position (`Spanned`) add a private segment of their own.
+        let path = e
+            .path()
+            .to_string()
+            .replace(".$__serde_spanned_private_value", "");
+        let inner = e.into_inner();
+        ConfigError {
+            file: None,
+            line: inner.span().map(|s| validate::line_of(text, s.start)),
+            // `.` is the root: an error in no table in particular.
+            path: if path == "." { String::new() } else { path },
+            message: inner.message().trim_end().to_string(),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -117,7 +147,85 @@ models = ["*"]
     fn unknown_field_is_refused_with_its_line() {
         let e = err(&ok("[server]\nlisten_port = 80\n"));
         assert!(e.contains("unknown field `listen_port`"), "{e}");
-        assert!(e.starts_with("15:"), "{e}");
+        assert!(e.starts_with("15: server.listen_port:"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_path() {
+        let e = err(&ok("rpm = \"120\"\n"));
+        assert!(
+            e.starts_with("14: keys[0].rpm: invalid type: string \"120\""),
+            "{e}"
+        );
+        let e = err(&ok("").replace("\"127.0.0.1:8001\"", "8001"));
+        assert!(e.contains("pools[0].replicas[1]: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn the_state_section_loads_without_what_the_rest_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        // The replicas' key is not in this environment: `load` refuses, `load_state` does not.
+        let text = ok("[state]\ndir = \"/srv/tg\"\n").replace(
+            "replicas = [",
+            "upstream_api_key_env = \"TOLLGATE_TEST_NEVER_SET\"\nreplicas = [",
+        );
+        std::fs::write(&path, text).unwrap();
+        assert!(load(&path).is_err());
+        assert_eq!(load_state(&path).unwrap().dir, Path::new("/srv/tg"));
+        std::fs::write(&path, "[state]\ndir = \"\"\n").unwrap();
+        let e = load_state(&path).unwrap_err().to_string();
+        assert!(e.contains("state.dir: must not be empty"), "{e}");
+    }
+
+    #[test]
+    fn settings_that_could_never_work_are_refused() {
+        let model = |lines: &str| {
+            ok("").replace(
+                "pool = \"llama\"\n",
+                &format!("pool = \"llama\"\n{lines}\n"),
+            )
+        };
+        let cases = [
+            (
+                ok("[server]\nlisten = \"0.0.0.0:9090\"\n[admin]\nlisten = \"127.0.0.1:9090\"\n"),
+                "admin.listen: 127.0.0.1:9090 is also where server.listen",
+            ),
+            (
+                ok("").replace("127.0.0.1:8001", "127.0.0.1:0"),
+                "pools[0].replicas[1]: \"127.0.0.1:0\" has port 0",
+            ),
+            (
+                ok("budget = { usd = 1e-12, period = \"daily\" }\n"),
+                "keys[0].budget.usd: 0.000000000001 USD is less than a nano-dollar",
+            ),
+            (
+                ok("budget = { usd = 1.0, period = \"daily\", alert_at = [0.5, 20.0] }\n"),
+                "must be > 0 and at most 10",
+            ),
+            (
+                ok("[alerts]\nwebhook_url = \"https://\"\n"),
+                "alerts.webhook_url: \"https://\" is not an http:// or https:// URL with a host",
+            ),
+            (
+                model("upstream_model = \"\""),
+                "models[0].upstream_model: must name the model the replica serves",
+            ),
+            (
+                model("context_tokens = 8192\nmax_output_tokens = 16384"),
+                "models[0].max_output_tokens: 16384 is more than context_tokens (8192)",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "{e}\nwanted: {want}");
+        }
+        // Port 0 for both listeners picks two free ports: no clash.
+        parse(&ok(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        ))
+        .unwrap();
+        assert!(key_id("team a").is_err() && key_id("team-a").is_ok());
     }
 
     #[test]

@@ -158,7 +158,7 @@ impl Default for RawTimeouts {
 pub struct RawModel {
     pub slug: Spanned<String>,
     pub pool: Spanned<String>,
-    pub upstream_model: Option<String>,
+    pub upstream_model: Option<Spanned<String>>,
     pub display_name: Option<String>,
     pub description: Option<String>,
     pub owned_by: Option<String>,

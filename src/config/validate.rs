@@ -10,7 +10,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::limits::{alert_settings, budget, limits};
-use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawTimeouts};
+use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawState, RawTimeouts};
 use super::snapshot::*;
 use super::ConfigError;
 
@@ -75,20 +75,21 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let admin = AdminSettings {
         listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,
     };
+    let (public, private) = (server.listen, admin.listen);
+    let overlap = public.port() != 0
+        && public.port() == private.port()
+        && (public.ip() == private.ip()
+            || public.ip().is_unspecified()
+            || private.ip().is_unspecified());
+    if overlap {
+        return src.err(
+            raw.admin.listen.span(),
+            "admin.listen".into(),
+            format!("{private} is also where server.listen ({public}) listens; give the admin listener another port"),
+        );
+    }
 
-    let state = StateSettings {
-        dir: match raw.state.dir.get_ref().as_str() {
-            "" => {
-                return src.err(
-                    raw.state.dir.span(),
-                    "state.dir".into(),
-                    "must not be empty".into(),
-                )
-            }
-            d => d.into(),
-        },
-        ledger: raw.state.ledger,
-    };
+    let state = state(&raw.state, src)?;
 
     let alerts = alert_settings(src, &raw.alerts)?;
 
@@ -159,6 +160,23 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         models,
         model_index,
         keys,
+    })
+}
+
+/// The `[state]` section.
+pub fn state(raw: &RawState, src: &Source) -> Result<StateSettings, ConfigError> {
+    Ok(StateSettings {
+        dir: match raw.dir.get_ref().as_str() {
+            "" => {
+                return src.err(
+                    raw.dir.span(),
+                    "state.dir".into(),
+                    "must not be empty".into(),
+                )
+            }
+            d => d.into(),
+        },
+        ledger: raw.ledger,
     })
 }
 
@@ -267,6 +285,16 @@ fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
 }
 
 fn replica_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr = resolve(s)?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{s:?} has port 0; name the port the replica serves on"
+        ));
+    }
+    Ok(addr)
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);
     }
@@ -369,6 +397,30 @@ fn model(
     };
     let context_tokens = positive_u32(&m.context_tokens, "context_tokens")?;
     let max_output_tokens = positive_u32(&m.max_output_tokens, "max_output_tokens")?;
+    if let (Some(context), Some(max), Some(span)) = (
+        context_tokens,
+        max_output_tokens,
+        m.max_output_tokens.as_ref().map(Spanned::span),
+    ) {
+        if max > context {
+            return src.err(
+                span,
+                format!("{path}.max_output_tokens"),
+                format!("{max} is more than context_tokens ({context}): no request could use it; lower it or raise context_tokens"),
+            );
+        }
+    }
+    let upstream_model = match &m.upstream_model {
+        Some(u) if u.get_ref().trim().is_empty() => {
+            return src.err(
+                u.span(),
+                format!("{path}.upstream_model"),
+                "must name the model the replica serves (vLLM --served-model-name); leave it out to send the slug".into(),
+            )
+        }
+        Some(u) => u.get_ref().clone(),
+        None => slug.clone(),
+    };
     let features = vocabulary(src, &m.features, FEATURES, &format!("{path}.features"))?;
     let input_modalities = match &m.input_modalities {
         None => vec!["text"],
@@ -420,7 +472,7 @@ fn model(
             &format!("{path}.limits"),
         )?,
         reasoning_switch,
-        upstream_model: m.upstream_model.clone().unwrap_or_else(|| slug.clone()),
+        upstream_model,
         slug: slug.into(),
         pool,
         display_name: m.display_name.clone(),
@@ -459,6 +511,21 @@ fn vocabulary(
     Ok(out)
 }
 
+/// A key id as the config accepts it: it names the key in metrics, logs and the ledger.
+pub fn key_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "{id:?} is not a valid key id: use 1-64 characters from A-Z a-z 0-9 . _ -"
+        )),
+    }
+}
+
 fn key(
     src: &Source,
     k: &RawKey,
@@ -466,17 +533,8 @@ fn key(
     models: &[Arc<Model>],
 ) -> Result<([u8; 32], Key), ConfigError> {
     let id = k.id.get_ref().clone();
-    let id_ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !id_ok {
-        return src.err(
-            k.id.span(),
-            format!("{path}.id"),
-            format!("{id:?} is not a valid key id: use 1-64 characters from A-Z a-z 0-9 . _ -"),
-        );
+    if let Err(e) = key_id(&id) {
+        return src.err(k.id.span(), format!("{path}.id"), e);
     }
     let mut digest = [0u8; 32];
     if hex::decode_to_slice(k.sha256.get_ref().trim(), &mut digest).is_err() {

@@ -99,6 +99,14 @@ async fn key_new_prints_a_secret_whose_lines_work_when_pasted() {
 }
 
 #[test]
+fn key_new_refuses_an_id_the_config_would_refuse() {
+    let (ok, out, err) = tollgate(&["key", "new", "--id", "team a"]);
+    assert!(!ok);
+    assert!(!out.contains("tg-"), "no secret is printed: {out}");
+    assert!(err.contains("--id: \"team a\" is not a valid key id"), "{err}");
+}
+
+#[test]
 fn every_command_has_help() {
     for args in [
         vec!["--help"],
