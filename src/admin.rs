@@ -148,18 +148,42 @@ impl ServeHttp for Admin {
                 let (status, body) = self.key(&p["/admin/keys/".len()..]);
                 (status, "application/json", body)
             }
-            _ => {
-                let (status, body) =
-                    error(404, "unknown admin URL; try GET /metrics, /healthz, /admin/usage or /admin/keys/{id}");
-                (status, "application/json", body)
-            }
+            (_, p) => match method_of(p) {
+                Some(allowed) => {
+                    let (status, body) = error(405, &format!("{p} only accepts {allowed}"));
+                    (status, "application/json", body)
+                }
+                None => {
+                    let (status, body) = error(
+                        404,
+                        "unknown admin URL; try GET /metrics, /healthz, /admin/usage or /admin/keys/{id}, or POST /admin/reload",
+                    );
+                    (status, "application/json", body)
+                }
+            },
         };
-        Response::builder()
+        let mut response = Response::builder()
             .status(status)
             .header(http::header::CONTENT_TYPE, content_type)
-            .header(http::header::CONTENT_LENGTH, body.len())
+            .header(http::header::CONTENT_LENGTH, body.len());
+        if status == 405 {
+            if let Some(allowed) = method_of(&path) {
+                response = response.header(http::header::ALLOW, allowed);
+            }
+        }
+        response
             .body(body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
+    }
+}
+
+/// The one method an admin URL answers, if it is one.
+fn method_of(path: &str) -> Option<&'static str> {
+    match path {
+        "/metrics" | "/healthz" | "/admin/usage" => Some("GET"),
+        "/admin/reload" => Some("POST"),
+        p if p.starts_with("/admin/keys/") => Some("GET"),
+        _ => None,
     }
 }
 

@@ -102,6 +102,14 @@ async fn metrics_count_requests_by_model_and_status_class() {
     let c = client();
     let health = c.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    // A known admin URL with the wrong method says which one it takes.
+    let wrong = c.post(gw.admin_url("/admin/usage")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(wrong.headers()["allow"], "GET");
+    let wrong = c.get(gw.admin_url("/admin/reload")).send().await.unwrap();
+    assert_eq!(wrong.status(), 405);
+    assert_eq!(wrong.headers()["allow"], "POST");
+    assert_eq!(c.get(gw.admin_url("/nope")).send().await.unwrap().status(), 404);
     let text = metrics_until(&gw, |t| t.contains("status_class=\"4xx\"")).await;
     assert!(
         text.contains(r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"} 1"#),

@@ -103,7 +103,10 @@ fn key_new_refuses_an_id_the_config_would_refuse() {
     let (ok, out, err) = tollgate(&["key", "new", "--id", "team a"]);
     assert!(!ok);
     assert!(!out.contains("tg-"), "no secret is printed: {out}");
-    assert!(err.contains("--id: \"team a\" is not a valid key id"), "{err}");
+    assert!(
+        err.contains("--id: \"team a\" is not a valid key id"),
+        "{err}"
+    );
 }
 
 #[test]
