@@ -18,18 +18,28 @@ pub enum AuthError {
     Unknown,
 }
 
-/// The key a request presents: `Authorization: Bearer K`, `Authorization: Api-Key K`, or
-/// `x-api-key: K` (what the Anthropic SDK sends).
-pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?.trim();
-        let (scheme, rest) = v.split_once(' ')?;
-        let known = scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("api-key");
-        let key = rest.trim();
-        return (known && !key.is_empty()).then_some(key);
-    }
-    let key = headers.get("x-api-key")?.to_str().ok()?.trim();
-    (!key.is_empty()).then_some(key)
+/// The keys a request presents, in the order they are tried: `Authorization: Bearer K` or
+/// `Authorization: Api-Key K`, then `x-api-key: K` (what the Anthropic SDK sends). Both are
+/// tried, so an `Authorization` header meant for something else (an ingress's Basic auth or
+/// its own token) does not hide the key in `x-api-key`.
+pub fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    let authorization = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            let known =
+                scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("api-key");
+            known.then(|| rest.trim())
+        });
+    let x_api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    authorization
+        .into_iter()
+        .chain(x_api_key)
+        .filter(|k| !k.is_empty())
 }
 
 pub fn digest(secret: &str) -> [u8; 32] {
@@ -38,11 +48,14 @@ pub fn digest(secret: &str) -> [u8; 32] {
 
 /// Finds the configured key a request presents.
 pub fn identify(snapshot: &Snapshot, headers: &HeaderMap) -> Result<Arc<Key>, AuthError> {
-    let secret = presented_key(headers).ok_or(AuthError::Missing)?;
-    snapshot
-        .key_by_digest(&digest(secret))
-        .cloned()
-        .ok_or(AuthError::Unknown)
+    let mut outcome = Err(AuthError::Missing);
+    for secret in presented_keys(headers) {
+        match snapshot.key_by_digest(&digest(secret)) {
+            Some(key) => return Ok(key.clone()),
+            None => outcome = Err(AuthError::Unknown),
+        }
+    }
+    outcome
 }
 
 /// A fresh random secret: `tg-` and 32 random bytes in hex.
@@ -62,6 +75,10 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    fn presented_key(h: &HeaderMap) -> Option<&str> {
+        presented_keys(h).next()
     }
 
     #[test]
@@ -96,6 +113,22 @@ mod tests {
         );
         assert_eq!(presented_key(&headers(&[("x-api-key", " ")])), None);
         assert_eq!(presented_key(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn an_authorization_header_for_something_else_does_not_hide_x_api_key() {
+        for authorization in ["Basic Zm9vOmJhcg==", "", "Bearer "] {
+            let h = headers(&[("authorization", authorization), ("x-api-key", "abc")]);
+            assert_eq!(presented_keys(&h).collect::<Vec<_>>(), vec!["abc"]);
+        }
+        let h = headers(&[
+            ("authorization", "Bearer ingress-token"),
+            ("x-api-key", "abc"),
+        ]);
+        assert_eq!(
+            presented_keys(&h).collect::<Vec<_>>(),
+            vec!["ingress-token", "abc"]
+        );
     }
 
     #[test]

@@ -27,6 +27,41 @@ async fn all_three_key_headers_are_accepted() {
 }
 
 #[tokio::test]
+async fn x_api_key_works_behind_an_ingress_that_sets_its_own_authorization() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let c = client();
+    for authorization in ["Basic Zm9vOmJhcg==", "Bearer ingress-session-token"] {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .header("authorization", authorization)
+            .header("x-api-key", KEY)
+            .json(&hello())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "{authorization}: {}",
+            r.text().await.unwrap()
+        );
+    }
+    // Neither matches: still 401, as an unknown key.
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .header("x-api-key", "tg-not-a-key")
+        .json(&hello())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+}
+
+#[tokio::test]
 async fn missing_and_unknown_keys_get_401_json_before_any_upstream_work() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));

@@ -109,7 +109,10 @@ async fn metrics_count_requests_by_model_and_status_class() {
     let wrong = c.get(gw.admin_url("/admin/reload")).send().await.unwrap();
     assert_eq!(wrong.status(), 405);
     assert_eq!(wrong.headers()["allow"], "POST");
-    assert_eq!(c.get(gw.admin_url("/nope")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(gw.admin_url("/nope")).send().await.unwrap().status(),
+        404
+    );
     let text = metrics_until(&gw, |t| t.contains("status_class=\"4xx\"")).await;
     assert!(
         text.contains(r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"} 1"#),
