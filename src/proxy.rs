@@ -337,7 +337,7 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
         ("POST", "/v1/messages") => Endpoint::Messages,
         ("POST", "/v1/messages/count_tokens") => Endpoint::CountTokens,
         ("GET", "/v1/models") => Endpoint::Models,
-        ("GET", p) if model_path(p).is_some() => Endpoint::Model,
+        ("GET", p) if p.starts_with("/v1/models/") => Endpoint::Model,
         _ => Endpoint::Unknown,
     };
 }
@@ -392,13 +392,15 @@ fn is_safe_request_id(id: &str) -> bool {
 }
 
 /// The slug in `/v1/models/{slug}`; slugs contain `/`, which clients may send as `%2F`.
+/// The slug a `/v1/models/{slug}` path names, percent-decoded. It may be empty or not
+/// name any model; the lookup then answers 404 `model_not_found`.
 fn model_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v1/models/")?;
-    let slug = percent_encoding::percent_decode_str(rest)
-        .decode_utf8()
-        .ok()?
-        .into_owned();
-    (!slug.is_empty()).then_some(slug)
+    Some(
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 fn allowed_method(path: &str) -> Option<&'static str> {
@@ -428,7 +430,9 @@ mod tests {
             model_path("/v1/models/org%2Fname").as_deref(),
             Some("org/name")
         );
-        assert_eq!(model_path("/v1/models/"), None);
+        assert_eq!(model_path("/v1/models/").as_deref(), Some(""));
         assert_eq!(model_path("/v1/models/%zz").as_deref(), Some("%zz"));
+        assert_eq!(model_path("/v1/models/%FF").as_deref(), Some("\u{FFFD}"));
+        assert_eq!(model_path("/v1/modelsx"), None);
     }
 }

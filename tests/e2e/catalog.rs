@@ -65,6 +65,16 @@ async fn models_are_listed_with_hosted_api_metadata() {
         missing.json::<Value>().await.unwrap()["error"]["code"],
         "model_not_found"
     );
+    // No slug, or one that is not UTF-8 once decoded: no such model either.
+    for path in ["/v1/models/", "/v1/models/%FF"] {
+        let r = c.get(gw.url(path)).bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            "model_not_found",
+            "{path}"
+        );
+    }
 }
 
 #[tokio::test]
