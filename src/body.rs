@@ -10,7 +10,36 @@ pub enum BodyError {
         limit: u64,
     },
     BadLength,
+    /// The body stopped arriving for longer than the read timeout.
+    TimedOut,
+    /// The client closed the connection before the body was complete.
+    ClientGone,
+    /// The body is malformed (a bad chunk, say).
     Read(String),
+}
+
+impl BodyError {
+    fn of(e: &pingora::Error) -> BodyError {
+        use pingora::ErrorType::{ConnectionClosed, ReadError, ReadTimedout};
+        match e.etype() {
+            ReadTimedout => BodyError::TimedOut,
+            ConnectionClosed | ReadError => BodyError::ClientGone,
+            other if other.as_str() == "PrematureBodyEnd" => BodyError::ClientGone,
+            other => BodyError::Read(other.as_str().to_string()),
+        }
+    }
+}
+
+/// A Content-Length value: one number, or a list of the same number repeated (RFC 9110
+/// §8.6 allows a recipient to accept that; Pingora does).
+fn content_length(v: &http::HeaderValue) -> Option<u64> {
+    let mut values = v
+        .to_str()
+        .ok()?
+        .split(',')
+        .map(|n| n.trim().parse::<u64>().ok());
+    let first = values.next()??;
+    values.all(|n| n == Some(first)).then_some(first)
 }
 
 /// Reads the whole body, refusing it as soon as it is known to pass `limit` bytes: at once from
@@ -23,12 +52,7 @@ pub async fn read_capped(session: &mut Session, limit: u64) -> Result<Bytes, Bod
         .get(http::header::CONTENT_LENGTH)
     {
         None => None,
-        Some(v) => Some(
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or(BodyError::BadLength)?,
-        ),
+        Some(v) => Some(content_length(v).ok_or(BodyError::BadLength)?),
     };
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge { limit });
@@ -43,7 +67,7 @@ pub async fn read_capped(session: &mut Session, limit: u64) -> Result<Bytes, Bod
             .as_downstream_mut()
             .write_continue_response()
             .await
-            .map_err(|e| BodyError::Read(e.etype().as_str().to_string()))?;
+            .map_err(|_| BodyError::ClientGone)?;
     }
     // Pre-size for Content-Length bodies; chunked bodies grow as they arrive.
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
@@ -52,7 +76,7 @@ pub async fn read_capped(session: &mut Session, limit: u64) -> Result<Bytes, Bod
             .as_downstream_mut()
             .read_request_body()
             .await
-            .map_err(|e| BodyError::Read(e.etype().as_str().to_string()))?;
+            .map_err(|e| BodyError::of(&e))?;
         let Some(chunk) = chunk else { break };
         if (buf.len() + chunk.len()) as u64 > limit {
             return Err(BodyError::TooLarge { limit });
@@ -60,4 +84,21 @@ pub async fn read_capped(session: &mut Session, limit: u64) -> Result<Bytes, Bod
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_is_one_number_or_the_same_number_repeated() {
+        let cl = |s: &str| content_length(&http::HeaderValue::from_str(s).unwrap());
+        assert_eq!(cl("77"), Some(77));
+        assert_eq!(cl(" 77 "), Some(77));
+        assert_eq!(cl("77, 77"), Some(77));
+        assert_eq!(cl("77,78"), None);
+        assert_eq!(cl("abc"), None);
+        assert_eq!(cl("77,"), None);
+        assert_eq!(cl(""), None);
+    }
 }

@@ -38,6 +38,8 @@ impl GatewayError {
             Auth(_) => 401,
             Body(BodyError::TooLarge { .. }) => 413,
             Body(BodyError::BadLength) => 400,
+            Body(BodyError::TimedOut) => 408,
+            Body(BodyError::ClientGone) => 499,
             Body(BodyError::Read(_)) => 400,
             Request(_) => 400,
             Route(RouteError::ModelNotFound { .. }) => 404,
@@ -103,6 +105,8 @@ impl GatewayError {
             Auth(AuthError::Unknown) => "invalid_api_key",
             Body(BodyError::TooLarge { .. }) => "request_too_large",
             Body(BodyError::BadLength) => "invalid_content_length",
+            Body(BodyError::TimedOut) => "request_timeout",
+            Body(BodyError::ClientGone) => "client_disconnected",
             Body(BodyError::Read(_)) => "body_read_error",
             Request(e) => e.code,
             Route(RouteError::ModelNotFound { .. }) => "model_not_found",
@@ -172,7 +176,9 @@ impl GatewayError {
                 "Request body is larger than the limit of {limit} bytes. Send a smaller request (fewer or smaller messages or images)."
             ),
             Body(BodyError::BadLength) => "The Content-Length header is not a number. Send a valid Content-Length or use chunked encoding.".into(),
-            Body(BodyError::Read(detail)) => format!("The request body could not be read ({detail}). Retry the request."),
+            Body(BodyError::TimedOut) => "The request body stopped arriving before it was complete. Retry the request.".into(),
+            Body(BodyError::ClientGone) => "The client disconnected before the request body was complete.".into(),
+            Body(BodyError::Read(detail)) => format!("The request body is malformed ({detail}). Check its framing (Content-Length or chunked encoding)."),
             Request(e) => e.message.clone(),
             Route(RouteError::ModelNotFound { model }) => format!(
                 "The model '{model}' does not exist. GET /v1/models lists the models you can use."

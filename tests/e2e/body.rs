@@ -85,6 +85,38 @@ async fn expect_100_continue_is_answered_then_the_request_served() {
     }
 }
 
+// Blocking socket I/O below: the replica needs a runtime thread of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_content_length_is_read_and_a_client_leaving_mid_body_is_not_a_400() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let body = hello().to_string();
+    let head = |length: &str| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+    // The same length twice, merged into one field (RFC 9110 §8.6): read as that length.
+    let mut s = TcpStream::connect(gw.public).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = body.len();
+    write!(s, "{}{body}", head(&format!("{n}, {n}"))).unwrap();
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HTTP/1.1 200");
+
+    // Half a body, then the client closes: it left; nobody is told the body was bad.
+    let mut s = TcpStream::connect(gw.public).unwrap();
+    write!(s, "{}{}", head(&n.to_string()), &body[..n / 2]).unwrap();
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    let text = gw
+        .metrics_until(|t| t.contains("code=\"client_disconnected\""))
+        .await;
+    assert!(text.contains("code=\"client_disconnected\""), "{text}");
+    assert!(!text.contains("code=\"body_read_error\""), "{text}");
+}
+
 #[tokio::test]
 async fn invalid_bodies_get_400_naming_the_field() {
     let sim = sim().await;

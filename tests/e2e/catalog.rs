@@ -123,7 +123,9 @@ async fn metrics_count_requests_by_model_and_status_class() {
         c.get(gw.admin_url("/nope")).send().await.unwrap().status(),
         404
     );
-    let text = metrics_until(&gw, |t| t.contains("status_class=\"4xx\"")).await;
+    let text = gw
+        .metrics_until(|t| t.contains("status_class=\"4xx\""))
+        .await;
     assert!(
         text.contains(r#"tollgate_requests_total{endpoint="chat_completions",model="test/model",status_class="2xx"} 1"#),
         "{text}"
@@ -144,20 +146,6 @@ fn series(text: &str, line: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// Waits until the metrics text satisfies `done`: a request's metrics are recorded as it
-/// ends, one series after another, which can trail the response by a moment.
-async fn metrics_until(gw: &Gateway, done: impl Fn(&str) -> bool) -> String {
-    let mut text = String::new();
-    for _ in 0..200 {
-        text = gw.metrics().await;
-        if done(&text) {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
-    text
-}
-
 #[tokio::test]
 async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
     let sim = sim().await;
@@ -171,7 +159,7 @@ async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
 
     assert_eq!(gw.chat(hello()).await.status(), 200);
     // Token counts are the last series a request records.
-    let text = metrics_until(&gw, |t| series(t, output).is_some()).await;
+    let text = gw.metrics_until(|t| series(t, output).is_some()).await;
     assert_eq!(series(&text, requests), Some(1.0), "{text}");
     assert_eq!(series(&text, ttfb), Some(1.0), "{text}");
     let tokens = series(&text, output).unwrap_or_else(|| panic!("{text}"));
@@ -179,7 +167,9 @@ async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
 
     assert_eq!(gw.reload().await, 200);
     assert_eq!(gw.chat(hello()).await.status(), 200);
-    let text = metrics_until(&gw, |t| series(t, output) == Some(2.0 * tokens)).await;
+    let text = gw
+        .metrics_until(|t| series(t, output) == Some(2.0 * tokens))
+        .await;
     assert_eq!(series(&text, requests), Some(2.0), "{text}");
     assert_eq!(series(&text, ttfb), Some(2.0), "{text}");
     assert_eq!(series(&text, output), Some(2.0 * tokens), "{text}");

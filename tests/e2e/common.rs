@@ -265,6 +265,20 @@ impl Gateway {
             .expect("metrics are text")
     }
 
+    /// `GET /metrics` once `done` holds for its text (or after 200 tries, for the caller's
+    /// assertion to show what was there).
+    pub async fn metrics_until(&self, done: impl Fn(&str) -> bool) -> String {
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = self.metrics().await;
+            if done(&text) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        text
+    }
+
     /// Totals over the last day: (requests, input, output, estimated requests).
     pub async fn usage_totals(&self) -> (u64, u64, u64, u64) {
         let v = self.usage("bucket=day").await;
