@@ -23,11 +23,21 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// The error dialect of the surface.
-    pub fn dialect(self) -> Dialect {
+    /// The error dialect of the surface. Outside the two known surfaces (a wrong method or
+    /// path, the catalog), a request under `/v1/messages` or one sent with
+    /// `anthropic-version` (as the Anthropic SDK does) gets Anthropic's.
+    pub fn dialect(self, req: &http::request::Parts) -> Dialect {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
-            _ => Dialect::OpenAi,
+            Endpoint::ChatCompletions => Dialect::OpenAi,
+            Endpoint::Models | Endpoint::Model | Endpoint::Unknown => {
+                let anthropic = req.uri.path().starts_with("/v1/messages")
+                    || req.headers.contains_key("anthropic-version");
+                match anthropic {
+                    true => Dialect::Anthropic,
+                    false => Dialect::OpenAi,
+                }
+            }
         }
     }
 

@@ -359,7 +359,7 @@ async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError)
     if let GatewayError::MethodNotAllowed { allow, .. } = err {
         ctx.headers.push(("allow", (*allow).to_string()));
     }
-    let body = respond::error_body(ctx.endpoint.dialect(), err);
+    let body = respond::error_body(ctx.endpoint.dialect(session.req_header()), err);
     let _ = respond::send_json(session, ctx.status, body, &ctx.request_id, &ctx.headers).await;
 }
 

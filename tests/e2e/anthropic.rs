@@ -318,6 +318,40 @@ async fn errors_use_the_anthropic_shape() {
     assert_eq!(e["type"], "error");
     assert_eq!(e["error"]["type"], "authentication_error");
 
+    // Off the two routes: under /v1/messages, or sent as the Anthropic SDK sends (with
+    // anthropic-version), errors keep Anthropic's shape too.
+    let off_route = [
+        (
+            c.get(gw.url("/v1/messages")),
+            KEY,
+            405,
+            "invalid_request_error",
+        ),
+        (
+            c.post(gw.url("/v1/messages/batches")),
+            KEY,
+            404,
+            "not_found_error",
+        ),
+        (
+            c.get(gw.url("/v1/models"))
+                .header("anthropic-version", "2023-06-01"),
+            "nope",
+            401,
+            "authentication_error",
+        ),
+    ];
+    for (request, key, status, kind) in off_route {
+        let r = request.header("x-api-key", key).send().await.unwrap();
+        let got = r.status();
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(
+            (got.as_u16(), &e["type"], &e["error"]["type"]),
+            (status, &json!("error"), &json!(kind)),
+            "{e}"
+        );
+    }
+
     let cases = [
         (
             json!({"model": "no/such", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
