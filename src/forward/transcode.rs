@@ -193,7 +193,7 @@ impl Transcoder {
                     observed.event(event.data.as_bytes());
                     translator.on_data(&event.data, &mut out);
                 }
-                translator.finish(&mut out);
+                translator.end_of_body(&mut out);
                 Ok(Bytes::from(out))
             }
         }

@@ -433,6 +433,27 @@ async fn a_replica_failing_mid_stream_ends_it_with_an_error_event() {
 }
 
 #[tokio::test]
+async fn a_stream_the_replica_closes_before_its_finish_reason_ends_with_an_error_event() {
+    // A clean end of the body, but no finish reason and no [DONE]: the answer is cut.
+    let sse = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n\
+               data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n";
+    let replica = CannedReplica::answering("200 OK", "text/event-stream", sse).await;
+    let gw = Gateway::start(&standard_config(&[replica.addr], ""));
+    let mut body = ask(10);
+    body["stream"] = json!(true);
+    let r = gw.messages(body).await;
+    assert_eq!(r.status(), 200);
+    let evs = events(&r.text().await.expect("the stream ends cleanly"));
+    let (name, data) = evs.last().unwrap();
+    assert_eq!(name, "error", "{evs:?}");
+    assert_eq!(data["error"]["type"], "api_error");
+    assert!(!evs.iter().any(|(n, _)| n == "message_stop"));
+    assert!(evs
+        .iter()
+        .any(|(n, d)| n == "content_block_delta" && d["delta"]["text"] == "Hel"));
+}
+
+#[tokio::test]
 async fn count_tokens_returns_an_estimate_without_touching_a_replica() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));

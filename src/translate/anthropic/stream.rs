@@ -152,6 +152,20 @@ impl StreamTranslator {
         self.done = true;
     }
 
+    /// The replica's body ended. With a finish reason (or after `[DONE]`) the message is
+    /// complete; without one the stream was cut short, and the client is told so with an
+    /// `error` event rather than a `message_stop` that would pass the part for a whole.
+    pub fn end_of_body(&mut self, out: &mut Vec<u8>) {
+        match self.finish_reason {
+            Some(_) => self.finish(out),
+            None => self.fail(
+                "api_error",
+                "The model's answer ended before it was complete (the replica closed the stream without a finish reason). Retry the request.",
+                out,
+            ),
+        }
+    }
+
     /// The upstream failed mid-stream: one `error` event, nothing after. Idempotent; a
     /// no-op after `finish`.
     pub fn fail(&mut self, error_type: &str, message: &str, out: &mut Vec<u8>) {
