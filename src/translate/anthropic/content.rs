@@ -46,8 +46,9 @@ pub(super) enum Image {
 #[derive(Debug, Clone)]
 pub(super) enum ResultPart {
     Text(String),
-    /// An image: OpenAI tool messages carry text only, so it becomes a placeholder.
-    Image,
+    /// An image. OpenAI tool messages carry text only: it travels in the user message that
+    /// follows the turn's tool messages.
+    Image(Image),
 }
 
 const BLOCK_TYPES: &str =
@@ -245,10 +246,7 @@ fn parse_result_content(obj: &Object, at: &str) -> Result<Vec<ResultPart>, Reque
         let block = fields::object(item, &at)?;
         match fields::string(block, &at, "type", "Use \"text\" or \"image\".")? {
             "text" => parts.push(ResultPart::Text(text(block, &at)?)),
-            "image" => {
-                parse_image(block, &at)?;
-                parts.push(ResultPart::Image);
-            }
+            "image" => parts.push(ResultPart::Image(parse_image(block, &at)?)),
             other => {
                 return Err(RequestError::invalid_value(
                     &fields::path(&at, "type"),

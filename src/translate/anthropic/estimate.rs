@@ -45,7 +45,7 @@ impl MessagesRequest {
                         for part in parts {
                             match part {
                                 ResultPart::Text(t) => bytes += t.len(),
-                                ResultPart::Image => images += 1,
+                                ResultPart::Image(_) => images += 1,
                             }
                         }
                     }

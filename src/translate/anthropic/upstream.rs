@@ -2,9 +2,10 @@
 //!
 //! - `system` → one system message first; its text blocks joined with `\n`.
 //! - A user message's `tool_result` blocks → one `tool` message each, in order, before the
-//!   rest of that message. Array content is flattened to text joined with `\n`; an image in
-//!   a tool result becomes the text `[image omitted]` (OpenAI tool messages carry text only);
-//!   `is_error: true` prefixes the text with `Error: `.
+//!   rest of that message. Array content is flattened to text joined with `\n`;
+//!   `is_error: true` prefixes the text with `Error: `. OpenAI tool messages carry text
+//!   only, so an image in a tool result is marked in that text and travels in the user
+//!   message that follows the tool messages, first, after a line naming its tool call.
 //! - The rest of a user message: one string when it is only text (blocks joined with `\n`,
 //!   as engines render text parts anyway), content parts when it has images.
 //! - An assistant message: text blocks joined with `\n` as `content` (`null` when it has
@@ -21,7 +22,8 @@ use super::request::{MessagesRequest, Thinking, ToolChoice};
 use super::ThinkingStyle;
 
 /// What stands in for an image inside a tool result.
-pub(super) const IMAGE_OMITTED: &str = "[image omitted]";
+/// Where a tool result's image was, in the text of its tool message.
+pub(super) const IMAGE_FOLLOWS: &str = "[image: in the next user message]";
 
 impl MessagesRequest {
     /// The OpenAI Chat Completions body for the replica serving `upstream_model`. When
@@ -149,51 +151,61 @@ fn add_thinking(body: &mut Map<String, Value>, thinking: Thinking, style: Thinki
     }
 }
 
-/// One `tool` message per tool result, then the user's own content if any is left.
+/// One `tool` message per tool result, then the user's own content if any is left. Images a
+/// tool returned go first in that user message, each after a line naming its tool call:
+/// OpenAI tool messages carry text only.
 fn user_messages(message: &Message, out: &mut Vec<Value>) {
     let mut texts: Vec<&str> = Vec::new();
     let mut has_image = false;
+    let mut has_results = false;
+    let mut result_images: Vec<Value> = Vec::new();
     for block in &message.blocks {
         match block {
             Block::ToolResult {
                 tool_use_id,
                 parts,
                 is_error,
-            } => out.push(json!({
-                "role": "tool",
-                "tool_call_id": tool_use_id,
-                "content": tool_result_text(parts, *is_error),
-            })),
+            } => {
+                has_results = true;
+                out.push(json!({
+                    "role": "tool",
+                    "tool_call_id": tool_use_id,
+                    "content": tool_result_text(parts, *is_error),
+                }));
+                for part in parts {
+                    if let ResultPart::Image(image) = part {
+                        result_images.push(json!({
+                            "type": "text",
+                            "text": format!("Image returned by tool call {tool_use_id}:"),
+                        }));
+                        result_images.push(image_part(image));
+                    }
+                }
+            }
             Block::Text(t) => texts.push(t),
             Block::Image(_) => has_image = true,
             // Parsing refuses tool calls in user messages.
             Block::ToolUse { .. } => {}
         }
     }
-    let has_results = message
-        .blocks
-        .iter()
-        .any(|b| matches!(b, Block::ToolResult { .. }));
-    if !has_image {
+    if !has_image && result_images.is_empty() {
         // A user turn made only of tool results needs no user message of its own.
         if !(has_results && texts.is_empty()) {
             out.push(json!({"role": "user", "content": texts.join("\n")}));
         }
         return;
     }
-    let parts: Vec<Value> = message
-        .blocks
-        .iter()
-        .filter_map(|block| match block {
-            Block::Text(t) => Some(json!({"type": "text", "text": t})),
-            Block::Image(image) => Some(json!({
-                "type": "image_url",
-                "image_url": {"url": image_url(image)},
-            })),
-            _ => None,
-        })
-        .collect();
+    let mut parts = result_images;
+    parts.extend(message.blocks.iter().filter_map(|block| match block {
+        Block::Text(t) => Some(json!({"type": "text", "text": t})),
+        Block::Image(image) => Some(image_part(image)),
+        _ => None,
+    }));
     out.push(json!({"role": "user", "content": parts}));
+}
+
+fn image_part(image: &Image) -> Value {
+    json!({"type": "image_url", "image_url": {"url": image_url(image)}})
 }
 
 fn image_url(image: &Image) -> String {
@@ -208,7 +220,7 @@ fn tool_result_text(parts: &[ResultPart], is_error: bool) -> String {
         .iter()
         .map(|p| match p {
             ResultPart::Text(t) => t.as_str(),
-            ResultPart::Image => IMAGE_OMITTED,
+            ResultPart::Image(_) => IMAGE_FOLLOWS,
         })
         .collect::<Vec<_>>()
         .join("\n");
