@@ -86,6 +86,31 @@ impl Admin {
         (200, body.to_string().into_bytes())
     }
 
+    /// Ready to take traffic: some model has a replica to send it to. An instance whose
+    /// config serves nothing (no models, or pools without replicas) is alive but not ready.
+    /// While shutting down, the listener stops answering altogether.
+    fn ready(&self) -> (u16, Vec<u8>) {
+        let runtime = self.runtime.load();
+        let snapshot = &runtime.config;
+        let served = snapshot
+            .models
+            .iter()
+            .filter(|m| !snapshot.pools[m.pool].replicas.is_empty())
+            .count();
+        match served {
+            0 => error(
+                503,
+                "no model has a replica to serve it: add replicas to a pool in the config and reload",
+            ),
+            n => (
+                200,
+                json!({ "status": "ready", "models_served": n })
+                    .to_string()
+                    .into_bytes(),
+            ),
+        }
+    }
+
     async fn usage(&self, query: &str) -> (u16, Vec<u8>) {
         let Some(ledger) = self.ledger.clone() else {
             return error(404, "the usage ledger is off (state.ledger = false)");
@@ -125,6 +150,10 @@ impl ServeHttp for Admin {
         let (status, content_type, body) = match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => (200, "text/plain; version=0.0.4", self.metrics.render()),
             ("GET", "/healthz") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            ("GET", "/readyz") => {
+                let (status, body) = self.ready();
+                (status, "application/json", body)
+            }
             ("GET", "/admin/usage") => {
                 let (status, body) = self.usage(&query).await;
                 (status, "application/json", body)
@@ -156,7 +185,7 @@ impl ServeHttp for Admin {
                 None => {
                     let (status, body) = error(
                         404,
-                        "unknown admin URL; try GET /metrics, /healthz, /admin/usage or /admin/keys/{id}, or POST /admin/reload",
+                        "unknown admin URL; try GET /metrics, /healthz, /readyz, /admin/usage or /admin/keys/{id}, or POST /admin/reload",
                     );
                     (status, "application/json", body)
                 }
@@ -180,7 +209,7 @@ impl ServeHttp for Admin {
 /// The one method an admin URL answers, if it is one.
 fn method_of(path: &str) -> Option<&'static str> {
     match path {
-        "/metrics" | "/healthz" | "/admin/usage" => Some("GET"),
+        "/metrics" | "/healthz" | "/readyz" | "/admin/usage" => Some("GET"),
         "/admin/reload" => Some("POST"),
         p if p.starts_with("/admin/keys/") => Some("GET"),
         _ => None,

@@ -30,6 +30,30 @@ pub struct Reloader {
     busy: Mutex<()>,
     /// What the process started with of the settings only a restart applies.
     at_start: AtStart,
+    /// The file as it was when last read, valid or not: what `server.reload_on_change`
+    /// compares it with.
+    read: Mutex<Option<Stamp>>,
+}
+
+/// What tells a changed config file apart: its size, modification time and inode, read
+/// through symlinks (a Kubernetes ConfigMap update swaps a symlink to a new file).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode: m.ino(),
+        })
+    }
 }
 
 /// The settings read once at start. A reload compares the file with these, not with the
@@ -93,6 +117,7 @@ impl Reloader {
             ledger,
             busy: Mutex::new(()),
             at_start,
+            read: Mutex::new(Stamp::of(path)),
         }
     }
 
@@ -100,6 +125,16 @@ impl Reloader {
     /// config stays. Returns what happened, for the admin API.
     pub fn reload(&self) -> Result<String, String> {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        // Before reading: a change made while this reload reads is seen as a change after.
+        *self.read.lock().unwrap_or_else(|e| e.into_inner()) = Stamp::of(&self.path);
+        // An empty file parses as a valid config that serves nothing; on a reload it is far
+        // more likely a file caught between truncation and write.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0) {
+            self.metrics.observe_reload(false);
+            let e = "the config file is empty; keeping the running config";
+            tracing::error!("config reload refused: {e}");
+            return Err(e.into());
+        }
         let fresh = match config::load(&self.path) {
             Ok(s) => s,
             Err(e) => {
@@ -134,12 +169,12 @@ impl Reloader {
     }
 }
 
-/// Set by a SIGHUP that arrives before `ReloadOnSignal` watches for them.
+/// Set by a SIGHUP that arrives before `ReloadTriggers` watches for them.
 static EARLY_HANGUP: OnceLock<Arc<AtomicBool>> = OnceLock::new();
 
 /// First thing in `tollgate run`: from here on a SIGHUP no longer terminates the process
 /// (its default action). One that arrives while tollgate is still starting (loading the
-/// config, opening the ledger, rebuilding budgets) reloads as soon as `ReloadOnSignal`
+/// config, opening the ledger, rebuilding budgets) reloads as soon as `ReloadTriggers`
 /// runs. systemd counts the service as started at exec, so `systemctl reload` can come
 /// that early.
 pub fn catch_hangup() -> Result<(), String> {
@@ -154,17 +189,23 @@ pub fn catch_hangup() -> Result<(), String> {
     caught
 }
 
-/// Reloads on SIGHUP (what `systemctl reload` sends).
-pub struct ReloadOnSignal(pub Arc<Reloader>);
+/// How often the config file is looked at for `server.reload_on_change`.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Reloads on SIGHUP (what `systemctl reload` sends) and, with `server.reload_on_change`,
+/// when the config file changes: its size, time or inode differ from the last look. A file
+/// caught half-written is refused like any invalid one; the next look, once the write is
+/// done, reloads it. Reloads block this service's own thread, never a request worker.
+pub struct ReloadTriggers(pub Arc<Reloader>);
 
 #[async_trait]
-impl BackgroundService for ReloadOnSignal {
+impl BackgroundService for ReloadTriggers {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut hup = match signal(SignalKind::hangup()) {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch SIGHUP; reload with POST /admin/reload");
-                return;
+                None
             }
         };
         // Watched from here on; one that came while starting is acted on now.
@@ -175,14 +216,40 @@ impl BackgroundService for ReloadOnSignal {
             tracing::info!("SIGHUP received while starting; reloading now");
             let _ = self.0.reload();
         }
+        let path = self.0.path.clone();
+        // A change is acted on once the file has stayed the same for one more look, so that
+        // a file being written is not read halfway.
+        let mut settling: Option<Stamp> = None;
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
-                got = hup.recv() => {
+                got = async { hup.as_mut()?.recv().await }, if hup.is_some() => {
                     if got.is_none() {
-                        return;
+                        hup = None;
+                        continue;
                     }
                     let _ = self.0.reload();
+                    settling = None;
+                }
+                _ = tick.tick() => {
+                    let now = Stamp::of(&path);
+                    let read = *self.0.read.lock().unwrap_or_else(|e| e.into_inner());
+                    // A file gone for a moment (being replaced) is not a change yet.
+                    if now.is_none() || now == read {
+                        settling = None;
+                        continue;
+                    }
+                    if settling != now {
+                        settling = now;
+                        continue;
+                    }
+                    settling = None;
+                    if self.0.runtime.load().config.server.reload_on_change {
+                        tracing::info!("config file changed; reloading");
+                        let _ = self.0.reload();
+                    }
                 }
             }
         }
@@ -231,6 +298,18 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_file_is_not_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reloader(dir.path(), "");
+        std::fs::write(dir.path().join("tollgate.toml"), "").unwrap();
+        assert!(r.reload().unwrap_err().contains("empty"));
+        assert!(
+            r.runtime.load().config.model("m").is_some(),
+            "the running config stays"
+        );
+    }
+
+    #[test]
     fn a_sighup_while_starting_reloads_once_the_service_runs() {
         let dir = tempfile::tempdir().unwrap();
         let r = Arc::new(reloader(dir.path(), ""));
@@ -248,7 +327,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let (stop, watch) = tokio::sync::watch::channel(false);
-            let service = ReloadOnSignal(r.clone());
+            let service = ReloadTriggers(r.clone());
             let running = tokio::spawn(async move { service.start(watch).await });
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while r.runtime.load().config.model("added").is_none() {

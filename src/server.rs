@@ -20,7 +20,7 @@ use crate::admin::Admin;
 use crate::config::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::reload::{ReloadOnSignal, Reloader};
+use crate::reload::{ReloadTriggers, Reloader};
 use crate::runtime::Runtime;
 
 /// The addresses actually bound (a configured port 0 becomes a real port).
@@ -102,7 +102,7 @@ pub fn run(
     if let Some(reloader) = reloader {
         server.add_service(background_service(
             "tollgate reload",
-            ReloadOnSignal(reloader),
+            ReloadTriggers(reloader),
         ));
     }
 

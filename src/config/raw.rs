@@ -36,6 +36,7 @@ pub struct RawServer {
     pub grace_period_secs: u64,
     pub client_write_timeout_ms: Spanned<u64>,
     pub upstream_keepalive_pool_size: Spanned<usize>,
+    pub reload_on_change: bool,
 }
 
 impl Default for RawServer {
@@ -47,6 +48,7 @@ impl Default for RawServer {
             grace_period_secs: 30,
             client_write_timeout_ms: Spanned::new(0..0, 60_000),
             upstream_keepalive_pool_size: Spanned::new(0..0, 1024),
+            reload_on_change: true,
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct ServerSettings {
     /// How long a write to a client may make no progress before the client is given up.
     pub client_write_timeout: Duration,
     pub upstream_keepalive_pool_size: NonZeroUsize,
+    /// Reload when the config file changes (checked every second).
+    pub reload_on_change: bool,
 }
 
 #[derive(Debug)]

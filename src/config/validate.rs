@@ -71,6 +71,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
             &raw.server.upstream_keepalive_pool_size,
             "server.upstream_keepalive_pool_size",
         )?,
+        reload_on_change: raw.server.reload_on_change,
     };
     let admin = AdminSettings {
         listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,

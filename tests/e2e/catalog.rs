@@ -112,6 +112,9 @@ async fn metrics_count_requests_by_model_and_status_class() {
     let c = client();
     let health = c.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
+    let ready = c.get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(ready.json::<Value>().await.unwrap()["models_served"], 2);
     // A known admin URL with the wrong method says which one it takes.
     let wrong = c.post(gw.admin_url("/admin/usage")).send().await.unwrap();
     assert_eq!(wrong.status(), 405);
@@ -173,4 +176,64 @@ async fn model_series_exist_before_traffic_and_keep_counting_across_a_reload() {
     assert_eq!(series(&text, requests), Some(2.0), "{text}");
     assert_eq!(series(&text, ttfb), Some(2.0), "{text}");
     assert_eq!(series(&text, output), Some(2.0 * tokens), "{text}");
+}
+
+#[tokio::test]
+async fn an_edited_config_file_is_reloaded_without_a_signal() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let path = gw.config_path();
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        original.replacen(
+            "[[models]]\nslug = \"test/other\"",
+            "[[models]]\nslug = \"test/added\"\npool = \"main\"\n\n[[models]]\nslug = \"test/other\"",
+            1,
+        ),
+    )
+    .unwrap();
+    // The file is looked at every second; give it ten.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let c = client();
+    loop {
+        let r = c
+            .get(gw.url("/v1/models/test%2Fadded"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit was not picked up: {}",
+            gw.stderr()
+        );
+        tokio::task::yield_now().await;
+    }
+    let text = gw.metrics().await;
+    assert!(
+        text.contains("tollgate_config_reloads_total{outcome=\"ok\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_instance_with_no_replica_to_send_to_is_alive_but_not_ready() {
+    let gw = Gateway::start(&standard_config(&[], ""));
+    let c = client();
+    let health = c.get(gw.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = c.get(gw.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: Value = ready.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no model has a replica"),
+        "{body}"
+    );
 }
