@@ -64,6 +64,7 @@ fn one(key: &Key, model: &Model, r: &Registry, now: i64) {
     let demand = Demand {
         input_tokens: 200,
         output_tokens: 512,
+        choices: 1,
         prices: model.token_prices,
     };
     let counters = r.key(&key.id).expect("key");

@@ -259,9 +259,10 @@ impl Gateway {
 /// headers.
 ///
 /// The replica always receives the cap that was reserved: the client's `max_tokens`, or the
-/// model's `default_max_tokens` when it set none, never above the model's
-/// `max_output_tokens`, and lower still when a budget clamped it. A request can therefore
-/// never generate more than its reservation, which is what keeps limits and budgets exact.
+/// model's `default_max_tokens` when it set none (see `unasked_cap`), never above the
+/// model's `max_output_tokens`, and lower still when a budget clamped it. Each of the `n`
+/// choices may use the cap, and all of them are reserved. A request can therefore never
+/// generate more than its reservation, which is what keeps limits and budgets exact.
 fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -270,9 +271,14 @@ fn admit(
     request: &mut ModelRequest,
 ) -> Result<(), GatewayError> {
     let asked = request.max_output_tokens();
+    let choices = request.choices();
+    let input = u64::from(ctx.input_estimate);
     let mut cap = asked.unwrap_or(u64::from(model.default_max_tokens));
     if let Some(max) = model.max_output_tokens {
         cap = cap.min(u64::from(max));
+    }
+    if asked.is_none() {
+        cap = unasked_cap(cap, model, key, input, choices);
     }
     // Every configured key and model has counters; nothing to reserve against otherwise.
     if let (Some(key_counters), Some(model_counters)) = (
@@ -280,8 +286,9 @@ fn admit(
         runtime.limits.model(&model.slug),
     ) {
         let demand = Demand {
-            input_tokens: u64::from(ctx.input_estimate),
+            input_tokens: input,
             output_tokens: cap,
+            choices,
             prices: model.token_prices,
         };
         let now = limits::now_ms();
@@ -317,6 +324,35 @@ fn admit(
         request.set_max_output_tokens(cap);
     }
     Ok(())
+}
+
+/// The output cap sent for a request that set none: `default` (the model's), lowered so
+/// that a cap the client never asked for cannot be what fails its request. Engines refuse a
+/// prompt plus cap past the context window, so it leaves room for the prompt; and a cap no
+/// tpm limit could ever admit would be refused, so it fits the key's and the model's.
+fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64) -> u64 {
+    let mut cap = default;
+    if let Some(context) = model.context_tokens.map(u64::from) {
+        // The prompt estimate (about 4 bytes a token) runs short for some text and
+        // tokenizers: a margin keeps the cap clear of the window's end, unless the prompt
+        // fills so much of it that only the plain estimate leaves any room.
+        let cautious = context.saturating_sub(input.saturating_add(input / 4).saturating_add(64));
+        let room = match cautious {
+            16.. => cautious,
+            _ => context.saturating_sub(input),
+        };
+        // No room at all: the prompt alone is past the window, which the replica will say.
+        if room > 0 {
+            cap = cap.min(room);
+        }
+    }
+    for tpm in [key.limits.tpm, model.limits.tpm].into_iter().flatten() {
+        let room = tpm.saturating_sub(input) / choices.max(1);
+        if room > 0 {
+            cap = cap.min(room);
+        }
+    }
+    cap
 }
 
 /// Stage "accept": request id, config snapshot, endpoint.

@@ -178,6 +178,7 @@ mod tests {
         let demand = Demand {
             input_tokens: 10,
             output_tokens: 10,
+            choices: 1,
             prices: model.token_prices,
         };
         let (ticket, _) = limits::admit(

@@ -108,20 +108,27 @@ pub enum LimitError {
 #[derive(Debug, Clone, Copy)]
 pub struct Demand {
     pub input_tokens: u64,
+    /// The output cap of each choice.
     pub output_tokens: u64,
+    /// Choices generated (OpenAI's `n`), each up to `output_tokens`; at least 1.
+    pub choices: u64,
     pub prices: TokenPrices,
 }
 
 impl Demand {
+    fn output_total(&self) -> u64 {
+        self.output_tokens.saturating_mul(self.choices.max(1))
+    }
+
     fn tokens(&self) -> u64 {
-        self.input_tokens.saturating_add(self.output_tokens)
+        self.input_tokens.saturating_add(self.output_total())
     }
 
     /// Cost if no input is cached and every allowed output token is generated. Saturates:
     /// a worst case past `u64::MAX` nano-dollars fits no budget either way.
     fn worst_nanos(&self) -> u64 {
         self.input_cost()
-            .saturating_add(self.output_tokens.saturating_mul(self.prices.output))
+            .saturating_add(self.output_total().saturating_mul(self.prices.output))
     }
 
     fn input_cost(&self) -> u64 {
@@ -199,9 +206,10 @@ pub fn admit(
         let available = b.nanos.saturating_sub(committed);
         if b.enforce && demand.worst_nanos() > available {
             let input_cost = demand.input_cost();
+            // Per choice: each of them may generate the clamped cap.
             let affordable = match demand.prices.output {
                 0 => demand.output_tokens,
-                p => available.saturating_sub(input_cost) / p,
+                p => available.saturating_sub(input_cost) / p.saturating_mul(demand.choices.max(1)),
             };
             if b.clamp_max_tokens
                 && input_cost < available

@@ -37,6 +37,7 @@ fn demand(model: &Model, input: u64, output: u64) -> Demand {
     Demand {
         input_tokens: input,
         output_tokens: output,
+        choices: 1,
         prices: model.token_prices,
     }
 }
@@ -123,6 +124,21 @@ fn clamping_lowers_max_tokens_to_what_the_budget_pays_for() {
         .err()
         .unwrap();
     assert!(matches!(e, LimitError::Budget { .. }));
+}
+
+#[test]
+fn a_clamp_shares_what_the_budget_pays_for_among_the_choices() {
+    let (key, model, r) = setup(
+        "budget = { usd = 0.002, period = \"daily\", clamp_max_tokens = true }",
+        "",
+    );
+    // $0.001 left for output at $2/M is 500 tokens in all: 125 for each of 4 choices.
+    let d = Demand {
+        choices: 4,
+        ..demand(&model, 1000, 4000)
+    };
+    let (t, _) = try_admit(&key, &model, &r, d, NOW).unwrap();
+    assert_eq!(t.clamped_output, Some(125));
 }
 
 #[test]

@@ -95,6 +95,14 @@ impl ModelRequest {
         }
     }
 
+    /// Choices the replica generates, each up to the output cap.
+    pub fn choices(&self) -> u64 {
+        match self {
+            ModelRequest::Chat(r) => u64::from(r.choices),
+            ModelRequest::Messages(_) => 1,
+        }
+    }
+
     /// Whether the replica would see two output caps that may differ (see `ChatRequest`).
     pub fn sets_both_caps(&self) -> bool {
         match self {

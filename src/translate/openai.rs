@@ -29,7 +29,12 @@ pub struct ChatRequest {
     /// The budget clamp: the output cap to send instead of the client's.
     lowered_cap: Option<u64>,
     input_estimate: u32,
+    /// Choices asked for (`n`), each generated up to the output cap.
+    pub choices: u32,
 }
+
+/// The most choices one request may ask for, as the OpenAI API allows.
+pub const MAX_CHOICES: u32 = 128;
 
 /// A client-set output cap field: where its value lies, and the value unless it is `null`.
 #[derive(Debug, Clone)]
@@ -56,6 +61,8 @@ struct Fields<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     tools: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    n: Option<&'a RawValue>,
 }
 
 /// What the estimate reads of a message; `role` is checked.
@@ -294,6 +301,21 @@ impl ChatRequest {
             };
             Ok(Some(Cap { at: at(v)?, value }))
         };
+        let choices = match fields.n {
+            None => 1,
+            Some(v) if is_null(v) => 1,
+            Some(v) => v
+                .get()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    RequestError::invalid_value(
+                        "n",
+                        &format!("n is how many choices to generate: an integer from 1 to {MAX_CHOICES}."),
+                    )
+                })?,
+        };
         let max_tokens = cap("max_tokens", fields.max_tokens)?;
         let max_completion_tokens = cap("max_completion_tokens", fields.max_completion_tokens)?;
         let mut include_usage = false;
@@ -315,6 +337,7 @@ impl ChatRequest {
             max_completion_tokens,
             lowered_cap: None,
             input_estimate,
+            choices,
             raw: bytes.to_vec(),
         })
     }

@@ -191,6 +191,58 @@ async fn the_replica_never_generates_more_than_was_reserved() {
 }
 
 #[tokio::test]
+async fn a_cap_the_client_never_set_leaves_room_for_the_prompt_and_fits_tpm() {
+    let sim = sim().await;
+    let config = standard_config(&[sim.addr()], "").replace(
+        "context_tokens = 32768\nmax_output_tokens = 4096",
+        "context_tokens = 1000\nmax_output_tokens = 1000",
+    );
+    let gw = Gateway::start(&config);
+    // 2,000 bytes of prompt: 504 tokens estimated. Engines refuse a prompt plus cap past
+    // the 1,000-token window, so the cap sent leaves the prompt room, with a margin.
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    assert_eq!(gw.chat(long).await.status(), 200);
+    let sent = sim.stats().last_request().unwrap().body;
+    assert_eq!(sent["max_tokens"], 1000 - (504 + 126 + 64));
+    drop(gw);
+
+    // The model's default (4,096 here) can never fit tpm = 700: 700 − 6 is sent instead,
+    // where the request used to be refused for a cap the client never set.
+    let gw = Gateway::start(&config_with(&sim, "tpm = 700"));
+    let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]});
+    assert_eq!(gw.chat(short).await.status(), 200);
+    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 694);
+}
+
+#[tokio::test]
+async fn every_choice_of_n_is_reserved() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(&sim, "tpm = 1000"));
+    let with_n = |n: Value| {
+        json!({"model": MODEL, "n": n, "max_tokens": 100,
+            "messages": [{"role": "user", "content": "Hello"}]})
+    };
+    let r = gw.chat(with_n(json!(4))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"],
+        "594",
+        "6 + 4 × 100 reserved"
+    );
+    // 6 + 10 × 100 can never fit in 1,000 tokens a minute.
+    let r = gw.chat(with_n(json!(10))).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "max_tokens_too_large");
+    for bad in [json!(0), json!(129), json!(1.5), json!("2")] {
+        let r = gw.chat(with_n(bad.clone())).await;
+        assert_eq!(r.status(), 400, "n = {bad}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["param"], "n", "n = {bad}");
+    }
+}
+
+#[tokio::test]
 async fn an_output_cap_engines_could_read_as_none_is_refused_and_two_caps_agree() {
     let sim = sim().await;
     let gw = Gateway::start(&config_with(&sim, "tpm = 100000"));
