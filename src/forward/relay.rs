@@ -273,8 +273,9 @@ fn response_header(
             || name == "x-request-id"
             || name == "request-id"
             || (replaced_type.is_some() && name == CONTENT_TYPE)
-            // The replica's length holds only for a body passed on byte for byte.
-            || (!transcoder.passes_through() && name == CONTENT_LENGTH);
+            // Every body is rewritten (at least renamed or reframed): the replica's length
+            // does not hold for it.
+            || name == CONTENT_LENGTH;
         if !skip {
             out.append(name.clone(), value);
         }

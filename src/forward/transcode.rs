@@ -10,7 +10,7 @@ use crate::error::GatewayError;
 use crate::respond::{self, Dialect};
 use crate::translate::anthropic::{self, StreamTranslator};
 use crate::translate::sse::{self, SseFramer};
-use crate::translate::{scan, usage, ResponsePlan};
+use crate::translate::{replica_error, scan, usage, ResponsePlan};
 
 /// A replica answer larger than this is not collected (a chat completion is kilobytes; this
 /// only bounds memory against a misbehaving replica).
@@ -22,8 +22,6 @@ pub(super) struct Transcoder {
 }
 
 enum Mode {
-    /// Bytes go to the client as they arrive (replica errors for OpenAI clients).
-    Raw,
     /// An OpenAI stream for an OpenAI client, event by event.
     OpenAiStream {
         framer: SseFramer,
@@ -43,6 +41,16 @@ enum Collected {
     OpenAiMessage { rename: Option<Rename> },
     AnthropicMessage(anthropic::AnswerPlan),
     AnthropicError { status: u16 },
+    OpenAiError { status: u16 },
+}
+
+impl Collected {
+    fn is_error(&self) -> bool {
+        matches!(
+            self,
+            Collected::AnthropicError { .. } | Collected::OpenAiError { .. }
+        )
+    }
 }
 
 impl Transcoder {
@@ -53,7 +61,10 @@ impl Transcoder {
         inter_token: Option<Histogram>,
     ) -> Self {
         let mode = match plan {
-            ResponsePlan::OpenAi { .. } if status >= 400 => Mode::Raw,
+            ResponsePlan::OpenAi { .. } if status >= 400 => Mode::Collect {
+                buf: BytesMut::new(),
+                then: Collected::OpenAiError { status },
+            },
             ResponsePlan::OpenAi {
                 wants_usage,
                 rename,
@@ -92,15 +103,10 @@ impl Transcoder {
         !matches!(self.mode, Mode::Collect { .. })
     }
 
-    /// Whether the client gets the replica's body byte for byte (so its length holds).
-    pub fn passes_through(&self) -> bool {
-        matches!(self.mode, Mode::Raw)
-    }
-
     /// The content type of what the client receives, when it differs from the replica's.
     pub fn content_type(&self) -> Option<&'static str> {
         match self.mode {
-            Mode::Raw | Mode::OpenAiStream { .. } => None,
+            Mode::OpenAiStream { .. } => None,
             Mode::AnthropicStream { .. } => Some("text/event-stream"),
             Mode::Collect { .. } => Some("application/json"),
         }
@@ -110,9 +116,14 @@ impl Transcoder {
     pub fn on_chunk(&mut self, chunk: Bytes) -> Result<Option<Bytes>, String> {
         let observed = &mut self.observed;
         match &mut self.mode {
-            Mode::Raw => Ok(Some(chunk)),
-            Mode::Collect { buf, .. } => {
+            Mode::Collect { buf, then } => {
                 if buf.len() + chunk.len() > MAX_COLLECTED_BYTES {
+                    // Of an error, the start is enough: its message is cut far shorter.
+                    if then.is_error() {
+                        let room = MAX_COLLECTED_BYTES - buf.len();
+                        buf.extend_from_slice(&chunk[..room.min(chunk.len())]);
+                        return Ok(None);
+                    }
                     return Err("the replica's answer is too large".into());
                 }
                 buf.extend_from_slice(&chunk);
@@ -152,7 +163,6 @@ impl Transcoder {
     pub fn on_end(&mut self) -> Result<Bytes, String> {
         let observed = &mut self.observed;
         match &mut self.mode {
-            Mode::Raw => Ok(Bytes::new()),
             Mode::OpenAiStream {
                 framer,
                 strip_usage,
@@ -185,6 +195,9 @@ impl Transcoder {
                     Collected::AnthropicError { status } => {
                         Ok(Bytes::from(anthropic::error_from_openai(*status, buf)))
                     }
+                    Collected::OpenAiError { status } => {
+                        Ok(Bytes::from(replica_error::openai_body(*status, buf)))
+                    }
                 }
             }
             Mode::AnthropicStream { framer, translator } => {
@@ -204,7 +217,7 @@ impl Transcoder {
     pub fn on_fail(&mut self, err: &GatewayError) -> Option<Bytes> {
         match &mut self.mode {
             Mode::OpenAiStream { .. } => Some(respond::stream_error_event(Dialect::OpenAi, err)),
-            Mode::Raw | Mode::Collect { .. } => None,
+            Mode::Collect { .. } => None,
             Mode::AnthropicStream { translator, .. } => {
                 let mut out = Vec::new();
                 translator.fail(err.anthropic_type(), &err.message(), &mut out);

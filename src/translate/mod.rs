@@ -2,6 +2,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod replica_error;
 pub mod scan;
 pub mod sse;
 pub mod usage;

@@ -107,15 +107,37 @@ async fn a_replica_that_does_not_answer_in_time_is_504() {
 }
 
 #[tokio::test]
-async fn upstream_error_bodies_pass_through_unchanged() {
+async fn upstream_errors_keep_status_and_message_in_the_openai_shape() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
-    let mut body = hello();
-    body["sim"] = json!({"fail_status": 503});
-    let r = gw.chat(body).await;
-    assert_eq!(r.status(), 503);
+    for (status, kind) in [(400, "invalid_request_error"), (503, "api_error")] {
+        let mut body = hello();
+        body["sim"] = json!({"fail_status": status});
+        let r = gw.chat(body).await;
+        assert_eq!(r.status(), status);
+        let e: Value = r.json().await.unwrap();
+        // The engine's own type and its numeric code are not OpenAI's: rewritten.
+        assert_eq!(
+            e["error"],
+            json!({"message": "simulated failure", "type": kind, "param": null, "code": "replica_error"})
+        );
+    }
+    // vLLM's older shape, and FastAPI's validation errors, keep their message too.
+    let replica = CannedReplica::answering(
+        "422 Unprocessable Entity",
+        "application/json",
+        r#"{"detail":[{"loc":["body","messages",0,"content"],"msg":"Field required"}]}"#,
+    )
+    .await;
+    let gw = Gateway::start(&standard_config(&[replica.addr], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 422);
     let e: Value = r.json().await.unwrap();
-    assert_eq!(e["error"]["type"], "sim_error");
+    assert_eq!(
+        e["error"]["message"],
+        "body.messages.0.content: Field required"
+    );
+    assert_eq!(e["error"]["type"], "invalid_request_error");
 }
 
 #[tokio::test]
@@ -267,7 +289,11 @@ async fn when_every_replica_answers_503_the_last_answer_reaches_the_client() {
     let gw = Gateway::start(&standard_config(&[a.addr, b.addr], ""));
     let r = gw.chat(hello()).await;
     assert_eq!(r.status(), 503);
-    assert_eq!(r.text().await.unwrap(), OVERLOADED);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(
+        e["error"]["message"], "overloaded",
+        "the replica's own message"
+    );
     assert_eq!(
         (a.answered(), b.answered()),
         (1, 1),

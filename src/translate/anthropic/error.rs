@@ -2,11 +2,6 @@
 //! rewritten with the replica's own message kept.
 
 use serde::Serialize;
-use serde_json::Value;
-
-/// The longest upstream message passed on, in bytes; longer ones are cut at a character
-/// boundary (an HTML error page is not a message).
-const MAX_MESSAGE_BYTES: usize = 2048;
 
 /// Anthropic's error `type` for an HTTP status, as its API documents them: 400
 /// `invalid_request_error` (also used for other 4xx), 401 `authentication_error`, 402
@@ -57,80 +52,19 @@ pub fn error_body(error_type: &str, message: &str) -> Vec<u8> {
     serde_json::to_vec(&envelope).unwrap_or_default()
 }
 
-/// A replica's error answer as an Anthropic error body, typed by `status`. The message is
-/// read from OpenAI's `{"error":{"message"}}`, vLLM's `{"object":"error","message"}`,
-/// FastAPI's `{"detail": "…" | [{"loc","msg"}…]}` or `{"error": "…"}`; a body that is none
-/// of these is passed on as text; an empty one becomes a sentence naming the status.
+/// A replica's error answer as an Anthropic error body, typed by `status`, with the
+/// replica's message kept (see `replica_error::message`).
 pub fn error_from_openai(status: u16, body: &[u8]) -> Vec<u8> {
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| message_of(&v))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
-    let message = if message.is_empty() {
-        format!("The model replica answered HTTP {status} with no message.")
-    } else {
-        truncate(message)
-    };
-    error_body(error_type_for_status(status), &message)
-}
-
-fn message_of(body: &Value) -> Option<String> {
-    let text = |v: &Value| v.as_str().map(str::to_string);
-    if let Some(error) = body.get("error") {
-        return match error {
-            Value::String(s) => Some(s.clone()),
-            _ => error.get("message").and_then(text),
-        };
-    }
-    if let Some(message) = body.get("message").and_then(text) {
-        return Some(message);
-    }
-    match body.get("detail")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(items) => {
-            let parts: Vec<String> = items.iter().map(detail_item).collect();
-            Some(parts.join("; "))
-        }
-        other => Some(other.to_string()),
-    }
-}
-
-/// One FastAPI validation error: `body.messages.0.content: Field required`.
-fn detail_item(item: &Value) -> String {
-    let msg = item.get("msg").and_then(Value::as_str);
-    let loc = item.get("loc").and_then(Value::as_array).map(|parts| {
-        parts
-            .iter()
-            .map(|p| match p {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(".")
-    });
-    match (loc, msg) {
-        (Some(loc), Some(msg)) => format!("{loc}: {msg}"),
-        (None, Some(msg)) => msg.to_string(),
-        _ => item.to_string(),
-    }
-}
-
-fn truncate(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE_BYTES {
-        let mut end = MAX_MESSAGE_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        message.truncate(end);
-        message.push('…');
-    }
-    message
+    error_body(
+        error_type_for_status(status),
+        &crate::translate::replica_error::message(status, body),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn translated(status: u16, body: &str) -> Value {
         serde_json::from_slice(&error_from_openai(status, body.as_bytes())).unwrap()
@@ -194,6 +128,9 @@ mod tests {
         assert_eq!(empty["error"]["type"], "overloaded_error");
         assert!(empty["error"]["message"].as_str().unwrap().contains("503"));
         let long = translated(500, &"é".repeat(5000));
-        assert!(long["error"]["message"].as_str().unwrap().len() <= MAX_MESSAGE_BYTES + 3);
+        assert!(
+            long["error"]["message"].as_str().unwrap().len()
+                <= crate::translate::replica_error::MAX_MESSAGE_BYTES + 3
+        );
     }
 }
