@@ -17,7 +17,7 @@ use super::{client_gone, ForwardError, Relayed};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::respond;
-use crate::translate::ResponsePlan;
+use crate::translate::{replica_error, ResponsePlan};
 
 /// Headers that describe one hop's connection, not the response.
 const HOP_BY_HOP: &[&str] = &[
@@ -57,6 +57,8 @@ pub(super) async fn relay(
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut transcoder = Transcoder::new(plan, upstream.status.as_u16(), sse, inter_token);
+    let status = replica_error::client_status(upstream.status.as_u16());
+    upstream.status = http::StatusCode::from_u16(status).unwrap_or(upstream.status);
     let result = pump(session, ctx, up, upstream, &mut transcoder, limits).await;
     let seen = &transcoder.observed;
     ctx.usage = seen.usage;

@@ -7,6 +7,17 @@ use serde_json::{json, Value};
 /// boundary (an HTML error page is not a message).
 pub const MAX_MESSAGE_BYTES: usize = 2048;
 
+/// The status the client gets for a replica's error status. A replica refusing with 401 or
+/// 403 refuses tollgate's credentials (the pool's upstream key), not the client's key,
+/// which tollgate accepted: that is a gateway fault, 502, and no SDK should tell its user
+/// that their key is invalid.
+pub fn client_status(replica: u16) -> u16 {
+    match replica {
+        401 | 403 => 502,
+        s => s,
+    }
+}
+
 /// The message of a replica's error answer. It is read from OpenAI's
 /// `{"error":{"message"}}`, vLLM's `{"object":"error","message"}`, FastAPI's
 /// `{"detail": "…" | [{"loc","msg"}…]}` or `{"error": "…"}`; a body that is none of these is
@@ -16,10 +27,16 @@ pub fn message(status: u16, body: &[u8]) -> String {
         .ok()
         .and_then(|v| message_of(&v))
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
-    if message.is_empty() {
+    let message = if message.is_empty() {
         format!("The model replica answered HTTP {status} with no message.")
     } else {
         truncate(message)
+    };
+    match status {
+        401 | 403 => format!(
+            "The model replica refused the gateway's credentials (HTTP {status}: {message}). Your API key was accepted; the operator must check the pool's upstream_api_key_env."
+        ),
+        _ => message,
     }
 }
 
@@ -34,16 +51,20 @@ pub fn openai_body(status: u16, body: &[u8]) -> Vec<u8> {
         let error = v.get("error").filter(|e| e.is_object()).unwrap_or(v);
         error.get(name)?.as_str().map(str::to_string)
     };
-    let kind = match status {
+    let kind = match client_status(status) {
         429 => "rate_limit_error",
         400..=499 => "invalid_request_error",
         _ => "api_error",
+    };
+    let code = match status {
+        401 | 403 => Some("replica_auth_failed".to_string()),
+        _ => field("code"),
     };
     json!({"error": {
         "message": message(status, body),
         "type": kind,
         "param": field("param"),
-        "code": field("code").unwrap_or_else(|| "replica_error".into()),
+        "code": code.unwrap_or_else(|| "replica_error".into()),
     }})
     .to_string()
     .into_bytes()

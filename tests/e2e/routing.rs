@@ -138,6 +138,30 @@ async fn upstream_errors_keep_status_and_message_in_the_openai_shape() {
         "body.messages.0.content: Field required"
     );
     assert_eq!(e["error"]["type"], "invalid_request_error");
+
+    // A replica refusing tollgate's own credentials is the gateway's fault, not the
+    // client's key: 502, in either dialect.
+    let replica = CannedReplica::answering(
+        "401 Unauthorized",
+        "application/json",
+        r#"{"error":"Unauthorized"}"#,
+    )
+    .await;
+    let gw = Gateway::start(&standard_config(&[replica.addr], ""));
+    let r = gw.chat(hello()).await;
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "replica_auth_failed");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("upstream_api_key_env"));
+    let r = gw
+        .messages(json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "api_error");
 }
 
 #[tokio::test]

@@ -55,9 +55,10 @@ pub fn error_body(error_type: &str, message: &str) -> Vec<u8> {
 /// A replica's error answer as an Anthropic error body, typed by `status`, with the
 /// replica's message kept (see `replica_error::message`).
 pub fn error_from_openai(status: u16, body: &[u8]) -> Vec<u8> {
+    use crate::translate::replica_error;
     error_body(
-        error_type_for_status(status),
-        &crate::translate::replica_error::message(status, body),
+        error_type_for_status(replica_error::client_status(status)),
+        &replica_error::message(status, body),
     )
 }
 
