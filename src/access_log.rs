@@ -41,6 +41,12 @@ pub fn record(
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
         metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);
     }
+    line(ctx, error, &settled);
+}
+
+/// The request's JSON access-log line (target `tollgate::access`).
+pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &account::Settled) {
+    let elapsed = ctx.started.elapsed();
     let key = ctx.key_id.as_deref().unwrap_or("-");
     let model = ctx.model_label();
 

@@ -188,5 +188,6 @@ impl Drop for RequestCtx {
         });
         // Settled at the estimate the record carries, not at its worst case.
         account::close(self.ticket.take(), &settled, record);
+        crate::access_log::line(self, Some("cut_at_shutdown"), &settled);
     }
 }

@@ -373,6 +373,7 @@ async fn cut_streams_are_recorded(n: usize, stop: fn(&mut Gateway)) {
     }
     // The grace period (0 s here, none at all for SIGINT) ends with the streams running.
     stop(&mut gw);
+    let log = gw.stderr();
     let conn = ledger_file(&gw);
     for i in 0..n {
         let (output, estimated): (i64, bool) = conn
@@ -382,6 +383,12 @@ async fn cut_streams_are_recorded(n: usize, stop: fn(&mut Gateway)) {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .unwrap_or_else(|e| panic!("cut request {i} has no row: {e}"));
+        let id = format!("\"request_id\":\"cut-by-shutdown-{i}\"");
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&id) && l.contains("\"error\":\"cut_at_shutdown\"")),
+            "cut request {i} has its access-log line"
+        );
         assert_eq!(
             (output, estimated),
             (1, true),
