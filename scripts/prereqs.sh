@@ -13,9 +13,19 @@ need_cmake() {
     fi
 }
 
+# Python with venv support: Debian's python3 comes without it (python3-venv).
+need_python_venv() {
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "installing python3 and python3-venv (needed for the SDK suite)…"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+    fi
+}
+
 # The official OpenAI and Anthropic Python SDKs for tests/sdk, in .venv.
 need_sdk_venv() {
     if [ ! -x .venv/bin/python ]; then
+        need_python_venv
         python3 -m venv .venv
     fi
     .venv/bin/python -m pip install -q --disable-pip-version-check -r tests/sdk/requirements.txt

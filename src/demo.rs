@@ -75,6 +75,7 @@ upstream_model = "llama-3.1-8b"
 display_name = "Llama 3.1 8B (simulated)"
 context_tokens = 131072
 max_output_tokens = 8192
+default_max_tokens = 32
 price = {{ input_per_mtok = 0.10, cached_input_per_mtok = 0.05, output_per_mtok = 0.20 }}
 features = ["tools", "json_mode"]
 
@@ -85,6 +86,7 @@ upstream_model = "qwen3-32b"
 display_name = "Qwen3 32B (simulated)"
 context_tokens = 40960
 max_output_tokens = 16384
+default_max_tokens = 32
 price = {{ input_per_mtok = 0.40, cached_input_per_mtok = 0.10, output_per_mtok = 1.20 }}
 features = ["tools", "json_mode", "reasoning"]
 
@@ -119,16 +121,16 @@ curl:
     -d '{{"model": "{CHAT_MODEL}", "stream": true, "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
 Python (pip install openai):
-  from openai import OpenAI
-  client = OpenAI(base_url="{base}", api_key="{key}")
-  print(client.chat.completions.create(model="{CHAT_MODEL}",
-        messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
+from openai import OpenAI
+client = OpenAI(base_url="{base}", api_key="{key}")
+print(client.chat.completions.create(model="{CHAT_MODEL}",
+      messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
 
 Python (pip install anthropic):
-  import anthropic
-  client = anthropic.Anthropic(base_url="http://{root}", api_key="{key}")
-  print(client.messages.create(model="{REASONING_MODEL}", max_tokens=64,
-        messages=[{{"role": "user", "content": "Hello!"}}]).content[-1].text)
+import anthropic
+client = anthropic.Anthropic(base_url="http://{root}", api_key="{key}")
+print(client.messages.create(model="{REASONING_MODEL}", max_tokens=64,
+      messages=[{{"role": "user", "content": "Hello!"}}]).content[-1].text)
 
 Usage so far:  curl -s 'http://{admin}/admin/usage?bucket=hour&by=model'
 

@@ -51,6 +51,13 @@ class Process:
             self._lines.put(line.rstrip("\n"))
         self._lines.put(None)
 
+    def next_line(self):
+        """The next stdout line, or None when the child ended or printed none in time."""
+        try:
+            return self._lines.get(timeout=READY_TIMEOUT_S)
+        except queue.Empty:
+            return None
+
     def ready_line(self, prefix):
         """The next stdout line; fails with the child's log when it is late, absent or wrong."""
         try:
