@@ -32,10 +32,14 @@ pub fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &str> {
                 scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("api-key");
             known.then(|| rest.trim())
         });
-    let x_api_key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+    // Looked up only when the first did not match: most requests stop at the first.
+    let x_api_key = std::iter::once_with(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    })
+    .flatten();
     authorization
         .into_iter()
         .chain(x_api_key)
