@@ -184,6 +184,7 @@ impl Gateway {
                 let model = route::resolve(snapshot, &key, request.model())?;
                 ctx.model = Some(model.clone());
                 admit(ctx, runtime, &key, model, &mut request)?;
+                request.set_model_takes_images(model.input_modalities.contains(&"image"));
                 let (body, plan) = request.into_upstream(
                     &model.upstream_model,
                     model.reasoning_switch,
@@ -334,14 +335,13 @@ fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64)
     let mut cap = default;
     if let Some(context) = model.context_tokens.map(u64::from) {
         // The prompt estimate (about 4 bytes a token) runs short for some text and
-        // tokenizers: a margin keeps the cap clear of the window's end, unless the prompt
-        // fills so much of it that only the plain estimate leaves any room.
-        let cautious = context.saturating_sub(input.saturating_add(input / 4).saturating_add(64));
-        let room = match cautious {
-            16.. => cautious,
-            _ => context.saturating_sub(input),
-        };
-        // No room at all: the prompt alone is past the window, which the replica will say.
+        // tokenizers, so a margin is kept: a quarter of the prompt plus 64 tokens, but never
+        // more than half of what the estimate leaves free. The room left falls steadily as
+        // the prompt grows, so a longer prompt never gets a larger cap.
+        let free = context.saturating_sub(input);
+        let margin = (input / 4 + 64).min(free / 2);
+        let room = free - margin;
+        // No room at all: the prompt alone fills the window, which the replica will say.
         if room > 0 {
             cap = cap.min(room);
         }

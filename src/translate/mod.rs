@@ -96,6 +96,14 @@ impl ModelRequest {
         }
     }
 
+    /// Tells the translation whether the model takes images (see
+    /// `MessagesRequest::tool_images`).
+    pub fn set_model_takes_images(&mut self, yes: bool) {
+        if let ModelRequest::Messages(r) = self {
+            r.tool_images = yes;
+        }
+    }
+
     /// Choices the replica generates, each up to the output cap.
     pub fn choices(&self) -> u64 {
         match self {

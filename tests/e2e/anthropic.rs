@@ -132,6 +132,43 @@ async fn tool_use_round_trip() {
 }
 
 #[tokio::test]
+async fn images_a_tool_returns_reach_only_models_that_take_images() {
+    let sim = sim().await;
+    let config = standard_config(&[sim.addr()], "").replacen(
+        "[[models]]\nslug = \"test/other\"\npool = \"main\"\n",
+        "[[models]]\nslug = \"test/other\"\npool = \"main\"\ninput_modalities = [\"text\", \"image\"]\n",
+        1,
+    );
+    let gw = Gateway::start(&config);
+    let screenshot = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+    let turn = |model: &str| {
+        json!({"model": model, "max_tokens": 8, "messages": [
+            {"role": "user", "content": "Take a screenshot."},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "shot", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                "content": [{"type": "text", "text": "done"}, screenshot.clone()]}]}
+        ]})
+    };
+    // A vision model sees the image, in a user message right after the tool message.
+    assert_eq!(gw.messages(turn("test/other")).await.status(), 200);
+    let msgs = sim.stats().last_request().unwrap().body["messages"].clone();
+    assert_eq!(msgs[2]["role"], "tool");
+    assert_eq!(msgs[3]["role"], "user");
+    assert_eq!(msgs[3]["content"][1]["type"], "image_url");
+    // A text-only model gets a marker in the tool's text, and no image it would refuse.
+    assert_eq!(gw.messages(turn(MODEL)).await.status(), 200);
+    let msgs = sim.stats().last_request().unwrap().body["messages"].clone();
+    assert_eq!(msgs.as_array().unwrap().len(), 3, "{msgs}");
+    assert!(
+        msgs[2]["content"]
+            .as_str()
+            .unwrap()
+            .contains("image omitted"),
+        "{msgs}"
+    );
+}
+
+#[tokio::test]
 async fn a_stream_has_the_exact_anthropic_event_order() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));

@@ -204,6 +204,20 @@ async fn a_cap_the_client_never_set_leaves_room_for_the_prompt_and_fits_tpm() {
     assert_eq!(gw.chat(long).await.status(), 200);
     let sent = sim.stats().last_request().unwrap().body;
     assert_eq!(sent["max_tokens"], 1000 - (504 + 126 + 64));
+    // Longer prompts never get a larger cap: near the window's end, half of what is left.
+    let mut last = 1000;
+    for bytes in [2600, 2800, 3000, 3200, 3600] {
+        let body =
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(bytes)}]});
+        assert_eq!(gw.chat(body).await.status(), 200);
+        let sent = sim.stats().last_request().unwrap().body["max_tokens"]
+            .as_u64()
+            .unwrap();
+        let estimate = 4 + bytes as u64 / 4;
+        assert!(sent <= last, "{bytes} bytes: {sent} after {last}");
+        assert!(estimate + sent < 1000, "{bytes} bytes: a margin is kept");
+        last = sent;
+    }
     drop(gw);
 
     // The model's default (4,096 here) can never fit tpm = 700: 700 − 6 is sent instead,

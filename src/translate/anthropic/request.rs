@@ -34,6 +34,10 @@ pub struct MessagesRequest {
     pub(super) thinking: Option<Thinking>,
     /// Unknown top-level fields, passed to the replica as they are.
     pub(super) extra: Object,
+    /// Whether the model takes images (its `input_modalities`): images a tool returned
+    /// then reach it; else they stay a marker in the tool's text, as a text-only engine
+    /// would refuse the request. Set by the caller once the model is known; true until then.
+    pub tool_images: bool,
 }
 
 /// Fields this module maps itself.
@@ -166,6 +170,7 @@ fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestErr
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        tool_images: true,
     })
 }
 

@@ -5,7 +5,8 @@
 //!   rest of that message. Array content is flattened to text joined with `\n`;
 //!   `is_error: true` prefixes the text with `Error: `. OpenAI tool messages carry text
 //!   only, so an image in a tool result is marked in that text and travels in the user
-//!   message that follows the tool messages, first, after a line naming its tool call.
+//!   message that follows the tool messages, first, after a line naming its tool call;
+//!   for a model without the image modality it stays a marker only.
 //! - The rest of a user message: one string when it is only text (blocks joined with `\n`,
 //!   as engines render text parts anyway), content parts when it has images.
 //! - An assistant message: text blocks joined with `\n` as `content` (`null` when it has
@@ -24,6 +25,8 @@ use super::ThinkingStyle;
 /// What stands in for an image inside a tool result.
 /// Where a tool result's image was, in the text of its tool message.
 pub(super) const IMAGE_FOLLOWS: &str = "[image: in the next user message]";
+/// The same, for a model that takes no images.
+pub(super) const IMAGE_OMITTED: &str = "[image omitted: this model takes text only]";
 
 impl MessagesRequest {
     /// The OpenAI Chat Completions body for the replica serving `upstream_model`. When
@@ -99,7 +102,7 @@ impl MessagesRequest {
         }
         for message in &self.messages {
             match message.role {
-                Role::User => user_messages(message, &mut out),
+                Role::User => user_messages(message, self.tool_images, &mut out),
                 Role::Assistant => out.push(assistant_message(message)),
             }
         }
@@ -154,7 +157,7 @@ fn add_thinking(body: &mut Map<String, Value>, thinking: Thinking, style: Thinki
 /// One `tool` message per tool result, then the user's own content if any is left. Images a
 /// tool returned go first in that user message, each after a line naming its tool call:
 /// OpenAI tool messages carry text only.
-fn user_messages(message: &Message, out: &mut Vec<Value>) {
+fn user_messages(message: &Message, tool_images: bool, out: &mut Vec<Value>) {
     let mut texts: Vec<&str> = Vec::new();
     let mut has_image = false;
     let mut has_results = false;
@@ -170,9 +173,9 @@ fn user_messages(message: &Message, out: &mut Vec<Value>) {
                 out.push(json!({
                     "role": "tool",
                     "tool_call_id": tool_use_id,
-                    "content": tool_result_text(parts, *is_error),
+                    "content": tool_result_text(parts, *is_error, tool_images),
                 }));
-                for part in parts {
+                for part in parts.iter().filter(|_| tool_images) {
                     if let ResultPart::Image(image) = part {
                         result_images.push(json!({
                             "type": "text",
@@ -215,12 +218,13 @@ fn image_url(image: &Image) -> String {
     }
 }
 
-fn tool_result_text(parts: &[ResultPart], is_error: bool) -> String {
+fn tool_result_text(parts: &[ResultPart], is_error: bool, images_follow: bool) -> String {
     let text = parts
         .iter()
         .map(|p| match p {
             ResultPart::Text(t) => t.as_str(),
-            ResultPart::Image(_) => IMAGE_FOLLOWS,
+            ResultPart::Image(_) if images_follow => IMAGE_FOLLOWS,
+            ResultPart::Image(_) => IMAGE_OMITTED,
         })
         .collect::<Vec<_>>()
         .join("\n");
