@@ -22,6 +22,15 @@ need_python_venv() {
     fi
 }
 
+# curl: the SDK suite runs the curl examples `tollgate demo` prints.
+need_curl() {
+    if ! command -v curl >/dev/null 2>&1; then
+        echo "installing curl (the demo's printed examples use it)…"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
+    fi
+}
+
 # The official OpenAI and Anthropic Python SDKs for tests/sdk, in .venv.
 need_sdk_venv() {
     if [ ! -x .venv/bin/python ]; then

@@ -133,11 +133,11 @@ fn main() -> ExitCode {
             if let Err(e) = reload::catch_hangup() {
                 tracing::error!(error = %e, "a SIGHUP while starting would stop tollgate");
             }
-            let snapshot = match config::load(&c.config) {
-                Ok(s) => s,
+            let (snapshot, file) = match reload::ConfigFile::load(&c.config) {
+                Ok(loaded) => loaded,
                 Err(e) => return fail(&e.to_string()),
             };
-            let result = server::run(snapshot, Some(&c.config), |bound| {
+            let result = server::run(snapshot, Some(file), |bound| {
                 println!(
                     "tollgate ready public={} admin={}",
                     bound.public, bound.admin

@@ -35,13 +35,16 @@ pub struct Reloader {
     read: Mutex<Option<Stamp>>,
 }
 
-/// What tells a changed config file apart: its size, modification time and inode, read
-/// through symlinks (a Kubernetes ConfigMap update swaps a symlink to a new file).
+/// What tells a changed config file apart: its size, inode, and modification and status
+/// change times (the latter moves on chmod and chown too, so fixing the permissions of a
+/// file tollgate could not read counts), read through symlinks (a Kubernetes ConfigMap
+/// update swaps a symlink to a new file).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
+pub struct Stamp {
     len: u64,
-    modified: Option<std::time::SystemTime>,
     inode: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
 }
 
 impl Stamp {
@@ -50,9 +53,30 @@ impl Stamp {
         let m = std::fs::metadata(path).ok()?;
         Some(Stamp {
             len: m.len(),
-            modified: m.modified().ok(),
             inode: m.ino(),
+            modified: (m.mtime(), m.mtime_nsec()),
+            changed: (m.ctime(), m.ctime_nsec()),
         })
+    }
+}
+
+/// The config file a process runs from, as it was when it was read.
+pub struct ConfigFile {
+    path: PathBuf,
+    read: Option<Stamp>,
+}
+
+impl ConfigFile {
+    /// Reads and validates the file; the stamp is taken first, so that a change made while
+    /// it is read, or while tollgate starts, is seen by `server.reload_on_change`.
+    pub fn load(path: &Path) -> Result<(Snapshot, ConfigFile), config::ConfigError> {
+        let read = Stamp::of(path);
+        let snapshot = config::load(path)?;
+        let file = ConfigFile {
+            path: path.to_path_buf(),
+            read,
+        };
+        Ok((snapshot, file))
     }
 }
 
@@ -104,20 +128,20 @@ impl AtStart {
 
 impl Reloader {
     pub fn new(
-        path: &Path,
+        file: ConfigFile,
         runtime: Arc<ArcSwap<Runtime>>,
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
     ) -> Self {
         let at_start = AtStart::of(&runtime.load().config);
         Reloader {
-            path: path.to_path_buf(),
+            path: file.path,
             runtime,
             metrics,
             ledger,
             busy: Mutex::new(()),
             at_start,
-            read: Mutex::new(Stamp::of(path)),
+            read: Mutex::new(file.read),
         }
     }
 
@@ -265,12 +289,12 @@ mod tests {
     fn reloader(dir: &Path, server: &str) -> Reloader {
         let path = dir.join("tollgate.toml");
         std::fs::write(&path, format!("{server}\n{KEYS}")).unwrap();
-        let snapshot = config::load(&path).unwrap();
+        let (snapshot, file) = ConfigFile::load(&path).unwrap();
         let metrics = Arc::new(Metrics::new());
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
             snapshot, None, &metrics,
         )));
-        Reloader::new(&path, runtime, metrics, None)
+        Reloader::new(file, runtime, metrics, None)
     }
 
     #[test]
@@ -295,6 +319,32 @@ mod tests {
         // Back to what runs: nothing waits any more.
         write("[server]\nlisten = \"127.0.0.1:0\"");
         assert_eq!(r.reload().unwrap(), "config reloaded");
+    }
+
+    #[test]
+    fn a_change_of_permissions_or_one_made_while_starting_counts_as_a_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        std::fs::write(&path, KEYS).unwrap();
+        let (snapshot, file) = ConfigFile::load(&path).unwrap();
+        // Written after the file was read, while tollgate still starts (ledger, budgets).
+        std::fs::write(
+            &path,
+            format!("{KEYS}[[models]]\nslug = \"late\"\npool = \"p\"\n"),
+        )
+        .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
+            snapshot, None, &metrics,
+        )));
+        let r = Reloader::new(file, runtime, metrics, None);
+        let read = *r.read.lock().unwrap();
+        assert_ne!(Stamp::of(&path), read, "the edit is a change still to read");
+        // Permissions fixed on a file that could not be read: same bytes, still a change.
+        let before = Stamp::of(&path);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_ne!(Stamp::of(&path), before);
     }
 
     #[test]

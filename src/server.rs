@@ -3,7 +3,6 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{IntoRawFd, RawFd};
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -20,7 +19,7 @@ use crate::admin::Admin;
 use crate::config::Snapshot;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::reload::{ReloadTriggers, Reloader};
+use crate::reload::{ConfigFile, ReloadTriggers, Reloader};
 use crate::runtime::Runtime;
 
 /// The addresses actually bound (a configured port 0 becomes a real port).
@@ -34,7 +33,7 @@ pub struct Bound {
 /// `on_ready` runs once the sockets accept connections (they queue until served).
 pub fn run(
     snapshot: Snapshot,
-    config_path: Option<&Path>,
+    config_file: Option<ConfigFile>,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), String> {
     let public = bind(snapshot.server.listen, "server.listen")?;
@@ -61,9 +60,9 @@ pub fn run(
         runtime.seed_budgets(ledger, None)?;
     }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
-    let reloader = config_path.map(|p| {
+    let reloader = config_file.map(|file| {
         Arc::new(Reloader::new(
-            p,
+            file,
             runtime.clone(),
             metrics.clone(),
             ledger.clone(),
