@@ -2,7 +2,7 @@
 //! and one JSON access-log line. Called from `logging` only, so it runs exactly once per
 //! request, whatever happened.
 
-use crate::account::{self, Ledger, UsageRecord};
+use crate::account;
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
 use crate::limits::Settlement;
@@ -10,7 +10,6 @@ use crate::metrics::{KeyMeters, Metrics};
 
 pub fn record(
     metrics: &Metrics,
-    ledger: Option<&Ledger>,
     alerter: &Alerter,
     ctx: &mut RequestCtx,
     err: Option<&pingora::Error>,
@@ -32,12 +31,9 @@ pub fn record(
             m.ttft.observe(ft.as_secs_f64());
         }
     }
-    let settled = account::settle(ctx);
-    let admitted = ctx.ticket.is_some();
-    ctx.logged = true;
-    let record = ledger.and_then(|l| Some((l, account::record(ctx, &settled, admitted)?)));
+    let (settled, settlement) = account::finish(ctx);
     let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
-    settle_limits(metrics, key_meters, alerter, ctx, &settled, record);
+    settle_limits(metrics, key_meters, alerter, ctx, settlement);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
         metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);
     }
@@ -75,15 +71,14 @@ pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &account::Settled) {
     );
 }
 
-/// Replaces the request's reservation by what it used, refreshes the key's budget gauges,
+/// After the reservation was settled (`settlement`): refreshes the key's budget gauges,
 /// fires any budget threshold this crossed, and counts refusals by kind.
 fn settle_limits(
     metrics: &Metrics,
     key_meters: Option<&KeyMeters>,
     alerter: &Alerter,
-    ctx: &mut RequestCtx,
-    settled: &account::Settled,
-    record: Option<(&Ledger, UsageRecord)>,
+    ctx: &RequestCtx,
+    settlement: Option<Settlement>,
 ) {
     let key_id = ctx.key_id.as_deref().unwrap_or("-");
     let refused = match ctx.error {
@@ -97,8 +92,7 @@ fn settle_limits(
     if let Some(kind) = refused {
         metrics.observe_rejection(key_id, kind);
     }
-    let Some(Settlement { spend, crossed }) = account::close(ctx.ticket.take(), settled, record)
-    else {
+    let Some(Settlement { spend, crossed }) = settlement else {
         return;
     };
     let (Some(runtime), Some(budget)) = (
@@ -111,7 +105,9 @@ fn settle_limits(
         metrics.observe_budget(
             k,
             spend.spent,
-            budget.nanos.saturating_sub(spend.spent + spend.reserved),
+            budget
+                .nanos
+                .saturating_sub(spend.spent.saturating_add(spend.reserved)),
         );
     }
     if !crossed.is_empty() {

@@ -178,16 +178,8 @@ impl Drop for RequestCtx {
         if self.logged {
             return;
         }
-        let settled = account::settle(self);
-        let ledger = self.ledger.take();
-        let record = ledger.as_deref().and_then(|ledger| {
-            Some((
-                ledger,
-                account::record(self, &settled, self.ticket.is_some())?,
-            ))
-        });
         // Settled at the estimate the record carries, not at its worst case.
-        account::close(self.ticket.take(), &settled, record);
+        let (settled, _) = account::finish(self);
         crate::access_log::line(self, Some("cut_at_shutdown"), &settled);
     }
 }

@@ -155,7 +155,7 @@ impl ProxyHttp for Gateway {
         if ctx.status == 0 {
             ctx.status = session.response_written().map_or(0, |h| h.status.as_u16());
         }
-        access_log::record(&self.metrics, self.ledger.as_deref(), &self.alerter, ctx, e);
+        access_log::record(&self.metrics, &self.alerter, ctx, e);
     }
 }
 

@@ -30,7 +30,7 @@ pub struct Settled {
 /// estimate of what was relayed (`Observed::output_estimate`), marked estimated; else zero:
 /// refused before forwarding, or answered with an error status and no usage (an engine that
 /// rejects a request has not generated anything for it, and the client got no answer).
-pub fn settle(ctx: &RequestCtx) -> Settled {
+fn settle(ctx: &RequestCtx) -> Settled {
     let (usage, estimated) = match ctx.usage {
         Some(u) => (u, false),
         None if ctx.sent && ctx.upstream_status < 400 => (
@@ -54,11 +54,24 @@ pub fn settle(ctx: &RequestCtx) -> Settled {
     }
 }
 
-/// Ends a request's accounting: settles its reservation, if it holds one, at what it used,
-/// handing its ledger record over in the same step (`Ticket::settle_with`), so a budget
-/// rebuilt from the ledger counts it exactly once; without a reservation, only hands the
-/// record over.
-pub fn close(
+/// Ends a request's accounting, once, however it ended (`logging`, or the context dropped
+/// at shutdown): what it used is settled, its record handed to the context's ledger, and its
+/// reservation released at that use. Marks the context done so it is never ended twice.
+pub fn finish(ctx: &mut RequestCtx) -> (Settled, Option<Settlement>) {
+    let settled = settle(ctx);
+    ctx.logged = true;
+    let ledger = ctx.ledger.take();
+    let row = ledger
+        .as_deref()
+        .and_then(|l| Some((l, record(ctx, &settled, ctx.ticket.is_some())?)));
+    let settlement = close(ctx.ticket.take(), &settled, row);
+    (settled, settlement)
+}
+
+/// Settles the reservation, if there is one, at what the request used, handing its ledger
+/// record over in the same step (`Ticket::settle_with`), so a budget rebuilt from the ledger
+/// counts it exactly once; without a reservation, only hands the record over.
+fn close(
     ticket: Option<Ticket>,
     settled: &Settled,
     record: Option<(&Ledger, UsageRecord)>,
@@ -86,7 +99,7 @@ pub fn close(
 /// a reservation, or reached a replica); `None` for other endpoints and for requests refused
 /// before that (401, 413, 429, 402…), which cost nothing and are counted in the metrics and
 /// the access log instead: the ledger cannot be grown by requests nobody pays for.
-pub fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<UsageRecord> {
+fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<UsageRecord> {
     if !matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
         || !(admitted || ctx.sent)
     {
