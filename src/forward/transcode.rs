@@ -38,19 +38,15 @@ enum Mode {
 }
 
 enum Collected {
-    OpenAiMessage { rename: Option<Rename> },
+    OpenAiMessage {
+        rename: Option<Rename>,
+    },
     AnthropicMessage(anthropic::AnswerPlan),
-    AnthropicError { status: u16 },
-    OpenAiError { status: u16 },
-}
-
-impl Collected {
-    fn is_error(&self) -> bool {
-        matches!(
-            self,
-            Collected::AnthropicError { .. } | Collected::OpenAiError { .. }
-        )
-    }
+    /// A replica's error answer, rewritten in the client's dialect.
+    ReplicaError {
+        status: u16,
+        dialect: Dialect,
+    },
 }
 
 impl Transcoder {
@@ -61,9 +57,15 @@ impl Transcoder {
         inter_token: Option<Histogram>,
     ) -> Self {
         let mode = match plan {
-            ResponsePlan::OpenAi { .. } if status >= 400 => Mode::Collect {
+            _ if status >= 400 => Mode::Collect {
                 buf: BytesMut::new(),
-                then: Collected::OpenAiError { status },
+                then: Collected::ReplicaError {
+                    status,
+                    dialect: match plan {
+                        ResponsePlan::OpenAi { .. } => Dialect::OpenAi,
+                        ResponsePlan::Anthropic(_) => Dialect::Anthropic,
+                    },
+                },
             },
             ResponsePlan::OpenAi {
                 wants_usage,
@@ -78,10 +80,6 @@ impl Transcoder {
                 then: Collected::OpenAiMessage {
                     rename: rename.as_ref().map(Rename::new),
                 },
-            },
-            ResponsePlan::Anthropic(_) if status >= 400 => Mode::Collect {
-                buf: BytesMut::new(),
-                then: Collected::AnthropicError { status },
             },
             ResponsePlan::Anthropic(answer) if sse => Mode::AnthropicStream {
                 framer: SseFramer::new(),
@@ -119,7 +117,7 @@ impl Transcoder {
             Mode::Collect { buf, then } => {
                 if buf.len() + chunk.len() > MAX_COLLECTED_BYTES {
                     // Of an error, the start is enough: its message is cut far shorter.
-                    if then.is_error() {
+                    if matches!(then, Collected::ReplicaError { .. }) {
                         let room = MAX_COLLECTED_BYTES - buf.len();
                         buf.extend_from_slice(&chunk[..room.min(chunk.len())]);
                         return Ok(None);
@@ -192,11 +190,8 @@ impl Transcoder {
                             .map(Bytes::from)
                             .map_err(|e| e.message)
                     }
-                    Collected::AnthropicError { status } => {
-                        Ok(Bytes::from(anthropic::error_from_openai(*status, buf)))
-                    }
-                    Collected::OpenAiError { status } => {
-                        Ok(Bytes::from(replica_error::openai_body(*status, buf)))
+                    Collected::ReplicaError { status, dialect } => {
+                        Ok(Bytes::from(replica_error::body(*dialect, *status, buf)))
                     }
                 }
             }

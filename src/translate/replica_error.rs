@@ -3,6 +3,8 @@
 
 use serde_json::{json, Value};
 
+use crate::respond::Dialect;
+
 /// The longest upstream message passed on, in bytes; longer ones are cut at a character
 /// boundary (an HTML error page is not a message).
 pub const MAX_MESSAGE_BYTES: usize = 2048;
@@ -37,6 +39,15 @@ pub fn message(status: u16, body: &[u8]) -> String {
             "The model replica refused the gateway's credentials (HTTP {status}: {message}). Your API key was accepted; the operator must check the pool's upstream_api_key_env."
         ),
         _ => message,
+    }
+}
+
+/// A replica's error answer in the client's `dialect` (see `openai_body` and
+/// `anthropic::error_from_openai`).
+pub fn body(dialect: Dialect, status: u16, body: &[u8]) -> Vec<u8> {
+    match dialect {
+        Dialect::OpenAi => openai_body(status, body),
+        Dialect::Anthropic => crate::translate::anthropic::error_from_openai(status, body),
     }
 }
 
