@@ -150,22 +150,16 @@ impl Reloader {
     pub fn reload(&self) -> Result<String, String> {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         // Before reading: a change made while this reload reads is seen as a change after.
-        *self.read.lock().unwrap_or_else(|e| e.into_inner()) = Stamp::of(&self.path);
+        let stamp = Stamp::of(&self.path);
+        *self.read.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         // An empty file parses as a valid config that serves nothing; on a reload it is far
         // more likely a file caught between truncation and write.
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() == 0) {
-            self.metrics.observe_reload(false);
-            let e = "the config file is empty; keeping the running config";
-            tracing::error!("config reload refused: {e}");
-            return Err(e.into());
+        if stamp.is_some_and(|s| s.len == 0) {
+            return self.refuse("the config file is empty".into());
         }
         let fresh = match config::load(&self.path) {
             Ok(s) => s,
-            Err(e) => {
-                self.metrics.observe_reload(false);
-                tracing::error!(error = %e, "config reload refused; keeping the running config");
-                return Err(e.to_string());
-            }
+            Err(e) => return self.refuse(e.to_string()),
         };
         let current = self.runtime.load();
         let old = &current.config;
@@ -173,9 +167,7 @@ impl Reloader {
         let next = Runtime::new(fresh, Some(&current), &self.metrics);
         if let Some(ledger) = &self.ledger {
             if let Err(e) = next.seed_budgets(ledger, Some(old)) {
-                self.metrics.observe_reload(false);
-                tracing::error!(error = %e, "config reload refused: budgets could not be rebuilt from the ledger; keeping the running config");
-                return Err(format!("budgets could not be rebuilt from the ledger: {e}"));
+                return self.refuse(format!("budgets could not be rebuilt from the ledger: {e}"));
             }
         }
         self.runtime.store(Arc::new(next));
@@ -190,6 +182,13 @@ impl Reloader {
         };
         tracing::info!(restart_needed = ?restart, "{note}");
         Ok(note)
+    }
+
+    /// A reload that changes nothing: logged and counted; the running config stays.
+    fn refuse(&self, why: String) -> Result<String, String> {
+        self.metrics.observe_reload(false);
+        tracing::error!(error = %why, "config reload refused; keeping the running config");
+        Err(why)
     }
 }
 
