@@ -46,20 +46,27 @@ impl std::error::Error for ConfigError {}
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
-    let text = read(path)?;
-    parse(&text).map_err(|mut e| {
-        e.file = Some(path.to_path_buf());
-        e
-    })
+    from_file(path, parse)
 }
 
-fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: Some(path.to_path_buf()),
-        line: None,
-        path: String::new(),
-        message: format!("cannot read the config file: {e}"),
-    })
+/// `take` applied to the text of the file at `path`; its errors name the file.
+fn from_file<T>(
+    path: &Path,
+    take: impl FnOnce(&str) -> Result<T, ConfigError>,
+) -> Result<T, ConfigError> {
+    let in_file = |mut e: ConfigError| {
+        e.file = Some(path.to_path_buf());
+        e
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        in_file(ConfigError {
+            file: None,
+            line: None,
+            path: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        })
+    })?;
+    take(&text).map_err(in_file)
 }
 
 /// Parses and validates config text.
@@ -71,13 +78,9 @@ pub fn parse(text: &str) -> Result<Snapshot, ConfigError> {
 /// commands that read the ledger and nothing else (`tollgate usage`), so that they need
 /// neither the replicas' secrets in the environment nor their names in DNS.
 pub fn load_state(path: &Path) -> Result<StateSettings, ConfigError> {
-    let text = read(path)?;
-    parse_raw(&text)
-        .and_then(|raw| validate::state(&raw.state, &validate::Source { text: &text }))
-        .map_err(|mut e| {
-            e.file = Some(path.to_path_buf());
-            e
-        })
+    from_file(path, |text| {
+        validate::state(&parse_raw(text)?.state, &validate::Source { text })
+    })
 }
 
 /// The file as TOML in the config's shape; an error names the TOML path where it is.
