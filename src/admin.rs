@@ -147,6 +147,8 @@ impl ServeHttp for Admin {
         let req = session.req_header();
         let (method, path) = (req.method.as_str().to_string(), req.uri.path().to_string());
         let query = req.uri.query().unwrap_or("").to_string();
+        // The one method the URL answers, if it is an admin URL: for a 405's `Allow`.
+        let allowed = method_of(&path);
         let (status, content_type, body) = match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => (200, "text/plain; version=0.0.4", self.metrics.render()),
             ("GET", "/healthz") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
@@ -177,7 +179,7 @@ impl ServeHttp for Admin {
                 let (status, body) = self.key(&p["/admin/keys/".len()..]);
                 (status, "application/json", body)
             }
-            (_, p) => match method_of(p) {
+            (_, p) => match allowed {
                 Some(allowed) => {
                     let (status, body) = error(405, &format!("{p} only accepts {allowed}"));
                     (status, "application/json", body)
@@ -195,10 +197,8 @@ impl ServeHttp for Admin {
             .status(status)
             .header(http::header::CONTENT_TYPE, content_type)
             .header(http::header::CONTENT_LENGTH, body.len());
-        if status == 405 {
-            if let Some(allowed) = method_of(&path) {
-                response = response.header(http::header::ALLOW, allowed);
-            }
+        if let Some(allowed) = allowed.filter(|_| status == 405) {
+            response = response.header(http::header::ALLOW, allowed);
         }
         response
             .body(body)

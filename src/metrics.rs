@@ -49,23 +49,6 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 impl Metrics {
-    /// Waits, at most `limit`, until no request is in flight: every request's record has
-    /// then been handed to the ledger. After a fast stop (SIGINT), Pingora returns while its
-    /// workers are still dropping the requests it cut, each of which hands its record as it
-    /// drops.
-    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
-        let give_up = std::time::Instant::now() + limit;
-        while self.inflight.get() > 0 {
-            if std::time::Instant::now() >= give_up {
-                return false;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        true
-    }
-}
-
-impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
@@ -253,6 +236,21 @@ impl Metrics {
             ledger_dropped,
             ledger_write_errors,
         }
+    }
+
+    /// Waits, at most `limit`, until no request is in flight: every request's record has
+    /// then been handed to the ledger. After a fast stop (SIGINT), Pingora returns while its
+    /// workers are still dropping the requests it cut, each of which hands its record as it
+    /// drops.
+    pub fn wait_idle(&self, limit: std::time::Duration) -> bool {
+        let give_up = std::time::Instant::now() + limit;
+        while self.inflight.get() > 0 {
+            if std::time::Instant::now() >= give_up {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
     }
 
     /// Counts a finished request and its duration. `model` is the model's handles when the

@@ -427,9 +427,9 @@ fn is_safe_request_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
 }
 
-/// The slug in `/v1/models/{slug}`; slugs contain `/`, which clients may send as `%2F`.
-/// The slug a `/v1/models/{slug}` path names, percent-decoded. It may be empty or not
-/// name any model; the lookup then answers 404 `model_not_found`.
+/// The slug a `/v1/models/{slug}` path names, percent-decoded (slugs contain `/`, which
+/// clients may send as `%2F`). It may be empty or not name any model; the lookup then
+/// answers 404 `model_not_found`.
 fn model_path(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v1/models/")?;
     Some(

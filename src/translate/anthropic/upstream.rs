@@ -175,14 +175,16 @@ fn user_messages(message: &Message, tool_images: bool, out: &mut Vec<Value>) {
                     "tool_call_id": tool_use_id,
                     "content": tool_result_text(parts, *is_error, tool_images),
                 }));
-                for part in parts.iter().filter(|_| tool_images) {
-                    if let ResultPart::Image(image) = part {
-                        result_images.push(json!({
-                            "type": "text",
-                            "text": format!("Image returned by tool call {tool_use_id}:"),
-                        }));
-                        result_images.push(image_part(image));
-                    }
+                let images = parts.iter().filter_map(|p| match p {
+                    ResultPart::Image(image) if tool_images => Some(image),
+                    _ => None,
+                });
+                for image in images {
+                    result_images.push(json!({
+                        "type": "text",
+                        "text": format!("Image returned by tool call {tool_use_id}:"),
+                    }));
+                    result_images.push(image_part(image));
                 }
             }
             Block::Text(t) => texts.push(t),
