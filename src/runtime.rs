@@ -157,6 +157,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::account::ledger::SpendAnswer;
     use crate::account::{record_id, UsageRecord};
     use crate::config;
     use crate::limits::{Demand, Ticket};
@@ -229,6 +230,28 @@ mod tests {
             .spent
     }
 
+    /// A rebuild of this month's spend started by hand, as `rebuild_budgets` does it: the
+    /// counters marked and the ledger asked under the hold. Returns the month's start.
+    fn ask_for_month(counters: &limits::Counters, ledger: &Ledger) -> (i64, SpendAnswer) {
+        let start = limits::period::start(config::Period::Monthly, limits::now_ms());
+        let mut held = counters.hold();
+        held.begin_rebuild(start, None);
+        let answer = ledger.ask_spend_since(start, None);
+        drop(held);
+        (start, answer)
+    }
+
+    /// Ends that rebuild with `spent` from the ledger, for a budget alerting at `alert_at`.
+    fn finish_month(counters: &limits::Counters, start: i64, spent: u64, alert_at: &[f64]) {
+        let from_ledger = limits::Spend {
+            period_start: start,
+            spent,
+            period: Some(config::Period::Monthly),
+            ..limits::Spend::default()
+        };
+        counters.finish_rebuild(from_ledger, alert_at, &[]);
+    }
+
     #[test]
     fn a_request_settling_while_the_ledger_is_asked_counts_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -240,31 +263,18 @@ mod tests {
             &metrics,
         );
         let counters = runtime.limits.key("k").unwrap();
-        let start = limits::period::start(config::Period::Monthly, limits::now_ms());
         finish(&ledger, admit(&runtime), 10_000);
         let running = admit(&runtime);
 
         // The rebuild's steps, with a settlement between the question and the answer.
-        let mut held = counters.hold();
-        held.begin_rebuild(start, None);
-        let answer = ledger.ask_spend_since(start, None);
-        drop(held);
+        let (start, answer) = ask_for_month(counters, &ledger);
         finish(&ledger, running, 7_000);
         let from_ledger = answer.wait().unwrap();
         assert_eq!(
             from_ledger["k"].spent_nanos, 10_000,
             "the answer is as of the question"
         );
-        counters.finish_rebuild(
-            limits::Spend {
-                period_start: start,
-                spent: from_ledger["k"].spent_nanos,
-                period: Some(config::Period::Monthly),
-                ..limits::Spend::default()
-            },
-            &[],
-            &[],
-        );
+        finish_month(counters, start, from_ledger["k"].spent_nanos, &[]);
         assert_eq!(spent(&runtime), 17_000, "each request once");
         ledger.close();
     }
@@ -280,28 +290,16 @@ mod tests {
             &metrics,
         );
         let counters = runtime.limits.key("k").unwrap();
-        let start = limits::period::start(config::Period::Monthly, limits::now_ms());
         let running = admit(&runtime);
 
-        let mut held = counters.hold();
-        held.begin_rebuild(start, None);
-        let answer = ledger.ask_spend_since(start, None);
-        drop(held);
+        let (start, answer) = ask_for_month(counters, &ledger);
         // Half the budget settles after the question: the alert fires now, and its row
         // reaches the ledger after the answer was taken.
         let crossed = finish(&ledger, running, 600_000_000).crossed;
         assert_eq!(crossed.len(), 1);
         let from_ledger = answer.wait().unwrap();
         assert!(from_ledger.get("k").is_none_or(|s| s.fired.is_empty()));
-        counters.finish_rebuild(
-            limits::Spend {
-                period_start: start,
-                period: Some(config::Period::Monthly),
-                ..limits::Spend::default()
-            },
-            &[0.5],
-            &[],
-        );
+        finish_month(counters, start, 0, &[0.5]);
         assert_eq!(spent(&runtime), 600_000_000);
         let next = finish(&ledger, admit(&runtime), 1_000);
         assert!(next.crossed.is_empty(), "the 50% alert fired once already");
