@@ -230,6 +230,13 @@ mod tests {
             .spent
     }
 
+    /// A fresh ledger (in its directory, removed when dropped) and metrics.
+    fn ledger() -> (tempfile::TempDir, Ledger, Metrics) {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        (dir, ledger, Metrics::new())
+    }
+
     /// A rebuild of this month's spend started by hand, as `rebuild_budgets` does it: the
     /// counters marked and the ledger asked under the hold. Returns the month's start.
     fn ask_for_month(counters: &limits::Counters, ledger: &Ledger) -> (i64, SpendAnswer) {
@@ -254,9 +261,7 @@ mod tests {
 
     #[test]
     fn a_request_settling_while_the_ledger_is_asked_counts_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let (_dir, ledger, metrics) = ledger();
         let runtime = Runtime::new(
             config("budget = { usd = 1.0, period = \"monthly\" }"),
             None,
@@ -281,9 +286,7 @@ mod tests {
 
     #[test]
     fn an_alert_fired_while_the_ledger_is_asked_does_not_fire_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let (_dir, ledger, metrics) = ledger();
         let runtime = Runtime::new(
             config("budget = { usd = 1.0, period = \"monthly\", alert_at = [0.5] }"),
             None,
@@ -308,9 +311,7 @@ mod tests {
 
     #[test]
     fn a_reload_that_gives_a_key_a_budget_keeps_what_its_running_requests_cost() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let (_dir, ledger, metrics) = ledger();
         let old = Runtime::new(config(""), None, &metrics);
         finish(&ledger, admit(&old), 10_000);
         let running = admit(&old);
@@ -336,9 +337,7 @@ mod tests {
 
     #[test]
     fn a_rebuild_the_ledger_cannot_answer_changes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let (_dir, ledger, metrics) = ledger();
         let old = Runtime::new(
             config("budget = { usd = 1.0, period = \"daily\" }"),
             None,
