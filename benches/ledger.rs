@@ -3,13 +3,11 @@
 //!
 //!     cargo bench --bench ledger
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use tollgate::account::{Ledger, UsageRecord};
-use tollgate::metrics::Metrics;
-use tollgate::translate::usage::Usage;
+use tollgate::vocab::Usage;
 
 fn records(n: usize, offset: usize) -> Vec<UsageRecord> {
     (0..n)
@@ -38,7 +36,7 @@ fn records(n: usize, offset: usize) -> Vec<UsageRecord> {
 
 fn ledger_writes(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).expect("ledger opens");
+    let ledger = Ledger::open(dir.path(), Default::default()).expect("ledger opens");
     let mut group = c.benchmark_group("ledger");
     group
         .measurement_time(Duration::from_secs(8))

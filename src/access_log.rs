@@ -1,58 +1,66 @@
-//! The end of every request: its usage settled and handed to the ledger, the request metrics,
-//! and one JSON access-log line. Called from `logging` only, so it runs exactly once per
-//! request, whatever happened.
+//! The end of every request, once it is accounted: its metrics, its budget gauges and
+//! alerts, and one JSON access-log line.
 
-use crate::account;
+use crate::account::Settled;
 use crate::alerts::Alerter;
 use crate::ctx::RequestCtx;
 use crate::limits::Settlement;
 use crate::metrics::{KeyMeters, Metrics};
 
-pub fn record(
+/// Stages "metrics" and "alerts": the request's counts, latencies, tokens and cost, the
+/// replicas' attempts, refusals by kind, and what settling its reservation did to its key's
+/// budget (`settlement`).
+pub fn observe(
     metrics: &Metrics,
     alerter: &Alerter,
-    ctx: &mut RequestCtx,
-    err: Option<&pingora::Error>,
+    ctx: &RequestCtx,
+    settled: &Settled,
+    settlement: Option<Settlement>,
+    error: Option<&str>,
 ) {
-    let elapsed = ctx.started.elapsed();
-    let runtime = ctx.runtime.clone();
-    let meters = runtime.as_deref().map(|r| &r.meters);
+    let meters = ctx.runtime.as_deref().map(|r| &r.meters);
     let model_meters = meters.and_then(|m| m.model(ctx.model_label()));
-    metrics.observe_request(ctx.endpoint, model_meters, ctx.status, elapsed);
-    let error = ctx.error.or_else(|| err.map(|_| "connection_error"));
+    metrics.observe_request(
+        ctx.endpoint,
+        model_meters,
+        ctx.status,
+        ctx.started.elapsed(),
+    );
     if let Some(code) = error {
         metrics.observe_error(ctx.model_label(), code);
     }
+    for attempt in &ctx.outcome.attempts {
+        let replica = meters.and_then(|m| m.replica(&attempt.replica.authority));
+        if let (Some(replica), Some(ok)) = (replica, attempt.ok) {
+            metrics.observe_attempt(replica, ok);
+        }
+    }
     if let Some(m) = model_meters {
-        if let Some(fb) = ctx.first_byte {
+        if let Some(fb) = ctx.outcome.first_byte {
             m.ttfb.observe(fb.as_secs_f64());
         }
-        if let Some(ft) = ctx.first_token {
+        if let Some(ft) = ctx.outcome.first_token {
             m.ttft.observe(ft.as_secs_f64());
         }
     }
-    let (settled, settlement) = account::finish(ctx);
-    let key_meters = meters.and_then(|m| m.key(ctx.key_id.as_deref().unwrap_or("-")));
+    let key_meters = meters.and_then(|m| m.key(ctx.key_label()));
     settle_limits(metrics, key_meters, alerter, ctx, settlement);
     if let (Some(m), Some(k)) = (model_meters, key_meters) {
         metrics.observe_usage(m, k, &settled.usage, settled.cost_nanos as f64 / 1e9);
     }
-    line(ctx, error, &settled);
 }
 
-/// The request's JSON access-log line (target `tollgate::access`).
-pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &account::Settled) {
+/// The request's JSON access-log line (target `tollgate::access`). Never a key or a prompt.
+pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &Settled) {
     let elapsed = ctx.started.elapsed();
-    let key = ctx.key_id.as_deref().unwrap_or("-");
-    let model = ctx.model_label();
-
+    let outcome = &ctx.outcome;
     let u = &settled.usage;
     tracing::info!(
         target: "tollgate::access",
         request_id = %ctx.request_id,
         endpoint = ctx.endpoint.label(),
-        key_id = key,
-        model,
+        key_id = ctx.key_label(),
+        model = ctx.model_label(),
         stream = ctx.stream,
         status = ctx.status,
         error = error.unwrap_or("-"),
@@ -63,10 +71,10 @@ pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &account::Settled) {
         cost_usd = settled.cost_nanos as f64 / 1e9,
         estimated = settled.estimated,
         duration_ms = elapsed.as_secs_f64() * 1e3,
-        first_byte_ms = ctx.first_byte.map(|d| d.as_secs_f64() * 1e3),
-        first_token_ms = ctx.first_token.map(|d| d.as_secs_f64() * 1e3),
-        replica = ctx.replica.as_deref(),
-        attempts = ctx.attempts,
+        first_byte_ms = outcome.first_byte.map(|d| d.as_secs_f64() * 1e3),
+        first_token_ms = outcome.first_token.map(|d| d.as_secs_f64() * 1e3),
+        replica = outcome.replica().map(|r| &**r),
+        attempts = outcome.attempts.len(),
         "request"
     );
 }
@@ -80,7 +88,7 @@ fn settle_limits(
     ctx: &RequestCtx,
     settlement: Option<Settlement>,
 ) {
-    let key_id = ctx.key_id.as_deref().unwrap_or("-");
+    let key_id = ctx.key_label();
     let refused = match ctx.error {
         Some("rate_limit_requests") => Some("requests"),
         Some("rate_limit_tokens") => Some("tokens"),

@@ -5,6 +5,27 @@ use serde_json::{json, Value};
 
 use crate::config::{Key, Model, Price, Snapshot};
 
+/// The answer to `GET /v1/models` or `GET /v1/models/{slug}` (as `path` names), or the slug
+/// that names no model this key may see.
+pub fn answer(snapshot: &Snapshot, key: &Key, path: &str) -> Result<Value, String> {
+    match model_path(path) {
+        None => Ok(list(snapshot, key)),
+        Some(slug) => get(snapshot, key, &slug).ok_or(slug),
+    }
+}
+
+/// The slug a `/v1/models/{slug}` path names, percent-decoded (slugs contain `/`, which
+/// clients may send as `%2F`). It may be empty or not name any model; the lookup then
+/// answers 404 `model_not_found`.
+fn model_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/models/")?;
+    Some(
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
 /// The models this key may use, in config order.
 pub fn list(snapshot: &Snapshot, key: &Key) -> Value {
     let data: Vec<Value> = snapshot
@@ -65,7 +86,23 @@ fn per_token(per_mtok: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::per_token;
+    use super::{model_path, per_token};
+
+    #[test]
+    fn model_paths_are_percent_decoded() {
+        assert_eq!(
+            model_path("/v1/models/org/name").as_deref(),
+            Some("org/name")
+        );
+        assert_eq!(
+            model_path("/v1/models/org%2Fname").as_deref(),
+            Some("org/name")
+        );
+        assert_eq!(model_path("/v1/models/").as_deref(), Some(""));
+        assert_eq!(model_path("/v1/models/%zz").as_deref(), Some("%zz"));
+        assert_eq!(model_path("/v1/models/%FF").as_deref(), Some("\u{FFFD}"));
+        assert_eq!(model_path("/v1/modelsx"), None);
+    }
 
     #[test]
     fn prices_are_per_token_decimal_strings() {

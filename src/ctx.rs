@@ -1,112 +1,54 @@
-//! Per-request context. Each field says which stage writes it and which read it; a stage never
-//! reads what a later stage owns.
+//! Per-request context: plain state. Each field says which stage writes it and which read it;
+//! a stage never reads what a later stage owns. Only orchestration (proxy.rs and the modules
+//! it calls) sees the context: stages take and return values.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::account::{self, Ledger};
+use crate::account::{self, Bill, Ledger, Settled};
 use crate::config::{Key, Model};
-use crate::limits::Ticket;
-use crate::respond::Dialect;
+use crate::forward::Outcome;
+use crate::limits::{Settlement, Ticket};
 use crate::runtime::Runtime;
-use crate::translate::usage::Usage;
-
-/// Which surface a request hit; also the `endpoint` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions,
-    Messages,
-    CountTokens,
-    Models,
-    Model,
-    Unknown,
-}
-
-impl Endpoint {
-    /// The error dialect of the surface. Outside the two known surfaces (a wrong method or
-    /// path, the catalog), a request under `/v1/messages` or one sent with
-    /// `anthropic-version` (as the Anthropic SDK does) gets Anthropic's.
-    pub fn dialect(self, req: &http::request::Parts) -> Dialect {
-        match self {
-            Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
-            Endpoint::ChatCompletions => Dialect::OpenAi,
-            Endpoint::Models | Endpoint::Model | Endpoint::Unknown => {
-                let anthropic = req.uri.path().starts_with("/v1/messages")
-                    || req.headers.contains_key("anthropic-version");
-                match anthropic {
-                    true => Dialect::Anthropic,
-                    false => Dialect::OpenAi,
-                }
-            }
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat_completions",
-            Endpoint::Messages => "messages",
-            Endpoint::CountTokens => "count_tokens",
-            Endpoint::Models => "models",
-            Endpoint::Model => "model",
-            Endpoint::Unknown => "unknown",
-        }
-    }
-}
+use crate::vocab::Endpoint;
 
 pub struct RequestCtx {
     /// new_ctx → logging.
     pub started: Instant,
     /// new_ctx → account: the same moment on the wall clock.
     pub started_at: SystemTime,
-    /// accept (request_filter start) → every response, the upstream request, logging.
+    /// accept → every response, the upstream request, logging.
     pub request_id: String,
     /// accept → every later stage. The one config snapshot this request uses to its end.
     pub runtime: Option<Arc<Runtime>>,
     /// accept → logging, metrics.
     pub endpoint: Endpoint,
-    /// identify → logging.
-    pub key_id: Option<Arc<str>>,
-    /// identify → account (budget settlement).
+    /// identify → admit, account, logging.
     pub key: Option<Arc<Key>>,
     /// read body → respond (whether the connection can be kept after an early answer).
     pub body_read: bool,
     /// understand → logging.
     pub stream: bool,
-    /// route → forward, logging, metrics.
-    pub model: Option<Arc<Model>>,
-    /// forward → logging.
-    pub replica: Option<Arc<str>>,
-    /// forward → logging.
-    pub attempts: u32,
-    /// forward → logging, metrics: time to the replica's response header.
-    pub first_byte: Option<Duration>,
-    /// forward → account: the status the replica answered with (0: no response header).
-    pub upstream_status: u16,
     /// understand → account: the prompt's estimated tokens (used when no usage arrives).
     pub input_estimate: u32,
-    /// forward → account: the request reached a replica (it may have spent GPU time).
-    pub sent: bool,
-    /// forward → account: usage the replica reported, if any.
-    pub usage: Option<Usage>,
-    /// forward → account: output tokens as estimated from what was relayed, for when the
-    /// replica reports no usage.
-    pub output_estimate: u64,
-    /// forward → account, metrics: time to the first generated token (streams).
-    pub first_token: Option<Duration>,
+    /// route → admit, forward, account, logging, metrics.
+    pub model: Option<Arc<Model>>,
     /// admit → account: the request's reservation against limits and budget.
     pub ticket: Option<Ticket>,
     /// admit → every response header: rate-limit headers and notices.
     pub headers: Vec<(&'static str, String)>,
+    /// forward → account, metrics, logging: what the exchange with the replicas did.
+    pub outcome: Outcome,
     /// respond / forward → logging, metrics. The status the client was sent (499: it left).
     pub status: u16,
     /// respond / forward → logging, metrics. The error code, when the request failed.
     pub error: Option<&'static str>,
-    /// new_ctx → drop: where a request that never reached `logging` is still recorded.
+    /// new_ctx → account: where the request's record goes.
     pub ledger: Option<Arc<Ledger>>,
-    /// logging → drop: `logging` ran (and recorded the request).
-    pub logged: bool,
-    /// request_filter → logging or drop: counts the request in `tollgate_requests_in_flight`
-    /// until its record is handed to the ledger, however it ends (see `Metrics::wait_idle`).
+    /// account → the end: the request was accounted (it is never accounted twice).
+    pub accounted: bool,
+    /// request_filter → the end: counts the request in `tollgate_requests_in_flight` until
+    /// its record is handed to the ledger, however it ends (see `Metrics::wait_idle`).
     /// Declared last, so that it drops after everything else in the context.
     pub in_flight: Option<InFlight>,
 }
@@ -135,51 +77,66 @@ impl RequestCtx {
             request_id: String::new(),
             runtime: None,
             endpoint: Endpoint::Unknown,
-            key_id: None,
             key: None,
             body_read: false,
             stream: false,
-            model: None,
-            replica: None,
-            attempts: 0,
-            first_byte: None,
-            upstream_status: 0,
             input_estimate: 0,
-            sent: false,
-            usage: None,
-            output_estimate: 0,
-            first_token: None,
+            model: None,
             ticket: None,
             headers: Vec::new(),
+            outcome: Outcome::default(),
             status: 0,
             error: None,
             ledger,
-            logged: false,
+            accounted: false,
             in_flight: None,
         }
+    }
+
+    /// Stage "account": settles what the request used, hands its record to the ledger and
+    /// releases its reservation. Runs once; the context remembers that it ran.
+    pub fn account(&mut self) -> (Settled, Option<Settlement>) {
+        self.accounted = true;
+        if self.status == 0 {
+            // Cut while relaying: the status the relay sent, if it sent one.
+            self.status = self.outcome.status;
+        }
+        let ledger = self.ledger.take();
+        let ticket = self.ticket.take();
+        let bill = Bill {
+            endpoint: self.endpoint,
+            request_id: &self.request_id,
+            started: self.started,
+            started_ms: self.started_ms(),
+            key_id: self.key.as_ref().map(|k| &k.id),
+            model: self.model.as_ref(),
+            input_estimate: self.input_estimate,
+            status: self.status,
+        };
+        account::finish(&bill, &self.outcome, ticket, ledger.as_deref())
+    }
+
+    /// When the request arrived, in Unix milliseconds: its ledger row's time, and the budget
+    /// period its cost belongs to.
+    pub fn started_ms(&self) -> i64 {
+        self.started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
     }
 
     /// The model label for metrics and logs: a configured slug, or "-".
     pub fn model_label(&self) -> &str {
         self.model.as_ref().map_or("-", |m| &*m.slug)
     }
+
+    /// The key label for metrics and logs: a configured key id, or "-".
+    pub fn key_label(&self) -> &str {
+        self.key.as_ref().map_or("-", |k| &*k.id)
+    }
 }
 
 impl Default for RequestCtx {
     fn default() -> Self {
         Self::new(None)
-    }
-}
-
-impl Drop for RequestCtx {
-    /// A request whose task was dropped before `logging` (a shutdown past the grace period
-    /// cuts whatever still runs) may have used a replica: it is still recorded, estimated.
-    fn drop(&mut self) {
-        if self.logged {
-            return;
-        }
-        // Settled at the estimate the record carries, not at its worst case.
-        let (settled, _) = account::finish(self);
-        crate::access_log::line(self, Some("cut_at_shutdown"), &settled);
     }
 }

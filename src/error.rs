@@ -7,6 +7,7 @@ use crate::forward::ForwardError;
 use crate::limits::{LimitError, LimitKind, Scope};
 use crate::route::RouteError;
 use crate::translate::RequestError;
+use crate::vocab::Problem;
 
 #[derive(Debug)]
 pub enum GatewayError {
@@ -90,11 +91,6 @@ impl GatewayError {
                 "invalid_request_error"
             }
         }
-    }
-
-    /// Anthropic's `error.type`, decided by the status as the Anthropic API does.
-    pub fn anthropic_type(&self) -> &'static str {
-        crate::translate::anthropic::error_type_for_status(self.status())
     }
 
     /// A stable, low-cardinality code: OpenAI's `error.code` and the metric label.
@@ -205,6 +201,25 @@ impl GatewayError {
             ),
             MethodNotAllowed { path, allow } => format!("{path} only accepts {allow}."),
         }
+    }
+}
+
+impl GatewayError {
+    /// The error as the client reads it, in any dialect.
+    pub fn problem(&self) -> Problem {
+        Problem {
+            status: self.status(),
+            kind: self.kind(),
+            code: self.code(),
+            param: self.param().map(str::to_string),
+            message: self.message(),
+        }
+    }
+
+    /// How a failure of the exchange reads to the client: what the forward stage puts in the
+    /// event that ends a stream the replica broke off.
+    pub fn of_forward(e: &ForwardError) -> Problem {
+        GatewayError::Forward(e.clone()).problem()
     }
 }
 

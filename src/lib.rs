@@ -1,14 +1,24 @@
 //! tollgate: an edge proxy for GPU inference replicas that speak the OpenAI API.
 //!
 //! ```text
-//! accept ─▶ identify ─▶ read body ─▶ understand ─▶ route ─▶ forward ─▶ log
-//!           (key)       (cap→413)    (parse)      (model,  (replica,   (metrics,
-//!                                                  pool)    relay)      access log)
+//! accept ─▶ identify ─▶ read body ─▶ understand ─▶ route ─▶ admit ─▶ forward ─▶ account ─▶ observe, log
+//!           (key)       (cap→413)    (parse,       (model)  (limits, (replica,  (usage,     (metrics,
+//!                                     translate)             budget)  relay)    ledger)     alerts)
 //! ```
 //!
-//! `proxy.rs` is the table of contents: one Pingora hook per stage. `ctx.rs` says which stage
-//! writes each piece of per-request state. Config is parsed, validated and frozen in `config`,
-//! and a request keeps one snapshot of it from start to end.
+//! Three layers, each importing only the ones below it (`tests/layers.rs` checks this):
+//!
+//! - vocabulary: [`vocab`] (endpoint, dialect, usage, prices, ids, the error as a client
+//!   reads it) and [`config`] (the frozen snapshot);
+//! - stages, in pipeline order: [`auth`], [`body`], [`translate`], [`catalog`], [`limits`],
+//!   [`route`], [`forward`], [`account`], [`metrics`], [`alerts`]. A stage takes values and
+//!   returns values; none knows the request context or writes a response of its own;
+//! - orchestration: [`proxy`] (the table of contents: one line per stage), [`ctx`],
+//!   [`error`], [`respond`], [`access_log`], [`runtime`], [`reload`], [`admin`],
+//!   [`server`], [`demo`], [`logs`].
+//!
+//! [`sim`] is the simulated GPU replica, on its own. ARCHITECTURE.md at the repository root
+//! describes the design and the measurements behind it.
 
 pub mod access_log;
 pub mod account;
@@ -33,3 +43,4 @@ pub mod runtime;
 pub mod server;
 pub mod sim;
 pub mod translate;
+pub mod vocab;

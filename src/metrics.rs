@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::account::ledger::LedgerMeters;
 use crate::config::Snapshot;
-use crate::ctx::Endpoint;
-use crate::translate::usage::Usage;
+use crate::vocab::{Endpoint, Usage};
 
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
@@ -32,9 +32,9 @@ pub struct Metrics {
     webhook_failures: IntCounter,
     reloads: IntCounterVec,
     pub inflight: IntGauge,
-    pub ledger_queue: IntGauge,
-    pub ledger_dropped: IntCounter,
-    pub ledger_write_errors: IntCounter,
+    ledger_queue: IntGauge,
+    ledger_dropped: IntCounter,
+    ledger_write_errors: IntCounter,
 }
 
 /// Request latency buckets in seconds: from sub-millisecond gateway answers to long generations.
@@ -297,6 +297,15 @@ impl Metrics {
         self.errors.with_label_values(&[model, code]).inc();
     }
 
+    /// The ledger's handles (queue depth, drops, write errors).
+    pub fn ledger_meters(&self) -> LedgerMeters {
+        LedgerMeters {
+            queue: self.ledger_queue.clone(),
+            dropped: self.ledger_dropped.clone(),
+            write_errors: self.ledger_write_errors.clone(),
+        }
+    }
+
     pub fn observe_attempt(&self, replica: &ReplicaMeters, ok: bool) {
         let (slot, outcome) = if ok {
             (&replica.ok, "ok")
@@ -381,6 +390,8 @@ const ENDPOINTS: usize = Endpoint::Unknown as usize + 1;
 pub struct Meters {
     models: HashMap<String, ModelMeters>,
     keys: HashMap<String, KeyMeters>,
+    /// By replica address as rendered (`Replica::authority`).
+    replicas: HashMap<String, ReplicaMeters>,
 }
 
 impl Meters {
@@ -418,7 +429,20 @@ impl Meters {
                 (k.id.to_string(), meters)
             })
             .collect();
-        Meters { models, keys }
+        let replicas = snapshot
+            .pools
+            .iter()
+            .flat_map(|p| &p.replicas)
+            .map(|addr| {
+                let label = addr.to_string();
+                (label.clone(), ReplicaMeters::new(label))
+            })
+            .collect();
+        Meters {
+            models,
+            keys,
+            replicas,
+        }
     }
 
     pub fn model(&self, slug: &str) -> Option<&ModelMeters> {
@@ -427,6 +451,10 @@ impl Meters {
 
     pub fn key(&self, id: &str) -> Option<&KeyMeters> {
         self.keys.get(id)
+    }
+
+    pub fn replica(&self, authority: &str) -> Option<&ReplicaMeters> {
+        self.replicas.get(authority)
     }
 }
 
@@ -460,7 +488,7 @@ pub struct ReplicaMeters {
 }
 
 impl ReplicaMeters {
-    pub fn new(label: String) -> Self {
+    fn new(label: String) -> Self {
         ReplicaMeters {
             label,
             ok: OnceLock::new(),

@@ -1,41 +1,46 @@
 //! The one `impl ProxyHttp`: the table of contents of a request.
 //!
-//! Stage order (each hook calls one stage; `RequestCtx` in `ctx.rs` says who writes what):
+//! ```text
+//! request_filter  accept ─▶ identify ─▶ read body ─▶ understand ─▶ route ─▶ admit ─▶ forward
+//!                 (id,       (key)       (cap→413)    (parse,       (model)  (limits,  (replica,
+//!                  snapshot)                           translate)            budget)   relay)
+//! logging         account ─▶ observe ─▶ log
+//!                 (usage, cost,  (metrics,   (access
+//!                  ledger)        alerts)     log line)
+//! ```
 //!
-//! 0. `init_downstream_modules`  none (no compression module).
-//! 1. `new_ctx`         start the clock.
-//! 2. `request_filter`  accept (request id, config snapshot, endpoint) → identify (key) →
-//!    read body (capped, 413 before any upstream work) → understand (parse, validate) →
-//!    route (model, pool) → forward (replica, send, relay). Every Model API request is
-//!    answered here and the hook returns `Ok(true)`: Pingora's own upstream loop is never
-//!    entered, because it cannot route on a body it would then fail to send (DESIGN.md §2).
-//! 3. `fail_to_proxy`   errors Pingora raised itself, or a relayed body cut short.
-//! 4. `logging`         exactly once per request: usage settled and sent to the ledger,
-//!    metrics, the access log line.
+//! Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which stage writes
+//! each piece of per-request state and which read it. Every request is answered inside
+//! `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never entered,
+//! because it routes before reading the body, and the Model API routes on a field of the body
+//! (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs exactly once
+//! per request, however it ended; a request whose task is dropped before it (a shutdown past
+//! the grace period) is ended by `Ctx`'s `Drop` instead.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::account::{self, Ledger};
+use crate::account::Ledger;
 use crate::alerts::Alerter;
-use crate::config::{Key, Model};
-use crate::ctx::{Endpoint, InFlight, RequestCtx};
+use crate::config::{Key, Model, Snapshot};
+use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
-use crate::limits::{self, Demand};
+use crate::limits::{self, Ask};
 use crate::metrics::Metrics;
-use crate::respond;
+use crate::route::RouteError;
 use crate::runtime::Runtime;
-use crate::translate::anthropic::{self, MessagesRequest};
-use crate::translate::openai::ChatRequest;
-use crate::translate::ModelRequest;
-use crate::{access_log, auth, body, catalog, route};
+use crate::translate::{anthropic, ModelRequest};
+use crate::vocab::{self, Endpoint};
+use crate::{access_log, auth, body, catalog, respond, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
@@ -53,7 +58,7 @@ impl Gateway {
     ) -> Self {
         Gateway {
             runtime,
-            upstream: Upstream::default(),
+            upstream: Upstream::new(GatewayError::of_forward),
             alerter: Alerter::new(metrics.clone(), ledger.clone()),
             metrics,
             ledger,
@@ -63,10 +68,10 @@ impl Gateway {
 
 #[async_trait]
 impl ProxyHttp for Gateway {
-    type CTX = RequestCtx;
+    type CTX = Ctx;
 
-    fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new(self.ledger.clone())
+    fn new_ctx(&self) -> Ctx {
+        Ctx(RequestCtx::new(self.ledger.clone()))
     }
 
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {
@@ -75,7 +80,7 @@ impl ProxyHttp for Gateway {
         // replica encoded them.
     }
 
-    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.in_flight = Some(InFlight::new(&self.metrics.inflight));
         // tollgate watches the client while a replica works, to cancel on disconnect; a
         // client's next request arriving meanwhile must be kept for it, not lost.
@@ -88,7 +93,15 @@ impl ProxyHttp for Gateway {
             .as_downstream_mut()
             .set_write_timeout(Some(runtime.config.server.client_write_timeout));
         accept(session, ctx, &runtime);
-        match self.serve(session, ctx, &runtime).await {
+        let served = match ctx.endpoint {
+            Endpoint::ChatCompletions | Endpoint::Messages => {
+                self.model_api(session, ctx, &runtime).await
+            }
+            Endpoint::CountTokens => count_tokens(session, ctx, &runtime.config).await,
+            Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime.config).await,
+            Endpoint::Unknown => Err(unknown_route(session)),
+        };
+        match served {
             Ok(Relayed::Complete) => Ok(true),
             Ok(Relayed::Cut) => Error::e_explain(
                 ErrorType::ConnectionClosed,
@@ -101,7 +114,7 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _: &mut Session, _: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, _: &mut Session, _: &mut Ctx) -> Result<Box<HttpPeer>> {
         // Unreachable by construction: `request_filter` answers every request.
         Error::e_explain(
             ErrorType::InternalError,
@@ -109,12 +122,7 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    async fn fail_to_proxy(
-        &self,
-        session: &mut Session,
-        e: &Error,
-        ctx: &mut RequestCtx,
-    ) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(c) => *c,
             _ => match e.esource() {
@@ -133,7 +141,7 @@ impl ProxyHttp for Gateway {
                 "type": if code < 500 { "invalid_request_error" } else { "api_error" },
                 "param": null, "code": "gateway_error"}});
             if let Ok(mut h) = pingora::http::ResponseHeader::build(code, Some(3)) {
-                let body = bytes::Bytes::from(body.to_string());
+                let body = Bytes::from(body.to_string());
                 let _ = h.insert_header("content-type", "application/json");
                 let _ = h.insert_header("content-length", body.len());
                 let _ = h.insert_header("x-request-id", ctx.request_id.as_str());
@@ -149,121 +157,118 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         // Uncounted once the request is recorded, at the end of this call.
         let _in_flight = ctx.in_flight.take();
         if ctx.status == 0 {
             ctx.status = session.response_written().map_or(0, |h| h.status.as_u16());
         }
-        access_log::record(&self.metrics, &self.alerter, ctx, e);
+        let error = ctx.error.or_else(|| e.map(|_| "connection_error"));
+        let (settled, settlement) = ctx.account();
+        access_log::observe(
+            &self.metrics,
+            &self.alerter,
+            ctx,
+            &settled,
+            settlement,
+            error,
+        );
+        access_log::line(ctx, error, &settled);
     }
 }
 
 impl Gateway {
-    async fn serve(
+    /// The Model API: chat completions and messages, each stage one line.
+    async fn model_api(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         runtime: &Runtime,
     ) -> Result<Relayed, GatewayError> {
         let snapshot = &runtime.config;
-        match ctx.endpoint {
-            Endpoint::ChatCompletions | Endpoint::Messages => {
-                let key = auth::identify(snapshot, &session.req_header().headers)?;
-                ctx.key_id = Some(key.id.clone());
-                ctx.key = Some(key.clone());
-                let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
-                ctx.body_read = true;
-                let mut request = if ctx.endpoint == Endpoint::Messages {
-                    ModelRequest::Messages(MessagesRequest::parse(&bytes)?)
-                } else {
-                    ModelRequest::Chat(ChatRequest::parse(&bytes)?)
-                };
-                ctx.stream = request.stream();
-                ctx.input_estimate = request.estimate_input_tokens();
-                let model = route::resolve(snapshot, &key, request.model())?;
-                ctx.model = Some(model.clone());
-                admit(ctx, runtime, &key, model, &mut request)?;
-                request.set_model_takes_images(model.input_modalities.contains(&"image"));
-                let (body, plan) = request.into_upstream(
-                    &model.upstream_model,
-                    model.reasoning_switch,
-                    message_id,
-                );
-                let exchange = Exchange {
-                    pool: &snapshot.pools[model.pool],
-                    route: runtime.router.pool(model.pool),
-                    path: "/v1/chat/completions",
-                    body: body.into(),
-                    stream: ctx.stream,
-                    plan,
-                };
-                Ok(self
-                    .upstream
-                    .forward(session, ctx, &self.metrics, exchange)
-                    .await?)
-            }
-            Endpoint::CountTokens => {
-                let key = auth::identify(snapshot, &session.req_header().headers)?;
-                ctx.key_id = Some(key.id.clone());
-                let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
-                ctx.body_read = true;
-                let request = anthropic::parse_count_tokens(&bytes)?;
-                let model = route::resolve(snapshot, &key, &request.model)?;
-                ctx.model = Some(model.clone());
-                let value = serde_json::json!({ "input_tokens": request.estimate_input_tokens() });
-                ctx.status = 200;
-                let _ = respond::send_json(
-                    session,
-                    200,
-                    value.to_string().into(),
-                    &ctx.request_id,
-                    &[],
-                )
-                .await;
-                Ok(Relayed::Complete)
-            }
-            Endpoint::Models | Endpoint::Model => {
-                let key = auth::identify(snapshot, &session.req_header().headers)?;
-                ctx.key_id = Some(key.id.clone());
-                let value = match model_path(session.req_header().uri.path()) {
-                    None => catalog::list(snapshot, &key),
-                    Some(slug) => catalog::get(snapshot, &key, &slug)
-                        .ok_or(route::RouteError::ModelNotFound { model: slug })?,
-                };
-                ctx.status = 200;
-                let body = bytes::Bytes::from(value.to_string());
-                // A failed write means the client left; logging still runs.
-                let _ = respond::send_json(session, 200, body, &ctx.request_id, &[]).await;
-                Ok(Relayed::Complete)
-            }
-            Endpoint::Unknown => {
-                let req = session.req_header();
-                let (method, path) = (req.method.as_str(), req.uri.path());
-                Err(match allowed_method(path) {
-                    Some(allow) => GatewayError::MethodNotAllowed {
-                        path: path.to_string(),
-                        allow,
-                    },
-                    None => GatewayError::UnknownRoute {
-                        method: method.to_string(),
-                        path: path.to_string(),
-                    },
-                })
-            }
-        }
+        let key = identify(session, ctx, snapshot)?;
+        let bytes = read_body(session, ctx, snapshot).await?;
+        let mut request = understand(ctx, &bytes)?;
+        let model = resolve(ctx, snapshot, &key, request.model())?;
+        admit(ctx, runtime, &key, &model, &mut request)?;
+        let (body, plan) = request.into_upstream(&model, vocab::message_id);
+        let exchange = Exchange {
+            pool: &snapshot.pools[model.pool],
+            route: runtime.router.pool(model.pool),
+            path: "/v1/chat/completions",
+            body: body.into(),
+            stream: ctx.stream,
+            plan,
+            request_id: &ctx.request_id,
+            started: ctx.started,
+            own_fields: &ctx.headers,
+            inter_token: runtime.meters.model(&model.slug).map(|m| m.itl.clone()),
+        };
+        let relayed = self
+            .upstream
+            .forward(session, exchange, &mut ctx.outcome)
+            .await;
+        note_relayed(ctx);
+        Ok(relayed?)
     }
 }
 
-/// Stage "admit": settle the request's output cap, reserve its worst case against the key's
-/// and the model's limits and budget (settled in `logging`), and prepare the rate-limit
-/// headers.
-///
-/// The replica always receives the cap that was reserved: the client's `max_tokens`, or the
-/// model's `default_max_tokens` when it set none (see `unasked_cap`), never above the
-/// model's `max_output_tokens`, and lower still when a budget clamped it. Each of the `n`
-/// choices may use the cap, and all of them are reserved. A request can therefore never
-/// generate more than its reservation, which is what keeps limits and budgets exact.
+/// Stage "accept": request id, config snapshot, endpoint.
+fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
+    let req = session.req_header();
+    let client_id = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    ctx.request_id = vocab::request_id(client_id);
+    ctx.runtime = Some(runtime.clone());
+    ctx.endpoint = Endpoint::of(req.method.as_str(), req.uri.path());
+}
+
+/// Stage "identify": the key the request presents.
+fn identify(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+) -> Result<Arc<Key>, GatewayError> {
+    let key = auth::identify(snapshot, &session.req_header().headers)?;
+    ctx.key = Some(key.clone());
+    Ok(key)
+}
+
+/// Stage "read body": the whole body, capped (413 before any upstream work).
+async fn read_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+) -> Result<Bytes, GatewayError> {
+    let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
+    ctx.body_read = true;
+    Ok(bytes)
+}
+
+/// Stage "understand": the request parsed and checked, its prompt estimated.
+fn understand(ctx: &mut RequestCtx, bytes: &[u8]) -> Result<ModelRequest, GatewayError> {
+    let request = ModelRequest::parse(ctx.endpoint, bytes)?;
+    ctx.stream = request.stream();
+    ctx.input_estimate = request.estimate_input_tokens();
+    Ok(request)
+}
+
+/// Stage "route": the model the request names, if the key may use it.
+fn resolve(
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+    key: &Key,
+    slug: &str,
+) -> Result<Arc<Model>, GatewayError> {
+    let model = route::resolve(snapshot, key, slug)?.clone();
+    ctx.model = Some(model.clone());
+    Ok(model)
+}
+
+/// Stage "admit": the output cap, and the request's worst case reserved against the key's
+/// and the model's limits and budget (settled by `account`). See `limits::admission`.
 fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -271,111 +276,94 @@ fn admit(
     model: &Model,
     request: &mut ModelRequest,
 ) -> Result<(), GatewayError> {
-    let asked = request.max_output_tokens();
-    let choices = request.choices();
-    let input = u64::from(ctx.input_estimate);
-    let mut cap = asked.unwrap_or(u64::from(model.default_max_tokens));
-    if let Some(max) = model.max_output_tokens {
-        cap = cap.min(u64::from(max));
-    }
-    if asked.is_none() {
-        cap = unasked_cap(cap, model, key, input, choices);
-    }
-    // Every configured key and model has counters; nothing to reserve against otherwise.
-    if let (Some(key_counters), Some(model_counters)) = (
-        runtime.limits.key(&key.id),
-        runtime.limits.model(&model.slug),
-    ) {
-        let demand = Demand {
-            input_tokens: input,
-            output_tokens: cap,
-            choices,
-            prices: model.token_prices,
-        };
-        let now = limits::now_ms();
-        let generation = runtime.limits.generation;
-        let (mut ticket, view) = limits::admit(
-            key,
-            key_counters,
-            model,
-            model_counters,
-            demand,
-            now,
-            generation,
-        )
-        .map_err(|err| {
-            ctx.headers = limits::rate_headers(&limits::view(key, key_counters, now), now);
-            GatewayError::Limit {
-                err,
+    let ask = Ask {
+        input_tokens: u64::from(ctx.input_estimate),
+        max_output: request.max_output_tokens(),
+        choices: request.choices(),
+        started_ms: ctx.started_ms(),
+    };
+    match limits::admit_request(&runtime.limits, key, model, ask) {
+        Ok(admission) => {
+            ctx.ticket = admission.ticket;
+            ctx.headers = admission.headers;
+            request.cap_output(admission.cap);
+            Ok(())
+        }
+        Err(refusal) => {
+            ctx.headers = refusal.headers;
+            Err(GatewayError::Limit {
+                err: refusal.err,
                 key_id: key.id.to_string(),
                 model: model.slug.to_string(),
-            }
-        })?;
-        // Its cost belongs to the budget period it arrived in, as its ledger row.
-        ticket.set_started_ms(account::started_ms(ctx));
-        ctx.headers = limits::rate_headers(&view, now);
-        if let Some(n) = ticket.clamped_output {
-            cap = n;
-            ctx.headers
-                .push(("x-tollgate-max-tokens-clamped", n.to_string()));
+            })
         }
-        ctx.ticket = Some(ticket);
     }
-    if asked != Some(cap) || request.sets_both_caps() {
-        request.set_max_output_tokens(cap);
-    }
-    Ok(())
 }
 
-/// The output cap sent for a request that set none: `default` (the model's), lowered so
-/// that a cap the client never asked for cannot be what fails its request. Engines refuse a
-/// prompt plus cap past the context window, so it leaves room for the prompt; and a cap no
-/// tpm limit could ever admit would be refused, so it fits the key's and the model's.
-fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64) -> u64 {
-    let mut cap = default;
-    if let Some(context) = model.context_tokens.map(u64::from) {
-        // The prompt estimate (about 4 bytes a token) runs short for some text and
-        // tokenizers, so a margin is kept: a quarter of the prompt plus 64 tokens, but never
-        // more than half of what the estimate leaves free. The room left falls steadily as
-        // the prompt grows, so a longer prompt never gets a larger cap.
-        let free = context.saturating_sub(input);
-        let margin = (input / 4 + 64).min(free / 2);
-        let room = free - margin;
-        // No room at all: the prompt alone fills the window, which the replica will say.
-        if room > 0 {
-            cap = cap.min(room);
-        }
-    }
-    for tpm in [key.limits.tpm, model.limits.tpm].into_iter().flatten() {
-        let room = tpm.saturating_sub(input) / choices.max(1);
-        if room > 0 {
-            cap = cap.min(room);
-        }
-    }
-    cap
+/// After forward: the status the client was sent, and the error its answer carried.
+fn note_relayed(ctx: &mut RequestCtx) {
+    let outcome = &ctx.outcome;
+    ctx.status = outcome.status;
+    ctx.error = match &outcome.broke_off {
+        Some(e) => Some(GatewayError::of_forward(e).code),
+        None if outcome.upstream_status >= 400 => Some("upstream_status"),
+        None => None,
+    };
 }
 
-/// Stage "accept": request id, config snapshot, endpoint.
-fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
+/// `POST /v1/messages/count_tokens`: the prompt estimate, for a model the key may use.
+async fn count_tokens(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+) -> Result<Relayed, GatewayError> {
+    let key = identify(session, ctx, snapshot)?;
+    let bytes = read_body(session, ctx, snapshot).await?;
+    let request = anthropic::parse_count_tokens(&bytes)?;
+    resolve(ctx, snapshot, &key, &request.model)?;
+    let value = serde_json::json!({ "input_tokens": request.estimate_input_tokens() });
+    answer(session, ctx, value).await
+}
+
+/// `GET /v1/models` and `GET /v1/models/{slug}`: the models the key may use.
+async fn models(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+) -> Result<Relayed, GatewayError> {
+    let key = identify(session, ctx, snapshot)?;
+    let value = catalog::answer(snapshot, &key, session.req_header().uri.path())
+        .map_err(|model| RouteError::ModelNotFound { model })?;
+    answer(session, ctx, value).await
+}
+
+/// A 200 JSON answer tollgate gives itself. A failed write means the client left; logging
+/// still runs.
+async fn answer(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    value: serde_json::Value,
+) -> Result<Relayed, GatewayError> {
+    ctx.status = 200;
+    let body = Bytes::from(value.to_string());
+    let _ = respond::send_json(session, 200, body, &ctx.request_id, &[]).await;
+    Ok(Relayed::Complete)
+}
+
+/// A path tollgate does not serve (404), or a known one with the wrong method (405).
+fn unknown_route(session: &Session) -> GatewayError {
     let req = session.req_header();
-    ctx.request_id = match req
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(id) if is_safe_request_id(id) => id.to_string(),
-        _ => generated_request_id(),
-    };
-    ctx.runtime = Some(runtime.clone());
-    let path = req.uri.path();
-    ctx.endpoint = match (req.method.as_str(), path) {
-        ("POST", "/v1/chat/completions") => Endpoint::ChatCompletions,
-        ("POST", "/v1/messages") => Endpoint::Messages,
-        ("POST", "/v1/messages/count_tokens") => Endpoint::CountTokens,
-        ("GET", "/v1/models") => Endpoint::Models,
-        ("GET", p) if p.starts_with("/v1/models/") => Endpoint::Model,
-        _ => Endpoint::Unknown,
-    };
+    let (method, path) = (req.method.as_str(), req.uri.path());
+    match Endpoint::allowed_method(path) {
+        Some(allow) => GatewayError::MethodNotAllowed {
+            path: path.to_string(),
+            allow,
+        },
+        None => GatewayError::UnknownRoute {
+            method: method.to_string(),
+            path: path.to_string(),
+        },
+    }
 }
 
 /// Writes a gateway error in the client's dialect. After an early answer to a request whose
@@ -399,76 +387,31 @@ async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError)
     let _ = respond::send_json(session, ctx.status, body, &ctx.request_id, &ctx.headers).await;
 }
 
-/// An Anthropic message id: `msg_` and 24 random base-62 characters.
-fn message_id() -> String {
-    use rand::distributions::{Alphanumeric, DistString};
-    format!(
-        "msg_{}",
-        Alphanumeric.sample_string(&mut rand::thread_rng(), 24)
-    )
-}
+/// Pingora's context for a request: its state, accounted exactly once. `logging` accounts
+/// it; a request whose task is dropped before `logging` (a shutdown past the grace period
+/// cuts whatever still runs) may have used a replica, and is accounted when dropped,
+/// estimated from what it relayed.
+pub struct Ctx(RequestCtx);
 
-/// `req_` and 32 random hex digits.
-fn generated_request_id() -> String {
-    let mut hex = [0u8; 32];
-    // Cannot fail: the output is exactly twice the input's length.
-    let _ = hex::encode_to_slice(rand::random::<u128>().to_be_bytes(), &mut hex);
-    let mut id = String::with_capacity(4 + hex.len());
-    id.push_str("req_");
-    id.extend(hex.iter().map(|&b| char::from(b)));
-    id
-}
-
-/// A client-chosen request id is kept when it is short and made of safe characters.
-fn is_safe_request_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-}
-
-/// The slug a `/v1/models/{slug}` path names, percent-decoded (slugs contain `/`, which
-/// clients may send as `%2F`). It may be empty or not name any model; the lookup then
-/// answers 404 `model_not_found`.
-fn model_path(path: &str) -> Option<String> {
-    let rest = path.strip_prefix("/v1/models/")?;
-    Some(
-        percent_encoding::percent_decode_str(rest)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
-}
-
-fn allowed_method(path: &str) -> Option<&'static str> {
-    match path {
-        "/v1/chat/completions" | "/v1/messages" | "/v1/messages/count_tokens" => Some("POST"),
-        "/v1/models" => Some("GET"),
-        p if p.starts_with("/v1/models/") => Some("GET"),
-        _ => None,
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if !self.0.accounted {
+            // Settled at the estimate the record carries, not at its worst case.
+            let (settled, _) = self.0.account();
+            access_log::line(&self.0, Some("cut_at_shutdown"), &settled);
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Deref for Ctx {
+    type Target = RequestCtx;
+    fn deref(&self) -> &RequestCtx {
+        &self.0
+    }
+}
 
-    #[test]
-    fn request_ids_and_model_paths() {
-        assert!(is_safe_request_id("abc-123_x.y:z"));
-        assert!(!is_safe_request_id(""));
-        assert!(!is_safe_request_id("a b"));
-        assert!(!is_safe_request_id(&"a".repeat(129)));
-        assert_eq!(
-            model_path("/v1/models/org/name").as_deref(),
-            Some("org/name")
-        );
-        assert_eq!(
-            model_path("/v1/models/org%2Fname").as_deref(),
-            Some("org/name")
-        );
-        assert_eq!(model_path("/v1/models/").as_deref(), Some(""));
-        assert_eq!(model_path("/v1/models/%zz").as_deref(), Some("%zz"));
-        assert_eq!(model_path("/v1/models/%FF").as_deref(), Some("\u{FFFD}"));
-        assert_eq!(model_path("/v1/modelsx"), None);
+impl DerefMut for Ctx {
+    fn deref_mut(&mut self) -> &mut RequestCtx {
+        &mut self.0
     }
 }

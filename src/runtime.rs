@@ -154,14 +154,13 @@ impl Runtime {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::account::ledger::SpendAnswer;
     use crate::account::{record_id, UsageRecord};
     use crate::config;
     use crate::limits::{Demand, Ticket};
-    use crate::translate::usage::Usage;
+    use crate::vocab::Usage;
 
     fn config(budget: &str) -> Snapshot {
         config::parse(&format!(
@@ -233,7 +232,7 @@ mod tests {
     /// A fresh ledger (in its directory, removed when dropped) and metrics.
     fn ledger() -> (tempfile::TempDir, Ledger, Metrics) {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let ledger = Ledger::open(dir.path(), Default::default()).unwrap();
         (dir, ledger, Metrics::new())
     }
 

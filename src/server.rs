@@ -51,7 +51,7 @@ pub fn run(
     let ledger = match snapshot.state.ledger {
         true => Some(Arc::new(Ledger::open(
             &snapshot.state.dir,
-            metrics.clone(),
+            metrics.ledger_meters(),
         )?)),
         false => None,
     };

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,6 @@ use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
 
 use super::query::{spend_since_in, KeySpend};
 use super::record::UsageRecord;
-use crate::metrics::Metrics;
 
 /// Records waiting for the writer; past this the newest are dropped and counted.
 const QUEUE_CAPACITY: usize = 200_000;
@@ -32,8 +31,36 @@ pub const FILE_NAME: &str = "usage.sqlite";
 pub struct Ledger {
     sender: SyncSender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    metrics: Arc<Metrics>,
+    meters: LedgerMeters,
     path: PathBuf,
+}
+
+/// The ledger's own metrics, registered by `metrics` (unregistered ones work the same, for
+/// tools and tests that export nothing).
+#[derive(Clone)]
+pub struct LedgerMeters {
+    /// Records waiting for the writer.
+    pub queue: prometheus::IntGauge,
+    /// Records lost: queue full, or still unwritable at shutdown.
+    pub dropped: prometheus::IntCounter,
+    /// Failed writes (full or unwritable disk); the batch is retried.
+    pub write_errors: prometheus::IntCounter,
+}
+
+impl Default for LedgerMeters {
+    /// Handles no registry exports.
+    fn default() -> Self {
+        let counter = || {
+            prometheus::IntCounter::new("unexported", "-")
+                .unwrap_or_else(|e| unreachable!("a valid metric name: {e}"))
+        };
+        LedgerMeters {
+            queue: prometheus::IntGauge::new("unexported", "-")
+                .unwrap_or_else(|e| unreachable!("a valid metric name: {e}")),
+            dropped: counter(),
+            write_errors: counter(),
+        }
+    }
 }
 
 enum Msg {
@@ -55,23 +82,23 @@ enum Msg {
 
 impl Ledger {
     /// Opens (or creates) the ledger in `dir` and starts its writer thread.
-    pub fn open(dir: &Path, metrics: Arc<Metrics>) -> Result<Ledger, String> {
+    pub fn open(dir: &Path, meters: LedgerMeters) -> Result<Ledger, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("state.dir {}: {e}", dir.display()))?;
         let path = dir.join(FILE_NAME);
         let conn = open_rw(&path)?;
         let (sender, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
-        let writer_metrics = metrics.clone();
+        let writer_meters = meters.clone();
         let writer = std::thread::Builder::new()
             .name("tollgate-ledger".into())
             .spawn({
                 let path = path.clone();
-                move || write_loop(conn, &path, rx, &writer_metrics)
+                move || write_loop(conn, &path, rx, &writer_meters)
             })
             .map_err(|e| format!("cannot start the ledger writer: {e}"))?;
         Ok(Ledger {
             sender,
             writer: Mutex::new(Some(writer)),
-            metrics,
+            meters,
             path,
         })
     }
@@ -83,12 +110,12 @@ impl Ledger {
     /// Hands a record to the writer without blocking. A full queue drops it and counts it.
     pub fn record(&self, record: UsageRecord) {
         match self.sender.try_send(Msg::Record(Box::new(record))) {
-            Ok(()) => self.metrics.ledger_queue.inc(),
+            Ok(()) => self.meters.queue.inc(),
             Err(TrySendError::Full(_)) => {
-                self.metrics.ledger_dropped.inc();
+                self.meters.dropped.inc();
                 tracing::error!("usage ledger queue full; a record was dropped");
             }
-            Err(TrySendError::Disconnected(_)) => self.metrics.ledger_dropped.inc(),
+            Err(TrySendError::Disconnected(_)) => self.meters.dropped.inc(),
         }
     }
 
@@ -204,7 +231,7 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Metrics) {
+fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerMeters) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
     let sql = InsertSql::new();
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
@@ -260,7 +287,7 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Me
         }
         let taken = batch.len();
         if let Err(e) = insert(&mut conn, &sql, &batch) {
-            metrics.ledger_write_errors.inc();
+            meters.write_errors.inc();
             let wait = retry.map_or(FIRST_BACKOFF, |(_, w)| (w * 2).min(MAX_BACKOFF));
             retry = Some((Instant::now() + wait, wait));
             tracing::error!(error = %e, records = batch.len(), retry_in_ms = wait.as_millis() as u64, "usage ledger write failed; will retry");
@@ -272,13 +299,13 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Me
                     batch.len() - MAX_PENDING
                 };
                 batch.drain(..lost);
-                metrics.ledger_dropped.inc_by(lost as u64);
+                meters.dropped.inc_by(lost as u64);
             }
         } else {
             batch.clear();
             retry = None;
         }
-        metrics.ledger_queue.sub(taken as i64 - batch.len() as i64);
+        meters.queue.sub(taken as i64 - batch.len() as i64);
         for (key_id, period_start, threshold) in alerts.drain(..) {
             let fired = conn.execute(
                 "INSERT OR IGNORE INTO alerts (key_id, period_start, threshold, fired_ms)
@@ -286,7 +313,7 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, metrics: &Me
                 rusqlite::params![key_id, period_start, threshold],
             );
             if let Err(e) = fired {
-                metrics.ledger_write_errors.inc();
+                meters.write_errors.inc();
                 tracing::error!(error = %e, "could not persist a budget alert");
             }
         }
@@ -435,7 +462,7 @@ fn insert_sql(rows: usize) -> String {
 mod tests {
     use super::*;
     use crate::account::record_id;
-    use crate::translate::usage::Usage;
+    use crate::vocab::Usage;
 
     fn record(ts_ms: i64) -> UsageRecord {
         UsageRecord {
@@ -468,8 +495,8 @@ mod tests {
     #[test]
     fn a_failing_disk_is_retried_with_backoff_and_nothing_is_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let ledger = Ledger::open(dir.path(), metrics.clone()).unwrap();
+        let meters = LedgerMeters::default();
+        let ledger = Ledger::open(dir.path(), meters.clone()).unwrap();
         let path = ledger.path().to_path_buf();
         // The table disappears under the writer: every insert fails until it is back.
         let other = Connection::open(&path).unwrap();
@@ -486,16 +513,16 @@ mod tests {
             ledger.record(record(1_796_000_000_000 + i));
         }
         ledger.flush();
-        let errors = metrics.ledger_write_errors.get();
+        let errors = meters.write_errors.get();
         assert!((1..=4).contains(&errors), "{errors} failed writes");
-        assert_eq!(metrics.ledger_dropped.get(), 0);
+        assert_eq!(meters.dropped.get(), 0);
 
         other
             .execute_batch("ALTER TABLE usage_away RENAME TO usage")
             .unwrap();
         ledger.flush();
         assert_eq!(rows(&path), MAX_BATCH as i64 + 310);
-        assert_eq!(metrics.ledger_queue.get(), 0);
+        assert_eq!(meters.queue.get(), 0);
         ledger.close();
     }
 }

@@ -1,20 +1,36 @@
 //! Accounting: what every finished request used and cost, kept in a durable ledger and
 //! queryable by key, model and time bucket.
 
-pub mod cost;
 pub mod ledger;
 pub mod query;
 pub mod record;
 
-pub use cost::TokenPrices;
 pub use ledger::Ledger;
 pub use record::UsageRecord;
 
-use std::time::UNIX_EPOCH;
+use std::sync::Arc;
+use std::time::Instant;
 
-use crate::ctx::{Endpoint, RequestCtx};
+use crate::config::Model;
+use crate::forward::Outcome;
 use crate::limits::{self, Settlement, Ticket};
-use crate::translate::usage::Usage;
+use crate::vocab::{Endpoint, Usage};
+
+/// What accounting needs of a request from the stages before the exchange.
+pub struct Bill<'a> {
+    pub endpoint: Endpoint,
+    pub request_id: &'a str,
+    pub started: Instant,
+    /// The same moment in Unix milliseconds: the ledger row's time, and the budget period
+    /// its cost belongs to.
+    pub started_ms: i64,
+    pub key_id: Option<&'a Arc<str>>,
+    pub model: Option<&'a Arc<Model>>,
+    /// The prompt's estimated tokens, used when the replica reports no usage.
+    pub input_estimate: u32,
+    /// The status the client was sent (499: it left).
+    pub status: u16,
+}
 
 /// What a finished request used, and whether that had to be estimated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,26 +43,23 @@ pub struct Settled {
 /// The usage of a finished request: the replica's own count when it reported one; else, if
 /// the request reached a replica and was not refused by it (cut short by a disconnect, a
 /// reset, a timeout, a stream without a usage chunk), the prompt estimate and the output
-/// estimate of what was relayed (`Observed::output_estimate`), marked estimated; else zero:
+/// estimate of what was relayed (`Outcome::output_estimate`), marked estimated; else zero:
 /// refused before forwarding, or answered with an error status and no usage (an engine that
 /// rejects a request has not generated anything for it, and the client got no answer).
-fn settle(ctx: &RequestCtx) -> Settled {
-    let (usage, estimated) = match ctx.usage {
+fn settle(bill: &Bill, outcome: &Outcome) -> Settled {
+    let (usage, estimated) = match outcome.usage {
         Some(u) => (u, false),
-        None if ctx.sent && ctx.upstream_status < 400 => (
+        None if outcome.sent && outcome.upstream_status < 400 => (
             Usage {
-                input: u64::from(ctx.input_estimate),
-                output: ctx.output_estimate,
+                input: u64::from(bill.input_estimate),
+                output: outcome.output_estimate,
                 ..Usage::default()
             },
             true,
         ),
         None => (Usage::default(), false),
     };
-    let cost_nanos = ctx
-        .model
-        .as_ref()
-        .map_or(0, |m| m.token_prices.cost_nanos(&usage));
+    let cost_nanos = bill.model.map_or(0, |m| m.token_prices.cost_nanos(&usage));
     Settled {
         usage,
         estimated,
@@ -54,17 +67,18 @@ fn settle(ctx: &RequestCtx) -> Settled {
     }
 }
 
-/// Ends a request's accounting, once, however it ended (`logging`, or the context dropped
-/// at shutdown): what it used is settled, its record handed to the context's ledger, and its
-/// reservation released at that use. Marks the context done so it is never ended twice.
-pub fn finish(ctx: &mut RequestCtx) -> (Settled, Option<Settlement>) {
-    let settled = settle(ctx);
-    ctx.logged = true;
-    let ledger = ctx.ledger.take();
-    let row = ledger
-        .as_deref()
-        .and_then(|l| Some((l, record(ctx, &settled, ctx.ticket.is_some())?)));
-    let settlement = close(ctx.ticket.take(), &settled, row);
+/// Ends a request's accounting: what it used is settled, its record handed to the ledger,
+/// and its reservation (`ticket`) released at that use. Called once per request, however it
+/// ended.
+pub fn finish(
+    bill: &Bill,
+    outcome: &Outcome,
+    ticket: Option<Ticket>,
+    ledger: Option<&Ledger>,
+) -> (Settled, Option<Settlement>) {
+    let settled = settle(bill, outcome);
+    let row = ledger.and_then(|l| Some((l, record(bill, outcome, &settled, ticket.is_some())?)));
+    let settlement = close(ticket, &settled, row);
     (settled, settlement)
 }
 
@@ -99,42 +113,33 @@ fn close(
 /// a reservation, or reached a replica); `None` for other endpoints and for requests refused
 /// before that (401, 413, 429, 402…), which cost nothing and are counted in the metrics and
 /// the access log instead: the ledger cannot be grown by requests nobody pays for.
-fn record(ctx: &RequestCtx, settled: &Settled, admitted: bool) -> Option<UsageRecord> {
-    if !matches!(ctx.endpoint, Endpoint::ChatCompletions | Endpoint::Messages)
-        || !(admitted || ctx.sent)
-    {
+fn record(
+    bill: &Bill,
+    outcome: &Outcome,
+    settled: &Settled,
+    admitted: bool,
+) -> Option<UsageRecord> {
+    if !bill.endpoint.is_billable() || !(admitted || outcome.sent) {
         return None;
     }
-    let ts_ms = started_ms(ctx);
     Some(UsageRecord {
-        id: record_id(ts_ms),
-        request_id: ctx.request_id.clone(),
-        ts_ms,
-        key_id: ctx.key_id.clone().unwrap_or_else(|| "-".into()),
-        model: ctx
-            .model
-            .as_ref()
-            .map_or_else(|| "-".into(), |m| m.slug.clone()),
-        surface: ctx.endpoint.label(),
-        status: ctx.status,
+        id: record_id(bill.started_ms),
+        request_id: bill.request_id.to_string(),
+        ts_ms: bill.started_ms,
+        key_id: bill.key_id.cloned().unwrap_or_else(|| "-".into()),
+        model: bill.model.map_or_else(|| "-".into(), |m| m.slug.clone()),
+        surface: bill.endpoint.label(),
+        status: bill.status,
         usage: settled.usage,
         cost_nanos: settled.cost_nanos,
         estimated: settled.estimated,
-        ttft_ms: ctx
+        ttft_ms: outcome
             .first_token
-            .or(ctx.first_byte)
+            .or(outcome.first_byte)
             .map(|d| d.as_secs_f64() * 1e3),
-        duration_ms: ctx.started.elapsed().as_secs_f64() * 1e3,
-        replica: ctx.replica.clone(),
+        duration_ms: bill.started.elapsed().as_secs_f64() * 1e3,
+        replica: outcome.replica().cloned(),
     })
-}
-
-/// When the request arrived, in Unix milliseconds: its ledger row's time, and the budget
-/// period its cost belongs to.
-pub fn started_ms(ctx: &RequestCtx) -> i64 {
-    ctx.started_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// The least id a row at or after `ts_ms` can have (see `record_id`), so time ranges are read

@@ -204,7 +204,7 @@ fn row(
     q: &UsageQuery,
 ) -> UsageRow {
     let n = |i: usize| v[i].max(0) as u64;
-    let cost_micros = super::cost::micros(n(5));
+    let cost_micros = crate::vocab::micros(n(5));
     UsageRow {
         start: rfc3339(start),
         key_id: if q.by_key {
@@ -319,12 +319,11 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
+    use crate::account::ledger::LedgerMeters;
     use crate::account::{Ledger, UsageRecord};
-    use crate::metrics::Metrics;
-    use crate::translate::usage::Usage;
+    use crate::vocab::Usage;
 
     fn record(
         id: &str,
@@ -360,7 +359,7 @@ mod tests {
     #[test]
     fn buckets_group_and_include_empty_ones_and_ids_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
         let t0 = 1_795_000_000_000i64 / 60_000 * 60_000;
         ledger.record(record("a", t0 + 1, "k1", "m1", 10, 4));
         ledger.record(record("b", t0 + 2, "k2", "m1", 20, 6));
@@ -414,7 +413,7 @@ mod tests {
     #[test]
     fn a_report_over_absurd_costs_saturates_instead_of_failing() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
         let t0 = 1_795_000_000_000i64 / 60_000 * 60_000;
         for id in ["x", "y"] {
             let mut r = record(id, t0, "k", "m", 10, 4);
@@ -434,10 +433,7 @@ mod tests {
         let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
         assert_eq!(rows.len(), 2);
         assert_eq!((rows[0].requests, rows[0].input_tokens), (2, 20));
-        assert_eq!(
-            rows[0].cost_micros,
-            crate::account::cost::micros(i64::MAX as u64)
-        );
+        assert_eq!(rows[0].cost_micros, crate::vocab::micros(i64::MAX as u64));
         // The other bucket, summed in the same fallback, is still exact.
         assert_eq!((rows[1].requests, rows[1].cost_micros), (1, 6));
     }
@@ -489,7 +485,7 @@ mod tests {
     #[test]
     fn spend_since_sums_every_key_of_the_period_in_one_pass() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), Arc::new(Metrics::new())).unwrap();
+        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
         let day = 1_795_000_000_000i64 / 86_400_000 * 86_400_000;
         ledger.record(record("old", day - 1, "k1", "m", 1, 1000)); // the day before
         ledger.record(record("a", day, "k1", "m", 1, 10));
@@ -507,7 +503,7 @@ mod tests {
         // Costs past what SQLite's integers sum (a replica reporting nonsense) saturate
         // instead of failing the rebuild of every budget.
         let dir2 = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir2.path(), Arc::new(Metrics::new())).unwrap();
+        let ledger = Ledger::open(dir2.path(), LedgerMeters::default()).unwrap();
         for id in ["x", "y"] {
             let mut r = record(id, day, "k3", "m", 1, 1);
             r.cost_nanos = u64::MAX;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::translate::usage::Usage;
+use crate::vocab::Usage;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageRecord {

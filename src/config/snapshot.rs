@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::account::TokenPrices;
-pub use crate::translate::anthropic::ThinkingStyle;
+pub use crate::vocab::TokenPrices;
 
 /// One immutable view of the config file. A request takes one at its start and keeps it.
 #[derive(Debug)]
@@ -163,12 +162,41 @@ pub struct Model {
     pub limits: Limits,
 }
 
+/// How a replica's model is told whether to think. The Anthropic `thinking` field is mapped
+/// to exactly one of these; when the client sent no `thinking`, nothing is sent and the
+/// model's own default applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThinkingStyle {
+    /// `chat_template_kwargs.enable_thinking` (vLLM, SGLang).
+    ChatTemplateKwargs,
+    /// `chat_template_args.enable_thinking` (TensorRT-LLM and some hosted engines).
+    ChatTemplateArgs,
+    /// `reasoning_effort`: `low` for budgets under 4,096 tokens, `medium` under 16,384,
+    /// `high` above. Disabled thinking asks for `low`, the least effort every engine takes
+    /// (OpenAI's `none` is refused by engines that know only the three levels); the
+    /// reasoning it still produces is left out of the answer.
+    ReasoningEffort,
+    /// The model is not told: `thinking` is dropped.
+    Ignore,
+}
+
 /// USD per million tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Price {
     pub input_per_mtok: f64,
     pub cached_input_per_mtok: f64,
     pub output_per_mtok: f64,
+}
+
+impl From<&Price> for TokenPrices {
+    fn from(p: &Price) -> Self {
+        let nanos = |usd_per_mtok: f64| (usd_per_mtok * 1000.0).round() as u64;
+        TokenPrices {
+            input: nanos(p.input_per_mtok),
+            cached_input: nanos(p.cached_input_per_mtok),
+            output: nanos(p.output_per_mtok),
+        }
+    }
 }
 
 #[derive(Debug)]

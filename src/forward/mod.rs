@@ -1,29 +1,33 @@
 //! The upstream exchange, driven by tollgate itself (the body was already read, so Pingora's
 //! proxy loop cannot send it): pick a replica, connect (another replica on connect failure),
 //! send, relay the response as it arrives, and cancel the replica when the client leaves.
+//!
+//! What the exchange learns (replicas tried, timings, the replica's status, usage, what was
+//! relayed) goes into one [`Outcome`], and nothing else of the request is touched: proxy.rs
+//! hands the outcome to accounting.
 
 mod h1;
 mod observe;
-pub(crate) mod pool;
 mod relay;
-
-use relay::Ending;
 mod transcode;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use h1::{Conn, Head};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
+use prometheus::Histogram;
+use relay::Ending;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Pool;
-use crate::ctx::RequestCtx;
-use crate::metrics::Metrics;
-use crate::route::{Lease, PoolRoute};
+use crate::route::{Lease, PoolRoute, Replica};
 use crate::translate::ResponsePlan;
+use crate::vocab::{Problem, Usage};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardError {
@@ -47,6 +51,74 @@ pub struct Exchange<'a> {
     pub body: Bytes,
     pub stream: bool,
     pub plan: ResponsePlan,
+    /// Sent upstream as `x-request-id`, and to the client.
+    pub request_id: &'a str,
+    /// When the request started: timings in the outcome count from here.
+    pub started: std::time::Instant,
+    /// tollgate's own response fields (rate-limit headers, notices), last on the client's
+    /// response header.
+    pub own_fields: &'a [(&'static str, String)],
+    /// Observes the gaps between streamed tokens.
+    pub inter_token: Option<Histogram>,
+}
+
+/// Everything the exchange learned. `forward` writes it as it goes, so that a request cut in
+/// the middle of a relay (its task dropped at shutdown) is still accounted from what was
+/// relayed up to the cut.
+#[derive(Default)]
+pub struct Outcome {
+    /// Every replica tried, in order.
+    pub attempts: Vec<Attempt>,
+    /// Time from the request's start to the replica's response header.
+    pub first_byte: Option<Duration>,
+    /// Time from the request's start to the first generated token (streams).
+    pub first_token: Option<Duration>,
+    /// The status the replica answered with (0: no response header).
+    pub upstream_status: u16,
+    /// The request reached a replica that did not refuse it: it may have spent GPU time.
+    pub sent: bool,
+    /// Usage the replica reported, if any; kept current while the answer is relayed.
+    pub usage: Option<Usage>,
+    /// Output tokens as estimated from what was relayed, for when usage never comes.
+    pub output_estimate: u64,
+    /// The status the client was sent, once the response header is on its way (0: not yet).
+    pub status: u16,
+    /// The replica failed after the response header went out: the client got a stream that
+    /// ends in an error event, or a body cut short.
+    pub broke_off: Option<ForwardError>,
+}
+
+/// One replica tried.
+pub struct Attempt {
+    pub replica: Arc<Replica>,
+    /// `Some(true)`: it answered, with anything but 502/503. `Some(false)`: the connection
+    /// or the send failed, or it answered 502/503. `None`: the exchange ended while waiting
+    /// for its response header (a timeout, a broken connection, the client leaving).
+    pub ok: Option<bool>,
+}
+
+impl Outcome {
+    /// The replica of the last attempt: the one that answered, if any did.
+    pub fn replica(&self) -> Option<&Arc<str>> {
+        self.attempts.last().map(|a| &a.replica.authority)
+    }
+
+    fn tried(&self, addr: SocketAddr) -> bool {
+        self.attempts.iter().any(|a| a.replica.addr == addr)
+    }
+
+    fn attempt(&mut self, lease: &Lease) {
+        self.attempts.push(Attempt {
+            replica: lease.replica().clone(),
+            ok: None,
+        });
+    }
+
+    fn judge(&mut self, ok: bool) {
+        if let Some(a) = self.attempts.last_mut() {
+            a.ok = Some(ok);
+        }
+    }
 }
 
 /// How a relayed response ended once its header had gone to the client.
@@ -57,98 +129,84 @@ pub enum Relayed {
     Cut,
 }
 
-/// Opens upstream connections; idle ones wait in their replica's pool (`pool::IdleConns`).
+/// Opens upstream connections; idle ones wait in their replica's pool.
 pub struct Upstream {
     connector: TransportConnector,
-}
-
-impl Default for Upstream {
-    fn default() -> Self {
-        Upstream {
-            connector: TransportConnector::new(None),
-        }
-    }
+    /// How a failure reads to the client, for the event that ends a stream it breaks.
+    describe: fn(&ForwardError) -> Problem,
 }
 
 impl Upstream {
+    pub fn new(describe: fn(&ForwardError) -> Problem) -> Self {
+        Upstream {
+            connector: TransportConnector::new(None),
+            describe,
+        }
+    }
+
     pub async fn forward(
         &self,
         session: &mut Session,
-        ctx: &mut RequestCtx,
-        metrics: &Metrics,
         ex: Exchange<'_>,
+        out: &mut Outcome,
     ) -> Result<Relayed, ForwardError> {
         let deadline = Instant::now() + ex.pool.timeouts.total;
-        let mut tried: Vec<SocketAddr> = Vec::with_capacity(2);
-        let mut next = ex.route.pick(&tried);
+        let mut next = ex.route.pick(|_| false);
         let (mut up, lease, mut head, first_output) = loop {
             let Some(lease) = next.take() else {
-                return Err(if tried.is_empty() {
+                return Err(if out.attempts.is_empty() {
                     ForwardError::NoReplica {
                         pool: ex.pool.name.clone(),
                     }
                 } else {
                     ForwardError::Unreachable {
-                        attempts: ctx.attempts,
+                        attempts: out.attempts.len() as u32,
                     }
                 });
             };
+            out.attempt(&lease);
             let addr = lease.replica().addr;
-            tried.push(addr);
-            ctx.attempts += 1;
-            ctx.replica = Some(lease.replica().authority.clone());
-            let may_retry = ctx.attempts < ex.pool.max_attempts.get();
-            let mut up = match self.send(&lease, &ex, &ctx.request_id, deadline).await {
+            let may_retry = (out.attempts.len() as u32) < ex.pool.max_attempts.get();
+            let mut up = match self.send(&lease, &ex, deadline).await {
                 Ok(up) => up,
                 Err(detail) => {
-                    metrics.observe_attempt(&lease.replica().meters, false);
-                    tracing::warn!(request_id = %ctx.request_id, replica = %addr, error = %detail, "replica attempt failed");
+                    out.judge(false);
+                    tracing::warn!(request_id = %ex.request_id, replica = %addr, error = %detail, "replica attempt failed");
                     if !may_retry {
                         return Err(ForwardError::Unreachable {
-                            attempts: ctx.attempts,
+                            attempts: out.attempts.len() as u32,
                         });
                     }
-                    next = ex.route.pick(&tried);
+                    next = ex.route.pick(|a| out.tried(a));
                     continue;
                 }
             };
-            ctx.sent = true;
+            out.sent = true;
             let (head, first_output) = self.wait_head(session, &mut up, &ex, deadline).await?;
             // An overloaded or restarting replica (502, 503) has not started on the request:
             // it goes to another replica while one is left, within the attempts and the time.
             let refused = matches!(head.status.as_u16(), 502 | 503);
-            metrics.observe_attempt(&lease.replica().meters, !refused);
+            out.judge(!refused);
             if refused && may_retry {
-                if let Some(other) = ex.route.pick(&tried) {
-                    tracing::warn!(request_id = %ctx.request_id, replica = %addr, status = head.status.as_u16(), "replica refused the request; trying another");
+                if let Some(other) = ex.route.pick(|a| out.tried(a)) {
+                    tracing::warn!(request_id = %ex.request_id, replica = %addr, status = head.status.as_u16(), "replica refused the request; trying another");
                     // It did no work on it: only the next attempt can make it billable.
-                    ctx.sent = false;
+                    out.sent = false;
                     next = Some(other);
                     continue;
                 }
             }
             break (up, lease, head, first_output);
         };
-        ctx.first_byte = Some(ctx.started.elapsed());
-        ctx.upstream_status = head.status.as_u16();
-        let ending = relay::relay(
-            session,
-            ctx,
-            &mut up,
-            &mut head,
-            &ex.plan,
-            ctx.runtime
-                .as_ref()
-                .and_then(|r| r.meters.model(ctx.model_label()))
-                .map(|m| m.itl.clone()),
-            relay::Limits {
-                idle: ex.pool.timeouts.idle,
-                first_output: ex.stream.then_some(first_output),
-                deadline,
-            },
-        )
-        .await?;
-        match ending {
+        out.first_byte = Some(ex.started.elapsed());
+        out.upstream_status = head.status.as_u16();
+        let limits = relay::Limits {
+            idle: ex.pool.timeouts.idle,
+            first_output: ex.stream.then_some(first_output),
+            deadline,
+        };
+        let ending = relay::relay(session, &ex, &mut up, &mut head, limits, self.describe, out);
+        match ending.await? {
             Ending::Written(relayed) => Ok(relayed),
             Ending::Pending { header, tail } => {
                 if up.reusable() {
@@ -201,11 +259,10 @@ impl Upstream {
         &self,
         lease: &Lease,
         ex: &Exchange<'_>,
-        request_id: &str,
         deadline: Instant,
     ) -> Result<Conn, String> {
         let replica = lease.replica();
-        let head = request_head(ex, &replica.authority, request_id);
+        let head = request_head(ex, &replica.authority);
         // Pooled connections the replica closed meanwhile fail the send; a few are tried,
         // then a fresh connection, so a pool of stale ones never fails the request.
         let mut stale = 0;
@@ -248,7 +305,7 @@ const MAX_STALE: u32 = 4;
 /// The request line and header fields, ending in the empty line. Every value is known safe:
 /// the path is ours, the request id was checked or generated, the upstream key was checked
 /// when the config was loaded.
-fn request_head(ex: &Exchange<'_>, authority: &str, request_id: &str) -> Vec<u8> {
+fn request_head(ex: &Exchange<'_>, authority: &str) -> Vec<u8> {
     let accept: &[u8] = if ex.stream {
         b"text/event-stream"
     } else {
@@ -265,7 +322,7 @@ fn request_head(ex: &Exchange<'_>, authority: &str, request_id: &str) -> Vec<u8>
         b"\r\naccept: ",
         accept,
         b"\r\nx-request-id: ",
-        request_id.as_bytes(),
+        ex.request_id.as_bytes(),
         b"\r\n",
     ];
     let key = ex.pool.upstream_key.as_ref().map(|k| k.expose().as_bytes());

@@ -6,7 +6,8 @@ use prometheus::Histogram;
 use tokio::time::Instant;
 
 use crate::translate::scan;
-use crate::translate::usage::{self, Usage};
+use crate::translate::usage;
+use crate::vocab::Usage;
 
 pub struct Observed {
     /// The last usage the replica reported (running totals replace, never add).

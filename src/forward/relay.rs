@@ -8,16 +8,13 @@ use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use prometheus::Histogram;
 use tokio::time::{timeout_at, Instant};
 
 use super::h1::{Conn, H1Error, Head};
 use super::transcode::Transcoder;
-use super::{client_gone, ForwardError, Relayed};
-use crate::ctx::RequestCtx;
-use crate::error::GatewayError;
-use crate::respond;
-use crate::translate::{replica_error, ResponsePlan};
+use super::{client_gone, Exchange, ForwardError, Outcome, Relayed};
+use crate::translate::replica_error;
+use crate::vocab::{self, Problem};
 
 /// Headers that describe one hop's connection, not the response.
 const HOP_BY_HOP: &[&str] = &[
@@ -42,40 +39,54 @@ pub(super) struct Limits {
 }
 
 /// Returns how the response ended and whether the upstream connection may be pooled again.
-/// Whatever the outcome, what was observed of the answer is left in `ctx` for accounting.
+/// However it ends, what was observed of the answer is left in `outcome` for accounting.
 pub(super) async fn relay(
     session: &mut Session,
-    ctx: &mut RequestCtx,
+    ex: &Exchange<'_>,
     up: &mut Conn,
     upstream: &mut Head,
-    plan: &ResponsePlan,
-    inter_token: Option<Histogram>,
     limits: Limits,
+    describe: fn(&ForwardError) -> Problem,
+    outcome: &mut Outcome,
 ) -> Result<Ending, ForwardError> {
     let sse = upstream
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let mut transcoder = Transcoder::new(plan, upstream.status.as_u16(), sse, inter_token);
+    let inter_token = ex.inter_token.clone();
+    let mut transcoder = Transcoder::new(&ex.plan, upstream.status.as_u16(), sse, inter_token);
     let status = replica_error::client_status(upstream.status.as_u16());
     upstream.status = http::StatusCode::from_u16(status).unwrap_or(upstream.status);
-    let result = pump(session, ctx, up, upstream, &mut transcoder, limits).await;
+    let result = pump(
+        session,
+        ex,
+        up,
+        upstream,
+        &mut transcoder,
+        limits,
+        describe,
+        outcome,
+    )
+    .await;
     let seen = &transcoder.observed;
-    ctx.usage = seen.usage;
-    ctx.output_estimate = seen.output_estimate;
-    ctx.first_token = seen
+    outcome.usage = seen.usage;
+    outcome.output_estimate = seen.output_estimate;
+    outcome.first_token = seen
         .first_token
-        .map(|t| t.into_std().saturating_duration_since(ctx.started));
+        .map(|t| t.into_std().saturating_duration_since(ex.started));
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     session: &mut Session,
-    ctx: &mut RequestCtx,
+    ex: &Exchange<'_>,
     up: &mut Conn,
     upstream: &mut Head,
     transcoder: &mut Transcoder,
     limits: Limits,
+    describe: fn(&ForwardError) -> Problem,
+    outcome: &mut Outcome,
 ) -> Result<Ending, ForwardError> {
     let Limits {
         idle,
@@ -85,13 +96,10 @@ async fn pump(
     let status = upstream.status.as_u16();
     // Bytes of a Content-Length body still to send; `None` for other framings.
     let mut unsent: Option<u64> = None;
-    if status >= 400 {
-        ctx.error = Some("upstream_status");
-    }
     if transcoder.streams() {
-        let header = response_header(upstream, transcoder, ctx, None).map_err(|e| broken(&e))?;
+        let header = response_header(upstream, transcoder, ex, None).map_err(|e| broken(&e))?;
         unsent = content_length(&header);
-        ctx.status = status;
+        outcome.status = status;
         if session
             .write_response_header(Box::new(header), false)
             .await
@@ -142,8 +150,8 @@ async fn pump(
         let failure = match relayed {
             Ok(Some(out)) => {
                 // Kept current, so a request cut by a shutdown is accounted from what it sent.
-                ctx.usage = transcoder.observed.usage;
-                ctx.output_estimate = transcoder.observed.output_estimate;
+                outcome.usage = transcoder.observed.usage;
+                outcome.output_estimate = transcoder.observed.output_estimate;
                 unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
                 if session.write_response_body(Some(out), false).await.is_err() {
                     return Err(ForwardError::ClientGone);
@@ -159,10 +167,10 @@ async fn pump(
         }
         // The status is already on the wire: end an event stream with an error event the
         // client's SDK raises; any other body can only be cut, so the client sees it short.
-        let err = GatewayError::Forward(failure);
-        ctx.error = Some(err.code());
-        tracing::warn!(request_id = %ctx.request_id, error = err.code(), "replica failed mid-response");
-        let Some(event) = transcoder.on_fail(&err) else {
+        let problem = describe(&failure);
+        tracing::warn!(request_id = %ex.request_id, error = problem.code, "replica failed mid-response");
+        outcome.broke_off = Some(failure);
+        let Some(event) = transcoder.on_fail(&problem) else {
             return Ok(Ending::Written(Relayed::Cut));
         };
         if session
@@ -183,8 +191,8 @@ async fn pump(
         None
     } else {
         let header =
-            response_header(upstream, transcoder, ctx, Some(tail.len())).map_err(|e| broken(&e))?;
-        ctx.status = status;
+            response_header(upstream, transcoder, ex, Some(tail.len())).map_err(|e| broken(&e))?;
+        outcome.status = status;
         Some(Box::new(header))
     };
     Ok(Ending::Pending { header, tail })
@@ -248,11 +256,11 @@ fn broken(e: &pingora::Error) -> ForwardError {
 fn response_header(
     upstream: &mut Head,
     transcoder: &Transcoder,
-    ctx: &RequestCtx,
+    ex: &Exchange<'_>,
     length: Option<usize>,
 ) -> pingora::Result<ResponseHeader> {
     let fields = std::mem::take(&mut upstream.headers);
-    let mut out = HeaderMap::with_capacity(fields.len() + 4 + ctx.headers.len());
+    let mut out = HeaderMap::with_capacity(fields.len() + 4 + ex.own_fields.len());
     let replaced_type = transcoder.content_type();
     // Fields the replica named in `Connection` are about its hop too (RFC 9110 §7.6.1).
     let connection_scoped: Vec<String> = fields
@@ -294,6 +302,6 @@ fn response_header(
         }
         None => {}
     }
-    respond::add_own_fields(&mut out, &ctx.request_id, &ctx.headers)?;
-    Ok(respond::client_header(upstream.status, out))
+    vocab::add_own_fields(&mut out, ex.request_id, ex.own_fields)?;
+    Ok(vocab::client_header(upstream.status, out))
 }

@@ -6,11 +6,10 @@ use bytes::{Bytes, BytesMut};
 use prometheus::Histogram;
 
 use super::observe::Observed;
-use crate::error::GatewayError;
-use crate::respond::{self, Dialect};
 use crate::translate::anthropic::{self, StreamTranslator};
 use crate::translate::sse::{self, SseFramer};
-use crate::translate::{replica_error, scan, usage, ResponsePlan};
+use crate::translate::{problem, replica_error, scan, usage, ResponsePlan};
+use crate::vocab::{Dialect, Problem};
 
 /// A replica answer larger than this is not collected (a chat completion is kilobytes; this
 /// only bounds memory against a misbehaving replica).
@@ -209,13 +208,13 @@ impl Transcoder {
 
     /// The replica failed after the header went out: the event that ends the stream in the
     /// client's dialect, or `None` when the body can only be cut (not an event stream).
-    pub fn on_fail(&mut self, err: &GatewayError) -> Option<Bytes> {
+    pub fn on_fail(&mut self, p: &Problem) -> Option<Bytes> {
         match &mut self.mode {
-            Mode::OpenAiStream { .. } => Some(respond::stream_error_event(Dialect::OpenAi, err)),
+            Mode::OpenAiStream { .. } => Some(problem::event(Dialect::OpenAi, p)),
             Mode::Collect { .. } => None,
             Mode::AnthropicStream { translator, .. } => {
                 let mut out = Vec::new();
-                translator.fail(err.anthropic_type(), &err.message(), &mut out);
+                translator.fail(problem::anthropic_type(p), &p.message, &mut out);
                 Some(Bytes::from(out))
             }
         }

@@ -2,6 +2,7 @@
 //! request arrives, settle with what it really used when it ends, so concurrent requests can
 //! never overshoot a limit or a budget.
 
+mod admission;
 mod counters;
 mod headers;
 pub mod period;
@@ -11,11 +12,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use admission::{admit_request, Admission, Ask, Refusal};
 pub use counters::{Counters, Spend};
 pub use headers::rate_headers;
 
-use crate::account::TokenPrices;
 use crate::config::{Budget, Key, Limits, Model, Snapshot};
+use crate::vocab::TokenPrices;
 
 /// The counters of every configured key and model, by id. Built with each config snapshot;
 /// counters of ids that still exist are carried over, so a reload keeps them.

@@ -1,5 +1,6 @@
 //! Routing: `model` → model entry → pool → a replica, with per-replica in-flight counts.
 
+mod idle;
 mod least_inflight;
 
 use std::net::SocketAddr;
@@ -10,8 +11,7 @@ use pingora::protocols::Stream;
 use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::{Key, Model, Snapshot};
-use crate::forward::pool::IdleConns;
-use crate::metrics::ReplicaMeters;
+use idle::IdleConns;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -99,9 +99,10 @@ pub struct PoolRoute {
 }
 
 impl PoolRoute {
-    /// Picks the replica with the fewest requests in flight, skipping `tried`; ties are broken
-    /// at random so equal replicas share load. The lease counts the request until dropped.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
+    /// Picks the replica with the fewest requests in flight, skipping those `tried` says were
+    /// tried already; ties are broken at random so equal replicas share load. The lease counts
+    /// the request until dropped.
+    pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Option<Lease> {
         let replica = least_inflight::pick(&self.replicas, tried)?;
         replica.inflight.fetch_add(1, Ordering::Relaxed);
         Some(Lease { replica })
@@ -125,8 +126,6 @@ pub struct Replica {
     /// `addr` rendered once, for the `host` header of every request sent to it, its ledger
     /// rows and log lines.
     pub authority: Arc<str>,
-    /// Attempt counters, labelled with `addr`.
-    pub meters: ReplicaMeters,
     inflight: Arc<AtomicUsize>,
     /// Connections to it waiting for the next request.
     idle: Arc<IdleConns>,
@@ -150,7 +149,6 @@ impl Replica {
         let authority = addr.to_string();
         Replica {
             addr,
-            meters: ReplicaMeters::new(authority.clone()),
             authority: authority.into(),
             inflight: live.inflight,
             idle: live.idle,
@@ -185,7 +183,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    pub fn replica(&self) -> &Replica {
+    pub fn replica(&self) -> &Arc<Replica> {
         &self.replica
     }
 }

@@ -2,10 +2,14 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod problem;
 pub mod replica_error;
 pub mod scan;
 pub mod sse;
 pub mod usage;
+
+use crate::config::Model;
+use crate::vocab::Endpoint;
 
 /// Why a request body was refused: always 400, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,15 @@ pub enum ModelRequest {
 }
 
 impl ModelRequest {
+    /// Parses a body sent to `endpoint`: a Messages request for `/v1/messages`, a chat
+    /// completion otherwise.
+    pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<ModelRequest, RequestError> {
+        Ok(match endpoint {
+            Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(bytes)?),
+            _ => ModelRequest::Chat(openai::ChatRequest::parse(bytes)?),
+        })
+    }
+
     pub fn model(&self) -> &str {
         match self {
             ModelRequest::Chat(r) => &r.model,
@@ -96,14 +109,6 @@ impl ModelRequest {
         }
     }
 
-    /// Tells the translation whether the model takes images (see
-    /// `MessagesRequest::tool_images`).
-    pub fn set_model_takes_images(&mut self, yes: bool) {
-        if let ModelRequest::Messages(r) = self {
-            r.tool_images = yes;
-        }
-    }
-
     /// Choices the replica generates, each up to the output cap.
     pub fn choices(&self) -> u64 {
         match self {
@@ -112,8 +117,16 @@ impl ModelRequest {
         }
     }
 
+    /// Sends the replica `cap` as its output cap, unless the request already carries exactly
+    /// that one.
+    pub fn cap_output(&mut self, cap: u64) {
+        if self.max_output_tokens() != Some(cap) || self.sets_both_caps() {
+            self.set_max_output_tokens(cap);
+        }
+    }
+
     /// Whether the replica would see two output caps that may differ (see `ChatRequest`).
-    pub fn sets_both_caps(&self) -> bool {
+    fn sets_both_caps(&self) -> bool {
         match self {
             ModelRequest::Chat(r) => r.sets_both_caps(),
             ModelRequest::Messages(_) => false,
@@ -121,7 +134,7 @@ impl ModelRequest {
     }
 
     /// Sets the output cap the replica gets to `n` tokens.
-    pub fn set_max_output_tokens(&mut self, n: u64) {
+    fn set_max_output_tokens(&mut self, n: u64) {
         match self {
             ModelRequest::Chat(r) => r.set_max_output_tokens(n),
             ModelRequest::Messages(r) => r.max_tokens = n.min(u64::from(u32::MAX)) as u32,
@@ -136,14 +149,14 @@ impl ModelRequest {
         }
     }
 
-    /// The OpenAI body for the replica and the plan for its answer. `message_id` names an
-    /// Anthropic answer (`msg_…`); it is chosen by the caller so this stays pure.
+    /// The OpenAI body for `model`'s replicas and the plan for its answer. `message_id`
+    /// names an Anthropic answer (`msg_…`); it is chosen by the caller so this stays pure.
     pub fn into_upstream(
         self,
-        upstream_model: &str,
-        thinking: anthropic::ThinkingStyle,
+        model: &Model,
         message_id: impl FnOnce() -> String,
     ) -> (Vec<u8>, ResponsePlan) {
+        let upstream_model = model.upstream_model.as_str();
         match self {
             ModelRequest::Chat(r) => {
                 let plan = ResponsePlan::OpenAi {
@@ -153,8 +166,11 @@ impl ModelRequest {
                 };
                 (r.upstream_body(upstream_model), plan)
             }
-            ModelRequest::Messages(r) => {
-                let body = r.to_openai(upstream_model, thinking);
+            ModelRequest::Messages(mut r) => {
+                // Images a tool returned reach only models that take images (see
+                // `MessagesRequest::tool_images`).
+                r.tool_images = model.input_modalities.contains(&"image");
+                let body = r.to_openai(upstream_model, model.reasoning_switch);
                 let plan = ResponsePlan::Anthropic(anthropic::AnswerPlan {
                     id: message_id(),
                     input_estimate: r.estimate_input_tokens(),

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::respond::Dialect;
+use crate::vocab::Dialect;
 
 /// The longest upstream message passed on, in bytes; longer ones are cut at a character
 /// boundary (an HTML error page is not a message).

@@ -8,25 +8,7 @@
 use serde::Deserialize;
 
 use super::scan;
-
-/// Tokens of one request. `cached_input ⊂ input`, `reasoning ⊂ output`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input: u64,
-    pub cached_input: u64,
-    pub output: u64,
-    pub reasoning: u64,
-}
-
-impl Usage {
-    pub fn uncached_input(&self) -> u64 {
-        self.input.saturating_sub(self.cached_input)
-    }
-
-    pub fn total(&self) -> u64 {
-        self.input.saturating_add(self.output)
-    }
-}
+use crate::vocab::Usage;
 
 /// The most tokens of one kind a reported usage is taken to have.
 const MAX_TOKENS: u64 = u32::MAX as u64;

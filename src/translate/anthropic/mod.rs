@@ -35,23 +35,8 @@ pub use request::{parse_count_tokens, MessagesRequest};
 pub use response::{message_from_openai, UNPARSED_ARGUMENTS};
 pub use stream::StreamTranslator;
 
-/// How a replica's model is told whether to think. The Anthropic `thinking` field is mapped
-/// to exactly one of these; when the client sent no `thinking`, nothing is sent and the
-/// model's own default applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThinkingStyle {
-    /// `chat_template_kwargs.enable_thinking` (vLLM, SGLang).
-    ChatTemplateKwargs,
-    /// `chat_template_args.enable_thinking` (TensorRT-LLM and some hosted engines).
-    ChatTemplateArgs,
-    /// `reasoning_effort`: `low` for budgets under 4,096 tokens, `medium` under 16,384,
-    /// `high` above. Disabled thinking asks for `low`, the least effort every engine takes
-    /// (OpenAI's `none` is refused by engines that know only the three levels); the
-    /// reasoning it still produces is left out of the answer.
-    ReasoningEffort,
-    /// The model is not told: `thinking` is dropped.
-    Ignore,
-}
+/// How a model's engine is told whether to think: chosen per model in the config.
+pub use crate::config::ThinkingStyle;
 
 /// What the client's request decides about its answer: the caller builds it once per
 /// request and both the whole-message and the stream translation read it.

@@ -1,4 +1,5 @@
-//! Idle upstream connections of one replica, kept for the next request to it.
+//! Idle upstream connections of one replica, kept for the next request to it (the forward
+//! stage opens and returns them; the replica owns them, so they live and die with it).
 //!
 //! A plain stack under the replica's own mutex: taking and returning a connection is a push or
 //! a pop, with no task per idle connection, no timer and no lock shared between replicas. The

@@ -1,8 +1,7 @@
 //! Cost of a request in integer nano- and micro-dollars: prices are converted once, sums are
 //! exact integers, so totals never drift the way float sums do.
 
-use crate::config::Price;
-use crate::translate::usage::Usage;
+use super::Usage;
 
 /// Prices in nano-dollars (1e-9 USD) per token: 0.50 USD per million tokens is 500.
 /// Three decimals of USD per million tokens are kept exactly.
@@ -11,17 +10,6 @@ pub struct TokenPrices {
     pub input: u64,
     pub cached_input: u64,
     pub output: u64,
-}
-
-impl From<&Price> for TokenPrices {
-    fn from(p: &Price) -> Self {
-        let nanos = |usd_per_mtok: f64| (usd_per_mtok * 1000.0).round() as u64;
-        TokenPrices {
-            input: nanos(p.input_per_mtok),
-            cached_input: nanos(p.cached_input_per_mtok),
-            output: nanos(p.output_per_mtok),
-        }
-    }
 }
 
 impl TokenPrices {
@@ -50,12 +38,11 @@ mod tests {
 
     #[test]
     fn cost_follows_the_formula_in_exact_integers() {
-        let p = TokenPrices::from(&Price {
-            input_per_mtok: 0.5,
-            cached_input_per_mtok: 0.1,
-            output_per_mtok: 1.5,
-        });
-        assert_eq!((p.input, p.cached_input, p.output), (500, 100, 1500));
+        let p = TokenPrices {
+            input: 500,
+            cached_input: 100,
+            output: 1500,
+        };
         let u = Usage {
             input: 1_000_000,
             cached_input: 400_000,

@@ -1,0 +1,130 @@
+//! The admission policy: a request's output cap, its reservation against the key's and the
+//! model's limits and budget, and the rate-limit headers it is answered with.
+//!
+//! The replica always receives the cap that was reserved: the client's `max_tokens`, or the
+//! model's `default_max_tokens` when it set none (see `unasked_cap`), never above the
+//! model's `max_output_tokens`, and lower still when a budget clamped it. Each of the `n`
+//! choices may use the cap, and all of them are reserved. A request can therefore never
+//! generate more than its reservation, which is what keeps limits and budgets exact.
+
+use super::{admit, now_ms, rate_headers, view, Demand, LimitError, Registry, Ticket};
+use crate::config::{Key, Model};
+
+/// What a request asks of its limits, as the request stage understood it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    /// The prompt's estimated tokens.
+    pub input_tokens: u64,
+    /// The output cap the client set, if any.
+    pub max_output: Option<u64>,
+    /// Choices the replica generates, each up to the output cap; at least 1.
+    pub choices: u64,
+    /// When the request started (Unix ms): the budget period its cost belongs to.
+    pub started_ms: i64,
+}
+
+/// An admitted request.
+pub struct Admission {
+    /// The output cap the replica must be sent.
+    pub cap: u64,
+    /// The reservation, settled when the request ends; `None` when nothing is counted.
+    pub ticket: Option<Ticket>,
+    /// Rate-limit headers and notices for the response.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// A refused request: why, and the rate-limit headers its error answer carries.
+pub struct Refusal {
+    pub err: LimitError,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Settles the output cap and reserves the request's worst case against the key's and the
+/// model's limits and budget.
+pub fn admit_request(
+    registry: &Registry,
+    key: &Key,
+    model: &Model,
+    ask: Ask,
+) -> Result<Admission, Refusal> {
+    let input = ask.input_tokens;
+    let mut cap = ask
+        .max_output
+        .unwrap_or(u64::from(model.default_max_tokens));
+    if let Some(max) = model.max_output_tokens {
+        cap = cap.min(u64::from(max));
+    }
+    if ask.max_output.is_none() {
+        cap = unasked_cap(cap, model, key, input, ask.choices);
+    }
+    // Every configured key and model has counters; nothing to reserve against otherwise.
+    let (Some(key_counters), Some(model_counters)) =
+        (registry.key(&key.id), registry.model(&model.slug))
+    else {
+        return Ok(Admission {
+            cap,
+            ticket: None,
+            headers: Vec::new(),
+        });
+    };
+    let demand = Demand {
+        input_tokens: input,
+        output_tokens: cap,
+        choices: ask.choices,
+        prices: model.token_prices,
+    };
+    let now = now_ms();
+    let admitted = admit(
+        key,
+        key_counters,
+        model,
+        model_counters,
+        demand,
+        now,
+        registry.generation,
+    );
+    let (mut ticket, view_after) = admitted.map_err(|err| Refusal {
+        err,
+        headers: rate_headers(&view(key, key_counters, now), now),
+    })?;
+    // Its cost belongs to the budget period it arrived in, as its ledger row.
+    ticket.set_started_ms(ask.started_ms);
+    let mut headers = rate_headers(&view_after, now);
+    if let Some(n) = ticket.clamped_output {
+        cap = n;
+        headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+    }
+    Ok(Admission {
+        cap,
+        ticket: Some(ticket),
+        headers,
+    })
+}
+
+/// The output cap sent for a request that set none: `default` (the model's), lowered so
+/// that a cap the client never asked for cannot be what fails its request. Engines refuse a
+/// prompt plus cap past the context window, so it leaves room for the prompt; and a cap no
+/// tpm limit could ever admit would be refused, so it fits the key's and the model's.
+fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64) -> u64 {
+    let mut cap = default;
+    if let Some(context) = model.context_tokens.map(u64::from) {
+        // The prompt estimate (about 4 bytes a token) runs short for some text and
+        // tokenizers, so a margin is kept: a quarter of the prompt plus 64 tokens, but never
+        // more than half of what the estimate leaves free. The room left falls steadily as
+        // the prompt grows, so a longer prompt never gets a larger cap.
+        let free = context.saturating_sub(input);
+        let margin = (input / 4 + 64).min(free / 2);
+        let room = free - margin;
+        // No room at all: the prompt alone fills the window, which the replica will say.
+        if room > 0 {
+            cap = cap.min(room);
+        }
+    }
+    for tpm in [key.limits.tpm, model.limits.tpm].into_iter().flatten() {
+        let room = tpm.saturating_sub(input) / choices.max(1);
+        if room > 0 {
+            cap = cap.min(room);
+        }
+    }
+    cap
+}

@@ -1,0 +1,44 @@
+//! The response header tollgate sends a client, whoever built its fields: the relay (a
+//! replica's answer) or tollgate itself (errors, the catalog).
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use pingora::http::ResponseHeader;
+use pingora::{Error, ErrorType};
+
+/// A response header for the client from its status and fields. It keeps no record of how
+/// each name was spelt (Pingora's case map): HTTP field names are case-insensitive, and
+/// without the map a field is one insert into an `http::HeaderMap`, with no re-parsing or
+/// copying of its name. Standard names still go out in their usual title case.
+pub fn client_header(status: StatusCode, fields: HeaderMap) -> ResponseHeader {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = status;
+    parts.headers = fields;
+    ResponseHeader::from(parts)
+}
+
+/// tollgate's own fields, last on every response it answers: rate-limit headers and notices
+/// (`extra`), and the request id under the names the OpenAI (`x-request-id`) and Anthropic
+/// (`request-id`) SDKs read. Each replaces a field of the same name.
+pub fn add_own_fields(
+    fields: &mut HeaderMap,
+    request_id: &str,
+    extra: &[(&'static str, String)],
+) -> pingora::Result<()> {
+    for (name, value) in extra {
+        fields.insert(HeaderName::from_static(name), field_value(value)?);
+    }
+    let id = field_value(request_id)?;
+    fields.insert(HeaderName::from_static("x-request-id"), id.clone());
+    fields.insert(HeaderName::from_static("request-id"), id);
+    Ok(())
+}
+
+fn field_value(value: &str) -> pingora::Result<HeaderValue> {
+    HeaderValue::from_str(value).map_err(|_| {
+        Error::explain(
+            ErrorType::InvalidHTTPHeader,
+            "a response field value is not valid in a header",
+        )
+    })
+}

@@ -1,0 +1,19 @@
+//! The vocabulary every layer shares: plain data types and the few pure functions that
+//! belong to them. It imports nothing else of tollgate's, so any module may import it.
+//!
+//! See ARCHITECTURE.md for the layers: vocabulary (this module and `config`), stages,
+//! orchestration.
+
+mod endpoint;
+mod header;
+mod ids;
+mod price;
+mod problem;
+mod usage;
+
+pub use endpoint::{Dialect, Endpoint};
+pub use header::{add_own_fields, client_header};
+pub use ids::{message_id, request_id};
+pub use price::{micros, TokenPrices};
+pub use problem::Problem;
+pub use usage::Usage;
