@@ -2,6 +2,7 @@
 //! One test binary, one module per area.
 
 mod common;
+mod fakes;
 
 mod accounting;
 mod anthropic;
