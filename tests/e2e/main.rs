@@ -12,4 +12,5 @@ mod catalog;
 mod cli;
 mod limits;
 mod routing;
+mod shutdown;
 mod streaming;
