@@ -11,6 +11,7 @@ mod body;
 mod catalog;
 mod cli;
 mod limits;
+mod reload;
 mod routing;
 mod shutdown;
 mod streaming;
