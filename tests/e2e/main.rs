@@ -11,6 +11,7 @@ mod body;
 mod catalog;
 mod cli;
 mod limits;
+mod metrics;
 mod reload;
 mod routing;
 mod shutdown;
