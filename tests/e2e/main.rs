@@ -15,4 +15,5 @@ mod metrics;
 mod reload;
 mod routing;
 mod shutdown;
+mod status;
 mod streaming;

@@ -88,6 +88,7 @@ async fn a_pool_without_replicas_is_503() {
     let gw = Gateway::start(&standard_config(&[], ""));
     let r = gw.chat(hello()).await;
     assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "no_healthy_replica");
 }
