@@ -6,8 +6,9 @@
 //! framer split at every byte position, at random positions, and with `\r\n` and `\r` line
 //! ends, and must translate to the very same bytes.
 //!
-//! `TOLLGATE_BLESS=1 cargo test --test translate_golden` rewrites the expected files from
-//! the current output; review the diff before committing it.
+//! `TOLLGATE_BLESS=1 cargo test --test translate_golden` rewrites the expected files that
+//! differ from the current output, then fails naming them, so that a bless run is never
+//! taken for a passing one; review the diff, then run the tests again without it.
 
 use std::path::PathBuf;
 
@@ -41,12 +42,31 @@ fn same_json(rel: &str, value: &Value) -> bool {
         .is_some_and(|v| &v == value)
 }
 
+/// Whether this run rewrites expected files: only with `TOLLGATE_BLESS=1`.
 fn blessing() -> bool {
-    std::env::var_os("TOLLGATE_BLESS").is_some()
+    std::env::var_os("TOLLGATE_BLESS").is_some_and(|v| v == "1")
 }
 
-fn bless(rel: &str, bytes: &[u8]) {
-    std::fs::write(golden(rel), bytes).unwrap();
+/// The expected files one test rewrote. `finish` fails the test when there are any, so a
+/// run that changed the goldens cannot pass.
+#[derive(Default)]
+struct Blessed(Vec<String>);
+
+impl Blessed {
+    fn rewrite(&mut self, rel: &str, bytes: &[u8]) {
+        std::fs::write(golden(rel), bytes).unwrap_or_else(|e| panic!("{rel}: {e}"));
+        self.0.push(rel.to_string());
+    }
+
+    fn finish(self) {
+        assert!(
+            self.0.is_empty(),
+            "TOLLGATE_BLESS=1 rewrote {} golden file(s) that differed from the output: {}. \
+             Review the diff, then run again without TOLLGATE_BLESS.",
+            self.0.len(),
+            self.0.join(", ")
+        );
+    }
 }
 
 fn pretty(value: &Value) -> Vec<u8> {
@@ -84,17 +104,19 @@ fn requests_map_to_openai() {
             ThinkingStyle::ReasoningEffort,
         ),
     ];
+    let mut blessed = Blessed::default();
     for (name, upstream, style) in cases {
         let input = read(&format!("request/{name}.anthropic.json"));
         let request = MessagesRequest::parse(&input).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let actual = request.to_openai(upstream, style);
         let expected_file = format!("request/{name}.openai.json");
         if blessing() && !same_json(&expected_file, &actual) {
-            bless(&expected_file, &pretty(&actual));
+            blessed.rewrite(&expected_file, &pretty(&actual));
             continue;
         }
         assert_eq!(actual, json(&expected_file), "{name}");
     }
+    blessed.finish();
 }
 
 #[test]
@@ -109,6 +131,7 @@ fn responses_map_to_anthropic() {
         ("max_tokens_truncated_tool", &[], false),
         ("empty", &[], false),
     ];
+    let mut blessed = Blessed::default();
     for (name, stops, thinking) in cases {
         let input = read(&format!("response/{name}.openai.json"));
         let plan = AnswerPlan {
@@ -120,11 +143,12 @@ fn responses_map_to_anthropic() {
         let actual: Value = serde_json::from_slice(&out).unwrap();
         let expected_file = format!("response/{name}.anthropic.json");
         if blessing() && !same_json(&expected_file, &actual) {
-            bless(&expected_file, &pretty(&actual));
+            blessed.rewrite(&expected_file, &pretty(&actual));
             continue;
         }
         assert_eq!(actual, json(&expected_file), "{name}");
     }
+    blessed.finish();
 }
 
 /// How a transcript's upstream ended.
@@ -277,13 +301,14 @@ fn events(bytes: &[u8]) -> Vec<(String, Value)> {
 
 #[test]
 fn streams_translate_event_by_event() {
+    let mut blessed = Blessed::default();
     for case in STREAMS {
         let input = read(&format!("stream/{}.openai.sse", case.name));
         let actual = translate(case, [&input[..]]);
         let expected_file = format!("stream/{}.anthropic.sse", case.name);
         if blessing() && std::fs::read(golden(&expected_file)).ok().as_deref() != Some(&actual[..])
         {
-            bless(&expected_file, &actual);
+            blessed.rewrite(&expected_file, &actual);
             continue;
         }
         let (actual, expected) = (events(&actual), events(&read(&expected_file)));
@@ -292,6 +317,7 @@ fn streams_translate_event_by_event() {
         }
         assert_eq!(actual.len(), expected.len(), "{} event count", case.name);
     }
+    blessed.finish();
 }
 
 /// A small deterministic generator, so a failure names a reproducible seed.

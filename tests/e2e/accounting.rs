@@ -250,8 +250,16 @@ async fn sigkill_under_load_loses_at_most_the_last_moments_and_double_counts_not
         }));
     }
     // Let the load run until a few hundred requests completed, then SIGKILL.
+    let deadline = Deadline::after(Duration::from_secs(60));
     while sim.stats().completed() < 300 {
-        tokio::task::yield_now().await;
+        deadline
+            .pause(|| {
+                format!(
+                    "300 requests completed under load (only {})",
+                    sim.stats().completed()
+                )
+            })
+            .await;
     }
     let mut gw = gw;
     gw.kill();
@@ -374,7 +382,7 @@ async fn cut_streams_are_recorded(n: usize, stop: fn(&mut Gateway)) {
     // The grace period (0 s here, none at all for SIGINT) ends with the streams running.
     stop(&mut gw);
     let log = gw.stderr();
-    let conn = ledger_file(&gw);
+    let conn = gw.ledger();
     for i in 0..n {
         let (output, estimated): (i64, bool) = conn
             .query_row(
@@ -397,20 +405,9 @@ async fn cut_streams_are_recorded(n: usize, stop: fn(&mut Gateway)) {
     }
 }
 
-/// The ledger's SQLite file, opened straight.
-fn ledger_file(gw: &Gateway) -> rusqlite::Connection {
-    let db = gw
-        .config_path()
-        .parent()
-        .unwrap()
-        .join("state")
-        .join("usage.sqlite");
-    rusqlite::Connection::open(db).unwrap()
-}
-
 /// Request ids in the ledger, read straight from the SQLite file.
 fn ledger_request_ids(gw: &Gateway) -> HashSet<String> {
-    let conn = ledger_file(gw);
+    let conn = gw.ledger();
     let mut stmt = conn.prepare("SELECT request_id FROM usage").unwrap();
     let ids = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
     ids.map(Result::unwrap).collect()

@@ -5,12 +5,13 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub use crate::fakes::*;
 pub use tollgate::sim::{SimOptions, SimReplica};
 
 /// The key most tests use, and one with no access to the test model.
@@ -113,20 +114,64 @@ impl Gateway {
 
     /// Stops the process gracefully (SIGTERM) and waits for it to exit.
     pub fn stop(&mut self) {
-        self.signal("-TERM");
+        self.signal("TERM");
+        self.wait_exit_blocking();
     }
 
     /// Stops the process fast (SIGINT: no grace period) and waits for it to exit.
     pub fn interrupt(&mut self) {
-        self.signal("-INT");
+        self.signal("INT");
+        self.wait_exit_blocking();
     }
 
-    fn signal(&mut self, which: &str) {
-        let _ = Command::new("kill")
-            .arg(which)
+    /// Sends `SIG{name}` (`TERM`, `HUP`…) to the process and returns at once.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{name} failed");
+    }
+
+    /// The exit status once the process has exited, or `None` if it still runs after
+    /// `within`. Waits without blocking the test's runtime (the replicas may live on it).
+    pub async fn exit_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_PAUSE).await;
+        }
+    }
+
+    /// Waits for the exit after a stop signal. Grace periods in tests are 0 s; with Pingora's
+    /// 5 s runtime shutdown and the 2 s wait for cut requests' records, an exit takes well
+    /// under `EXIT_LIMIT`. Past it the process is killed and the test fails.
+    fn wait_exit_blocking(&mut self) {
+        let deadline = Instant::now() + EXIT_LIMIT;
+        loop {
+            if self
+                .child
+                .try_wait()
+                .expect("the child can be waited on")
+                .is_some()
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                panic!(
+                    "tollgate did not exit within {EXIT_LIMIT:?} of the stop signal; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(POLL_PAUSE);
+        }
     }
 
     fn full_config(body: &str, dir: &std::path::Path) -> String {
@@ -265,18 +310,22 @@ impl Gateway {
             .expect("metrics are text")
     }
 
-    /// `GET /metrics` once `done` holds for its text (or after 200 tries, for the caller's
-    /// assertion to show what was there).
+    /// `GET /metrics` once `done` holds for its text. Metrics are recorded when tollgate has
+    /// finished a request, which can be just after the client read the last byte. Fails
+    /// the test, showing the last scrape, if `done` does not hold within `SETTLE_LIMIT`.
     pub async fn metrics_until(&self, done: impl Fn(&str) -> bool) -> String {
-        let mut text = String::new();
-        for _ in 0..200 {
-            text = self.metrics().await;
+        let deadline = Deadline::after(SETTLE_LIMIT);
+        loop {
+            let text = self.metrics().await;
             if done(&text) {
-                break;
+                return text;
             }
-            tokio::task::yield_now().await;
+            deadline
+                .pause(|| {
+                    format!("the metrics never reached the awaited state; last scrape:\n{text}")
+                })
+                .await;
         }
-        text
     }
 
     /// Totals over the last day: (requests, input, output, estimated requests).
@@ -292,16 +341,42 @@ impl Gateway {
         )
     }
 
-    /// `usage_totals` once `requests` requests are recorded. A request is recorded when
-    /// tollgate has finished it, which can be just after the client read the last byte.
+    /// `usage_totals` once `requests` requests are recorded (or once `SETTLE_LIMIT` has
+    /// passed, for the caller's assertion to show what was there). A request is recorded
+    /// when tollgate has finished it, which can be just after the client read the last byte.
     pub async fn usage_totals_of(&self, requests: u64) -> (u64, u64, u64, u64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = Instant::now() + SETTLE_LIMIT;
         loop {
             let totals = self.usage_totals().await;
-            if totals.0 >= requests || std::time::Instant::now() > deadline {
+            if totals.0 >= requests || Instant::now() > deadline {
                 return totals;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(POLL_PAUSE).await;
+        }
+    }
+
+    /// The ledger's SQLite file under the state directory, opened straight.
+    pub fn ledger(&self) -> rusqlite::Connection {
+        let db = self.dir.path().join("state").join("usage.sqlite");
+        rusqlite::Connection::open(db).expect("the ledger opens")
+    }
+
+    /// The fields of the access-log line of request `id`, once it is written (just after
+    /// the request's ledger record is handed over).
+    pub async fn access_line(&self, id: &str) -> serde_json::Value {
+        let deadline = Deadline::after(SETTLE_LIMIT);
+        loop {
+            let log = self.stderr();
+            let line = log
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["target"] == "tollgate::access" && l["fields"]["request_id"] == id);
+            if let Some(line) = line {
+                return line["fields"].clone();
+            }
+            deadline
+                .pause(|| format!("an access-log line for {id}; stderr:\n{log}"))
+                .await;
         }
     }
 
@@ -322,6 +397,68 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// How long a test waits for something tollgate does after answering (metrics, ledger rows,
+/// a reload picked up): far beyond what it takes on a loaded 2-core machine.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(20);
+
+/// How long a stopped process may take to exit (see `Gateway::stop`).
+pub const EXIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// The pause between two looks at a condition being polled.
+pub const POLL_PAUSE: Duration = Duration::from_millis(10);
+
+/// A limit for polling an observable condition: look, and if it does not hold yet,
+/// `deadline.pause(..)` before looking again; past the limit the test fails with the
+/// description given.
+pub struct Deadline {
+    at: Instant,
+    limit: Duration,
+}
+
+impl Deadline {
+    pub fn after(limit: Duration) -> Deadline {
+        Deadline {
+            at: Instant::now() + limit,
+            limit,
+        }
+    }
+
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.at
+    }
+
+    /// Fails the test with `what` (what was awaited, and what was seen) once the limit has
+    /// passed; otherwise pauses briefly before the next look.
+    pub async fn pause(&self, what: impl FnOnce() -> String) {
+        if self.passed() {
+            panic!("not within {:?}: {}", self.limit, what());
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// The value of the series `line` (its full name and labels) in the metrics text, if present.
+pub fn series(text: &str, line: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Every series of the metric `name` in the metrics text: (labels, value), e.g.
+/// (`{key="team-a",kind="budget"}`, 1.0). Histogram parts are the metric `name_count` etc.
+pub fn all_series(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = rest.rsplit_once(' ')?;
+            if !(labels.is_empty() || labels.starts_with('{')) {
+                return None;
+            }
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 pub fn client() -> reqwest::Client {
@@ -361,124 +498,4 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
         .map(str::to_string)
         .collect()
-}
-
-/// An HTTP endpoint that records the requests it receives (for webhook tests).
-pub struct WebhookSink {
-    pub addr: SocketAddr,
-    rx: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(http::HeaderMap, String)>>,
-}
-
-impl WebhookSink {
-    pub async fn start() -> WebhookSink {
-        use http_body_util::BodyExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: hyper::Request<hyper::body::Incoming>| {
-                            let tx = tx.clone();
-                            async move {
-                                let (parts, body) = req.into_parts();
-                                let bytes = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let _ = tx.send((
-                                    parts.headers,
-                                    String::from_utf8_lossy(&bytes).into_owned(),
-                                ));
-                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                    http_body_util::Empty::<bytes::Bytes>::new(),
-                                ))
-                            }
-                        },
-                    );
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
-            }
-        });
-        WebhookSink {
-            addr,
-            rx: tokio::sync::Mutex::new(rx),
-        }
-    }
-
-    /// The next request received, or `None` after `timeout`.
-    pub async fn next(&self, timeout: Duration) -> Option<(http::HeaderMap, String)> {
-        tokio::time::timeout(timeout, self.rx.lock().await.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-}
-
-/// A replica that answers every request with the same raw HTTP/1.1 response and closes the
-/// connection; it counts the requests it answered.
-pub struct CannedReplica {
-    pub addr: SocketAddr,
-    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl CannedReplica {
-    pub async fn start(response: String) -> CannedReplica {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let count = answered.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let (response, count) = (response.clone(), count.clone());
-                tokio::spawn(async move {
-                    // The request: its head, then as many body bytes as its content-length says.
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                        let text = String::from_utf8_lossy(&seen).to_string();
-                        if let Some(end) = text.find("\r\n\r\n") {
-                            let length: usize = text[..end]
-                                .lines()
-                                .find_map(|l| l.strip_prefix("content-length: "))
-                                .and_then(|v| v.trim().parse().ok())
-                                .unwrap_or(0);
-                            if seen.len() >= end + 4 + length {
-                                break;
-                            }
-                        }
-                    }
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let _ = stream.write_all(response.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        CannedReplica { addr, answered }
-    }
-
-    /// A response with `status`, `content_type` and `body`, framed by content-length.
-    pub async fn answering(status: &str, content_type: &str, body: &str) -> CannedReplica {
-        Self::start(format!(
-            "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        ))
-        .await
-    }
-
-    pub fn answered(&self) -> u64 {
-        self.answered.load(std::sync::atomic::Ordering::SeqCst)
-    }
 }

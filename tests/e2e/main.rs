@@ -2,6 +2,7 @@
 //! One test binary, one module per area.
 
 mod common;
+mod fakes;
 
 mod accounting;
 mod anthropic;
@@ -10,5 +11,9 @@ mod body;
 mod catalog;
 mod cli;
 mod limits;
+mod metrics;
+mod reload;
 mod routing;
+mod shutdown;
+mod status;
 mod streaming;

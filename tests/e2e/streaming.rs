@@ -100,16 +100,21 @@ async fn each_event_reaches_the_client_before_the_next_is_produced() {
 async fn a_client_leaving_during_prefill_cancels_the_replica() {
     let sim = sim().await;
     let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
-    let request = client()
+    let r = client()
         .post(gw.url("/v1/chat/completions"))
         .bearer_auth(KEY)
         .json(
             &json!({"model": MODEL, "stream": true, "sim": {"ttft_ms": 60_000},
             "messages": [{"role": "user", "content": "hi"}]}),
         )
-        .send();
-    // Give up on the response header after a moment: the client hangs up during prefill.
-    let _ = tokio::time::timeout(Duration::from_millis(500), request).await;
+        .send()
+        .await
+        .unwrap();
+    // The header comes before prefill: the replica has the request, and its first token is
+    // a minute away. The client hangs up now.
+    assert_eq!(r.status(), 200);
+    assert_eq!(sim.stats().requests(), 1);
+    drop(r);
     assert!(sim.stats().wait_cancelled(1, Duration::from_secs(10)).await);
 }
 
@@ -166,7 +171,18 @@ async fn a_client_that_stops_reading_is_given_up_and_frees_its_slot() {
         sim.stats().wait_cancelled(1, Duration::from_secs(20)).await,
         "the replica was told to stop"
     );
-    // The key's one concurrency slot is free again while the stalled socket is still open.
+    // The key's one concurrency slot is free again while the stalled socket is still open
+    // (freed as the request ends, just after the replica was told).
+    let deadline = Deadline::after(SETTLE_LIMIT);
+    loop {
+        let key = gw.key_state("team-a").await;
+        if key["usage"]["in_flight"] == 0 {
+            break;
+        }
+        deadline
+            .pause(|| format!("the stalled request ended: {key}"))
+            .await;
+    }
     let r = gw.chat(json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_eq!(r.status(), 200);
     drop(stalled);
