@@ -2,7 +2,7 @@
 //! proxy loop cannot send it): pick a replica, connect (another replica on connect failure),
 //! send, relay the response as it arrives, and cancel the replica when the client leaves.
 
-mod h1;
+pub mod h1;
 mod observe;
 pub(crate) mod pool;
 mod relay;
