@@ -1,4 +1,5 @@
 use super::*;
+use std::future::Future;
 use tokio::io::{duplex, AsyncWriteExt};
 
 /// Feeds `wire` to a connection in pieces of `step` bytes and collects the response.
@@ -144,4 +145,235 @@ async fn the_request_leaves_in_one_write() {
         .await
         .unwrap();
     assert_eq!(&got[..n], b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}");
+}
+
+/// A stream that hands out `pieces` one read at a time, then ends (`eof`) or has nothing more
+/// for now (pending, never woken).
+struct Pieces {
+    pieces: std::collections::VecDeque<Vec<u8>>,
+    eof: bool,
+}
+
+impl AsyncRead for Pieces {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let Some(front) = self.pieces.front_mut() else {
+            return if self.eof {
+                std::task::Poll::Ready(Ok(()))
+            } else {
+                std::task::Poll::Pending
+            };
+        };
+        let n = front.len().min(buf.remaining());
+        buf.put_slice(&front[..n]);
+        front.drain(..n);
+        if front.is_empty() {
+            self.pieces.pop_front();
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Pieces {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// What a connection made of a response.
+#[derive(Debug, PartialEq)]
+enum Got {
+    Done {
+        status: u16,
+        headers: HeaderMap,
+        body: Vec<u8>,
+        reusable: bool,
+    },
+    Failed(&'static str),
+    /// Waiting for bytes that are not coming, with the body so far.
+    Stalled(Vec<u8>),
+}
+
+impl Got {
+    fn body(&self) -> &[u8] {
+        match self {
+            Got::Done { body, .. } => body,
+            other => panic!("no complete response: {other:?}"),
+        }
+    }
+}
+
+/// Reads one response from `pieces` (then the end of the stream if `eof`).
+fn fed(pieces: Vec<Vec<u8>>, eof: bool, max_head: Option<usize>) -> Got {
+    let mut conn = Conn::new(Pieces {
+        pieces: pieces.into(),
+        eof,
+    });
+    if let Some(max) = max_head {
+        conn = conn.with_max_head(max);
+    }
+    let mut body = Vec::new();
+    let polled = {
+        let exchange = async {
+            let head = conn.read_head().await?;
+            while let Some(chunk) = conn.read_body().await? {
+                body.extend_from_slice(&chunk);
+            }
+            Ok::<_, H1Error>(head)
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::pin!(exchange).poll(&mut cx)
+    };
+    let got = match polled {
+        std::task::Poll::Ready(Ok(head)) => {
+            return Got::Done {
+                status: head.status.as_u16(),
+                headers: head.headers,
+                body,
+                reusable: conn.reusable(),
+            }
+        }
+        std::task::Poll::Ready(Err(e)) => Got::Failed(e.0),
+        std::task::Poll::Pending => Got::Stalled(body),
+    };
+    assert!(!conn.reusable(), "reusable after {got:?}");
+    got
+}
+
+/// Reads `wire` whole, then in pieces of every size, and checks every way gives the same.
+fn decode_with(wire: &[u8], eof: bool, max_head: Option<usize>) -> Got {
+    let whole = fed(vec![wire.to_vec()], eof, max_head);
+    for step in 1..wire.len() {
+        let pieces = wire.chunks(step).map(<[u8]>::to_vec).collect();
+        assert_eq!(fed(pieces, eof, max_head), whole, "in pieces of {step}");
+    }
+    whole
+}
+
+fn decode(wire: &[u8]) -> Got {
+    decode_with(wire, false, None)
+}
+
+fn refused(wire: &[u8]) -> &'static str {
+    match decode(wire) {
+        Got::Failed(e) => e,
+        other => panic!("accepted {:?}: {other:?}", String::from_utf8_lossy(wire)),
+    }
+}
+
+fn ok_head(fields: &str) -> Vec<u8> {
+    format!("HTTP/1.1 200 OK\r\n{fields}\r\n").into_bytes()
+}
+
+#[test]
+fn http_1_0_responses_are_never_reused() {
+    for wire in [
+        &b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 2\r\n\r\nok"[..],
+        b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ] {
+        let got = decode(wire);
+        assert_eq!(got.body(), b"ok");
+        assert!(matches!(
+            got,
+            Got::Done {
+                reusable: false,
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn obs_fold_and_space_before_a_colon_are_refused() {
+    for fields in [
+        "x-a: 1\r\n folded\r\ncontent-length: 0\r\n",
+        "x-a: 1\r\n\tfolded\r\ncontent-length: 0\r\n",
+        " x-a: 1\r\ncontent-length: 0\r\n",
+        "content-length : 0\r\n",
+        "content-length\t: 0\r\n",
+    ] {
+        assert_eq!(
+            refused(&ok_head(fields)),
+            "malformed response header",
+            "{fields:?}"
+        );
+    }
+}
+
+#[test]
+fn control_characters_in_header_values_are_refused() {
+    for value in ["a\0b", "a\x01b", "a\x1bb", "a\x7fb", "a\rb", "\0"] {
+        let wire = ok_head(&format!("x-a: {value}\r\ncontent-length: 0\r\n"));
+        assert_eq!(refused(&wire), "malformed response header", "{value:?}");
+    }
+    // A tab and bytes past ASCII are field content.
+    let wire = ok_head("x-a: a\tb\u{e9}\r\ncontent-length: 0\r\n");
+    let Got::Done { headers, .. } = decode(&wire) else {
+        panic!("refused");
+    };
+    assert_eq!(headers["x-a"].as_bytes(), "a\tb\u{e9}".as_bytes());
+}
+
+#[test]
+fn too_many_header_fields_are_refused() {
+    let fields = |n: usize| format!("{}content-length: 0\r\n", "x: 1\r\n".repeat(n - 1));
+    let wire = ok_head(&fields(MAX_HEADERS));
+    assert!(matches!(fed(vec![wire], false, None), Got::Done { .. }));
+    let wire = ok_head(&fields(MAX_HEADERS + 1));
+    assert_eq!(
+        fed(vec![wire], false, None),
+        Got::Failed("too many response header fields")
+    );
+}
+
+#[test]
+fn status_codes_frame_the_body() {
+    assert_eq!(refused(b"HTTP/1.1 099 Low\r\n\r\n"), "invalid status code");
+    assert_eq!(
+        refused(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n"),
+        "unexpected protocol switch"
+    );
+    // Informational responses have no body, whatever their fields say.
+    let wire = b"HTTP/1.1 100 Continue\r\ncontent-length: 5\r\n\r\n\
+        HTTP/1.1 103 Early Hints\r\ntransfer-encoding: chunked\r\n\r\n\
+        HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let got = decode(wire);
+    assert_eq!(got.body(), b"ok");
+    assert!(matches!(
+        got,
+        Got::Done {
+            status: 200,
+            reusable: true,
+            ..
+        }
+    ));
+    // Nor have 204 and 304; bytes after them are not a body but keep the connection from
+    // being reused.
+    for status in ["204 No Content", "304 Not Modified"] {
+        let head =
+            format!("HTTP/1.1 {status}\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n");
+        let got = decode(head.as_bytes());
+        assert_eq!(got.body(), b"");
+        let got = fed(vec![[head.as_bytes(), b"hello"].concat()], false, None);
+        assert!(matches!(got, Got::Done { reusable: false, ref body, .. } if body.is_empty()));
+    }
 }
