@@ -138,6 +138,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         let mut chunked = false;
         let mut coded = false;
         let mut length: Option<u64> = None;
+        let mut lengths = 0;
         let mut close = response.version != Some(1);
         for field in response.headers.iter() {
             let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -149,14 +150,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 // Only the last coding frames the message (RFC 9112 §6.3).
                 chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
             } else if name == http::header::CONTENT_LENGTH {
-                let n = std::str::from_utf8(field.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .ok_or(H1Error("invalid content-length"))?;
-                if length.is_some_and(|m| m != n) {
-                    return Err(H1Error("conflicting content-length"));
+                for item in list_with_empty(field.value) {
+                    let n = decimal(item).ok_or(H1Error("invalid content-length"))?;
+                    if length.is_some_and(|m| m != n) {
+                        return Err(H1Error("conflicting content-length"));
+                    }
+                    length = Some(n);
+                    lengths += 1;
                 }
-                length = Some(n);
             } else if name == http::header::CONNECTION {
                 close |= has_token(field.value, b"close");
             }
@@ -167,6 +168,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             // for what is passed on, and the connection is not trusted for another message.
             headers.remove(http::header::CONTENT_LENGTH);
             close = true;
+        } else if let Some(n) = length.filter(|_| lengths > 1) {
+            // The same length repeated: one field with it (RFC 9110 §8.6).
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
         let _ = self.buf.split_to(len);
         self.framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
@@ -318,6 +322,25 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The elements of a comma-separated field value, trimmed of optional whitespace, with the
+/// empty ones (RFC 9110 §5.6.1).
+fn list_with_empty(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// `1*DIGIT` as a number, if it fits 64 bits. (`u64::from_str` would also take a `+`.)
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 #[cfg(test)]

@@ -284,6 +284,107 @@ fn ok_head(fields: &str) -> Vec<u8> {
     format!("HTTP/1.1 200 OK\r\n{fields}\r\n").into_bytes()
 }
 
+fn with_body(fields: &str, body: &[u8]) -> Vec<u8> {
+    [ok_head(fields), body.to_vec()].concat()
+}
+
+#[test]
+fn content_length_is_one_decimal_number() {
+    for value in [
+        "+5",
+        "-5",
+        "",
+        "5 5",
+        "0x5",
+        "5.0",
+        "1e3",
+        "18446744073709551616",
+        "99999999999999999999999999",
+        "5\u{a0}",
+        "\u{a0}5",
+        "5,",
+        ",5",
+        "5,,5",
+    ] {
+        let wire = with_body(&format!("content-length: {value}\r\n"), b"hello");
+        assert_eq!(refused(&wire), "invalid content-length", "{value:?}");
+    }
+    let got = decode(&with_body("content-length: 005\r\n", b"hello"));
+    assert_eq!(got.body(), b"hello");
+    // The largest length is taken as it is; the body is then read as it comes.
+    let wire = with_body("content-length: 18446744073709551615\r\n", b"hello");
+    assert_eq!(decode(&wire), Got::Stalled(b"hello".to_vec()));
+    assert_eq!(
+        decode_with(&wire, true, None),
+        Got::Failed("connection closed before the response body ended")
+    );
+}
+
+#[test]
+fn content_lengths_that_differ_are_refused() {
+    for fields in [
+        "content-length: 1\r\ncontent-length: 2\r\n",
+        "content-length: 1, 2\r\n",
+        "content-length: 5\r\ncontent-length: 5, 6\r\n",
+        "content-length: 5\r\ncontent-type: text/plain\r\ncontent-length: 4\r\n",
+    ] {
+        let wire = with_body(fields, b"hello");
+        assert_eq!(refused(&wire), "conflicting content-length", "{fields:?}");
+    }
+}
+
+/// RFC 9110 §8.6 lets a recipient take the same value repeated, as field lines or as a list,
+/// as one value: the body is framed by it and the head keeps one field.
+#[test]
+fn the_same_content_length_repeated_is_one_length() {
+    for fields in [
+        "content-length: 5\r\ncontent-length: 5\r\n",
+        "content-length: 5, 5\r\n",
+        "content-length: 5,5\r\ncontent-length: 05\r\n",
+    ] {
+        let Got::Done {
+            headers,
+            body,
+            reusable,
+            ..
+        } = decode(&with_body(fields, b"hello"))
+        else {
+            panic!("{fields:?} refused");
+        };
+        assert_eq!(body, b"hello");
+        let lengths: Vec<_> = headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, ["5"], "{fields:?}");
+        assert!(reusable);
+    }
+}
+
+#[test]
+fn transfer_encoding_wins_over_content_length_and_the_connection_is_closed() {
+    for fields in [
+        "content-length: 3\r\ntransfer-encoding: chunked\r\n",
+        "transfer-encoding: chunked\r\ncontent-length: 300\r\n",
+    ] {
+        let Got::Done {
+            headers,
+            body,
+            reusable,
+            ..
+        } = decode(&with_body(fields, b"5\r\nhello\r\n0\r\n\r\n"))
+        else {
+            panic!("{fields:?} refused");
+        };
+        assert_eq!(body, b"hello");
+        assert!(!headers.contains_key("content-length"));
+        assert!(!reusable);
+    }
+    // A Content-Length that is invalid or conflicting is refused even so.
+    let wire = with_body(
+        "transfer-encoding: chunked\r\ncontent-length: +3\r\n",
+        b"0\r\n\r\n",
+    );
+    assert_eq!(refused(&wire), "invalid content-length");
+}
+
 #[test]
 fn http_1_0_responses_are_never_reused() {
     for wire in [
