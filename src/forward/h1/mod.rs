@@ -147,8 +147,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 .map_err(|_| H1Error("invalid response header value"))?;
             if name == http::header::TRANSFER_ENCODING {
                 coded = true;
-                // Only the last coding frames the message (RFC 9112 §6.3).
-                chunked = last_token(field.value).eq_ignore_ascii_case(b"chunked");
+                // The field lines make one list; its last coding frames the message (RFC
+                // 9112 §6.3), and a line of empty elements leaves it as it was.
+                if let Some(last) = list(field.value).last() {
+                    chunked = last.eq_ignore_ascii_case(b"chunked");
+                }
             } else if name == http::header::CONTENT_LENGTH {
                 for item in list_with_empty(field.value) {
                     let n = decimal(item).ok_or(H1Error("invalid content-length"))?;
@@ -159,7 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     lengths += 1;
                 }
             } else if name == http::header::CONNECTION {
-                close |= has_token(field.value, b"close");
+                close |= list(field.value).any(|t| t.eq_ignore_ascii_case(b"close"));
             }
             headers.append(name, value);
         }
@@ -313,21 +316,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-fn last_token(value: &[u8]) -> &[u8] {
-    let last = value.rsplit(|&b| b == b',').next().unwrap_or(value);
-    last.trim_ascii()
-}
-
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 /// The elements of a comma-separated field value, trimmed of optional whitespace, with the
 /// empty ones (RFC 9110 §5.6.1).
 fn list_with_empty(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// The elements of a comma-separated field value, the empty ones left out.
+fn list(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    list_with_empty(value).filter(|item| !item.is_empty())
 }
 
 /// `1*DIGIT` as a number, if it fits 64 bits. (`u64::from_str` would also take a `+`.)

@@ -385,6 +385,46 @@ fn transfer_encoding_wins_over_content_length_and_the_connection_is_closed() {
     assert_eq!(refused(&wire), "invalid content-length");
 }
 
+/// RFC 9112 §6.3, rule 4: in a response, a Transfer-Encoding whose last coding is not chunked
+/// means the body runs until the connection closes.
+#[test]
+fn transfer_encoding_not_ending_in_chunked_runs_until_close() {
+    let body = b"5\r\nhello\r\n0\r\n\r\n";
+    for fields in [
+        "transfer-encoding: chunked, gzip\r\n",
+        "transfer-encoding: identity\r\n",
+        "transfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n",
+        "transfer-encoding: chunked;q=1\r\n",
+        "transfer-encoding: chunked\r\ntransfer-encoding: gzip\r\ncontent-length: 5\r\n",
+        "transfer-encoding:\r\n",
+    ] {
+        let wire = with_body(fields, body);
+        assert_eq!(decode(&wire), Got::Stalled(body.to_vec()), "{fields:?}");
+        let Got::Done {
+            headers,
+            body: got,
+            reusable,
+            ..
+        } = decode_with(&wire, true, None)
+        else {
+            panic!("{fields:?} refused");
+        };
+        assert_eq!(got, body);
+        assert!(!headers.contains_key("content-length"));
+        assert!(!reusable);
+    }
+    // The codings of all field lines are one list, whose empty elements do not count.
+    for fields in [
+        "transfer-encoding: gzip, chunked\r\n",
+        "transfer-encoding: gzip\r\ntransfer-encoding: CHUNKED\r\n",
+        "transfer-encoding: chunked,\r\n",
+        "transfer-encoding: chunked\r\ntransfer-encoding: ,\r\n",
+    ] {
+        let got = decode(&with_body(fields, body));
+        assert_eq!(got.body(), b"hello", "{fields:?}");
+    }
+}
+
 #[test]
 fn http_1_0_responses_are_never_reused() {
     for wire in [
