@@ -16,6 +16,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// A response head larger than this is refused rather than buffered without end.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
+/// The longest chunk-size line taken, with its extensions and CRLF.
+const MAX_CHUNK_LINE: usize = 1024;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// The replica's response head.
@@ -232,17 +234,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     }
                     return Ok(Some(Some(self.buf.split().freeze())));
                 }
-                Framing::Chunked(Chunk::Size) => match httparse::parse_chunk_size(&self.buf) {
-                    Ok(httparse::Status::Complete((used, 0))) => {
+                Framing::Chunked(Chunk::Size) => match chunk_size(&self.buf)? {
+                    Some((used, 0)) => {
                         let _ = self.buf.split_to(used);
                         self.framing = Framing::Chunked(Chunk::Trailer);
                     }
-                    Ok(httparse::Status::Complete((used, size))) => {
+                    Some((used, size)) => {
                         let _ = self.buf.split_to(used);
                         self.framing = Framing::Chunked(Chunk::Data(size));
                     }
-                    Ok(httparse::Status::Partial) if self.buf.len() < 1024 => return Ok(None),
-                    _ => return Err(H1Error("malformed chunk size")),
+                    None => return Ok(None),
                 },
                 Framing::Chunked(Chunk::Data(0)) => {
                     self.framing = Framing::Chunked(Chunk::DataEnd);
@@ -338,6 +339,52 @@ fn decimal(digits: &[u8]) -> Option<u64> {
         }
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
+}
+
+/// A chunk-size line at the start of `buf`: `1*HEXDIG [BWS ";" chunk-ext] CRLF` (RFC 9112
+/// §7.1), extensions skipped. Its length and the size, or `None` while it is incomplete.
+/// Only the first `MAX_CHUNK_LINE` bytes are looked at, so the outcome does not depend on how
+/// the line arrived.
+fn chunk_size(buf: &[u8]) -> Result<Option<(usize, u64)>, H1Error> {
+    const MALFORMED: H1Error = H1Error("malformed chunk size");
+    let line = &buf[..buf.len().min(MAX_CHUNK_LINE)];
+    let mut size = 0u64;
+    let mut at = 0;
+    while let Some(digit) = line.get(at).and_then(|&b| char::from(b).to_digit(16)) {
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(digit)))
+            .ok_or(MALFORMED)?;
+        at += 1;
+    }
+    if at == 0 && !line.is_empty() {
+        return Err(MALFORMED);
+    }
+    // Whitespace may only lead to an extension.
+    let ws = line[at..]
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    match line.get(at + ws) {
+        Some(b';') => {
+            // An extension: anything but control characters (HTAB aside) up to the CR.
+            at += ws;
+            at += line[at..]
+                .iter()
+                .take_while(|&&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+                .count();
+        }
+        Some(b'\r') if ws == 0 => {}
+        Some(_) => return Err(MALFORMED),
+        None => at += ws,
+    }
+    match line.get(at..at + 2) {
+        Some(b"\r\n") => Ok(Some((at + 2, size))),
+        Some(_) => Err(MALFORMED),
+        None if line.get(at).is_some_and(|&b| b != b'\r') => Err(MALFORMED),
+        None if line.len() == MAX_CHUNK_LINE => Err(H1Error("chunk-size line too long")),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -288,6 +288,8 @@ fn with_body(fields: &str, body: &[u8]) -> Vec<u8> {
     [ok_head(fields), body.to_vec()].concat()
 }
 
+const CHUNKED_HELLO: &str = "transfer-encoding: chunked\r\n";
+
 #[test]
 fn content_length_is_one_decimal_number() {
     for value in [
@@ -472,6 +474,67 @@ fn control_characters_in_header_values_are_refused() {
         panic!("refused");
     };
     assert_eq!(headers["x-a"].as_bytes(), "a\tb\u{e9}".as_bytes());
+}
+
+#[test]
+fn chunk_sizes_are_hex_digits_that_fit_64_bits() {
+    for line in [
+        "",
+        " 5",
+        "5 ",
+        "-5",
+        "+5",
+        "0x5",
+        "zz",
+        ";ext",
+        "5;a\nb",
+        "5;a\0b",
+        "5;a\rb",
+        "5 5",
+        "5\t",
+        "fffffffffffffffff",
+        "10000000000000000",
+        "00000000000000000000ffffffffffffffff0",
+    ] {
+        let wire = with_body(
+            CHUNKED_HELLO,
+            format!("{line}\r\nhello\r\n0\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(refused(&wire), "malformed chunk size", "{line:?}");
+    }
+    for line in [
+        "5",
+        "0000000000000000000000005",
+        "5;ext",
+        "5 ;ext",
+        "5\t; a = b ;c=\"d e\\\"\"",
+        "5;\u{e9}",
+    ] {
+        let wire = with_body(
+            CHUNKED_HELLO,
+            format!("{line}\r\nhello\r\n0\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(decode(&wire).body(), b"hello", "{line:?}");
+    }
+    // The largest size is read as the data comes.
+    let wire = with_body(CHUNKED_HELLO, b"ffffffffffffffff\r\nhello");
+    assert_eq!(decode(&wire), Got::Stalled(b"hello".to_vec()));
+}
+
+#[test]
+fn a_chunk_size_line_over_1_kib_is_refused_at_any_split() {
+    // 1024 bytes with its CRLF: the longest line taken.
+    let ext = "a".repeat(1024 - 4);
+    let wire = with_body(
+        CHUNKED_HELLO,
+        format!("5;{ext}\r\nhello\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(decode(&wire).body(), b"hello");
+    let wire = with_body(
+        CHUNKED_HELLO,
+        format!("5;{ext}a\r\nhello\r\n0\r\n\r\n").as_bytes(),
+    );
+    assert_eq!(refused(&wire), "chunk-size line too long");
 }
 
 #[test]
