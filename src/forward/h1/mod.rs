@@ -13,7 +13,8 @@ use http::StatusCode;
 use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// A response head larger than this is refused rather than buffered without end.
+/// A response head (or trailer section) larger than this is refused rather than buffered
+/// without end.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// The longest chunk-size line taken, with its extensions and CRLF.
@@ -266,21 +267,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     self.framing = Framing::Chunked(Chunk::Size);
                 }
                 Framing::Chunked(Chunk::Trailer) => {
-                    // Trailer fields are not relayed; skip them up to the empty line.
-                    let end = if self.buf.starts_with(b"\r\n") {
-                        Some(2)
-                    } else {
-                        memchr::memmem::find(&self.buf, b"\r\n\r\n").map(|i| i + 4)
-                    };
-                    match end {
-                        Some(n) => {
+                    // Trailer fields are checked as a head's are, then dropped: they are not
+                    // relayed. As for a head, only the first `max_head` bytes are looked at.
+                    let window = &self.buf[..self.buf.len().min(self.max_head)];
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match httparse::parse_headers(window, &mut fields) {
+                        Ok(httparse::Status::Complete((n, _))) => {
                             let _ = self.buf.split_to(n);
                             self.framing = Framing::Done;
                         }
-                        None if self.buf.len() > self.max_head => {
+                        Ok(httparse::Status::Partial) if window.len() == self.max_head => {
                             return Err(H1Error("response trailer too large"))
                         }
-                        None => return Ok(None),
+                        Ok(httparse::Status::Partial) => return Ok(None),
+                        Err(httparse::Error::TooManyHeaders) => {
+                            return Err(H1Error("too many response trailer fields"))
+                        }
+                        Err(_) => return Err(H1Error("malformed response trailer")),
                     }
                 }
             }

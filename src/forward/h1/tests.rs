@@ -476,6 +476,25 @@ fn control_characters_in_header_values_are_refused() {
     assert_eq!(headers["x-a"].as_bytes(), "a\tb\u{e9}".as_bytes());
 }
 
+/// RFC 9112 §2.2 lets a recipient take a bare LF as the end of a start line or field line;
+/// chunk framing lines must end in CRLF.
+#[test]
+fn bare_lf_ends_head_and_trailer_lines_but_not_chunk_lines() {
+    let got = decode(b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok");
+    assert_eq!(got.body(), b"ok");
+    assert!(matches!(got, Got::Done { reusable: true, .. }));
+    let got = decode(&with_body(CHUNKED_HELLO, b"2\r\nok\r\n0\r\nx-t: 1\n\n"));
+    assert_eq!(got.body(), b"ok");
+    assert!(matches!(got, Got::Done { reusable: true, .. }));
+
+    let wire = with_body(CHUNKED_HELLO, b"2\nok\r\n0\r\n\r\n");
+    assert_eq!(refused(&wire), "malformed chunk size");
+    let wire = with_body(CHUNKED_HELLO, b"2\r\nok\n0\r\n\r\n");
+    assert_eq!(refused(&wire), "malformed chunk end");
+    let wire = with_body(CHUNKED_HELLO, b"2\r\nok\r\n0\n\r\n");
+    assert_eq!(refused(&wire), "malformed chunk size");
+}
+
 #[test]
 fn chunk_sizes_are_hex_digits_that_fit_64_bits() {
     for line in [
@@ -535,6 +554,56 @@ fn a_chunk_size_line_over_1_kib_is_refused_at_any_split() {
         format!("5;{ext}a\r\nhello\r\n0\r\n\r\n").as_bytes(),
     );
     assert_eq!(refused(&wire), "chunk-size line too long");
+}
+
+#[test]
+fn trailer_fields_are_checked_and_dropped() {
+    let got = decode(&with_body(
+        CHUNKED_HELLO,
+        b"2\r\nok\r\n0\r\nx-a: 1\r\nx-b: two\r\n\r\n",
+    ));
+    assert_eq!(got.body(), b"ok");
+    assert!(
+        matches!(got, Got::Done { reusable: true, ref headers, .. } if !headers.contains_key("x-a"))
+    );
+    for trailer in [
+        "x a: 1\r\n\r\n",
+        " folded\r\n\r\n",
+        "x-a: 1\r\n folded\r\n\r\n",
+        "x-a: a\0b\r\n\r\n",
+        "no colon\r\n\r\n",
+        "x-a: 1\r\r\n",
+    ] {
+        let wire = with_body(
+            CHUNKED_HELLO,
+            format!("2\r\nok\r\n0\r\n{trailer}").as_bytes(),
+        );
+        assert_eq!(refused(&wire), "malformed response trailer", "{trailer:?}");
+    }
+}
+
+#[test]
+fn a_trailer_section_over_the_cap_is_refused_at_any_split() {
+    let trailer = |n: usize| {
+        let pad = "a".repeat(n - "x: \r\n\r\n".len());
+        with_body(
+            CHUNKED_HELLO,
+            format!("2\r\nok\r\n0\r\nx: {pad}\r\n\r\n").as_bytes(),
+        )
+    };
+    assert_eq!(decode_with(&trailer(64), false, Some(64)).body(), b"ok");
+    assert_eq!(
+        decode_with(&trailer(65), false, Some(64)),
+        Got::Failed("response trailer too large")
+    );
+    let many = with_body(
+        CHUNKED_HELLO,
+        format!("2\r\nok\r\n0\r\n{}\r\n", "x: 1\r\n".repeat(MAX_HEADERS + 1)).as_bytes(),
+    );
+    assert_eq!(
+        fed(vec![many], false, None),
+        Got::Failed("too many response trailer fields")
+    );
 }
 
 #[test]
