@@ -107,9 +107,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Parsed::Informational => continue,
                 Parsed::Partial => {}
             }
-            if self.buf.len() > self.max_head {
-                return Err(H1Error("response header too large"));
-            }
             if self.fill().await? == 0 {
                 return Err(H1Error("connection closed before the response header"));
             }
@@ -120,8 +117,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn parse_head(&mut self) -> Result<Parsed, H1Error> {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(&self.buf) {
+        // Only the first `max_head` bytes are looked at, so whether a head is refused as too
+        // large, or for what it holds, does not depend on how its bytes arrived.
+        let window = &self.buf[..self.buf.len().min(self.max_head)];
+        let len = match response.parse(window) {
             Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if window.len() == self.max_head => {
+                return Err(H1Error("response header too large"))
+            }
             Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
             Err(httparse::Error::TooManyHeaders) => {
                 return Err(H1Error("too many response header fields"))

@@ -607,6 +607,46 @@ fn a_trailer_section_over_the_cap_is_refused_at_any_split() {
 }
 
 #[test]
+fn a_head_over_the_cap_is_refused_at_any_split() {
+    // A head of `n` bytes.
+    let head = |n: usize, status: &str| {
+        let start = format!("HTTP/1.1 {status}\r\nx: ");
+        let pad = "a".repeat(n - start.len() - "\r\ncontent-length: 0\r\n\r\n".len());
+        format!("{start}{pad}\r\ncontent-length: 0\r\n\r\n").into_bytes()
+    };
+    assert!(matches!(
+        decode_with(&head(64, "200 OK"), false, Some(64)),
+        Got::Done { reusable: true, .. }
+    ));
+    assert_eq!(
+        decode_with(&head(65, "200 OK"), false, Some(64)),
+        Got::Failed("response header too large")
+    );
+    // An informational head counts on its own.
+    let wire = [head(64, "100 Continue"), head(64, "200 OK")].concat();
+    assert!(matches!(
+        decode_with(&wire, false, Some(64)),
+        Got::Done { status: 200, .. }
+    ));
+    let wire = [head(65, "100 Continue"), head(64, "200 OK")].concat();
+    assert_eq!(
+        decode_with(&wire, false, Some(64)),
+        Got::Failed("response header too large")
+    );
+    // The real cap, the last bytes arriving with the end of the head in one read.
+    let wire = head(MAX_HEAD + 1, "200 OK");
+    let (first, rest) = wire.split_at(MAX_HEAD - 100);
+    let pieces = vec![first.to_vec(), rest.to_vec()];
+    assert_eq!(
+        fed(pieces, false, None),
+        Got::Failed("response header too large")
+    );
+    let wire = head(MAX_HEAD, "200 OK");
+    let pieces = wire.chunks(READ_CHUNK).map(<[u8]>::to_vec).collect();
+    assert!(matches!(fed(pieces, false, None), Got::Done { .. }));
+}
+
+#[test]
 fn too_many_header_fields_are_refused() {
     let fields = |n: usize| format!("{}content-length: 0\r\n", "x: 1\r\n".repeat(n - 1));
     let wire = ok_head(&fields(MAX_HEADERS));
