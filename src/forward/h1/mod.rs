@@ -78,7 +78,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             stream,
             buf: BytesMut::new(),
             framing: Framing::Done,
-            keep_alive: true,
+            keep_alive: false,
             max_head: MAX_HEAD,
         }
     }
@@ -101,6 +101,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Reads up to the end of the response head; informational (1xx) responses are skipped.
     pub async fn read_head(&mut self) -> Result<Head, H1Error> {
+        // Not reusable until this response has ended cleanly.
+        self.keep_alive = false;
         loop {
             match self.parse_head()? {
                 Parsed::Head(head) => return Ok(head),

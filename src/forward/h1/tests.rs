@@ -690,3 +690,32 @@ fn status_codes_frame_the_body() {
         assert!(matches!(got, Got::Done { reusable: false, ref body, .. } if body.is_empty()));
     }
 }
+
+#[test]
+fn a_connection_is_reusable_only_after_a_response_ended_cleanly() {
+    let mut conn = Conn::new(Pieces {
+        pieces: vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()].into(),
+        eof: true,
+    });
+    assert!(!conn.reusable(), "nothing read yet");
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut exchange = |conn: &mut Conn<Pieces>| {
+        let fut = async {
+            conn.read_head().await?;
+            while conn.read_body().await?.is_some() {}
+            Ok::<_, H1Error>(())
+        };
+        match std::pin::pin!(fut).poll(&mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => panic!("stalled"),
+        }
+    };
+    exchange(&mut conn).unwrap();
+    assert!(conn.reusable());
+    // The replica closes the idle connection: the next response fails, and so does reuse.
+    assert_eq!(
+        exchange(&mut conn),
+        Err(H1Error("connection closed before the response header"))
+    );
+    assert!(!conn.reusable());
+}
