@@ -6,6 +6,42 @@
 //!
 //! Every read is cancel-safe: a caller may race it against the client's departure or a
 //! timeout and drop it; bytes already received stay in the buffer.
+//!
+//! # Framing rules (RFC 9112 §6, §7; RFC 9110 §8.6)
+//!
+//! Refused, as an [`H1Error`] (the caller then drops the connection):
+//! - a head (1xx heads included, each on its own) over 64 KiB or with over 128 fields, however
+//!   its bytes arrive; anything httparse refuses in a head: a malformed status line, obs-fold
+//!   (a line starting with SP or HTAB), whitespace before a field's colon, a control
+//!   character other than HTAB in a field value (NUL and a bare CR included);
+//! - a status under 100, and 101 (tollgate never asks for an upgrade);
+//! - a Content-Length that is not `1*DIGIT` within 64 bits (no sign, no inner space, not
+//!   empty), or values that differ, whether in several field lines or in one list;
+//! - a chunk-size line that is not `1*HEXDIG [BWS ";" chunk-ext] CRLF`: a size that does not
+//!   fit 64 bits, whitespace not followed by `;`, a control character other than HTAB in an
+//!   extension, a bare LF, or more than 1 KiB with its CRLF;
+//! - chunk data not followed by CRLF; a trailer section that is malformed (checked as a
+//!   head's fields), over 64 KiB or over 128 fields;
+//! - the connection closing before the head ends, or before a Content-Length or chunked body
+//!   ends.
+//!
+//! Accepted, and how:
+//! - the same Content-Length repeated (field lines, or a list like `42, 42`) is one length,
+//!   and the head keeps one field with it (RFC 9110 §8.6 allows this or a refusal);
+//! - Transfer-Encoding: the codings of all its field lines form one list, empty elements
+//!   ignored. `chunked` last frames the body as chunked; any other last coding, or none, means
+//!   the body runs until the replica closes (§6.3 rule 4). With Transfer-Encoding present,
+//!   Content-Length is ignored (still refused if invalid) and removed from the head;
+//! - a bare LF ends a line of the head or of the trailer section (§2.2 allows it there), never
+//!   a chunk-size line nor chunk data;
+//! - 1xx responses other than 101 are skipped with their fields; 204 and 304 have no body
+//!   whatever their fields say; trailer fields are dropped. The request's method is not known
+//!   here: tollgate only sends POST, so a response is never one to HEAD.
+//!
+//! Not reused ([`Conn::reusable`] is false, so the connection is closed after the response):
+//! until a response has been read to its end without error; after an HTTP/1.0 response, a
+//! `Connection: close`, a body delimited by the close, or both Transfer-Encoding and
+//! Content-Length (§6.3 rule 3); when bytes past the end of the response were received.
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
