@@ -6,7 +6,7 @@
 //! relayed) goes into one [`Outcome`], and nothing else of the request is touched: proxy.rs
 //! hands the outcome to accounting.
 
-mod h1;
+pub mod h1;
 mod observe;
 mod relay;
 mod transcode;
