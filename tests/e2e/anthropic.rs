@@ -5,10 +5,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-fn ask(max_tokens: u32) -> Value {
-    json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
-}
-
 /// (event name, parsed data) for each event of an SSE body.
 fn events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")

@@ -61,6 +61,21 @@ pool = "main"
     )
 }
 
+/// The standard config with `key_extra` lines added to team-a's `[[keys]]` entry.
+pub fn config_with(sim: &SimReplica, key_extra: &str) -> String {
+    standard_config(&[sim.addr()], "").replacen(
+        "models = [\"*\"]\n",
+        &format!("models = [\"*\"]\n{key_extra}\n"),
+        1,
+    )
+}
+
+/// A chat request for the test model: 6 prompt tokens ("Hello") and `max_tokens`; its worst
+/// case is 6 × $0.5/M + n × $1.5/M.
+pub fn ask(max_tokens: u32) -> serde_json::Value {
+    serde_json::json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
+}
+
 pub struct Gateway {
     child: Child,
     env: Vec<(String, String)>,
@@ -275,6 +290,19 @@ impl Gateway {
             .await
             .expect("admin answers");
         r.json().await.expect("key state is JSON")
+    }
+
+    /// Waits until key `id` has no request in flight (its requests have ended and released
+    /// their slots), failing the test with `what` if that takes longer than `SETTLE_LIMIT`.
+    pub async fn wait_key_idle(&self, id: &str, what: &str) {
+        let deadline = Deadline::after(SETTLE_LIMIT);
+        loop {
+            let key = self.key_state(id).await;
+            if key["usage"]["in_flight"] == 0 {
+                return;
+            }
+            deadline.pause(|| format!("{what}: {key}")).await;
+        }
     }
 
     /// `POST /admin/reload`; the status it answers.

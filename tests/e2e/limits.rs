@@ -7,20 +7,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// The standard config with `key_extra` lines added to team-a's `[[keys]]` entry.
-fn config_with(sim: &SimReplica, key_extra: &str) -> String {
-    standard_config(&[sim.addr()], "").replacen(
-        "models = [\"*\"]\n",
-        &format!("models = [\"*\"]\n{key_extra}\n"),
-        1,
-    )
-}
-
-/// 6 prompt tokens ("Hello") and `max_tokens`: worst case 6 × $0.5/M + n × $1.5/M.
-fn ask(max_tokens: u32) -> Value {
-    json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_admits_exactly_what_fits_under_64_concurrent_requests() {
     let sim = sim().await;

@@ -6,20 +6,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-/// The standard config with `key_extra` lines added to team-a's `[[keys]]` entry.
-fn config_with(sim: &SimReplica, key_extra: &str) -> String {
-    standard_config(&[sim.addr()], "").replacen(
-        "models = [\"*\"]\n",
-        &format!("models = [\"*\"]\n{key_extra}\n"),
-        1,
-    )
-}
-
-/// 6 prompt tokens ("Hello") and `max_tokens`.
-fn ask(max_tokens: u32) -> Value {
-    json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
-}
-
 /// The `retry-after` of a 429, in seconds.
 fn retry_after(r: &reqwest::Response) -> u64 {
     r.headers()
@@ -174,16 +160,7 @@ async fn over_max_concurrent_is_429_concurrency_limit_until_the_slot_is_free() {
 
     // The client leaves: the slot is freed when tollgate has ended the request.
     drop(held);
-    let deadline = Deadline::after(SETTLE_LIMIT);
-    loop {
-        let key = gw.key_state("team-a").await;
-        if key["usage"]["in_flight"] == 0 {
-            break;
-        }
-        deadline
-            .pause(|| format!("the held request ended: {key}"))
-            .await;
-    }
+    gw.wait_key_idle("team-a", "the held request ended").await;
     assert_eq!(gw.chat(ask(3)).await.status(), 200);
     let text = gw
         .metrics_until(|t| {

@@ -173,16 +173,8 @@ async fn a_client_that_stops_reading_is_given_up_and_frees_its_slot() {
     );
     // The key's one concurrency slot is free again while the stalled socket is still open
     // (freed as the request ends, just after the replica was told).
-    let deadline = Deadline::after(SETTLE_LIMIT);
-    loop {
-        let key = gw.key_state("team-a").await;
-        if key["usage"]["in_flight"] == 0 {
-            break;
-        }
-        deadline
-            .pause(|| format!("the stalled request ended: {key}"))
-            .await;
-    }
+    gw.wait_key_idle("team-a", "the stalled request ended")
+        .await;
     let r = gw.chat(json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})).await;
     assert_eq!(r.status(), 200);
     drop(stalled);
