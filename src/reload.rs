@@ -164,6 +164,7 @@ impl Reloader {
         let current = self.runtime.load();
         let old = &current.config;
         let restart = self.at_start.changed_in(&AtStart::of(&fresh));
+        let dropped = config::dropped_protections(old, &fresh);
         let next = Runtime::new(fresh, Some(&current), &self.metrics);
         if let Some(ledger) = &self.ledger {
             if let Err(e) = next.seed_budgets(ledger, Some(old)) {
@@ -172,7 +173,7 @@ impl Reloader {
         }
         self.runtime.store(Arc::new(next));
         self.metrics.observe_reload(true);
-        let note = if restart.is_empty() {
+        let mut note = if restart.is_empty() {
             "config reloaded".to_string()
         } else {
             format!(
@@ -180,7 +181,17 @@ impl Reloader {
                 restart.join(", ")
             )
         };
-        tracing::info!(restart_needed = ?restart, "{note}");
+        if dropped.is_empty() {
+            tracing::info!(restart_needed = ?restart, "{note}");
+        } else {
+            // Valid, and possibly meant; but a file cut short after a key's `models` line
+            // reads the same way, so it is said where the operator looks.
+            note.push_str(&format!(
+                "; no longer limited or priced (if the file was cut short, restore it): {}",
+                dropped.join("; ")
+            ));
+            tracing::warn!(restart_needed = ?restart, dropped = ?dropped, "{note}");
+        }
         Ok(note)
     }
 
@@ -283,7 +294,9 @@ impl BackgroundService for ReloadTriggers {
 mod tests {
     use super::*;
 
-    const KEYS: &str = "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n";
+    const KEYS: &str = "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n\
+        [[keys]]\nid = \"k\"\nmodels = [\"*\"]\n\
+        sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n";
 
     fn reloader(dir: &Path, server: &str) -> Reloader {
         let path = dir.join("tollgate.toml");
@@ -347,15 +360,40 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_file_is_not_reloaded() {
+    fn an_empty_or_cut_file_is_not_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let r = reloader(dir.path(), "");
-        std::fs::write(dir.path().join("tollgate.toml"), "").unwrap();
-        assert!(r.reload().unwrap_err().contains("empty"));
-        assert!(
-            r.runtime.load().config.model("m").is_some(),
-            "the running config stays"
-        );
+        let path = dir.path().join("tollgate.toml");
+        for (text, why) in [
+            ("", "empty"),
+            ("# comments\n\n  \n", "defines no [[models]]"),
+            ("[state]\ndir = \"/tmp\"\n", "defines no [[models]]"),
+            (
+                "[[pools]]\nname = \"p\"\n[[models]]\nslug = \"m\"\npool = \"p\"\n",
+                "defines no [[keys]]",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = r.reload().unwrap_err();
+            assert!(e.contains(why), "{e}");
+            assert!(
+                r.runtime.load().config.key_by_id("k").is_some(),
+                "the running config stays"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reload_that_drops_a_keys_limits_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        let r = reloader(dir.path(), "");
+        std::fs::write(&path, format!("{KEYS}rpm = 5\n")).unwrap();
+        assert_eq!(r.reload().unwrap(), "config reloaded");
+        // Cut after the key's `models` line.
+        std::fs::write(&path, KEYS).unwrap();
+        let note = r.reload().unwrap();
+        assert!(note.ends_with("key \"k\": rpm"), "{note}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! One function, [`load`], serves startup, `tollgate check` and (later) reload.
 
+mod guard;
 mod limits;
 mod raw;
 mod snapshot;
@@ -10,6 +11,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use guard::dropped_protections;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
 pub use validate::{key_id, FEATURES, MODALITIES};
@@ -69,9 +71,12 @@ fn from_file<T>(
     take(&text).map_err(in_file)
 }
 
-/// Parses and validates config text.
+/// Parses and validates config text. A config that would let no request through (no
+/// model or no key) is refused: it is most likely a file emptied or cut short.
 pub fn parse(text: &str) -> Result<Snapshot, ConfigError> {
-    validate::validate(parse_raw(text)?, &validate::Source { text })
+    let snapshot = validate::validate(parse_raw(text)?, &validate::Source { text })?;
+    guard::serves_something(&snapshot)?;
+    Ok(snapshot)
 }
 
 /// Only the `[state]` section of a config file, validated: where the ledger is. For

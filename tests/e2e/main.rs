@@ -10,6 +10,7 @@ mod auth;
 mod body;
 mod catalog;
 mod cli;
+mod cut_config;
 mod limits;
 mod metrics;
 mod reload;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::common::*;
 
 #[derive(Clone, Copy, Debug)]
-enum Trigger {
+pub enum Trigger {
     Hangup,
     Post,
     FileChange,
@@ -16,7 +16,7 @@ enum Trigger {
 
 /// The standard config with `key_extra` lines in team-a's entry. The file is watched only
 /// for the `FileChange` trigger: otherwise saving the file would reload it a second time.
-fn config(sim: &SimReplica, trigger: Trigger, key_extra: &str) -> String {
+pub fn config(sim: &SimReplica, trigger: Trigger, key_extra: &str) -> String {
     let watch = matches!(trigger, Trigger::FileChange);
     let body = standard_config(&[sim.addr()], "").replacen(
         "models = [\"*\"]\n",
@@ -32,12 +32,12 @@ const RELOADS_OK: &str = r#"tollgate_config_reloads_total{outcome="ok"}"#;
 const RELOADS_REFUSED: &str = r#"tollgate_config_reloads_total{outcome="refused"}"#;
 
 /// Saves `text` as the config file and reloads it with `trigger`; returns once the reload
-/// has been counted, as `outcome`. `POST /admin/reload`'s answer is returned.
-async fn save_and_reload(
+/// has been counted, as `outcome`, the `nth` time. `POST /admin/reload`'s answer is returned.
+pub async fn save_and_reload(
     gw: &Gateway,
     text: &str,
     trigger: Trigger,
-    outcome: &str,
+    (outcome, nth): (&str, f64),
 ) -> Option<(u16, Value)> {
     std::fs::write(gw.config_path(), text).unwrap();
     let answer = match trigger {
@@ -60,7 +60,7 @@ async fn save_and_reload(
         "ok" => (RELOADS_OK, RELOADS_REFUSED),
         _ => (RELOADS_REFUSED, RELOADS_OK),
     };
-    let text = gw.metrics_until(|t| series(t, counted) == Some(1.0)).await;
+    let text = gw.metrics_until(|t| series(t, counted) == Some(nth)).await;
     assert_eq!(series(&text, other), None, "{trigger:?}: {text}");
     answer
 }
@@ -129,7 +129,7 @@ async fn requests_in_flight_finish_across_a_reload(trigger: Trigger) {
     }
 
     let renamed = original.replacen("slug = \"test/model\"", "slug = \"test/renamed\"", 1);
-    let answer = save_and_reload(&gw, &renamed, trigger, "ok").await;
+    let answer = save_and_reload(&gw, &renamed, trigger, ("ok", 1.0)).await;
     if let Some((status, body)) = answer {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body, json!({"status": "ok", "message": "config reloaded"}));
@@ -219,7 +219,7 @@ async fn a_refused_reload_keeps_the_running_limits(trigger: Trigger) {
         1,
     );
     let problem = "models[0].pool: \"nowhere\" is not a defined pool";
-    let answer = save_and_reload(&gw, &invalid, trigger, "refused").await;
+    let answer = save_and_reload(&gw, &invalid, trigger, ("refused", 1.0)).await;
     if let Some((status, body)) = answer {
         assert_eq!(status, 400, "{body}");
         let message = body["error"].as_str().unwrap_or_default();
