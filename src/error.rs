@@ -7,7 +7,7 @@ use crate::forward::ForwardError;
 use crate::limits::{LimitError, LimitKind, Scope};
 use crate::route::RouteError;
 use crate::translate::RequestError;
-use crate::vocab::Problem;
+use crate::vocab::{echo, Problem};
 
 #[derive(Debug)]
 pub enum GatewayError {
@@ -174,13 +174,16 @@ impl GatewayError {
             Body(BodyError::BadLength) => "The Content-Length header is not a number. Send a valid Content-Length or use chunked encoding.".into(),
             Body(BodyError::TimedOut) => "The request body stopped arriving before it was complete. Retry the request.".into(),
             Body(BodyError::ClientGone) => "The client disconnected before the request body was complete.".into(),
-            Body(BodyError::Read(detail)) => format!("The request body is malformed ({detail}). Check its framing (Content-Length or chunked encoding)."),
+            Body(BodyError::Read(detail)) => format!("The request body is malformed ({}). Check its framing (Content-Length or chunked encoding).", echo(detail)),
             Request(e) => e.message.clone(),
+            // Names and paths come from the client: repeated only in part (`echo`).
             Route(RouteError::ModelNotFound { model }) => format!(
-                "The model '{model}' does not exist. GET /v1/models lists the models you can use."
+                "The model '{}' does not exist. GET /v1/models lists the models you can use.",
+                echo(model)
             ),
             Route(RouteError::ModelForbidden { model, key_id }) => format!(
-                "The API key '{key_id}' is not allowed to use the model '{model}'. Use a model listed for this key or ask the operator to add it to the key's models."
+                "The API key '{key_id}' is not allowed to use the model '{}'. Use a model listed for this key or ask the operator to add it to the key's models.",
+                echo(model)
             ),
             Forward(ForwardError::NoReplica { pool }) => format!(
                 "No replica of pool '{pool}' is available to serve this model right now. Retry later."
@@ -197,9 +200,11 @@ impl GatewayError {
             Forward(ForwardError::ClientGone) => "The client disconnected before the response was complete.".into(),
             Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
-                "Unknown request URL: {method} {path}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models."
+                "Unknown request URL: {} {}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models.",
+                echo(method),
+                echo(path)
             ),
-            MethodNotAllowed { path, allow } => format!("{path} only accepts {allow}."),
+            MethodNotAllowed { path, allow } => format!("{} only accepts {allow}.", echo(path)),
         }
     }
 }

@@ -9,7 +9,7 @@ pub mod sse;
 pub mod usage;
 
 use crate::config::Model;
-use crate::vocab::Endpoint;
+use crate::vocab::{echo, Endpoint};
 
 /// Why a request body was refused: always 400, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,8 +22,13 @@ pub struct RequestError {
 
 impl RequestError {
     pub fn invalid_json(detail: impl std::fmt::Display) -> Self {
+        // The parser's message can quote the body (`invalid type: string "…"`).
+        let detail = detail.to_string();
         RequestError {
-            message: format!("The request body is not valid JSON ({detail}). Send a JSON object."),
+            message: format!(
+                "The request body is not valid JSON ({}). Send a JSON object.",
+                echo(&detail)
+            ),
             param: None,
             code: "invalid_json",
         }
@@ -182,5 +187,26 @@ impl ModelRequest {
                 (serde_json::to_vec(&body).unwrap_or_default(), plan)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parser_message_quoting_a_huge_value_is_cut() {
+        let detail = format!(
+            "invalid type: string \"{}\", expected u32",
+            "v".repeat(100_000)
+        );
+        let e = RequestError::invalid_json(detail);
+        assert!(e.message.len() < 400, "{}", e.message.len());
+        assert!(
+            e.message
+                .ends_with("… (100037 bytes)). Send a JSON object."),
+            "{}",
+            &e.message[250..]
+        );
     }
 }

@@ -15,5 +15,5 @@ pub use endpoint::{Dialect, Endpoint};
 pub use header::{add_own_fields, client_header};
 pub use ids::{message_id, request_id};
 pub use price::{micros, TokenPrices};
-pub use problem::Problem;
+pub use problem::{echo, Problem, ECHO_MAX_BYTES};
 pub use usage::Usage;

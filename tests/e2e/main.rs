@@ -11,6 +11,7 @@ mod body;
 mod catalog;
 mod cli;
 mod cut_config;
+mod echo;
 mod limits;
 mod metrics;
 mod reload;

@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use super::fields::{self, Object};
 use crate::translate::RequestError;
+use crate::vocab::echo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Role {
@@ -189,7 +190,10 @@ fn parse_block(item: &Value, at: &str, role: Role) -> Result<Option<Block>, Requ
         _ => {
             return Err(RequestError::invalid_value(
                 &fields::path(at, "type"),
-                &format!("unsupported content block type \"{kind}\"; use one of {BLOCK_TYPES}."),
+                &format!(
+                    "unsupported content block type \"{}\"; use one of {BLOCK_TYPES}.",
+                    echo(kind)
+                ),
             ))
         }
     };
@@ -251,7 +255,8 @@ fn parse_result_content(obj: &Object, at: &str) -> Result<Vec<ResultPart>, Reque
                 return Err(RequestError::invalid_value(
                     &fields::path(&at, "type"),
                     &format!(
-                        "tool results may hold \"text\" and \"image\" blocks, not \"{other}\"."
+                        "tool results may hold \"text\" and \"image\" blocks, not \"{}\".",
+                        echo(other)
                     ),
                 ))
             }

@@ -11,6 +11,7 @@ use serde_json::{Number, Value};
 use super::content::{self, Message};
 use super::fields::{self, Object};
 use crate::translate::RequestError;
+use crate::vocab::echo;
 
 /// A validated `POST /v1/messages` (or count_tokens) body.
 #[derive(Debug, Clone)]
@@ -216,8 +217,9 @@ fn parse_tools(body: &Object) -> Result<Vec<Tool>, RequestError> {
                     return Err(RequestError::invalid_value(
                         &format!("{at}.type"),
                         &format!(
-                            "server tool \"{kind}\" is not supported; define a custom tool \
-                             with \"name\", \"description\" and \"input_schema\"."
+                            "server tool \"{}\" is not supported; define a custom tool \
+                             with \"name\", \"description\" and \"input_schema\".",
+                            echo(kind)
                         ),
                     ));
                 }
