@@ -93,6 +93,7 @@ fn settle_limits(
         Some("rate_limit_requests") => Some("requests"),
         Some("rate_limit_tokens") => Some("tokens"),
         Some("concurrency_limit") => Some("concurrency"),
+        Some("rate_limit_metadata") => Some("metadata"),
         Some("max_tokens_too_large") => Some("max_tokens"),
         Some("budget_exceeded") => Some("budget"),
         _ => None,

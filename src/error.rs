@@ -137,6 +137,14 @@ impl GatewayError {
                 ..
             } => "concurrency_limit",
             Limit {
+                err:
+                    LimitError::Limited {
+                        kind: LimitKind::Metadata,
+                        ..
+                    },
+                ..
+            } => "rate_limit_metadata",
+            Limit {
                 err: LimitError::TooLarge { .. },
                 ..
             } => "max_tokens_too_large",
@@ -262,6 +270,10 @@ fn limit_message(err: &LimitError, key_id: &str, model: &str) -> String {
         ),
         LimitError::Limited { kind: LimitKind::Concurrency, scope, limit, .. } => format!(
             "Concurrency limit reached for {}: {limit} requests at once. Retry when one of your requests has finished.",
+            whose(*scope)
+        ),
+        LimitError::Limited { kind: LimitKind::Metadata, scope, limit, retry_after } => format!(
+            "Rate limit reached for {}: {limit} requests per minute to POST /v1/messages/count_tokens and GET /v1/models together (apart from its chat requests). Retry after {retry_after} s, and keep the model list rather than fetching it for every request.",
             whose(*scope)
         ),
         LimitError::TooLarge { scope, limit, need } => format!(

@@ -148,7 +148,7 @@ impl Metrics {
         let rejections = IntCounterVec::new(
             Opts::new(
                 "tollgate_limit_rejections_total",
-                "Requests refused by a limit or budget, by key id and kind (requests, tokens, concurrency, max_tokens, budget).",
+                "Requests refused by a limit or budget, by key id and kind (requests, tokens, concurrency, max_tokens, budget, metadata).",
             ),
             &["key", "kind"],
         )

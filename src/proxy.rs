@@ -97,8 +97,8 @@ impl ProxyHttp for Gateway {
             Endpoint::ChatCompletions | Endpoint::Messages => {
                 self.model_api(session, ctx, &runtime).await
             }
-            Endpoint::CountTokens => count_tokens(session, ctx, &runtime.config).await,
-            Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime.config).await,
+            Endpoint::CountTokens => count_tokens(session, ctx, &runtime).await,
+            Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime).await,
             Endpoint::Unknown => Err(unknown_route(session)),
         };
         match served {
@@ -311,13 +311,35 @@ fn note_relayed(ctx: &mut RequestCtx) {
     };
 }
 
+/// Stage "admit" of the metadata endpoints: the key's own requests-per-minute for them,
+/// apart from its `rpm` (see `limits::admit_metadata`).
+fn admit_metadata(ctx: &mut RequestCtx, runtime: &Runtime, key: &Key) -> Result<(), GatewayError> {
+    let rpm = runtime.config.server.metadata_rpm;
+    match limits::admit_metadata(&runtime.limits, key, rpm, limits::now_ms()) {
+        Ok(headers) => {
+            ctx.headers = headers;
+            Ok(())
+        }
+        Err(refusal) => {
+            ctx.headers = refusal.headers;
+            Err(GatewayError::Limit {
+                err: refusal.err,
+                key_id: key.id.to_string(),
+                model: String::new(),
+            })
+        }
+    }
+}
+
 /// `POST /v1/messages/count_tokens`: the prompt estimate, for a model the key may use.
 async fn count_tokens(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    snapshot: &Snapshot,
+    runtime: &Runtime,
 ) -> Result<Relayed, GatewayError> {
+    let snapshot = &runtime.config;
     let key = identify(session, ctx, snapshot)?;
+    admit_metadata(ctx, runtime, &key)?;
     let bytes = read_body(session, ctx, snapshot).await?;
     let request = anthropic::parse_count_tokens(&bytes)?;
     resolve(ctx, snapshot, &key, &request.model)?;
@@ -329,9 +351,11 @@ async fn count_tokens(
 async fn models(
     session: &mut Session,
     ctx: &mut RequestCtx,
-    snapshot: &Snapshot,
+    runtime: &Runtime,
 ) -> Result<Relayed, GatewayError> {
+    let snapshot = &runtime.config;
     let key = identify(session, ctx, snapshot)?;
+    admit_metadata(ctx, runtime, &key)?;
     let value = catalog::answer(snapshot, &key, session.req_header().uri.path())
         .map_err(|model| RouteError::ModelNotFound { model })?;
     answer(session, ctx, value).await
@@ -346,7 +370,7 @@ async fn answer(
 ) -> Result<Relayed, GatewayError> {
     ctx.status = 200;
     let body = Bytes::from(value.to_string());
-    let _ = respond::send_json(session, 200, body, &ctx.request_id, &[]).await;
+    let _ = respond::send_json(session, 200, body, &ctx.request_id, &ctx.headers).await;
     Ok(Relayed::Complete)
 }
 

@@ -37,6 +37,7 @@ pub struct RawServer {
     pub client_write_timeout_ms: Spanned<u64>,
     pub upstream_keepalive_pool_size: Spanned<usize>,
     pub reload_on_change: bool,
+    pub metadata_rpm: Spanned<u64>,
 }
 
 impl Default for RawServer {
@@ -49,6 +50,7 @@ impl Default for RawServer {
             client_write_timeout_ms: Spanned::new(0..0, 60_000),
             upstream_keepalive_pool_size: Spanned::new(0..0, 1024),
             reload_on_change: true,
+            metadata_rpm: Spanned::new(0..0, 600),
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct ServerSettings {
     pub upstream_keepalive_pool_size: NonZeroUsize,
     /// Reload when the config file changes (checked every second).
     pub reload_on_change: bool,
+    /// Requests per sliding minute each key may make to `count_tokens` and `/v1/models`,
+    /// counted apart from its `rpm`.
+    pub metadata_rpm: u64,
 }
 
 #[derive(Debug)]

@@ -72,6 +72,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
             "server.upstream_keepalive_pool_size",
         )?,
         reload_on_change: raw.server.reload_on_change,
+        metadata_rpm: positive(src, &raw.server.metadata_rpm, "server.metadata_rpm")?,
     };
     let admin = AdminSettings {
         listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,

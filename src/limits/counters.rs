@@ -18,6 +18,8 @@ pub struct Counters {
 pub(super) struct State {
     pub requests: Window,
     pub tokens: Window,
+    /// Requests to the metadata endpoints (`metadata.rs`), apart from `requests`.
+    pub metadata: Window,
     pub inflight: u64,
     pub spend: Spend,
     /// When the counted period ends (`None`: it never does, or no period is counted yet),

@@ -5,6 +5,7 @@
 mod admission;
 mod counters;
 mod headers;
+mod metadata;
 pub mod period;
 mod window;
 
@@ -15,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use admission::{admit_request, Admission, Ask, Refusal};
 pub use counters::{Counters, Spend};
 pub use headers::rate_headers;
+pub use metadata::admit_metadata;
 
 use crate::config::{Budget, Key, Limits, Model, Snapshot};
 use crate::vocab::TokenPrices;
@@ -67,6 +69,8 @@ pub enum LimitKind {
     Requests,
     Tokens,
     Concurrency,
+    /// Requests to the metadata endpoints: `count_tokens` and `/v1/models`.
+    Metadata,
 }
 
 impl LimitKind {
@@ -75,6 +79,7 @@ impl LimitKind {
             LimitKind::Requests => "requests",
             LimitKind::Tokens => "tokens",
             LimitKind::Concurrency => "concurrency",
+            LimitKind::Metadata => "metadata",
         }
     }
 }
