@@ -35,6 +35,8 @@ pub struct RequestCtx {
     pub model: Option<Arc<Model>>,
     /// admit → account: the request's reservation against limits and budget.
     pub ticket: Option<Ticket>,
+    /// admit → account: the most output the replica may generate (its cap times the choices).
+    pub output_cap: u64,
     /// admit → every response header: rate-limit headers and notices.
     pub headers: Vec<(&'static str, String)>,
     /// forward → account, metrics, logging: what the exchange with the replicas did.
@@ -83,6 +85,7 @@ impl RequestCtx {
             input_estimate: 0,
             model: None,
             ticket: None,
+            output_cap: 0,
             headers: Vec::new(),
             outcome: Outcome::default(),
             status: 0,
@@ -111,6 +114,8 @@ impl RequestCtx {
             key_id: self.key.as_ref().map(|k| &k.id),
             model: self.model.as_ref(),
             input_estimate: self.input_estimate,
+            output_cap: self.output_cap,
+            stream: self.stream,
             status: self.status,
         };
         account::finish(&bill, &self.outcome, ticket, ledger.as_deref())

@@ -286,6 +286,7 @@ fn admit(
         Ok(admission) => {
             ctx.ticket = admission.ticket;
             ctx.headers = admission.headers;
+            ctx.output_cap = admission.cap.saturating_mul(ask.choices.max(1));
             request.cap_output(admission.cap);
             Ok(())
         }

@@ -28,6 +28,11 @@ pub struct Bill<'a> {
     pub model: Option<&'a Arc<Model>>,
     /// The prompt's estimated tokens, used when the replica reports no usage.
     pub input_estimate: u32,
+    /// The most output the replica was allowed: the output cap it was sent, times the
+    /// choices. What a whole answer the client left before it arrived is billed.
+    pub output_cap: u64,
+    /// The client asked for a stream.
+    pub stream: bool,
     /// The status the client was sent (499: it left).
     pub status: u16,
 }
@@ -42,17 +47,17 @@ pub struct Settled {
 
 /// The usage of a finished request: the replica's own count when it reported one; else, if
 /// the request reached a replica and was not refused by it (cut short by a disconnect, a
-/// reset, a timeout, a stream without a usage chunk), the prompt estimate and the output
-/// estimate of what was relayed (`Outcome::output_estimate`), marked estimated; else zero:
-/// refused before forwarding, or answered with an error status and no usage (an engine that
-/// rejects a request has not generated anything for it, and the client got no answer).
+/// reset, a timeout, a stream without a usage chunk), the prompt estimate and an output
+/// estimate (`estimated_output`), marked estimated; else zero: refused before forwarding, or
+/// answered with an error status and no usage (an engine that rejects a request has not
+/// generated anything for it, and the client got no answer).
 fn settle(bill: &Bill, outcome: &Outcome) -> Settled {
     let (usage, estimated) = match outcome.usage {
         Some(u) => (u, false),
         None if outcome.sent && outcome.upstream_status < 400 => (
             Usage {
                 input: u64::from(bill.input_estimate),
-                output: outcome.output_estimate,
+                output: estimated_output(bill, outcome),
                 ..Usage::default()
             },
             true,
@@ -64,6 +69,21 @@ fn settle(bill: &Bill, outcome: &Outcome) -> Settled {
         usage,
         estimated,
         cost_nanos,
+    }
+}
+
+/// The output of a request that reached a replica and got no usage from it. A stream shows
+/// what was generated as it goes: what was relayed (`Outcome::output_estimate`). A whole
+/// answer comes only once generated, so when its client leaves first (499) nothing says how
+/// far the replica got before tollgate closed its connection: it is billed at its output
+/// cap, which was reserved and so fits the budget. Billing less would let a client pay for
+/// the prompt only by hanging up just before the answer comes; a client that wants to stop
+/// early and pay for what was generated streams.
+fn estimated_output(bill: &Bill, outcome: &Outcome) -> u64 {
+    if bill.status == 499 && !bill.stream {
+        outcome.output_estimate.max(bill.output_cap)
+    } else {
+        outcome.output_estimate
     }
 }
 
@@ -167,6 +187,38 @@ pub fn record_id(ts_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_answer_the_client_left_is_billed_at_its_cap_and_a_stream_at_what_was_relayed() {
+        let bill = |status, stream| Bill {
+            endpoint: Endpoint::ChatCompletions,
+            request_id: "r",
+            started: Instant::now(),
+            started_ms: 0,
+            key_id: None,
+            model: None,
+            input_estimate: 7,
+            output_cap: 400,
+            stream,
+            status,
+        };
+        let outcome = Outcome {
+            sent: true,
+            output_estimate: 3,
+            ..Outcome::default()
+        };
+        let billed = |status, stream| {
+            let s = settle(&bill(status, stream), &outcome);
+            (s.usage.input, s.usage.output, s.estimated)
+        };
+        assert_eq!(billed(499, false), (7, 400, true));
+        assert_eq!(billed(499, true), (7, 3, true));
+        // Cut by the replica or a timeout: what was relayed.
+        assert_eq!(billed(502, false), (7, 3, true));
+        // Never reached a replica: nothing.
+        let unsent = Outcome::default();
+        assert_eq!(settle(&bill(499, false), &unsent).usage, Usage::default());
+    }
 
     #[test]
     fn id_bounds_enclose_exactly_the_ids_of_their_millisecond() {

@@ -142,6 +142,59 @@ async fn a_client_leaving_mid_stream_is_billed_as_estimated_from_what_was_relaye
     );
 }
 
+/// A whole answer takes 5 s; the client leaves once the replica works on it. Nothing was
+/// relayed, yet it is billed at its output cap (2 choices × 200), marked estimated, and that
+/// is what the key's budget counts: leaving early never makes a request cheaper.
+#[tokio::test]
+async fn a_whole_answer_the_client_leaves_is_billed_at_its_output_cap() {
+    let sim = sim().await;
+    let gw = Gateway::start(&config_with(
+        &sim,
+        "budget = { usd = 10.0, period = \"monthly\" }",
+    ));
+    let body = json!({"model": MODEL, "max_tokens": 200, "n": 2, "sim": {"ttft_ms": 5000},
+        "messages": [{"role": "user", "content": "Hello"}]});
+    let asked = tokio::spawn(
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("x-request-id", "left-early")
+            .json(&body)
+            .send(),
+    );
+    let deadline = Deadline::after(SETTLE_LIMIT);
+    while sim.stats().requests() < 1 {
+        deadline
+            .pause(|| "the replica got the request".into())
+            .await;
+    }
+    asked.abort();
+    gw.wait_key_idle("team-a", "the cut request ended").await;
+
+    let (requests, input, output, estimated) = gw.usage_totals_of(1).await;
+    assert_eq!((requests, output, estimated), (1, 400, 1));
+    assert!(input > 0, "input comes from the prompt estimate");
+    let (status, cost): (i64, i64) = gw
+        .ledger()
+        .query_row(
+            "SELECT status, cost_nanos FROM usage WHERE request_id = 'left-early'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(status, 499);
+    let cost = cost as u64;
+    assert_eq!(
+        cost,
+        input * 500 + 400 * 1_500,
+        "$0.5/M input, $1.5/M output"
+    );
+    let key = gw.key_state("team-a").await;
+    let spent = key["budget"]["spent_usd"].as_f64().unwrap();
+    assert!((spent - cost as f64 / 1e9).abs() < 1e-12, "{key}");
+    assert_eq!(key["budget"]["reserved_usd"], 0.0, "{key}");
+}
+
 #[tokio::test]
 async fn a_whole_answer_without_usage_is_billed_from_its_text() {
     let sim = sim().await;
