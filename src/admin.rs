@@ -11,11 +11,13 @@ use serde_json::json;
 
 use arc_swap::ArcSwap;
 
-use crate::account::query::{self, Bucket, UsageQuery};
+use crate::account::page::PAGE_ROWS;
+use crate::account::query::{self, Bucket, UsageQuery, UsageRow};
 use crate::account::Ledger;
 use crate::metrics::Metrics;
 use crate::reload::Reloader;
 use crate::runtime::Runtime;
+use crate::vocab::echo;
 use crate::{alerts, limits};
 
 pub struct Admin {
@@ -119,26 +121,45 @@ impl Admin {
             Ok(q) => q,
             Err(e) => return error(400, &e),
         };
-        // Make records of requests that just ended visible, then read; both block.
-        let rows = tokio::task::spawn_blocking(move || {
+        // Make records of requests that just ended visible, then read; both block. The page
+        // is read and written out on one thread, which frees its rows and then hands the
+        // memory back (`release_freed_memory`).
+        let answered = tokio::task::spawn_blocking(move || {
             ledger.flush();
-            query::run(ledger.path(), &q).map(|rows| (q, rows))
+            let page = match query::run(ledger.path(), &q) {
+                Ok(page) => page,
+                Err(e) => return error(400, &e),
+            };
+            let answer = UsageAnswer {
+                from: query::rfc3339(q.from_ms),
+                to: query::rfc3339(q.to_ms),
+                bucket: q.bucket.name(),
+                data: &page.rows,
+                next_cursor: page.next_cursor.as_deref(),
+            };
+            // Written straight from the rows: no JSON tree of the page is built first.
+            let answered = match serde_json::to_vec(&answer) {
+                Ok(body) => (200, body),
+                Err(_) => error(500, "the usage answer could not be written"),
+            };
+            drop(page);
+            release_freed_memory();
+            answered
         })
         .await;
-        match rows {
-            Ok(Ok((q, rows))) => {
-                let body = json!({
-                    "from": query::rfc3339(q.from_ms),
-                    "to": query::rfc3339(q.to_ms),
-                    "bucket": bucket_name(q.bucket),
-                    "data": rows,
-                });
-                (200, body.to_string().into_bytes())
-            }
-            Ok(Err(e)) => error(400, &e),
-            Err(_) => error(500, "the usage query failed"),
-        }
+        answered.unwrap_or_else(|_| error(500, "the usage query failed"))
     }
+}
+
+/// `GET /admin/usage`'s answer: one page of the report, and the cursor of the next.
+#[derive(serde::Serialize)]
+pub struct UsageAnswer<'a> {
+    pub from: String,
+    pub to: String,
+    pub bucket: &'static str,
+    pub data: &'a [UsageRow],
+    /// Pass it back as `cursor` for the next page; `null` on the last.
+    pub next_cursor: Option<&'a str>,
 }
 
 #[async_trait]
@@ -206,6 +227,16 @@ impl ServeHttp for Admin {
     }
 }
 
+/// Hands the memory this thread has freed back to the OS now. mimalloc, the global
+/// allocator (main.rs), returns a thread's freed pages only a while after they were freed,
+/// and only when that thread allocates again: a blocking-pool thread that built a page of a
+/// usage report and then idles would keep its memory for as long as it lives.
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes a flag and no pointers, and may be called from any thread
+    // at any time; where mimalloc is not the allocator, it finds nothing to collect.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 /// The one method an admin URL answers, if it is one.
 fn method_of(path: &str) -> Option<&'static str> {
     match path {
@@ -226,16 +257,9 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn bucket_name(b: Bucket) -> &'static str {
-    match b {
-        Bucket::Minute => "minute",
-        Bucket::Hour => "hour",
-        Bucket::Day => "day",
-    }
-}
-
 /// `from`, `to` (RFC 3339, date or Unix seconds; default the last 24 hours), `bucket`
-/// (minute, hour, day; default hour), `by` (comma list of key, model).
+/// (minute, hour, day; default hour), `by` (comma list of key, model), `limit` (rows per
+/// page, at most and by default `PAGE_ROWS`), `cursor` (the page to answer).
 pub fn usage_query(query: &str, now_ms: i64) -> Result<UsageQuery, String> {
     let mut q = UsageQuery {
         from_ms: now_ms - 86_400_000,
@@ -243,6 +267,8 @@ pub fn usage_query(query: &str, now_ms: i64) -> Result<UsageQuery, String> {
         bucket: Bucket::Hour,
         by_key: false,
         by_model: false,
+        limit: PAGE_ROWS,
+        cursor: None,
     };
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         match name.as_ref() {
@@ -261,9 +287,23 @@ pub fn usage_query(query: &str, now_ms: i64) -> Result<UsageQuery, String> {
                     }
                 }
             }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=PAGE_ROWS).contains(n))
+                    .ok_or_else(|| {
+                        format!(
+                            "limit {:?} is not a number of rows from 1 to {PAGE_ROWS}",
+                            echo(&value)
+                        )
+                    })?
+            }
+            "cursor" => q.cursor = Some(value.into_owned()),
             other => {
                 return Err(format!(
-                    "unknown parameter {other:?}; use from, to, bucket, by"
+                    "unknown parameter {:?}; use from, to, bucket, by, limit, cursor",
+                    echo(other)
                 ))
             }
         }

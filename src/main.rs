@@ -239,10 +239,18 @@ fn run_sim(args: SimArgs) -> ExitCode {
 }
 
 fn usage(args: UsageArgs) -> ExitCode {
-    let state = match config::load_state(&args.config.config) {
-        Ok(s) => s,
-        Err(e) => return fail(&e.to_string()),
-    };
+    match print_usage(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// The whole report, fetched and printed a page at a time: the same rows, order and bound
+/// as `GET /admin/usage`, in memory for one page whatever the report's size. With `--json`,
+/// the admin API's answer with every page's rows in `data`.
+fn print_usage(args: &UsageArgs) -> Result<(), String> {
+    use std::io::Write;
+    let state = config::load_state(&args.config.config).map_err(|e| e.to_string())?;
     let mut query = String::new();
     for (name, value) in [("from", &args.from), ("to", &args.to)] {
         if let Some(v) = value {
@@ -254,38 +262,75 @@ fn usage(args: UsageArgs) -> ExitCode {
     }
     query.push_str(&format!("bucket={}&by={}", args.bucket, args.by.join(",")));
     let now = chrono::Utc::now().timestamp_millis();
-    let q = match tollgate::admin::usage_query(&query, now) {
-        Ok(q) => q,
-        Err(e) => return fail(&e),
-    };
+    let mut q = tollgate::admin::usage_query(&query, now)?;
     let path = state.dir.join(account::ledger::FILE_NAME);
-    let rows = match account::query::run(&path, &q) {
-        Ok(rows) => rows,
-        Err(e) => return fail(&e),
-    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = |e: std::io::Error| format!("cannot write the report: {e}");
+    let (mut first_page, mut first_row) = (true, true);
+    loop {
+        // A report refused as too large is refused before anything is printed.
+        let page = account::query::run(&path, &q)?;
+        if first_page {
+            first_page = false;
+            if args.json {
+                write!(
+                    out,
+                    "{{\"from\":{:?},\"to\":{:?},\"bucket\":{:?},\"data\":[",
+                    account::query::rfc3339(q.from_ms),
+                    account::query::rfc3339(q.to_ms),
+                    q.bucket.name()
+                )
+                .map_err(written)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
+                    "start",
+                    "key",
+                    "model",
+                    "requests",
+                    "input",
+                    "cached",
+                    "uncached",
+                    "output",
+                    "cost_usd"
+                )
+                .map_err(written)?;
+            }
+        }
+        for r in &page.rows {
+            if args.json {
+                if !first_row {
+                    out.write_all(b",").map_err(written)?;
+                }
+                serde_json::to_writer(&mut out, r).map_err(|e| e.to_string())?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
+                    r.start,
+                    r.key_id.as_deref().unwrap_or("*"),
+                    r.model.as_deref().unwrap_or("*"),
+                    r.requests,
+                    r.input_tokens,
+                    r.cached_input_tokens,
+                    r.uncached_input_tokens,
+                    r.output_tokens,
+                    r.cost_usd
+                )
+                .map_err(written)?;
+            }
+            first_row = false;
+        }
+        match page.next_cursor {
+            Some(next) => q.cursor = Some(next),
+            None => break,
+        }
+    }
     if args.json {
-        println!("{}", serde_json::json!({ "data": rows }));
-        return ExitCode::SUCCESS;
+        out.write_all(b"]}\n").map_err(written)?;
     }
-    println!(
-        "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
-        "start", "key", "model", "requests", "input", "cached", "uncached", "output", "cost_usd"
-    );
-    for r in rows {
-        println!(
-            "{:<20} {:<16} {:<28} {:>9} {:>12} {:>12} {:>12} {:>12} {:>14}",
-            r.start,
-            r.key_id.as_deref().unwrap_or("*"),
-            r.model.as_deref().unwrap_or("*"),
-            r.requests,
-            r.input_tokens,
-            r.cached_input_tokens,
-            r.uncached_input_tokens,
-            r.output_tokens,
-            r.cost_usd
-        );
-    }
-    ExitCode::SUCCESS
+    out.flush().map_err(written)
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
 
-use super::query::{spend_since_in, KeySpend};
 use super::record::UsageRecord;
+use super::spend::{spend_since_in, KeySpend};
 
 /// Records waiting for the writer; past this the newest are dropped and counted.
 const QUEUE_CAPACITY: usize = 200_000;

@@ -2,8 +2,10 @@
 //! queryable by key, model and time bucket.
 
 pub mod ledger;
+pub mod page;
 pub mod query;
 pub mod record;
+pub mod spend;
 
 pub use ledger::Ledger;
 pub use record::UsageRecord;

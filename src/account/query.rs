@@ -1,7 +1,8 @@
 //! Usage queries: totals per time bucket, optionally per key and/or model, empty buckets
-//! included. Read from the ledger file with its own connection, never on the request path.
+//! included, a page at a time (`page`). Read from the ledger file with its own connection,
+//! never on the request path.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -10,9 +11,7 @@ use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
 use super::id_bound;
-
-/// More buckets than this in one answer is a mistake (e.g. a year by minute).
-pub const MAX_BUCKETS: i64 = 50_000;
+use super::page::{Cursor, Grid, GroupKey, MAX_ROWS};
 /// The last millisecond of 9999-12-31, the latest time a query may name.
 const LAST_MS: i64 = 253_402_300_799_999;
 
@@ -30,6 +29,14 @@ impl Bucket {
             "hour" => Some(Bucket::Hour),
             "day" => Some(Bucket::Day),
             _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bucket::Minute => "minute",
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
         }
     }
 
@@ -51,6 +58,17 @@ pub struct UsageQuery {
     pub bucket: Bucket,
     pub by_key: bool,
     pub by_model: bool,
+    /// Rows in the page, at most `page::PAGE_ROWS`.
+    pub limit: usize,
+    /// Where the page starts (`Page::next_cursor` of the one before); `None`: the first.
+    pub cursor: Option<String>,
+}
+
+/// One page of a report: its rows, and where the next page starts, if there is one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    pub rows: Vec<UsageRow>,
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -91,12 +109,31 @@ impl UsageQuery {
         if to <= from {
             return Err("`to` must be after `from`".into());
         }
-        if (to - from) / b > MAX_BUCKETS {
+        let buckets = (to - from) / b;
+        if buckets as u64 > MAX_ROWS {
             return Err(format!(
-                "the range holds more than {MAX_BUCKETS} buckets; use a larger bucket or a shorter range"
+                "the range holds {buckets} buckets, more than the {MAX_ROWS} rows one report may hold; use a larger bucket or a shorter range (from, to)"
             ));
         }
         Ok((from, to))
+    }
+
+    /// Why a report of `buckets` × `groups` rows is refused, and how to narrow it.
+    /// `more`: there are more groups than `groups`, which were all that was counted.
+    fn too_large(&self, buckets: u64, groups: usize, more: bool) -> String {
+        let plural = if groups == 1 { "" } else { "s" };
+        let groups = match more {
+            true => format!("more than {groups} group{plural}"),
+            false => format!("{groups} group{plural}"),
+        };
+        let by = match (self.by_key, self.by_model) {
+            (true, true) => ", or group by key or by model alone",
+            (true, false) | (false, true) => ", or leave out by",
+            (false, false) => "",
+        };
+        format!(
+            "this report would hold {buckets} buckets × {groups}, more than the {MAX_ROWS} rows one report may hold; narrow it: a larger bucket, a shorter range (from, to){by}"
+        )
     }
 }
 
@@ -105,47 +142,104 @@ type Sums = (i64, Option<String>, Option<String>, [i64; 7]);
 /// A row's bucket start, key and model.
 type Group<'a> = (i64, &'a Option<String>, &'a Option<String>);
 
-/// Runs a query against the ledger file at `path`. A missing file is an empty ledger.
-pub fn run(path: &Path, q: &UsageQuery) -> Result<Vec<UsageRow>, String> {
+/// Runs a query against the ledger file at `path`: the page `q.cursor` names, of at most
+/// `q.limit` rows. A missing file is an empty ledger. Every group seen in the range gets a
+/// row in every bucket, zeros where it was idle; a report of more than `MAX_ROWS` rows in
+/// all is refused, saying how to narrow it. Only the page's buckets are summed, so a page
+/// costs memory for its own rows and the list of groups, whatever the report's size.
+pub fn run(path: &Path, q: &UsageQuery) -> Result<Page, String> {
     let (from, to) = q.range()?;
     let b = q.bucket.millis();
-    let mut found: Vec<Sums> = Vec::new();
-    if path.exists() {
-        let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    let buckets = ((to - from) / b) as u64;
+    let conn = match path.exists() {
+        true => Some(
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|e| format!("ledger {}: {e}", path.display()))?,
+        ),
+        false => None,
+    };
+    // Enough groups to tell a report past the bound, and no more.
+    let most = (MAX_ROWS / buckets.max(1)) as usize;
+    let mut groups = match &conn {
+        Some(conn) => distinct_groups(conn, q, (from, to), most + 1).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    // Ungrouped, an idle range is a row of zeros per bucket; grouped, it has no groups.
+    if groups.is_empty() && !q.by_key && !q.by_model {
+        groups.push((None, None));
+    }
+    if groups.len() > most {
+        return Err(q.too_large(buckets, most, true));
+    }
+    let grid = Grid {
+        from_ms: from,
+        bucket_ms: b,
+        buckets,
+        groups: &groups,
+    };
+    if grid.rows() > MAX_ROWS {
+        return Err(q.too_large(buckets, groups.len(), false));
+    }
+    let cursor = match &q.cursor {
+        Some(c) => Some(Cursor::decode(c, q.by_key, q.by_model)?),
+        None => None,
+    };
+    let (first, end) = grid.page(cursor.as_ref(), q.limit)?;
+    if first == end {
+        return Ok(Page::default());
+    }
+    let (lo, hi) = grid.times((first, end));
+    let found = match &conn {
         // SUM is exact but fails past i64; only a ledger holding absurd costs gets there,
         // and its report then saturates (TOTAL sums in floating point) instead of failing.
-        found = match grouped_sums(&conn, q, "SUM", (b, from, to)) {
+        Some(conn) => match grouped_sums(conn, q, "SUM", (b, lo, hi)) {
             Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("integer overflow") => {
-                grouped_sums(&conn, q, "TOTAL", (b, from, to))
+                grouped_sums(conn, q, "TOTAL", (b, lo, hi))
             }
             other => other,
         }
-        .map_err(|e| e.to_string())?;
-    }
-    // Every group seen in the range gets a row in every bucket, zeros where it was idle.
-    let groups: BTreeSet<(Option<String>, Option<String>)> = found
-        .iter()
-        .map(|(_, k, m, _)| (k.clone(), m.clone()))
-        .collect();
-    // Ungrouped, an idle range is a row of zeros per bucket; grouped, it has no groups.
-    let groups: Vec<_> = if groups.is_empty() && !q.by_key && !q.by_model {
-        vec![(None, None)]
-    } else {
-        groups.into_iter().collect()
+        .map_err(|e| e.to_string())?,
+        None => Vec::new(),
     };
     let sums_of: HashMap<Group<'_>, [i64; 7]> =
         found.iter().map(|(s, k, m, v)| ((*s, k, m), *v)).collect();
-    let mut out = Vec::with_capacity(groups.len() * ((to - from) / b) as usize);
-    let mut start = from;
-    while start < to {
-        for (key, model) in &groups {
+    let rows = (first..end)
+        .map(|pos| {
+            let (start, (key, model)) = grid.row(pos);
             let sums = sums_of.get(&(start, key, model)).copied().unwrap_or([0; 7]);
-            out.push(row(start, key, model, sums, q));
-        }
-        start += b;
-    }
-    Ok(out)
+            row(start, key, model, sums, q)
+        })
+        .collect();
+    Ok(Page {
+        rows,
+        next_cursor: (end < grid.rows()).then(|| grid.cursor_at(end).encode()),
+    })
+}
+
+/// The groups (key and/or model, as the query groups by) with rows in `[from, to)`, sorted,
+/// at most `limit` of them.
+fn distinct_groups(
+    conn: &Connection,
+    q: &UsageQuery,
+    (from, to): (i64, i64),
+    limit: usize,
+) -> rusqlite::Result<Vec<GroupKey>> {
+    let key_col = if q.by_key { "key_id" } else { "NULL" };
+    let model_col = if q.by_model { "model" } else { "NULL" };
+    let sql = format!(
+        "SELECT {key_col}, {model_col} FROM usage
+         WHERE id >= ?3 AND id < ?4 AND ts_ms >= ?1 AND ts_ms < ?2
+         GROUP BY 1, 2 LIMIT ?5"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(
+        params![from, to, id_bound(from), id_bound(to.max(1)), limit as i64],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut groups = rows.collect::<rusqlite::Result<Vec<GroupKey>>>()?;
+    // The order pages walk; Rust's, so that it is the one `Grid` searches.
+    groups.sort();
+    Ok(groups)
 }
 
 /// The ledger's rows in `[from, to)` summed per bucket of `b` ms (and per key and model if
@@ -229,69 +323,6 @@ fn row(
     }
 }
 
-/// What each key spent since `since_ms` (nano-dollars), and the alert thresholds already
-/// fired for the period starting then: what budgets are rebuilt from at startup and reload.
-/// One pass over the period's rows for all keys, whatever their number.
-pub fn spend_since(path: &Path, since_ms: i64) -> Result<HashMap<String, KeySpend>, String> {
-    if !path.exists() {
-        return Ok(HashMap::new());
-    }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("ledger {}: {e}", path.display()))?;
-    spend_since_in(&conn, since_ms, None)
-}
-
-/// `spend_since` on an open connection, for the period `[since_ms, until_ms)` (see
-/// `Ledger::ask_spend_since`).
-pub fn spend_since_in(
-    conn: &Connection,
-    since_ms: i64,
-    until_ms: Option<i64>,
-) -> Result<HashMap<String, KeySpend>, String> {
-    let until_ms = until_ms.unwrap_or(i64::MAX);
-    let mut by_key: HashMap<String, KeySpend> = HashMap::new();
-    let err = |e: rusqlite::Error| e.to_string();
-    let mut stmt = conn
-        .prepare(
-            // TOTAL, not SUM: a sum past i64 (absurd costs a replica reported) must not
-            // fail the rebuild; it is exact up to 2^53 nano-dollars (9 million USD).
-            "SELECT key_id, TOTAL(cost_nanos) FROM usage
-             WHERE id >= ?2 AND ts_ms >= ?1 AND ts_ms < ?3 GROUP BY key_id",
-        )
-        .map_err(err)?;
-    let rows = stmt
-        .query_map(params![since_ms, id_bound(since_ms), until_ms], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
-        })
-        .map_err(err)?;
-    for row in rows {
-        let (key, spent) = row.map_err(err)?;
-        // Saturating: negative or past u64 cannot be a spend.
-        by_key.entry(key).or_default().spent_nanos = spent as u64;
-    }
-    let mut stmt = conn
-        .prepare("SELECT key_id, threshold FROM alerts WHERE period_start = ?1")
-        .map_err(err)?;
-    let fired = stmt
-        .query_map(params![since_ms], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
-        })
-        .map_err(err)?;
-    for row in fired {
-        let (key, threshold) = row.map_err(err)?;
-        by_key.entry(key).or_default().fired.push(threshold);
-    }
-    Ok(by_key)
-}
-
-/// One key's spend in a period, as the ledger has it.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct KeySpend {
-    pub spent_nanos: u64,
-    /// Alert thresholds already fired in the period.
-    pub fired: Vec<f64>,
-}
-
 pub fn rfc3339(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
@@ -318,14 +349,16 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
 
     use super::*;
     use crate::account::ledger::LedgerMeters;
+    use crate::account::page::PAGE_ROWS;
     use crate::account::{Ledger, UsageRecord};
     use crate::vocab::Usage;
 
-    fn record(
+    /// A ledger record as `record_id` would name it.
+    pub(in crate::account) fn record(
         id: &str,
         ts_ms: i64,
         key: &str,
@@ -373,8 +406,12 @@ mod tests {
             bucket: Bucket::Minute,
             by_key: false,
             by_model: false,
+            limit: PAGE_ROWS,
+            cursor: None,
         };
-        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q)
+            .unwrap()
+            .rows;
         assert_eq!(rows.len(), 3, "three minutes, the middle one empty");
         assert_eq!(
             (
@@ -398,7 +435,9 @@ mod tests {
             by_model: true,
             ..q
         };
-        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q)
+            .unwrap()
+            .rows;
         assert_eq!(rows.len(), 9, "3 groups × 3 buckets");
         let k1m2: Vec<_> = rows
             .iter()
@@ -408,6 +447,61 @@ mod tests {
             k1m2.iter().map(|r| r.requests).collect::<Vec<_>>(),
             vec![0, 0, 1]
         );
+    }
+
+    #[test]
+    fn pages_join_into_the_whole_report_and_a_report_past_the_bound_says_how_to_narrow() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
+        let t0 = 1_795_000_000_000i64 / 60_000 * 60_000;
+        ledger.record(record("a", t0 + 1, "k1", "m1", 10, 4));
+        ledger.record(record("b", t0 + 2, "k2", "m1", 20, 6));
+        ledger.record(record("c", t0 + 120_500, "k1", "m2", 30, 8));
+        ledger.close();
+        let path = dir.path().join(super::super::ledger::FILE_NAME);
+        let whole = UsageQuery {
+            from_ms: t0,
+            to_ms: t0 + 180_000,
+            bucket: Bucket::Minute,
+            by_key: true,
+            by_model: true,
+            limit: PAGE_ROWS,
+            cursor: None,
+        };
+        let all = run(&path, &whole).unwrap();
+        assert_eq!((all.rows.len(), &all.next_cursor), (9, &None));
+        let mut q = UsageQuery { limit: 2, ..whole };
+        let mut joined = Vec::new();
+        loop {
+            let page = run(&path, &q).unwrap();
+            assert!(page.rows.len() <= 2);
+            joined.extend(page.rows);
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(joined, all.rows);
+
+        // 100,000 minutes fit one group but not three.
+        let wide = UsageQuery {
+            from_ms: t0 - 99_997 * 60_000,
+            cursor: None,
+            ..q
+        };
+        let e = run(&path, &wide).unwrap_err();
+        assert!(
+            e.starts_with("this report would hold 100000 buckets × more than 1 group, more than the 100000 rows"),
+            "{e}"
+        );
+        assert!(e.ends_with("or group by key or by model alone"), "{e}");
+        let ungrouped = UsageQuery {
+            by_key: false,
+            by_model: false,
+            limit: PAGE_ROWS,
+            ..wide
+        };
+        assert_eq!(run(&path, &ungrouped).unwrap().rows.len(), PAGE_ROWS);
     }
 
     #[test]
@@ -429,8 +523,12 @@ mod tests {
             bucket: Bucket::Minute,
             by_key: true,
             by_model: false,
+            limit: PAGE_ROWS,
+            cursor: None,
         };
-        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q).unwrap();
+        let rows = run(&dir.path().join(super::super::ledger::FILE_NAME), &q)
+            .unwrap()
+            .rows;
         assert_eq!(rows.len(), 2);
         assert_eq!((rows[0].requests, rows[0].input_tokens), (2, 20));
         assert_eq!(rows[0].cost_micros, crate::vocab::micros(i64::MAX as u64));
@@ -450,6 +548,8 @@ mod tests {
             bucket: Bucket::Minute,
             by_key: false,
             by_model: false,
+            limit: PAGE_ROWS,
+            cursor: None,
         };
         assert!(run(Path::new("/nonexistent/ledger"), &q)
             .unwrap_err()
@@ -476,44 +576,12 @@ mod tests {
             bucket: Bucket::Hour,
             by_key: true,
             by_model: false,
+            limit: PAGE_ROWS,
+            cursor: None,
         };
         assert!(run(Path::new("/nonexistent/ledger"), &q)
             .unwrap()
-            .is_empty());
-    }
-
-    #[test]
-    fn spend_since_sums_every_key_of_the_period_in_one_pass() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
-        let day = 1_795_000_000_000i64 / 86_400_000 * 86_400_000;
-        ledger.record(record("old", day - 1, "k1", "m", 1, 1000)); // the day before
-        ledger.record(record("a", day, "k1", "m", 1, 10));
-        ledger.record(record("b", day + 5, "k1", "m", 1, 20));
-        ledger.record(record("c", day + 9, "k2", "m", 1, 7));
-        ledger.record_alert("k1", day, 0.5);
-        ledger.record_alert("k1", day - 86_400_000, 0.9);
-        ledger.close();
-        let spend = spend_since(&dir.path().join(super::super::ledger::FILE_NAME), day).unwrap();
-        assert_eq!(spend.len(), 2);
-        assert_eq!(spend["k1"].spent_nanos, 1_500 * 30);
-        assert_eq!(spend["k1"].fired, vec![0.5]);
-        assert_eq!(spend["k2"].spent_nanos, 1_500 * 7);
-        assert!(spend["k2"].fired.is_empty());
-        // Costs past what SQLite's integers sum (a replica reporting nonsense) saturate
-        // instead of failing the rebuild of every budget.
-        let dir2 = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(dir2.path(), LedgerMeters::default()).unwrap();
-        for id in ["x", "y"] {
-            let mut r = record(id, day, "k3", "m", 1, 1);
-            r.cost_nanos = u64::MAX;
-            ledger.record(r);
-        }
-        ledger.close();
-        let spend = spend_since(&dir2.path().join(super::super::ledger::FILE_NAME), day).unwrap();
-        assert!(spend["k3"].spent_nanos >= i64::MAX as u64);
-        assert!(spend_since(Path::new("/nonexistent/ledger"), day)
-            .unwrap()
+            .rows
             .is_empty());
     }
 }

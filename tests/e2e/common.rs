@@ -270,6 +270,18 @@ impl Gateway {
         self.dir.path().join("tollgate.toml")
     }
 
+    /// The process's resident memory (`VmRSS` in /proc), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the process is running");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in kB");
+        kib * 1024
+    }
+
     /// A POST of `body` to the Anthropic Messages endpoint with `KEY` in `x-api-key`.
     pub async fn messages(&self, body: serde_json::Value) -> reqwest::Response {
         client()

@@ -20,3 +20,4 @@ mod routing;
 mod shutdown;
 mod status;
 mod streaming;
+mod usage_report;
