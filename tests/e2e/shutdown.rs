@@ -55,13 +55,16 @@ async fn models_on(conn: &mut TcpStream) -> String {
     }
 }
 
-/// Waits until a new connection to `addr` is refused; a connection accepted meanwhile (the
-/// signal is handled asynchronously) is dropped and the look repeated.
+/// Waits until a new connection to `addr` is refused; a connection accepted or reset meanwhile
+/// (the signal is handled asynchronously) is dropped and the look repeated.
 async fn refused_soon(addr: std::net::SocketAddr, what: &str) {
     let deadline = Deadline::after(SETTLE_LIMIT);
     loop {
         match TcpStream::connect(addr).await {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+            // A connection that sat in the accept queue as the listener closed is reset; the
+            // next one shows whether the port is closed.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
             Err(e) => panic!("{what}: connecting failed otherwise than refused: {e}"),
             Ok(conn) => drop(conn),
         }
