@@ -6,6 +6,7 @@ pub mod problem;
 pub mod replica_error;
 pub mod scan;
 pub mod sse;
+pub mod structure;
 pub mod usage;
 
 use crate::config::Model;

@@ -150,6 +150,8 @@ fn array(v: &RawValue) -> Result<Option<Vec<&RawValue>>, RequestError> {
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
+        // Before any parsing: unknown fields are forwarded unparsed.
+        super::structure::check(bytes)?;
         let starts_object = bytes
             .iter()
             .find(|c| !c.is_ascii_whitespace())

@@ -16,6 +16,7 @@ mod limits;
 mod metadata_limit;
 mod metrics;
 mod reload;
+mod request_shape;
 mod routing;
 mod shutdown;
 mod status;

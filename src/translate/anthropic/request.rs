@@ -10,7 +10,7 @@ use serde_json::{Number, Value};
 
 use super::content::{self, Message};
 use super::fields::{self, Object};
-use crate::translate::RequestError;
+use crate::translate::{structure, RequestError};
 use crate::vocab::echo;
 
 /// A validated `POST /v1/messages` (or count_tokens) body.
@@ -125,6 +125,7 @@ pub fn parse_count_tokens(bytes: &[u8]) -> Result<MessagesRequest, RequestError>
 }
 
 fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestError> {
+    structure::check(bytes)?;
     let value: Value = serde_json::from_slice(bytes).map_err(RequestError::invalid_json)?;
     let Value::Object(body) = value else {
         return Err(RequestError::invalid_json("the top level is not an object"));
