@@ -1,6 +1,7 @@
 //! Translation hot paths: the Anthropic stream state machine (events/s), request and
 //! response mapping at three sizes (bytes/s), and the SSE framer against the naive
-//! `split("\n\n")` most proxies start with.
+//! `split("\n\n")` most proxies start with; the body structure check against the parse it
+//! precedes.
 //!
 //! `cargo bench --bench translate` (about a minute and a half). Inputs are built here, in
 //! vLLM's shapes, so the numbers do not depend on files.
@@ -12,7 +13,9 @@ use serde_json::{json, Value};
 use tollgate::translate::anthropic::{
     message_from_openai, AnswerPlan, MessagesRequest, StreamTranslator, ThinkingStyle,
 };
+use tollgate::translate::openai::ChatRequest;
 use tollgate::translate::sse::SseFramer;
+use tollgate::translate::structure;
 
 const CHUNK_ID: &str = "chatcmpl-8f3b2c1d9e4a4f6b8c7d2e1f0a9b8c7d";
 
@@ -179,6 +182,39 @@ fn mapping(c: &mut Criterion) {
     group.finish();
 }
 
+/// The structure check (depth and repeated keys) that runs before every request is parsed,
+/// against the whole parse that includes it, on both surfaces: its share of the parse is
+/// what it adds.
+fn body_structure(c: &mut Criterion) {
+    let image = "iVBORw0KGgo".repeat(6 * 1024 * 1024 / 11);
+    let with_image = serde_json::to_vec(&json!({"model": "m", "max_tokens": 16, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}}]}]}))
+    .unwrap_or_default();
+    let mut group = c.benchmark_group("body_structure");
+    for (name, body) in [
+        ("small", request_body(1, 64)),
+        ("medium", request_body(10, 1024)),
+        ("large", request_body(50, 16 * 1024)),
+        ("image_6mb", with_image),
+    ] {
+        assert!(structure::check(&body).is_ok());
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("check", name), &body, |b, body| {
+            b.iter(|| black_box(structure::check(body).is_ok()))
+        });
+        group.bench_with_input(
+            BenchmarkId::new("messages_parse", name),
+            &body,
+            |b, body| b.iter(|| black_box(MessagesRequest::parse(body).is_ok())),
+        );
+        group.bench_with_input(BenchmarkId::new("chat_parse", name), &body, |b, body| {
+            b.iter(|| black_box(ChatRequest::parse(body).is_ok()))
+        });
+    }
+    group.finish();
+}
+
 /// The naive framer: a growing `String`, split on `"\n\n"`, `data: ` stripped.
 fn naive_frames(pieces: &[&[u8]]) -> usize {
     let mut buf = String::new();
@@ -238,6 +274,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream_translator, mapping, sse_framer
+    targets = stream_translator, mapping, body_structure, sse_framer
 }
 criterion_main!(benches);

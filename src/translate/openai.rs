@@ -552,7 +552,11 @@ mod tests {
     fn a_repeated_field_is_refused_rather_than_guessed() {
         // Which `model` would the replica read? Refusing is the only safe answer.
         let e = err(r#"{"model":"a","model":"b","messages":[{"role":"user"}]}"#);
-        assert_eq!(e.code, "invalid_json");
+        assert_eq!(e.code, "duplicate_key");
+        assert_eq!(e.param.as_deref(), Some("model"));
+        // Unknown fields too: the replica's parser would pick one of them.
+        let e = err(r#"{"model":"a","messages":[{"role":"user"}],"top_k":1,"top_k":50}"#);
+        assert_eq!(e.param.as_deref(), Some("top_k"));
     }
 
     #[test]

@@ -1,11 +1,16 @@
 //! The shape every request body must have before any parser reads it: at most `MAX_DEPTH`
-//! levels of nested arrays and objects, anywhere in the body.
+//! levels of nested arrays and objects, and no object with the same key twice, anywhere in
+//! the body.
 //!
 //! One pass over the bytes, with no recursion, so a body nested 100,000 deep costs a
 //! counter, not a stack. It runs before the dialect's parser because not every part of a
 //! body is parsed: the chat surface forwards unknown fields as the client wrote them, and a
-//! replica's own parser may recurse on them. The scan finds structure; it does not validate
-//! JSON, which the parser after it does.
+//! replica's own parser may recurse on them. A repeated key is refused because parsers
+//! disagree on which value counts (serde_json's `Value` keeps the last, others the first):
+//! tollgate could check one content part type or URL while the replica reads another. The
+//! scan finds structure; it does not validate JSON, which the parser after it does.
+
+use std::borrow::Cow;
 
 use super::RequestError;
 use crate::vocab::echo;
@@ -15,12 +20,27 @@ use crate::vocab::echo;
 /// that passes here is refused by a parser for its depth.
 pub const MAX_DEPTH: usize = 127;
 
-/// Checks `bytes` against the limits above; the error names the top-level field the
-/// offending value is in.
+/// Objects with at most this many keys are checked pair by pair; larger ones are sorted.
+const PAIRWISE_KEYS: usize = 16;
+
+/// An open array or object, and where in it the scan is.
+struct Frame<'a> {
+    object: bool,
+    /// Objects: the next string is a key (just after `{` or `,`).
+    expect_key: bool,
+    /// Objects: the last key read, its text between the quotes.
+    key: &'a [u8],
+    /// Arrays: the element's index.
+    index: usize,
+    /// Objects: where this object's keys start in the shared list.
+    keys_from: usize,
+}
+
+/// Checks `bytes` against the limits above; the error names where the offending value is.
 pub fn check(bytes: &[u8]) -> Result<(), RequestError> {
-    let mut depth = 0usize;
-    // The top-level field the scan is in: the last string at depth 1.
-    let mut top_field: Option<&[u8]> = None;
+    let mut frames: Vec<Frame> = Vec::new();
+    // The keys of every open object, innermost last, unescaped where they had escapes.
+    let mut keys: Vec<Cow<[u8]>> = Vec::new();
     let mut i = 0;
     while let Some(&c) = bytes.get(i) {
         match c {
@@ -28,19 +48,46 @@ pub fn check(bytes: &[u8]) -> Result<(), RequestError> {
                 let Some(end) = string_end(bytes, i) else {
                     return Ok(()); // Unterminated: the parser reports it.
                 };
-                if depth == 1 {
-                    top_field = Some(&bytes[i + 1..end - 1]);
+                if let Some(frame) = frames.last_mut().filter(|f| f.object && f.expect_key) {
+                    let raw = &bytes[i + 1..end - 1];
+                    frame.key = raw;
+                    frame.expect_key = false;
+                    keys.push(unescaped(raw));
                 }
                 i = end;
                 continue;
             }
             b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(too_deep(top_field));
+                if frames.len() == MAX_DEPTH {
+                    let field = frames.first().filter(|f| f.object).map(|f| key_text(f.key));
+                    return Err(too_deep(field));
+                }
+                frames.push(Frame {
+                    object: c == b'{',
+                    expect_key: true,
+                    key: b"",
+                    index: 0,
+                    keys_from: keys.len(),
+                });
+            }
+            b'}' | b']' => {
+                let Some(frame) = frames.last() else {
+                    return Ok(());
+                };
+                if frame.object {
+                    if let Some(key) = repeated(&mut keys[frame.keys_from..]) {
+                        return Err(duplicate(&frames, &key));
+                    }
+                    keys.truncate(frame.keys_from);
+                }
+                frames.pop();
+            }
+            b',' => {
+                if let Some(frame) = frames.last_mut() {
+                    frame.expect_key = frame.object;
+                    frame.index += 1;
                 }
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
             _ => {}
         }
         i += 1;
@@ -48,8 +95,37 @@ pub fn check(bytes: &[u8]) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn too_deep(field: Option<&[u8]>) -> RequestError {
-    let field = field.map(key_text);
+/// A key that `keys` holds twice. Sorts `keys` when there are many.
+fn repeated<'k>(keys: &mut [Cow<'k, [u8]>]) -> Option<Cow<'k, [u8]>> {
+    if keys.len() <= PAIRWISE_KEYS {
+        for (n, a) in keys.iter().enumerate() {
+            if keys[n + 1..].contains(a) {
+                return Some(a.clone());
+            }
+        }
+        return None;
+    }
+    keys.sort_unstable();
+    keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0].clone())
+}
+
+/// A key's text between its quotes, escapes resolved (`"\u0061"` is the key `a`).
+fn unescaped(raw: &[u8]) -> Cow<'_, [u8]> {
+    if !raw.contains(&b'\\') {
+        return Cow::Borrowed(raw);
+    }
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    match serde_json::from_slice::<String>(&quoted) {
+        Ok(s) => Cow::Owned(s.into_bytes()),
+        // A bad escape: the parser refuses the body.
+        Err(_) => Cow::Borrowed(raw),
+    }
+}
+
+fn too_deep(field: Option<String>) -> RequestError {
     let place = match &field {
         Some(f) => format!(" (in '{f}')"),
         None => String::new(),
@@ -64,19 +140,41 @@ fn too_deep(field: Option<&[u8]>) -> RequestError {
     }
 }
 
+/// The innermost open object holds `key` twice.
+fn duplicate(frames: &[Frame], key: &[u8]) -> RequestError {
+    // The path of the object: each enclosing frame says where in it the scan is.
+    let mut path = String::new();
+    if let Some((_, outer)) = frames.split_last() {
+        for f in outer {
+            if f.object {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(&key_text(f.key));
+            } else {
+                path.push_str(&format!("[{}]", f.index));
+            }
+        }
+    }
+    let key = echo(&String::from_utf8_lossy(key)).into_owned();
+    let (param, place) = if path.is_empty() {
+        (key.clone(), "the request body".to_string())
+    } else {
+        (format!("{path}.{key}"), format!("'{path}'"))
+    };
+    RequestError {
+        message: format!(
+            "The key '{key}' appears more than once in {place}. Send each key once: \
+             JSON parsers disagree on which of the values counts."
+        ),
+        param: Some(param),
+        code: "duplicate_key",
+    }
+}
+
 /// A key as an error message may repeat it: unescaped, and cut when long (`echo`).
 fn key_text(raw: &[u8]) -> String {
-    let text = if raw.contains(&b'\\') {
-        let mut quoted = Vec::with_capacity(raw.len() + 2);
-        quoted.push(b'"');
-        quoted.extend_from_slice(raw);
-        quoted.push(b'"');
-        serde_json::from_slice::<String>(&quoted).ok()
-    } else {
-        None
-    };
-    let text = text.unwrap_or_else(|| String::from_utf8_lossy(raw).into_owned());
-    echo(&text).into_owned()
+    echo(&String::from_utf8_lossy(&unescaped(raw))).into_owned()
 }
 
 /// The index just past the string that opens at `at` (a quote); `None` if it never closes.
@@ -130,6 +228,38 @@ mod tests {
         for broken in ["", "]]]]", r#"{"a":"unterminated"#, r#"{"a":"\"#, "}{"] {
             assert!(check(broken.as_bytes()).is_ok(), "{broken}");
         }
+    }
+
+    #[test]
+    fn a_repeated_key_is_refused_wherever_it_is() {
+        let e = check(br#"{"model":"a","stream":true,"model":"b"}"#).unwrap_err();
+        assert_eq!(e.code, "duplicate_key");
+        assert_eq!(e.param.as_deref(), Some("model"));
+        assert!(e.message.contains("'model'"), "{}", e.message);
+        let e = check(
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","type":"text"}]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[1].type"));
+        // Escapes name the same key.
+        let e = check(br#"{"x":{"a":1,"\u0061":2}}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("x.a"));
+        // Many keys are sorted, not compared pair by pair.
+        let many: Vec<String> = (0..1000).map(|n| format!("\"k{n}\":{n}")).collect();
+        let body = format!("{{{},\"k500\":0}}", many.join(","));
+        assert_eq!(
+            check(body.as_bytes()).unwrap_err().param.as_deref(),
+            Some("k500")
+        );
+        assert!(check(format!("{{{}}}", many.join(",")).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn the_same_key_in_different_objects_is_no_repeat() {
+        let body = br#"{"a":{"k":1},"b":{"k":2},"c":[{"k":1},{"k":2}],"k":"a","v":["k","k"]}"#;
+        assert!(check(body).is_ok());
+        // A string value that follows a colon is not a key.
+        assert!(check(br#"{"a":"a","b":"a"}"#).is_ok());
     }
 
     #[test]
