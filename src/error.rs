@@ -5,6 +5,7 @@ use crate::auth::AuthError;
 use crate::body::BodyError;
 use crate::forward::ForwardError;
 use crate::limits::{LimitError, LimitKind, Scope};
+use crate::media::MediaError;
 use crate::route::RouteError;
 use crate::translate::RequestError;
 use crate::vocab::{echo, Problem};
@@ -15,6 +16,7 @@ pub enum GatewayError {
     Body(BodyError),
     Request(RequestError),
     Route(RouteError),
+    Media(MediaError),
     Forward(ForwardError),
     /// A limit or budget refused the request.
     Limit {
@@ -45,6 +47,7 @@ impl GatewayError {
             Request(_) => 400,
             Route(RouteError::ModelNotFound { .. }) => 404,
             Route(RouteError::ModelForbidden { .. }) => 403,
+            Media(_) => 400,
             Forward(ForwardError::NoReplica { .. }) => 503,
             Forward(ForwardError::Unreachable { .. }) => 502,
             Forward(ForwardError::Broken { .. }) => 502,
@@ -87,9 +90,12 @@ impl GatewayError {
                 err: LimitError::TooLarge { .. },
                 ..
             } => "invalid_request_error",
-            Body(_) | Request(_) | Route(_) | UnknownRoute { .. } | MethodNotAllowed { .. } => {
-                "invalid_request_error"
-            }
+            Body(_)
+            | Request(_)
+            | Route(_)
+            | Media(_)
+            | UnknownRoute { .. }
+            | MethodNotAllowed { .. } => "invalid_request_error",
         }
     }
 
@@ -107,6 +113,8 @@ impl GatewayError {
             Request(e) => e.code,
             Route(RouteError::ModelNotFound { .. }) => "model_not_found",
             Route(RouteError::ModelForbidden { .. }) => "model_not_allowed",
+            Media(MediaError::Modality { .. }) => "unsupported_modality",
+            Media(MediaError::Url { .. }) => "media_url_refused",
             Forward(ForwardError::NoReplica { .. }) => "no_healthy_replica",
             Forward(ForwardError::Unreachable { .. }) => "upstream_unreachable",
             Forward(ForwardError::Broken { .. }) => "upstream_error",
@@ -162,6 +170,9 @@ impl GatewayError {
         match self {
             GatewayError::Request(e) => e.param.as_deref(),
             GatewayError::Route(_) => Some("model"),
+            GatewayError::Media(MediaError::Modality { at, .. } | MediaError::Url { at, .. }) => {
+                Some(at)
+            }
             GatewayError::Limit {
                 err: LimitError::TooLarge { .. },
                 ..
@@ -192,6 +203,15 @@ impl GatewayError {
             Route(RouteError::ModelForbidden { model, key_id }) => format!(
                 "The API key '{key_id}' is not allowed to use the model '{}'. Use a model listed for this key or ask the operator to add it to the key's models.",
                 echo(model)
+            ),
+            Media(MediaError::Modality { at, part_type, modality, model, accepted }) => format!(
+                "{at} is a{} {part_type} part ({modality} input), but the model '{}' takes only {}. Leave the part out, or use a model whose input_modalities in GET /v1/models include \"{modality}\".",
+                if part_type.starts_with(['a', 'e', 'i', 'o', 'u']) { "n" } else { "" },
+                echo(model),
+                accepted.join(", ")
+            ),
+            Media(MediaError::Url { at, part_type, reason }) => format!(
+                "The URL of the {part_type} part at {at} is refused: {reason}. The model's replicas fetch media URLs themselves, so the operator limits which ones they are sent (media_urls); send the data inline instead, as a base64 data: URL or source."
             ),
             Forward(ForwardError::NoReplica { pool }) => format!(
                 "No replica of pool '{pool}' is available to serve this model right now. Retry later."
@@ -307,6 +327,11 @@ impl From<RequestError> for GatewayError {
 impl From<RouteError> for GatewayError {
     fn from(e: RouteError) -> Self {
         GatewayError::Route(e)
+    }
+}
+impl From<MediaError> for GatewayError {
+    fn from(e: MediaError) -> Self {
+        GatewayError::Media(e)
     }
 }
 impl From<ForwardError> for GatewayError {

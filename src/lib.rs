@@ -11,7 +11,7 @@
 //! - vocabulary: [`vocab`] (endpoint, dialect, usage, prices, ids, the error as a client
 //!   reads it) and [`config`] (the frozen snapshot);
 //! - stages, in pipeline order: [`auth`], [`body`], [`translate`], [`catalog`], [`limits`],
-//!   [`route`], [`forward`], [`account`], [`metrics`], [`alerts`]. A stage takes values and
+//!   [`route`], [`media`], [`forward`], [`account`], [`metrics`], [`alerts`]. A stage takes values and
 //!   returns values; none knows the request context or writes a response of its own;
 //! - orchestration: [`proxy`] (the table of contents: one line per stage), [`ctx`],
 //!   [`error`], [`respond`], [`access_log`], [`runtime`], [`reload`], [`admin`],
@@ -34,6 +34,7 @@ pub mod error;
 pub mod forward;
 pub mod limits;
 pub mod logs;
+pub mod media;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -1,9 +1,9 @@
 //! The one `impl ProxyHttp`: the table of contents of a request.
 //!
 //! ```text
-//! request_filter  accept ─▶ identify ─▶ read body ─▶ understand ─▶ route ─▶ admit ─▶ forward
-//!                 (id,       (key)       (cap→413)    (parse,       (model)  (limits,  (replica,
-//!                  snapshot)                           translate)            budget)   relay)
+//! request_filter  accept ─▶ identify ─▶ read body ─▶ understand ─▶ route ─▶ vet media ─▶ admit ─▶ forward
+//!                 (id,       (key)       (cap→413)    (parse,       (model)  (modalities, (limits,  (replica,
+//!                  snapshot)                           translate)            URLs)        budget)   relay)
 //! logging         account ─▶ observe ─▶ log
 //!                 (usage, cost,  (metrics,   (access
 //!                  ledger)        alerts)     log line)
@@ -40,7 +40,7 @@ use crate::route::RouteError;
 use crate::runtime::Runtime;
 use crate::translate::{anthropic, ModelRequest};
 use crate::vocab::{self, Endpoint};
-use crate::{access_log, auth, body, catalog, respond, route};
+use crate::{access_log, auth, body, catalog, media, respond, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
@@ -190,6 +190,7 @@ impl Gateway {
         let bytes = read_body(session, ctx, snapshot).await?;
         let mut request = understand(ctx, &bytes)?;
         let model = resolve(ctx, snapshot, &key, request.model())?;
+        vet_media(&model, &request).await?;
         admit(ctx, runtime, &key, &model, &mut request)?;
         let (body, plan) = request.into_upstream(&model, vocab::message_id);
         let exchange = Exchange {
@@ -265,6 +266,12 @@ fn resolve(
     let model = route::resolve(snapshot, key, slug)?.clone();
     ctx.model = Some(model.clone());
     Ok(model)
+}
+
+/// Stage "vet media": images, audio and video the model takes, from URLs its replicas may
+/// fetch (see `media`).
+async fn vet_media(model: &Model, request: &ModelRequest) -> Result<(), GatewayError> {
+    Ok(media::vet(model, request.media()).await?)
 }
 
 /// Stage "admit": the output cap, and the request's worst case reserved against the key's

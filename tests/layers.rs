@@ -19,6 +19,8 @@ const RANKS: &[(&str, u32)] = &[
     ("catalog", 12),
     ("limits", 13),
     ("route", 14),
+    // Media checks run after route, against the model it found.
+    ("media", 14),
     ("forward", 15),
     ("account", 16),
     ("metrics", 17),

@@ -147,6 +147,7 @@ models = ["*"]
         let m = s.model("meta/llama").unwrap();
         assert_eq!(m.upstream_model, "meta/llama");
         assert_eq!(m.input_modalities, vec!["text"]);
+        assert_eq!(m.media_urls, MediaUrls::PublicOnly);
         let digest: [u8; 32] = hex::decode(DIGEST).unwrap().try_into().unwrap();
         assert_eq!(&*s.key_by_digest(&digest).unwrap().id, "team-a");
     }
@@ -334,6 +335,14 @@ models = ["*"]
         ));
         assert!(
             e.contains("models[0].features[0]: \"telepathy\" is not one of"),
+            "{e}"
+        );
+        let e = err(&ok("").replace(
+            "pool = \"llama\"",
+            "pool = \"llama\"\nmedia_urls = \"private\"",
+        ));
+        assert!(
+            e.contains("models[0].media_urls: \"private\" is not one of: public_only, any, none"),
             "{e}"
         );
         let e = err(&ok("[server]\nmax_body_bytes = 0\n"));

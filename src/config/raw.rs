@@ -173,6 +173,7 @@ pub struct RawModel {
     #[serde(default)]
     pub features: Vec<Spanned<String>>,
     pub input_modalities: Option<Vec<Spanned<String>>>,
+    pub media_urls: Option<Spanned<String>>,
     pub reasoning_switch: Option<Spanned<String>>,
     pub default_max_tokens: Option<Spanned<u32>>,
     #[serde(default)]

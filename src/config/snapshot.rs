@@ -157,12 +157,26 @@ pub struct Model {
     pub token_prices: TokenPrices,
     pub features: Vec<&'static str>,
     pub input_modalities: Vec<&'static str>,
+    /// Which media URLs (images, audio, video) the model's replicas may be sent to fetch.
+    pub media_urls: MediaUrls,
     /// How an Anthropic `thinking` request is passed to this model's engine.
     pub reasoning_switch: ThinkingStyle,
     /// Output tokens reserved when a request sets no `max_tokens`.
     pub default_max_tokens: u32,
     /// Limits across all keys, protecting the pool.
     pub limits: Limits,
+}
+
+/// Which URLs in media parts reach a model's replicas, which fetch them themselves (vLLM
+/// does): a client could otherwise make a GPU host fetch an internal address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaUrls {
+    /// http(s) URLs whose host is, and resolves only to, public addresses; inline data.
+    PublicOnly,
+    /// Any URL: the replicas' own egress rules are what protects the network.
+    Any,
+    /// Inline data only (`data:` URLs, base64 sources).
+    None,
 }
 
 /// How a replica's model is told whether to think. The Anthropic `thinking` field is mapped

@@ -428,6 +428,21 @@ fn model(
         None => vec!["text"],
         Some(list) => vocabulary(src, list, MODALITIES, &format!("{path}.input_modalities"))?,
     };
+    let media_urls = match &m.media_urls {
+        None => MediaUrls::PublicOnly,
+        Some(v) => match v.get_ref().as_str() {
+            "public_only" => MediaUrls::PublicOnly,
+            "any" => MediaUrls::Any,
+            "none" => MediaUrls::None,
+            other => {
+                return src.err(
+                    v.span(),
+                    format!("{path}.media_urls"),
+                    format!("{other:?} is not one of: public_only, any, none"),
+                )
+            }
+        },
+    };
     let reasoning_switch = match &m.reasoning_switch {
         None => ThinkingStyle::ChatTemplateKwargs,
         Some(v) => match v.get_ref().as_str() {
@@ -487,6 +502,7 @@ fn model(
         price,
         features,
         input_modalities,
+        media_urls,
     })
 }
 

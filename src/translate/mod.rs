@@ -1,6 +1,7 @@
 //! Wire formats: parsing and rewriting client requests. Pure: no I/O, clock or metrics.
 
 pub mod anthropic;
+pub mod media;
 pub mod openai;
 pub mod problem;
 pub mod replica_error;
@@ -91,6 +92,14 @@ impl ModelRequest {
             Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(bytes)?),
             _ => ModelRequest::Chat(openai::ChatRequest::parse(bytes)?),
         })
+    }
+
+    /// The parts of the prompt that are not text.
+    pub fn media(&self) -> &[media::MediaPart] {
+        match self {
+            ModelRequest::Chat(r) => &r.media,
+            ModelRequest::Messages(r) => &r.media,
+        }
     }
 
     pub fn model(&self) -> &str {

@@ -13,6 +13,7 @@ mod cli;
 mod cut_config;
 mod echo;
 mod limits;
+mod media;
 mod metadata_limit;
 mod metrics;
 mod reload;

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use super::fields::{self, Object};
+use crate::translate::media::{fetched_url, MediaPart, Modality};
 use crate::translate::RequestError;
 use crate::vocab::echo;
 
@@ -43,6 +44,22 @@ pub(super) enum Image {
     Url(String),
 }
 
+impl Image {
+    /// The image at `at` as the media check reads it.
+    fn media_part(&self, at: &str, optional: bool) -> MediaPart {
+        MediaPart {
+            at: at.to_string(),
+            part_type: "image",
+            modality: Modality::Image,
+            url: match self {
+                Image::Base64 { .. } => None,
+                Image::Url(url) => fetched_url(url),
+            },
+            optional,
+        }
+    }
+}
+
 /// One piece of a `tool_result`'s content.
 #[derive(Debug, Clone)]
 pub(super) enum ResultPart {
@@ -58,7 +75,10 @@ const BLOCK_TYPES: &str =
 /// `messages`: non-empty. Consecutive messages of one role become one turn, as the
 /// Messages API combines them. A final assistant message is a prefill the answer continues;
 /// it may hold text only, since a tool call there would have no result to follow it.
-pub(super) fn parse_messages(body: &Object) -> Result<Vec<Message>, RequestError> {
+pub(super) fn parse_messages(
+    body: &Object,
+    media: &mut Vec<MediaPart>,
+) -> Result<Vec<Message>, RequestError> {
     let hint = "Send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hello\"}].";
     let items = fields::opt_array(body, "", "messages", "an array of messages")?
         .filter(|items| !items.is_empty())
@@ -82,7 +102,7 @@ pub(super) fn parse_messages(body: &Object) -> Result<Vec<Message>, RequestError
                     ))
                 }
             };
-        let blocks = parse_content(obj, &at, role)?;
+        let blocks = parse_content(obj, &at, role, media)?;
         match messages.last_mut() {
             Some(last) if last.role == role => last.blocks.extend(blocks),
             _ => messages.push(Message { role, blocks }),
@@ -100,14 +120,19 @@ pub(super) fn parse_messages(body: &Object) -> Result<Vec<Message>, RequestError
     Ok(messages)
 }
 
-fn parse_content(obj: &Object, at: &str, role: Role) -> Result<Vec<Block>, RequestError> {
+fn parse_content(
+    obj: &Object,
+    at: &str,
+    role: Role,
+    media: &mut Vec<MediaPart>,
+) -> Result<Vec<Block>, RequestError> {
     let key = fields::path(at, "content");
     match obj.get("content") {
         Some(Value::String(text)) => Ok(vec![Block::Text(text.clone())]),
         Some(Value::Array(items)) => {
             let mut blocks = Vec::with_capacity(items.len());
             for (j, item) in items.iter().enumerate() {
-                if let Some(block) = parse_block(item, &format!("{key}[{j}]"), role)? {
+                if let Some(block) = parse_block(item, &format!("{key}[{j}]"), role, media)? {
                     blocks.push(block);
                 }
             }
@@ -125,7 +150,12 @@ fn parse_content(obj: &Object, at: &str, role: Role) -> Result<Vec<Block>, Reque
 }
 
 /// One block; `None` for thinking blocks, which are dropped.
-fn parse_block(item: &Value, at: &str, role: Role) -> Result<Option<Block>, RequestError> {
+fn parse_block(
+    item: &Value,
+    at: &str,
+    role: Role,
+    media: &mut Vec<MediaPart>,
+) -> Result<Option<Block>, RequestError> {
     let obj = fields::object(item, at)?;
     let kind = fields::string(obj, at, "type", &format!("Use one of {BLOCK_TYPES}."))?;
     let only_in = |wanted: Role, what: &str| {
@@ -142,7 +172,9 @@ fn parse_block(item: &Value, at: &str, role: Role) -> Result<Option<Block>, Requ
                 Role::User,
                 "image blocks are only allowed in user messages.",
             )?;
-            Block::Image(parse_image(obj, at)?)
+            let image = parse_image(obj, at)?;
+            media.push(image.media_part(at, false));
+            Block::Image(image)
         }
         "tool_use" => {
             only_in(
@@ -176,7 +208,7 @@ fn parse_block(item: &Value, at: &str, role: Role) -> Result<Option<Block>, Requ
                     "Give the id of the tool_use block this answers.",
                 )?
                 .into(),
-                parts: parse_result_content(obj, at)?,
+                parts: parse_result_content(obj, at, media)?,
                 is_error: fields::opt_bool(obj, at, "is_error")?.unwrap_or(false),
             }
         }
@@ -231,7 +263,11 @@ fn parse_image(obj: &Object, at: &str) -> Result<Image, RequestError> {
 }
 
 /// `tool_result.content`: absent, a string, or text and image blocks.
-fn parse_result_content(obj: &Object, at: &str) -> Result<Vec<ResultPart>, RequestError> {
+fn parse_result_content(
+    obj: &Object,
+    at: &str,
+    media: &mut Vec<MediaPart>,
+) -> Result<Vec<ResultPart>, RequestError> {
     let key = fields::path(at, "content");
     let items = match obj.get("content") {
         None | Some(Value::Null) => return Ok(Vec::new()),
@@ -250,7 +286,12 @@ fn parse_result_content(obj: &Object, at: &str) -> Result<Vec<ResultPart>, Reque
         let block = fields::object(item, &at)?;
         match fields::string(block, &at, "type", "Use \"text\" or \"image\".")? {
             "text" => parts.push(ResultPart::Text(text(block, &at)?)),
-            "image" => parts.push(ResultPart::Image(parse_image(block, &at)?)),
+            "image" => {
+                let image = parse_image(block, &at)?;
+                // A text-only model gets a marker in its place (see `upstream`).
+                media.push(image.media_part(&at, true));
+                parts.push(ResultPart::Image(image));
+            }
             other => {
                 return Err(RequestError::invalid_value(
                     &fields::path(&at, "type"),

@@ -10,6 +10,7 @@ use serde_json::{Number, Value};
 
 use super::content::{self, Message};
 use super::fields::{self, Object};
+use crate::translate::media::MediaPart;
 use crate::translate::{structure, RequestError};
 use crate::vocab::echo;
 
@@ -35,6 +36,8 @@ pub struct MessagesRequest {
     pub(super) thinking: Option<Thinking>,
     /// Unknown top-level fields, passed to the replica as they are.
     pub(super) extra: Object,
+    /// The images, for the media check.
+    pub media: Vec<MediaPart>,
     /// Whether the model takes images (its `input_modalities`): images a tool returned
     /// then reach it; else they stay a marker in the tool's text, as a text-only engine
     /// would refuse the request. Set by the caller once the model is known; true until then.
@@ -149,13 +152,15 @@ fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestErr
         Endpoint::CountTokens => false,
     };
     let (tool_choice, no_parallel_tools) = parse_tool_choice(&body)?;
+    let mut media = Vec::new();
+    let messages = content::parse_messages(&body, &mut media)?;
     Ok(MessagesRequest {
         model,
         stream,
         max_tokens,
         stop_sequences: fields::opt_strings(&body, "", "stop_sequences")?,
         system: parse_system(&body)?,
-        messages: content::parse_messages(&body)?,
+        messages,
         tools: parse_tools(&body)?,
         tool_choice,
         no_parallel_tools,
@@ -173,6 +178,7 @@ fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestErr
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         tool_images: true,
+        media,
     })
 }
 
