@@ -135,8 +135,8 @@ fn public_url(url: &str) -> Result<Option<(String, u16)>, String> {
     // The url crate reads every IPv4 spelling (decimal, octal, hex, short forms) as the
     // address it means, so those cannot pass as names.
     match parsed.host() {
-        Some(Host::Ipv4(a)) => refuse_ip(IpAddr::V4(a)).map(|()| None),
-        Some(Host::Ipv6(a)) => refuse_ip(IpAddr::V6(a)).map(|()| None),
+        Some(Host::Ipv4(a)) => literal(IpAddr::V4(a)),
+        Some(Host::Ipv6(a)) => literal(IpAddr::V6(a)),
         Some(Host::Domain(name)) => {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
             if name == "localhost" || name.ends_with(".localhost") {
@@ -149,6 +149,13 @@ fn public_url(url: &str) -> Result<Option<(String, u16)>, String> {
         }
         None => Err("it names no host".into()),
     }
+}
+
+/// A literal address in a URL: nothing to resolve, refused unless public.
+fn literal(ip: IpAddr) -> Result<Option<(String, u16)>, String> {
+    refuse_ip(ip)
+        .map(|()| None)
+        .map_err(|kind| format!("it names {kind}"))
 }
 
 /// Resolves `name`: refused unless every address it has is public.
