@@ -12,6 +12,7 @@ mod catalog;
 mod cli;
 mod cut_config;
 mod echo;
+mod fleet;
 mod limits;
 mod metadata_limit;
 mod metrics;
