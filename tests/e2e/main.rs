@@ -16,6 +16,7 @@ mod fleet;
 mod limits;
 mod metadata_limit;
 mod metrics;
+mod queue;
 mod reload;
 mod routing;
 mod shutdown;
