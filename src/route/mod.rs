@@ -488,6 +488,32 @@ mod tests {
     }
 
     #[test]
+    fn a_rebuilt_router_keeps_the_state_of_replicas_that_stay() {
+        let old = router(2, "ejection = { failures = 1 }");
+        let p = old.pool(0);
+        let lease = p.pick(Placement::default(), |a| a.port() == 9001).unwrap();
+        assert!(p.failed(&p.replicas()[1]).is_some());
+        let snapshot = crate::config::parse(
+            &format!(
+                "[[pools]]\nname = \"p\"\nreplicas = [\"127.0.0.1:9000\", \"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n\n[[models]]\nslug = \"m\"\npool = \"p\"\n\n[[keys]]\nid = \"k\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n",
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        let new = Router::build(&snapshot, Some(&old), &p.meters);
+        let q = new.pool(0);
+        assert_eq!(q.replicas()[0].inflight(), 1, "in flight, carried over");
+        assert!(!q.replicas()[1].eligible(now_ms()), "still ejected");
+        assert!(
+            !q.replicas()[2].eligible(now_ms()),
+            "new: waits for its first check"
+        );
+        assert_eq!(q.eligible(), 1);
+        drop(lease);
+        assert_eq!(q.replicas()[0].inflight(), 0);
+    }
+
+    #[test]
     fn round_robin_takes_turns_and_skips_ejected_replicas() {
         let r = router(3, "policy = \"round_robin\"\nejection = { failures = 1 }");
         let p = r.pool(0);
