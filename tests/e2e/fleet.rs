@@ -52,6 +52,7 @@ async fn a_replica_that_accepts_and_resets_every_connection_gets_few_attempts() 
     // Three failures in a row eject it; requests already on their way when it was
     // ejected (at most the 8 in flight) may still touch it.
     let touched = bad.connections();
+    eprintln!("resetting replica: {touched} connections of 300 requests");
     assert!(
         (3..=3 + 8).contains(&touched),
         "{touched} connections reached the resetting replica"
@@ -161,6 +162,7 @@ async fn a_replica_killed_under_load_is_touched_by_little_more_than_its_requests
     }
     let m = gw.metrics().await;
     let failed = failed_attempts(&m, doomed.addr);
+    eprintln!("killed replica: {failed} failed attempts, {client_failures} client failures");
     // At most one request per client was in flight on it when it died; a handful more
     // may race the ejection.
     assert!(
