@@ -48,7 +48,10 @@ impl GatewayError {
             Route(RouteError::ModelNotFound { .. }) => 404,
             Route(RouteError::ModelForbidden { .. }) => 403,
             Media(_) => 400,
+            Route(RouteError::SessionTooLong { .. }) => 400,
             Forward(ForwardError::NoReplica { .. }) => 503,
+            Forward(ForwardError::QueueFull { .. }) => 429,
+            Forward(ForwardError::NoCapacity { .. }) => 503,
             Forward(ForwardError::Unreachable { .. }) => 502,
             Forward(ForwardError::Broken { .. }) => 502,
             Forward(ForwardError::Timeout { .. }) => 504,
@@ -77,6 +80,7 @@ impl GatewayError {
         match self {
             Auth(_) => "authentication_error",
             Route(RouteError::ModelForbidden { .. }) => "permission_error",
+            Forward(ForwardError::QueueFull { .. }) => "rate_limit_error",
             Forward(_) => "api_error",
             Limit {
                 err: LimitError::Limited { .. },
@@ -115,7 +119,10 @@ impl GatewayError {
             Route(RouteError::ModelForbidden { .. }) => "model_not_allowed",
             Media(MediaError::Modality { .. }) => "unsupported_modality",
             Media(MediaError::Url { .. }) => "media_url_refused",
+            Route(RouteError::SessionTooLong { .. }) => "invalid_session_affinity",
             Forward(ForwardError::NoReplica { .. }) => "no_healthy_replica",
+            Forward(ForwardError::QueueFull { .. }) => "queue_full",
+            Forward(ForwardError::NoCapacity { .. }) => "no_capacity",
             Forward(ForwardError::Unreachable { .. }) => "upstream_unreachable",
             Forward(ForwardError::Broken { .. }) => "upstream_error",
             Forward(ForwardError::Timeout { .. }) => "upstream_timeout",
@@ -169,6 +176,7 @@ impl GatewayError {
     pub fn param(&self) -> Option<&str> {
         match self {
             GatewayError::Request(e) => e.param.as_deref(),
+            GatewayError::Route(RouteError::SessionTooLong { .. }) => None,
             GatewayError::Route(_) => Some("model"),
             GatewayError::Media(MediaError::Modality { at, .. } | MediaError::Url { at, .. }) => {
                 Some(at)
@@ -213,6 +221,10 @@ impl GatewayError {
             Media(MediaError::Url { at, part_type, reason }) => format!(
                 "The URL of the {part_type} part at {at} is refused: {reason}. The model's replicas fetch media URLs themselves, so the operator limits which ones they are sent (media_urls); send the data inline instead, as a base64 data: URL or source."
             ),
+            Route(RouteError::SessionTooLong { len }) => format!(
+                "The x-session-affinity header is {len} bytes long; at most {} are accepted. Send a shorter session id, such as a UUID or a hash of yours.",
+                crate::route::MAX_SESSION_ID
+            ),
             Forward(ForwardError::NoReplica { pool }) => format!(
                 "No replica of pool '{pool}' is available to serve this model right now. Retry later."
             ),
@@ -226,6 +238,12 @@ impl GatewayError {
                 "The replica did not answer in time ({phase}). Retry, or send a smaller request."
             ),
             Forward(ForwardError::ClientGone) => "The client disconnected before the response was complete.".into(),
+            Forward(ForwardError::QueueFull { pool, max_waiting }) => format!(
+                "Every replica of pool '{pool}' is busy and {max_waiting} request(s) are already waiting for one. Retry after the time in the retry-after header, or send fewer requests at once."
+            ),
+            Forward(ForwardError::NoCapacity { pool, waited_ms }) => format!(
+                "No replica of pool '{pool}' had room for this request within {waited_ms} ms of waiting (all busy or unhealthy). Retry after the time in the retry-after header."
+            ),
             Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
                 "Unknown request URL: {} {}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models.",
@@ -269,6 +287,8 @@ impl GatewayError {
                 ..
             } => *retry_after,
             GatewayError::Forward(ForwardError::NoReplica { .. }) => Some(1),
+            GatewayError::Forward(ForwardError::QueueFull { .. }) => Some(1),
+            GatewayError::Forward(ForwardError::NoCapacity { .. }) => Some(1),
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 pub mod anthropic;
 pub mod media;
 pub mod openai;
+pub mod prefix;
 pub mod problem;
 pub mod replica_error;
 pub mod scan;
