@@ -30,6 +30,8 @@ pub enum GatewayError {
         path: String,
         allow: &'static str,
     },
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2 requires a 400).
+    MissingHost,
 }
 
 impl GatewayError {
@@ -65,6 +67,7 @@ impl GatewayError {
             } => 402,
             UnknownRoute { .. } => 404,
             MethodNotAllowed { .. } => 405,
+            MissingHost => 400,
         }
     }
 
@@ -87,9 +90,12 @@ impl GatewayError {
                 err: LimitError::TooLarge { .. },
                 ..
             } => "invalid_request_error",
-            Body(_) | Request(_) | Route(_) | UnknownRoute { .. } | MethodNotAllowed { .. } => {
-                "invalid_request_error"
-            }
+            Body(_)
+            | Request(_)
+            | Route(_)
+            | UnknownRoute { .. }
+            | MethodNotAllowed { .. }
+            | MissingHost => "invalid_request_error",
         }
     }
 
@@ -154,6 +160,7 @@ impl GatewayError {
             } => "budget_exceeded",
             UnknownRoute { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
+            MissingHost => "missing_host",
         }
     }
 
@@ -213,6 +220,7 @@ impl GatewayError {
                 echo(path)
             ),
             MethodNotAllowed { path, allow } => format!("{} only accepts {allow}.", echo(path)),
+            MissingHost => "An HTTP/1.1 request must carry a Host header (RFC 9112, section 3.2). Send 'Host: <the host and port you connect to>', as HTTP clients do, or use HTTP/1.0.".into(),
         }
     }
 }

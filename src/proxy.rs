@@ -94,6 +94,7 @@ impl ProxyHttp for Gateway {
             .set_write_timeout(Some(runtime.config.server.client_write_timeout));
         accept(session, ctx, &runtime);
         let served = match ctx.endpoint {
+            _ if lacks_host(session.req_header()) => Err(GatewayError::MissingHost),
             Endpoint::ChatCompletions | Endpoint::Messages => {
                 self.model_api(session, ctx, &runtime).await
             }
@@ -223,6 +224,12 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
     ctx.request_id = vocab::request_id(client_id);
     ctx.runtime = Some(runtime.clone());
     ctx.endpoint = Endpoint::of(req.method.as_str(), req.uri.path());
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host` is answered 400. HTTP/1.0 predates the
+/// field and is served without it. (Pingora refuses a request with two.)
+fn lacks_host(req: &http::request::Parts) -> bool {
+    req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST)
 }
 
 /// Stage "identify": the key the request presents.

@@ -3,6 +3,7 @@
 
 mod common;
 mod fakes;
+mod raw;
 
 mod accounting;
 mod anthropic;
@@ -12,6 +13,7 @@ mod catalog;
 mod cli;
 mod cut_config;
 mod echo;
+mod http1;
 mod limits;
 mod metadata_limit;
 mod metrics;
