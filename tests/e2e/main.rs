@@ -13,6 +13,7 @@ mod catalog;
 mod cli;
 mod cut_config;
 mod echo;
+mod headers;
 mod http1;
 mod limits;
 mod metadata_limit;
