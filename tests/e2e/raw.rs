@@ -82,9 +82,14 @@ pub async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
 
 /// A POST of `body` (JSON) to `path` with `KEY`, in HTTP/`version`, with a Host field.
 pub fn post(version: &str, path: &str, body: &serde_json::Value) -> Vec<u8> {
+    post_with(version, path, "", body)
+}
+
+/// `post` with `extra` header lines (each ending in CRLF).
+pub fn post_with(version: &str, path: &str, extra: &str, body: &serde_json::Value) -> Vec<u8> {
     let body = body.to_string();
     format!(
-        "POST {path} HTTP/{version}\r\nHost: tollgate\r\nAuthorization: Bearer {}\r\nx-api-key: {}\r\nanthropic-version: 2023-06-01\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/{version}\r\nHost: tollgate\r\n{extra}Authorization: Bearer {}\r\nx-api-key: {}\r\nanthropic-version: 2023-06-01\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         crate::common::KEY,
         crate::common::KEY,
         body.len()
