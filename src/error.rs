@@ -42,6 +42,7 @@ impl GatewayError {
             Body(BodyError::TooLarge { .. }) => 413,
             Body(BodyError::BadLength) => 400,
             Body(BodyError::TimedOut) => 408,
+            Body(BodyError::TooSlow(_)) => 408,
             Body(BodyError::ClientGone) => 499,
             Body(BodyError::Read(_)) => 400,
             Request(_) => 400,
@@ -108,6 +109,7 @@ impl GatewayError {
             Body(BodyError::TooLarge { .. }) => "request_too_large",
             Body(BodyError::BadLength) => "invalid_content_length",
             Body(BodyError::TimedOut) => "request_timeout",
+            Body(BodyError::TooSlow(_)) => "request_timeout",
             Body(BodyError::ClientGone) => "client_disconnected",
             Body(BodyError::Read(_)) => "body_read_error",
             Request(e) => e.code,
@@ -188,6 +190,11 @@ impl GatewayError {
             ),
             Body(BodyError::BadLength) => "The Content-Length header is not a number. Send a valid Content-Length or use chunked encoding.".into(),
             Body(BodyError::TimedOut) => "The request body stopped arriving before it was complete. Retry the request.".into(),
+            Body(BodyError::TooSlow(pace)) => format!(
+                "The request body arrived too slowly. A body may take {} ms, plus 1 s for every {} bytes it has sent. Send the body without pauses (a client library sends it at once), over a faster link, or make it smaller.",
+                pace.grace.as_millis(),
+                pace.min_rate
+            ),
             Body(BodyError::ClientGone) => "The client disconnected before the request body was complete.".into(),
             Body(BodyError::Read(detail)) => format!("The request body is malformed ({}). Check its framing (Content-Length or chunked encoding).", echo(detail)),
             Request(e) => e.message.clone(),

@@ -40,7 +40,7 @@ use crate::route::RouteError;
 use crate::runtime::Runtime;
 use crate::translate::{anthropic, ModelRequest};
 use crate::vocab::{self, Endpoint};
-use crate::{access_log, auth, body, catalog, respond, route};
+use crate::{access_log, auth, body, catalog, conn, respond, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
@@ -78,6 +78,12 @@ impl ProxyHttp for Gateway {
         // None. Pingora's default adds a response compression module, disabled, whose hooks
         // would still run (and allocate) on every request; tollgate relays responses as the
         // replica encoded them.
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // The head is in: its deadline no longer applies (the body has its own pace).
+        conn::head_read(session.as_downstream());
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
@@ -249,7 +255,8 @@ async fn read_body(
     ctx: &mut RequestCtx,
     snapshot: &Snapshot,
 ) -> Result<Bytes, GatewayError> {
-    let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
+    let server = &snapshot.server;
+    let bytes = body::read_capped(session, server.max_body_bytes, &server.body_pace).await?;
     ctx.body_read = true;
     Ok(bytes)
 }

@@ -21,6 +21,7 @@ mod metrics;
 mod reload;
 mod routing;
 mod shutdown;
+mod slow_clients;
 mod status;
 mod streaming;
 mod usage_report;
