@@ -9,13 +9,14 @@
 //!                  ledger)        alerts)     log line)
 //! ```
 //!
-//! Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which stage writes
-//! each piece of per-request state and which read it. Every request is answered inside
-//! `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never entered,
-//! because it routes before reading the body, and the Model API routes on a field of the body
-//! (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs exactly once
-//! per request, however it ended; a request whose task is dropped before it (a shutdown past
-//! the grace period) is ended by `Ctx`'s `Drop` instead.
+//! Before it, `early_request_filter` only stops the request head's deadline (conn.rs): the
+//! head is in. Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which
+//! stage writes each piece of per-request state and which read it. Every request is answered
+//! inside `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never
+//! entered, because it routes before reading the body, and the Model API routes on a field of
+//! the body (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs
+//! exactly once per request, however it ended; a request whose task is dropped before it (a
+//! shutdown past the grace period) is ended by `Ctx`'s `Drop` instead.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
