@@ -28,6 +28,9 @@ pub fn observe(
     );
     if let Some(code) = error {
         metrics.observe_error(ctx.model_label(), code);
+        if code == "request_timeout" {
+            metrics.client_timeouts("body").inc();
+        }
     }
     for attempt in &ctx.outcome.attempts {
         let replica = meters.and_then(|m| m.replica(&attempt.replica.authority));

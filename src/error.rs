@@ -32,6 +32,8 @@ pub enum GatewayError {
         path: String,
         allow: &'static str,
     },
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2 requires a 400).
+    MissingHost,
 }
 
 impl GatewayError {
@@ -42,6 +44,7 @@ impl GatewayError {
             Body(BodyError::TooLarge { .. }) => 413,
             Body(BodyError::BadLength) => 400,
             Body(BodyError::TimedOut) => 408,
+            Body(BodyError::TooSlow(_)) => 408,
             Body(BodyError::ClientGone) => 499,
             Body(BodyError::Read(_)) => 400,
             Request(_) => 400,
@@ -71,6 +74,7 @@ impl GatewayError {
             } => 402,
             UnknownRoute { .. } => 404,
             MethodNotAllowed { .. } => 405,
+            MissingHost => 400,
         }
     }
 
@@ -99,7 +103,8 @@ impl GatewayError {
             | Route(_)
             | Media(_)
             | UnknownRoute { .. }
-            | MethodNotAllowed { .. } => "invalid_request_error",
+            | MethodNotAllowed { .. }
+            | MissingHost => "invalid_request_error",
         }
     }
 
@@ -112,6 +117,7 @@ impl GatewayError {
             Body(BodyError::TooLarge { .. }) => "request_too_large",
             Body(BodyError::BadLength) => "invalid_content_length",
             Body(BodyError::TimedOut) => "request_timeout",
+            Body(BodyError::TooSlow(_)) => "request_timeout",
             Body(BodyError::ClientGone) => "client_disconnected",
             Body(BodyError::Read(_)) => "body_read_error",
             Request(e) => e.code,
@@ -169,6 +175,7 @@ impl GatewayError {
             } => "budget_exceeded",
             UnknownRoute { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
+            MissingHost => "missing_host",
         }
     }
 
@@ -200,6 +207,11 @@ impl GatewayError {
             ),
             Body(BodyError::BadLength) => "The Content-Length header is not a number. Send a valid Content-Length or use chunked encoding.".into(),
             Body(BodyError::TimedOut) => "The request body stopped arriving before it was complete. Retry the request.".into(),
+            Body(BodyError::TooSlow(pace)) => format!(
+                "The request body arrived too slowly. A body may take {} ms, plus 1 s for every {} bytes it has sent. Send the body without pauses (a client library sends it at once), over a faster link, or make it smaller.",
+                pace.grace.as_millis(),
+                pace.min_rate
+            ),
             Body(BodyError::ClientGone) => "The client disconnected before the request body was complete.".into(),
             Body(BodyError::Read(detail)) => format!("The request body is malformed ({}). Check its framing (Content-Length or chunked encoding).", echo(detail)),
             Request(e) => e.message.clone(),
@@ -251,6 +263,7 @@ impl GatewayError {
                 echo(path)
             ),
             MethodNotAllowed { path, allow } => format!("{} only accepts {allow}.", echo(path)),
+            MissingHost => "An HTTP/1.1 request must carry a Host header (RFC 9112, section 3.2). Send 'Host: <the host and port you connect to>', as HTTP clients do, or use HTTP/1.0.".into(),
         }
     }
 }

@@ -14,8 +14,8 @@
 //!   [`route`], [`media`], [`forward`], [`account`], [`metrics`], [`alerts`]. A stage takes values and
 //!   returns values; none knows the request context or writes a response of its own;
 //! - orchestration: [`proxy`] (the table of contents: one line per stage), [`ctx`],
-//!   [`error`], [`respond`], [`access_log`], [`runtime`], [`reload`], [`admin`],
-//!   [`server`], [`demo`], [`logs`].
+//!   [`error`], [`respond`], [`access_log`], [`conn`] (client connections), [`runtime`],
+//!   [`reload`], [`admin`], [`server`], [`demo`], [`logs`].
 //!
 //! [`sim`] is the simulated GPU replica, on its own. ARCHITECTURE.md at the repository root
 //! describes the design and the measurements behind it.
@@ -28,6 +28,7 @@ pub mod auth;
 pub mod body;
 pub mod catalog;
 pub mod config;
+pub mod conn;
 pub mod ctx;
 pub mod demo;
 pub mod error;

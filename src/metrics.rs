@@ -32,6 +32,7 @@ pub struct Metrics {
     budget_alerts: IntCounterVec,
     webhook_failures: IntCounter,
     reloads: IntCounterVec,
+    client_timeouts: IntCounterVec,
     pub inflight: IntGauge,
     ledger_queue: IntGauge,
     ledger_dropped: IntCounter,
@@ -179,6 +180,14 @@ impl Metrics {
             &["outcome"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let client_timeouts = IntCounterVec::new(
+            Opts::new(
+                "tollgate_client_timeouts_total",
+                "Clients cut for sending too slowly, by phase: head (not complete within server.head_timeout_ms; connection closed) or body (behind server.body_timeout_ms and server.body_min_bytes_per_sec, or a read stalled for 60 s; answered 408).",
+            ),
+            &["phase"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let ledger_queue = IntGauge::new(
             "tollgate_ledger_queue_records",
             "Usage records waiting for the ledger writer.",
@@ -269,6 +278,7 @@ impl Metrics {
             Box::new(budget_alerts.clone()),
             Box::new(webhook_failures.clone()),
             Box::new(reloads.clone()),
+            Box::new(client_timeouts.clone()),
             Box::new(ledger_queue.clone()),
             Box::new(ledger_dropped.clone()),
             Box::new(ledger_write_errors.clone()),
@@ -295,6 +305,7 @@ impl Metrics {
             budget_alerts,
             webhook_failures,
             reloads,
+            client_timeouts,
             ledger_queue,
             ledger_dropped,
             ledger_write_errors,
@@ -461,6 +472,11 @@ impl Metrics {
         self.reloads
             .with_label_values(&[if ok { "ok" } else { "refused" }])
             .inc();
+    }
+
+    /// The counter of clients cut in `phase` ("head" or "body").
+    pub fn client_timeouts(&self, phase: &str) -> IntCounter {
+        self.client_timeouts.with_label_values(&[phase])
     }
 
     pub fn observe_webhook_failure(&self) {

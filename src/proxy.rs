@@ -9,13 +9,14 @@
 //!                  ledger)        alerts)     log line)
 //! ```
 //!
-//! Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which stage writes
-//! each piece of per-request state and which read it. Every request is answered inside
-//! `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never entered,
-//! because it routes before reading the body, and the Model API routes on a field of the body
-//! (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs exactly once
-//! per request, however it ended; a request whose task is dropped before it (a shutdown past
-//! the grace period) is ended by `Ctx`'s `Drop` instead.
+//! Before it, `early_request_filter` only stops the request head's deadline (conn.rs): the
+//! head is in. Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which
+//! stage writes each piece of per-request state and which read it. Every request is answered
+//! inside `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never
+//! entered, because it routes before reading the body, and the Model API routes on a field of
+//! the body (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs
+//! exactly once per request, however it ended; a request whose task is dropped before it (a
+//! shutdown past the grace period) is ended by `Ctx`'s `Drop` instead.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
@@ -40,7 +41,7 @@ use crate::route::{Placement, RouteError};
 use crate::runtime::Runtime;
 use crate::translate::{anthropic, prefix, ModelRequest};
 use crate::vocab::{self, Endpoint};
-use crate::{access_log, auth, body, catalog, media, respond, route};
+use crate::{access_log, auth, body, catalog, conn, media, respond, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
@@ -80,6 +81,12 @@ impl ProxyHttp for Gateway {
         // replica encoded them.
     }
 
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // The head is in: its deadline no longer applies (the body has its own pace).
+        conn::head_read(session.as_downstream());
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.in_flight = Some(InFlight::new(&self.metrics.inflight));
         // tollgate watches the client while a replica works, to cancel on disconnect; a
@@ -94,6 +101,7 @@ impl ProxyHttp for Gateway {
             .set_write_timeout(Some(runtime.config.server.client_write_timeout));
         accept(session, ctx, &runtime);
         let served = match ctx.endpoint {
+            _ if lacks_host(session.req_header()) => Err(GatewayError::MissingHost),
             Endpoint::ChatCompletions | Endpoint::Messages => {
                 self.model_api(session, ctx, &runtime).await
             }
@@ -229,6 +237,12 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
     ctx.endpoint = Endpoint::of(req.method.as_str(), req.uri.path());
 }
 
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host` is answered 400. HTTP/1.0 predates the
+/// field and is served without it. (Pingora refuses a request with two.)
+fn lacks_host(req: &http::request::Parts) -> bool {
+    req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST)
+}
+
 /// Stage "identify": the key the request presents.
 fn identify(
     session: &Session,
@@ -246,7 +260,8 @@ async fn read_body(
     ctx: &mut RequestCtx,
     snapshot: &Snapshot,
 ) -> Result<Bytes, GatewayError> {
-    let bytes = body::read_capped(session, snapshot.server.max_body_bytes).await?;
+    let server = &snapshot.server;
+    let bytes = body::read_capped(session, server.max_body_bytes, &server.body_pace).await?;
     ctx.body_read = true;
     Ok(bytes)
 }

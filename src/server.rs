@@ -17,6 +17,7 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use crate::account::Ledger;
 use crate::admin::Admin;
 use crate::config::Snapshot;
+use crate::conn::Clients;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{ConfigFile, ReloadTriggers, Reloader};
@@ -76,10 +77,15 @@ pub fn run(
             (admin.0.to_string(), admin.1),
         ],
     });
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &conf,
-        Gateway::new(runtime.clone(), metrics.clone(), ledger.clone()),
-        "tollgate",
+    // Pingora's proxy, under tollgate's keep-alive loop: each request head has a deadline.
+    let gateway = Gateway::new(runtime.clone(), metrics.clone(), ledger.clone());
+    let mut proxy = ListeningService::new(
+        "tollgate".into(),
+        Clients::new(
+            pingora::proxy::http_proxy(&conf, gateway),
+            runtime.clone(),
+            metrics.client_timeouts("head"),
+        ),
     );
     proxy.add_tcp(&public.0.to_string());
     let proxy = server.add_service(proxy);

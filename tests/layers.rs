@@ -32,6 +32,7 @@ const RANKS: &[(&str, u32)] = &[
     ("respond", 21),
     ("ctx", 21),
     ("access_log", 22),
+    ("conn", 22),
     ("proxy", 23),
     ("reload", 23),
     ("admin", 24),

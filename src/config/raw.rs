@@ -40,6 +40,9 @@ pub struct RawServer {
     pub upstream_keepalive_pool_size: Spanned<usize>,
     pub reload_on_change: bool,
     pub metadata_rpm: Spanned<u64>,
+    pub head_timeout_ms: Spanned<u64>,
+    pub body_timeout_ms: Spanned<u64>,
+    pub body_min_bytes_per_sec: Spanned<u64>,
 }
 
 impl Default for RawServer {
@@ -53,6 +56,9 @@ impl Default for RawServer {
             upstream_keepalive_pool_size: Spanned::new(0..0, 1024),
             reload_on_change: true,
             metadata_rpm: Spanned::new(0..0, 600),
+            head_timeout_ms: Spanned::new(0..0, 10_000),
+            body_timeout_ms: Spanned::new(0..0, 10_000),
+            body_min_bytes_per_sec: Spanned::new(0..0, 8192),
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +63,22 @@ pub struct ServerSettings {
     /// Requests per sliding minute each key may make to `count_tokens` and `/v1/models`,
     /// counted apart from its `rpm`.
     pub metadata_rpm: u64,
+    /// How long a request head may take to arrive in all: from the connection's accept for
+    /// its first request, from the head's first byte for each later one (the idle time
+    /// between two requests on a kept-alive connection is not the client's head).
+    pub head_timeout: Duration,
+    /// How fast a request body must arrive.
+    pub body_pace: BodyPace,
+}
+
+/// How fast a request body must arrive: all of it within `grace` of the first read, plus one
+/// second for every `min_rate` bytes received by then. A body that keeps up with `min_rate`
+/// on average is never cut, whatever its size; one trickling in is, however often it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    pub grace: Duration,
+    /// Bytes per second.
+    pub min_rate: NonZeroU64,
 }
 
 #[derive(Debug)]

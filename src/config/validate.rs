@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,23 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         )?,
         reload_on_change: raw.server.reload_on_change,
         metadata_rpm: positive(src, &raw.server.metadata_rpm, "server.metadata_rpm")?,
+        head_timeout: Duration::from_millis(positive(
+            src,
+            &raw.server.head_timeout_ms,
+            "server.head_timeout_ms",
+        )?),
+        body_pace: BodyPace {
+            grace: Duration::from_millis(positive(
+                src,
+                &raw.server.body_timeout_ms,
+                "server.body_timeout_ms",
+            )?),
+            min_rate: nonzero_u64(
+                src,
+                &raw.server.body_min_bytes_per_sec,
+                "server.body_min_bytes_per_sec",
+            )?,
+        },
     };
     let admin = AdminSettings {
         listen: listen_addr(src, &raw.admin.listen, "admin.listen")?,
@@ -201,6 +218,13 @@ fn positive(src: &Source, v: &Spanned<u64>, path: &str) -> Result<u64, ConfigErr
     match *v.get_ref() {
         0 => src.err(v.span(), path.into(), "must be greater than 0".into()),
         n => Ok(n),
+    }
+}
+
+fn nonzero_u64(src: &Source, v: &Spanned<u64>, path: &str) -> Result<NonZeroU64, ConfigError> {
+    match NonZeroU64::new(*v.get_ref()) {
+        Some(n) => Ok(n),
+        None => src.err(v.span(), path.into(), "must be greater than 0".into()),
     }
 }
 

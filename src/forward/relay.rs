@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, TRANSFER_ENCODING};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER,
+    TRANSFER_ENCODING,
+};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
@@ -16,16 +19,11 @@ use super::{client_gone, Exchange, ForwardError, Outcome, Relayed};
 use crate::translate::replica_error;
 use crate::vocab::{self, Problem};
 
-/// Headers that describe one hop's connection, not the response.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
+/// The replica's response fields a client sees. A replica's other fields are about the
+/// replica, not the answer: its `Server`, its cookies, its own rate limits, tokens of the
+/// infrastructure behind it, fields about its hop. A client reads only what tollgate means to
+/// send: these, the body's framing, and tollgate's own fields (request id, rate limits).
+const FROM_REPLICA: [HeaderName; 2] = [CONTENT_TYPE, RETRY_AFTER];
 
 /// How long the answer may take: to its first chunk (streams), between two chunks, and in
 /// all.
@@ -94,11 +92,9 @@ async fn pump(
         deadline,
     } = limits;
     let status = upstream.status.as_u16();
-    // Bytes of a Content-Length body still to send; `None` for other framings.
-    let mut unsent: Option<u64> = None;
     if transcoder.streams() {
-        let header = response_header(upstream, transcoder, ex, None).map_err(|e| broken(&e))?;
-        unsent = content_length(&header);
+        let framing = stream_framing(session);
+        let header = response_header(upstream, transcoder, ex, framing).map_err(|e| broken(&e))?;
         outcome.status = status;
         if session
             .write_response_header(Box::new(header), false)
@@ -111,15 +107,9 @@ async fn pump(
 
     loop {
         let read_deadline = deadline.min(first_output.unwrap_or_else(|| Instant::now() + idle));
-        // Once a Content-Length body is all sent, the client may already send its next
-        // request on the connection: stop watching it, or the probe would eat that request.
-        let read = if unsent == Some(0) {
-            timeout_at(read_deadline, up.read_body()).await
-        } else {
-            tokio::select! {
-                r = timeout_at(read_deadline, up.read_body()) => r,
-                _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
-            }
+        let read = tokio::select! {
+            r = timeout_at(read_deadline, up.read_body()) => r,
+            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
         let relayed = match read {
             Ok(Ok(Some(chunk))) => {
@@ -152,7 +142,6 @@ async fn pump(
                 // Kept current, so a request cut by a shutdown is accounted from what it sent.
                 outcome.usage = transcoder.observed.usage;
                 outcome.output_estimate = transcoder.observed.output_estimate;
-                unsent = unsent.map(|n| n.saturating_sub(out.len() as u64));
                 if session.write_response_body(Some(out), false).await.is_err() {
                     return Err(ForwardError::ClientGone);
                 }
@@ -190,8 +179,8 @@ async fn pump(
     let header = if transcoder.streams() {
         None
     } else {
-        let header =
-            response_header(upstream, transcoder, ex, Some(tail.len())).map_err(|e| broken(&e))?;
+        let header = response_header(upstream, transcoder, ex, Framing::Length(tail.len()))
+            .map_err(|e| broken(&e))?;
         outcome.status = status;
         Some(Box::new(header))
     };
@@ -229,13 +218,6 @@ pub(super) async fn deliver(
         .map_err(|_| ForwardError::ClientGone)
 }
 
-fn content_length(h: &ResponseHeader) -> Option<u64> {
-    h.headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
 async fn finish_stream(session: &mut Session, tail: Bytes) -> pingora::Result<()> {
     if !tail.is_empty() {
         session.write_response_body(Some(tail), false).await?;
@@ -249,58 +231,55 @@ fn broken(e: &pingora::Error) -> ForwardError {
     }
 }
 
-/// The client's response header: the replica's fields (moved out of `upstream`, which is
-/// left without them) less the hop-by-hop ones and its request ids, the body's framing
-/// (`length` when the body is known whole) and content type as the transcoder decides, then
+/// How the client's body ends.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// A body known whole: its length.
+    Length(usize),
+    /// A body relayed as it arrives, to an HTTP/1.1 client.
+    Chunked,
+    /// A body relayed as it arrives, to an HTTP/1.0 client: HTTP/1.0 has no chunked coding,
+    /// so the body ends where the connection closes (RFC 9112 §6.3, RFC 1945 §7.2.2).
+    UntilClose,
+}
+
+/// The framing of a body relayed as it arrives, for this client. A body that ends with the
+/// connection leaves no connection to keep.
+fn stream_framing(session: &mut Session) -> Framing {
+    if session.req_header().version == http::Version::HTTP_11 {
+        return Framing::Chunked;
+    }
+    session.set_keepalive(None);
+    Framing::UntilClose
+}
+
+/// The client's response header. Of the replica's fields only those in `FROM_REPLICA` pass
+/// (the content type unless the transcoder renames it); then the body's framing and
 /// tollgate's own fields.
 fn response_header(
     upstream: &mut Head,
     transcoder: &Transcoder,
     ex: &Exchange<'_>,
-    length: Option<usize>,
+    framing: Framing,
 ) -> pingora::Result<ResponseHeader> {
-    let fields = std::mem::take(&mut upstream.headers);
-    let mut out = HeaderMap::with_capacity(fields.len() + 4 + ex.own_fields.len());
-    let replaced_type = transcoder.content_type();
-    // Fields the replica named in `Connection` are about its hop too (RFC 9110 §7.6.1).
-    let connection_scoped: Vec<String> = fields
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    // `into_iter` names a field once and gives `None` for each further value under that name.
-    let mut name: Option<http::HeaderName> = None;
-    for (next, value) in fields {
-        if next.is_some() {
-            name = next;
-        }
-        let Some(name) = &name else { continue };
-        let skip = HOP_BY_HOP.contains(&name.as_str())
-            || connection_scoped.iter().any(|t| t == name.as_str())
-            || name == "x-request-id"
-            || name == "request-id"
-            || (replaced_type.is_some() && name == CONTENT_TYPE)
-            // Every body is rewritten (at least renamed or reframed): the replica's length
-            // does not hold for it.
-            || name == CONTENT_LENGTH;
-        if !skip {
-            out.append(name.clone(), value);
+    let mut out = HeaderMap::with_capacity(FROM_REPLICA.len() + 1 + ex.own_fields.len());
+    for name in FROM_REPLICA {
+        // `remove` takes the field's first value: one content type, one retry-after.
+        if let Some(value) = upstream.headers.remove(&name) {
+            out.insert(name, value);
         }
     }
-    if let Some(t) = replaced_type {
+    if let Some(t) = transcoder.content_type() {
         out.insert(CONTENT_TYPE, HeaderValue::from_static(t));
     }
-    match length {
-        Some(n) => {
+    match framing {
+        Framing::Length(n) => {
             out.insert(CONTENT_LENGTH, HeaderValue::from(n));
         }
-        None if !out.contains_key(CONTENT_LENGTH) => {
+        Framing::Chunked => {
             out.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
-        None => {}
+        Framing::UntilClose => {}
     }
     vocab::add_own_fields(&mut out, ex.request_id, ex.own_fields)?;
     Ok(vocab::client_header(upstream.status, out))

@@ -3,6 +3,7 @@
 
 mod common;
 mod fakes;
+mod raw;
 
 mod accounting;
 mod affinity;
@@ -14,6 +15,8 @@ mod cli;
 mod cut_config;
 mod echo;
 mod fleet;
+mod headers;
+mod http1;
 mod limits;
 mod media;
 mod metadata_limit;
@@ -23,6 +26,7 @@ mod reload;
 mod request_shape;
 mod routing;
 mod shutdown;
+mod slow_clients;
 mod status;
 mod streaming;
 mod usage_report;
