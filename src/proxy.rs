@@ -191,7 +191,8 @@ impl Gateway {
         let mut request = understand(ctx, &bytes)?;
         let model = resolve(ctx, snapshot, &key, request.model())?;
         admit(ctx, runtime, &key, &model, &mut request)?;
-        let (body, plan) = request.into_upstream(&model, vocab::message_id);
+        let prompt = u64::from(ctx.input_estimate);
+        let (body, plan) = request.into_upstream(&model, prompt, vocab::message_id);
         let exchange = Exchange {
             pool: &snapshot.pools[model.pool],
             route: runtime.router.pool(model.pool),
@@ -247,11 +248,10 @@ async fn read_body(
     Ok(bytes)
 }
 
-/// Stage "understand": the request parsed and checked, its prompt estimated.
+/// Stage "understand": the request parsed and checked.
 fn understand(ctx: &mut RequestCtx, bytes: &[u8]) -> Result<ModelRequest, GatewayError> {
     let request = ModelRequest::parse(ctx.endpoint, bytes)?;
     ctx.stream = request.stream();
-    ctx.input_estimate = request.estimate_input_tokens();
     Ok(request)
 }
 
@@ -267,8 +267,9 @@ fn resolve(
     Ok(model)
 }
 
-/// Stage "admit": the output cap, and the request's worst case reserved against the key's
-/// and the model's limits and budget (settled by `account`). See `limits::admission`.
+/// Stage "admit": the prompt counted as the model counts it, the output cap, and the
+/// request's worst case reserved against the key's and the model's limits and budget
+/// (settled by `account`). See `translate::prompt` and `limits::admission`.
 fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -276,6 +277,7 @@ fn admit(
     model: &Model,
     request: &mut ModelRequest,
 ) -> Result<(), GatewayError> {
+    ctx.input_estimate = u32::try_from(request.prompt_tokens(model)).unwrap_or(u32::MAX);
     let ask = Ask {
         input_tokens: u64::from(ctx.input_estimate),
         max_output: request.max_output_tokens(),
@@ -332,7 +334,8 @@ fn admit_metadata(ctx: &mut RequestCtx, runtime: &Runtime, key: &Key) -> Result<
     }
 }
 
-/// `POST /v1/messages/count_tokens`: the prompt estimate, for a model the key may use.
+/// `POST /v1/messages/count_tokens`: the prompt's tokens as a request to the model would
+/// reserve them, for a model the key may use.
 async fn count_tokens(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -342,9 +345,9 @@ async fn count_tokens(
     let key = identify(session, ctx, snapshot)?;
     admit_metadata(ctx, runtime, &key)?;
     let bytes = read_body(session, ctx, snapshot).await?;
-    let request = anthropic::parse_count_tokens(&bytes)?;
-    resolve(ctx, snapshot, &key, &request.model)?;
-    let value = serde_json::json!({ "input_tokens": request.estimate_input_tokens() });
+    let mut request = ModelRequest::Messages(anthropic::parse_count_tokens(&bytes)?);
+    let model = resolve(ctx, snapshot, &key, request.model())?;
+    let value = serde_json::json!({ "input_tokens": request.prompt_tokens(&model) });
     answer(session, ctx, value).await
 }
 

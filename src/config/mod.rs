@@ -6,6 +6,7 @@ mod guard;
 mod limits;
 mod raw;
 mod snapshot;
+mod tokenizer;
 mod validate;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 pub use guard::dropped_protections;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
+pub use tokenizer::{PromptRules, Tokenizer};
 pub use validate::{key_id, FEATURES, MODALITIES};
 
 /// Why a config was refused: where (file, line, TOML path) and what to change.

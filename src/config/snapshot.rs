@@ -163,6 +163,8 @@ pub struct Model {
     pub default_max_tokens: u32,
     /// Limits across all keys, protecting the pool.
     pub limits: Limits,
+    /// How its prompts are counted for reservations.
+    pub prompt: super::PromptRules,
 }
 
 /// How a replica's model is told whether to think. The Anthropic `thinking` field is mapped

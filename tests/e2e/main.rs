@@ -3,6 +3,8 @@
 
 mod common;
 mod fakes;
+#[path = "../support/tiny_tokenizer.rs"]
+mod tiny_tokenizer;
 
 mod accounting;
 mod anthropic;
@@ -16,6 +18,7 @@ mod limits;
 mod metadata_limit;
 mod metrics;
 mod reload;
+mod reservation;
 mod routing;
 mod shutdown;
 mod status;

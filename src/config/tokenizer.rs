@@ -1,0 +1,76 @@
+//! A model's Hugging Face `tokenizer.json`, loaded from disk with the config, and the rules
+//! its prompts are counted by.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How a model's prompts are counted for reservations (see `translate::prompt`).
+#[derive(Debug, Clone)]
+pub struct PromptRules {
+    /// Tokens the chat template adds around each message.
+    pub per_message: u32,
+    /// Tokens the chat template adds once: begin-of-text, a default system prompt, the
+    /// generation prompt.
+    pub per_request: u32,
+    /// Tokens reserved for each image (or other media part).
+    pub max_image_tokens: u32,
+    /// Counts text exactly; without one, a token per UTF-8 byte.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+pub const DEFAULT_PER_MESSAGE: u32 = 8;
+pub const DEFAULT_PER_REQUEST: u32 = 64;
+pub const DEFAULT_MAX_IMAGE_TOKENS: u32 = 4096;
+
+impl Default for PromptRules {
+    fn default() -> Self {
+        PromptRules {
+            per_message: DEFAULT_PER_MESSAGE,
+            per_request: DEFAULT_PER_REQUEST,
+            max_image_tokens: DEFAULT_MAX_IMAGE_TOKENS,
+            tokenizer: None,
+        }
+    }
+}
+
+/// A loaded tokenizer, read again on every load of the config. Encoding takes `&self`:
+/// requests count in parallel without a lock.
+#[derive(Clone)]
+pub struct Tokenizer {
+    path: PathBuf,
+    inner: Arc<tokenizers::Tokenizer>,
+}
+
+impl Tokenizer {
+    /// Reads and parses `path`; the error says why, for the config error that names it.
+    pub fn load(path: &Path) -> Result<Tokenizer, String> {
+        let text = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| {
+            format!("{path:?} is not a Hugging Face tokenizer.json ({e}); use the tokenizer.json the model ships with")
+        })?;
+        Ok(Tokenizer {
+            path: path.to_path_buf(),
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Tokens of `text` alone, without the special tokens a template adds. A text the
+    /// tokenizer cannot encode counts a token per byte, which bounds it.
+    pub fn count(&self, text: &str) -> u64 {
+        match self.inner.encode_fast(text, false) {
+            Ok(encoding) => encoding.len() as u64,
+            Err(_) => text.len() as u64,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tokenizer({:?})", self.path)
+    }
+}
