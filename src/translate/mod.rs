@@ -52,6 +52,17 @@ impl RequestError {
         }
     }
 
+    /// A `chat_template` sent with the request: a template can repeat the prompt any number
+    /// of times, so no count made before the replica renders it could bound it.
+    pub fn client_template() -> Self {
+        RequestError::invalid_value(
+            "chat_template",
+            "the model's own chat template is used; a template sent with the request could \
+             make the prompt longer than any reservation. Leave it out, and pass template \
+             variables in chat_template_kwargs.",
+        )
+    }
+
     pub fn wrong_type(field: &str, expected: &str) -> Self {
         RequestError {
             message: format!("Invalid type for '{field}': expected {expected}."),

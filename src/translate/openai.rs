@@ -62,6 +62,8 @@ struct Fields<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     n: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    chat_template: Option<&'a RawValue>,
 }
 
 /// A message's `role`, checked.
@@ -118,6 +120,9 @@ impl ChatRequest {
         let fields: Fields = serde_json::from_slice(bytes).map_err(RequestError::invalid_json)?;
         if !starts_object {
             return Err(RequestError::invalid_json("the top level is not an object"));
+        }
+        if fields.chat_template.is_some_and(|t| !is_null(t)) {
+            return Err(RequestError::client_template());
         }
         // Every value borrowed from `bytes`: its place in them.
         let base = bytes.as_ptr() as usize;

@@ -14,6 +14,8 @@
 //! decodes and reserves at the model's `max_image_tokens` each. JSON a template renders
 //! (tool definitions, tool call arguments) counts as JSON indented by four spaces: no
 //! template renders it in fewer bytes, since `tojson` adds a space after `:` and `,`.
+//! Strings and numbers of `chat_template_kwargs` count too; a `chat_template` sent with the
+//! request is refused, since it could render the prompt any number of times.
 //!
 //! Text tokens are the model's tokenizer's exact count when it has one; else the text's UTF-8
 //! bytes. No token of a byte-level BPE (or byte-fallback) tokenizer is shorter than one byte,
@@ -38,6 +40,9 @@ const MEDIA: &[&str] = &[
 
 /// Top-level fields that chat templates render as JSON.
 const RENDERED_JSON: &[&str] = &["tools", "functions", "documents"];
+
+/// Top-level fields whose values a chat template may render as text.
+const TEMPLATE_VARIABLES: &[&str] = &["chat_template_kwargs", "chat_template_args"];
 
 /// Counts one request's prompt under a model's rules.
 pub struct Counter<'r> {
@@ -64,6 +69,11 @@ impl<'r> Counter<'r> {
             match body.get(*field) {
                 None | Some(Value::Null) => {}
                 Some(v) => self.json(v),
+            }
+        }
+        for field in TEMPLATE_VARIABLES {
+            if let Some(v) = body.get(*field) {
+                self.value(v);
             }
         }
         self.tokens

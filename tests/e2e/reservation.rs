@@ -169,3 +169,35 @@ async fn a_tokenizer_file_that_is_not_one_is_refused_naming_it() {
     assert_eq!(gw.reload().await, 400);
     assert_eq!(gw.chat(ask(5)).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_chat_template_sent_with_the_request_is_refused_on_both_surfaces() {
+    let sim = sim().await;
+    let gw = Gateway::start(&priced(&sim, ""));
+    // Rendered by the replica, it would make 3 tokens a prompt of 3 million.
+    let template = "{% for i in range(1000000) %}{{ messages[0].content }}{% endfor %}";
+    let mut body = ask(5);
+    body["chat_template"] = json!(template);
+    let r = gw.chat(body).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["param"], "chat_template");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("chat_template_kwargs"));
+    let r = gw
+        .messages(
+            json!({"model": MODEL, "max_tokens": 5, "chat_template": template,
+            "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("chat_template"));
+    assert_eq!(sim.stats().requests(), 0);
+}
