@@ -30,7 +30,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
 use crate::alerts::Alerter;
-use crate::config::{Key, Model, Snapshot};
+use crate::config::{Key, Model, PromptRules, Snapshot};
 use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
@@ -38,7 +38,7 @@ use crate::limits::{self, Ask};
 use crate::metrics::Metrics;
 use crate::route::RouteError;
 use crate::runtime::Runtime;
-use crate::translate::{anthropic, ModelRequest};
+use crate::translate::{self, anthropic, ModelRequest};
 use crate::vocab::{self, Endpoint};
 use crate::{access_log, auth, body, catalog, respond, route};
 
@@ -190,6 +190,7 @@ impl Gateway {
         let bytes = read_body(session, ctx, snapshot).await?;
         let mut request = understand(ctx, &bytes)?;
         let model = resolve(ctx, snapshot, &key, request.model())?;
+        count_prompt(ctx, &model, &mut request, bytes.len()).await;
         admit(ctx, runtime, &key, &model, &mut request)?;
         let prompt = u64::from(ctx.input_estimate);
         let (body, plan) = request.into_upstream(&model, prompt, vocab::message_id);
@@ -267,9 +268,46 @@ fn resolve(
     Ok(model)
 }
 
-/// Stage "admit": the prompt counted as the model counts it, the output cap, and the
-/// request's worst case reserved against the key's and the model's limits and budget
-/// (settled by `account`). See `translate::prompt` and `limits::admission`.
+/// Bodies past this size are tokenized on a blocking thread: a tokenizer takes about a
+/// millisecond per 10 KB of text, which would stall every other request on this worker.
+const TOKENIZE_INLINE_BYTES: usize = 64 * 1024;
+
+/// Stage "admit", first half: the prompt counted as the model counts it (exact with its
+/// tokenizer, else an upper bound; see `translate::prompt`), for the reservation.
+async fn count_prompt(
+    ctx: &mut RequestCtx,
+    model: &Arc<Model>,
+    request: &mut ModelRequest,
+    body_bytes: usize,
+) -> u64 {
+    let count = if model.prompt.tokenizer.is_none() || body_bytes <= TOKENIZE_INLINE_BYTES {
+        request.prompt_tokens(model)
+    } else {
+        let body = Arc::new(request.prompt_body(model));
+        let (on_thread, model_there) = (body.clone(), model.clone());
+        let counted = tokio::task::spawn_blocking(move || {
+            translate::prompt::Counter::new(&model_there.prompt).body(&on_thread)
+        })
+        .await;
+        match counted {
+            Ok(n) => n,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: the bound needs no tokenizer.
+            Err(_) => {
+                let rules = PromptRules {
+                    tokenizer: None,
+                    ..model.prompt.clone()
+                };
+                translate::prompt::Counter::new(&rules).body(&body)
+            }
+        }
+    };
+    ctx.input_estimate = u32::try_from(count).unwrap_or(u32::MAX);
+    count
+}
+
+/// Stage "admit": the output cap, and the request's worst case reserved against the key's
+/// and the model's limits and budget (settled by `account`). See `limits::admission`.
 fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -277,7 +315,6 @@ fn admit(
     model: &Model,
     request: &mut ModelRequest,
 ) -> Result<(), GatewayError> {
-    ctx.input_estimate = u32::try_from(request.prompt_tokens(model)).unwrap_or(u32::MAX);
     let ask = Ask {
         input_tokens: u64::from(ctx.input_estimate),
         max_output: request.max_output_tokens(),
@@ -347,7 +384,8 @@ async fn count_tokens(
     let bytes = read_body(session, ctx, snapshot).await?;
     let mut request = ModelRequest::Messages(anthropic::parse_count_tokens(&bytes)?);
     let model = resolve(ctx, snapshot, &key, request.model())?;
-    let value = serde_json::json!({ "input_tokens": request.prompt_tokens(&model) });
+    let tokens = count_prompt(ctx, &model, &mut request, bytes.len()).await;
+    let value = serde_json::json!({ "input_tokens": tokens });
     answer(session, ctx, value).await
 }
 

@@ -162,11 +162,17 @@ impl ModelRequest {
     /// bound; never fewer than its replica will count (see `prompt`). A Messages request is
     /// counted as the Chat Completions body its replica is sent.
     pub fn prompt_tokens(&mut self, model: &Model) -> u64 {
+        prompt::Counter::new(&model.prompt).body(&self.prompt_body(model))
+    }
+
+    /// The Chat Completions body whose prompt `model` counts (see `prompt_tokens`), for a
+    /// caller that counts it elsewhere (a tokenizer on a long prompt takes a while).
+    pub fn prompt_body(&mut self, model: &Model) -> serde_json::Map<String, serde_json::Value> {
         match self {
-            ModelRequest::Chat(r) => r.prompt_tokens(&model.prompt),
+            ModelRequest::Chat(r) => r.prompt_body(),
             ModelRequest::Messages(r) => {
                 r.tool_images = model.input_modalities.contains(&"image");
-                r.prompt_tokens(model)
+                r.prompt_body(model)
             }
         }
     }

@@ -289,12 +289,13 @@ impl ChatRequest {
 
     /// The prompt's tokens under a model's rules (see `prompt`).
     pub fn prompt_tokens(&self, rules: &PromptRules) -> u64 {
-        // The body was parsed as JSON already; a second, whole read keeps every field a
-        // template may render in view.
-        match serde_json::from_slice::<Map<String, Value>>(&self.raw) {
-            Ok(body) => Counter::new(rules).body(&body),
-            Err(_) => self.raw.len() as u64,
-        }
+        Counter::new(rules).body(&self.prompt_body())
+    }
+
+    /// The body as a tree, for `prompt`. It was parsed as JSON already, so this cannot fail;
+    /// a second, whole read keeps every field a template may render in view.
+    pub fn prompt_body(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.raw).unwrap_or_default()
     }
 
     /// The body for the replica: the client's bytes with `model` set to what the replica

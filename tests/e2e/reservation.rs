@@ -128,18 +128,25 @@ async fn a_model_with_a_tokenizer_counts_prompts_exactly_plus_its_template() {
     let gw = Gateway::start(&config);
     let system = "You answer in one short sentence.";
     let text = "Wie heißt die Hauptstadt von Japan? 日本の首都は何ですか 🙂 fn main() {}";
-    let r = client()
-        .post(gw.url("/v1/messages/count_tokens"))
-        .header("x-api-key", KEY)
-        .json(&json!({"model": MODEL, "system": system,
-            "messages": [{"role": "user", "content": text}]}))
-        .send()
-        .await
-        .unwrap();
+    let count_tokens = |system: &str, text: &str| {
+        client()
+            .post(gw.url("/v1/messages/count_tokens"))
+            .header("x-api-key", KEY)
+            .json(&json!({"model": MODEL, "system": system,
+                "messages": [{"role": "user", "content": text}]}))
+            .send()
+    };
+    let r = count_tokens(system, text).await.unwrap();
     assert_eq!(r.status(), 200);
     let answer: Value = r.json().await.unwrap();
     let exact = 20 + 2 * 5 + count("system") + count(system) + count("user") + count(text);
     assert_eq!(answer["input_tokens"], exact);
+    // A long prompt is tokenized off the request's thread, to the same count.
+    let long = format!("{text} ").repeat(1500);
+    let r = count_tokens(system, &long).await.unwrap();
+    let answer: Value = r.json().await.unwrap();
+    let exact_long = exact - count(text) + count(&long);
+    assert_eq!(answer["input_tokens"], exact_long);
     // A request reserves the same count, plus its output cap.
     let r = gw
         .chat(json!({"model": MODEL, "max_tokens": 7, "messages": [

@@ -21,7 +21,6 @@ use serde_json::{json, Map, Value};
 use super::content::{Block, Image, Message, ResultPart, Role};
 use super::request::{MessagesRequest, Thinking, ToolChoice};
 use super::ThinkingStyle;
-use crate::translate::prompt::Counter;
 
 /// What stands in for an image inside a tool result.
 /// Where a tool result's image was, in the text of its tool message.
@@ -96,12 +95,11 @@ impl MessagesRequest {
         Value::Object(body)
     }
 
-    /// The prompt's tokens under `model`'s rules, counted on the body its replica is sent.
-    pub fn prompt_tokens(&self, model: &crate::config::Model) -> u64 {
-        let body = self.to_openai(&model.upstream_model, model.reasoning_switch);
-        match &body {
-            Value::Object(fields) => Counter::new(&model.prompt).body(fields),
-            _ => u64::from(model.prompt.per_request),
+    /// The body `model`'s replica is sent, whose prompt is counted (see `translate::prompt`).
+    pub fn prompt_body(&self, model: &crate::config::Model) -> Map<String, Value> {
+        match self.to_openai(&model.upstream_model, model.reasoning_switch) {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
         }
     }
 
