@@ -268,9 +268,11 @@ fn resolve(
     Ok(model)
 }
 
-/// Bodies past this size are tokenized on a blocking thread: a tokenizer takes about a
-/// millisecond per 10 KB of text, which would stall every other request on this worker.
-const TOKENIZE_INLINE_BYTES: usize = 64 * 1024;
+/// Bodies past this size are tokenized on a blocking thread: with the pure-Rust regex, a
+/// byte-level BPE counts about 1.7 MB a second (`cargo bench --bench translate --
+/// prompt_count`), so 4 KiB already take some 2 ms, which would stall every other request
+/// on this worker.
+const TOKENIZE_INLINE_BYTES: usize = 4 * 1024;
 
 /// Stage "admit", first half: the prompt counted as the model counts it (exact with its
 /// tokenizer, else an upper bound; see `translate::prompt`), for the reservation.
