@@ -9,9 +9,9 @@
 //!
 //! Text is every string of a message that a chat template may render: role, content (text
 //! parts joined by a newline, as engines join them), name, tool call ids and names,
-//! reasoning, any other field; not `type` tags,
-//! and not media parts (`image_url`, `input_audio`, `video_url`, …), which the engine
-//! decodes and reserves at the model's `max_image_tokens` each. JSON a template renders
+//! reasoning, any other field; not `type` tags, and not media parts (`image_url`,
+//! `input_audio`, `video_url`, …), which the engine decodes and which reserve the model's
+//! `max_image_tokens` each. JSON a template renders
 //! (tool definitions, tool call arguments) counts as JSON indented by four spaces: no
 //! template renders it in fewer bytes, since `tojson` adds a space after `:` and `,`.
 //! Strings and numbers of `chat_template_kwargs` count too; a `chat_template` sent with the
@@ -104,6 +104,7 @@ impl<'r> Counter<'r> {
                 Value::Object(fields) if fields.keys().any(|k| MEDIA.contains(&k.as_str())) => {
                     self.add(u64::from(self.rules.max_image_tokens));
                 }
+                // A plain text part, `type` and `text` only; anything more counts apart.
                 Value::Object(fields) => match fields.get("text") {
                     Some(Value::String(text)) if fields.len() <= 2 => texts.push(text),
                     _ => self.value(part),
