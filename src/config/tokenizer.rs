@@ -2,6 +2,7 @@
 //! its prompts are counted by.
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +23,9 @@ pub struct PromptRules {
 pub const DEFAULT_PER_MESSAGE: u32 = 8;
 pub const DEFAULT_PER_REQUEST: u32 = 64;
 pub const DEFAULT_MAX_IMAGE_TOKENS: u32 = 4096;
+
+/// The largest tokenizer file read: real ones are at most a few tens of MiB.
+const MAX_FILE_BYTES: u64 = 256 << 20;
 
 impl Default for PromptRules {
     fn default() -> Self {
@@ -45,7 +49,18 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Reads and parses `path`; the error says why, for the config error that names it.
     pub fn load(path: &Path) -> Result<Tokenizer, String> {
-        let text = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+        let cannot_read = |e: std::io::Error| format!("cannot read {path:?}: {e}");
+        let mut text = Vec::new();
+        // A path to a device or a pipe must not hang the load.
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut text))
+            .map_err(cannot_read)?;
+        if text.len() as u64 > MAX_FILE_BYTES {
+            return Err(format!(
+                "{path:?} is larger than {} MiB, more than any tokenizer.json; name the model's tokenizer.json",
+                MAX_FILE_BYTES >> 20
+            ));
+        }
         let inner = tokenizers::Tokenizer::from_bytes(&text).map_err(|e| {
             format!("{path:?} is not a Hugging Face tokenizer.json ({e}); use the tokenizer.json the model ships with")
         })?;
@@ -72,5 +87,27 @@ impl Tokenizer {
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tokenizer({:?})", self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_tokenizer_is_refused_naming_it() {
+        let e = Tokenizer::load(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
+        assert!(
+            e.starts_with("cannot read \"/nonexistent/tokenizer.json\""),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, "{}").unwrap();
+        let e = Tokenizer::load(&path).unwrap_err();
+        assert!(e.contains("is not a Hugging Face tokenizer.json"), "{e}");
+        // An endless file is cut off, not read until memory runs out.
+        let e = Tokenizer::load(Path::new("/dev/zero")).unwrap_err();
+        assert!(e.contains("is larger than 256 MiB"), "{e}");
     }
 }
