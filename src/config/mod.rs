@@ -149,6 +149,10 @@ models = ["*"]
         let m = s.model("meta/llama").unwrap();
         assert_eq!(m.upstream_model, "meta/llama");
         assert_eq!(m.input_modalities, vec!["text"]);
+        let p = &m.prompt;
+        assert_eq!((p.per_message, p.per_request), (8, 64));
+        assert_eq!(p.max_image_tokens, 4096);
+        assert!(p.tokenizer.is_none());
         let digest: [u8; 32] = hex::decode(DIGEST).unwrap().try_into().unwrap();
         assert_eq!(&*s.key_by_digest(&digest).unwrap().id, "team-a");
     }
@@ -224,6 +228,18 @@ models = ["*"]
             (
                 model("context_tokens = 8192\nmax_output_tokens = 16384"),
                 "models[0].max_output_tokens: 16384 is more than context_tokens (8192)",
+            ),
+            (
+                model("max_image_tokens = 0"),
+                "models[0].max_image_tokens: must be at least 1 (tokens)",
+            ),
+            (
+                model("tokenizer = \"/nonexistent/tokenizer.json\""),
+                "models[0].tokenizer: cannot read \"/nonexistent/tokenizer.json\"",
+            ),
+            (
+                model("template_overhead = { per_turn = 3 }"),
+                "unknown field `per_turn`",
             ),
         ];
         for (text, want) in cases {
