@@ -167,6 +167,17 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_text_counts_what_the_tokenizer_encodes(text in text()) {
+        let (_, ours, theirs) = tokenizer();
+        let encoded = theirs.encode(text.as_str(), false).unwrap().len() as u64;
+        prop_assert_eq!(ours.count(&text), encoded);
+    }
+}
+
 /// A model for the Messages surface, its rules the ones above.
 fn model() -> std::sync::Arc<config::Model> {
     let text = format!(

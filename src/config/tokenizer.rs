@@ -73,10 +73,27 @@ impl Tokenizer {
     /// Tokens of `text` alone, without the special tokens a template adds. A text the
     /// tokenizer cannot encode counts a token per byte, which bounds it.
     pub fn count(&self, text: &str) -> u64 {
-        match self.inner.encode_fast(text, false) {
-            Ok(encoding) => encoding.len() as u64,
-            Err(_) => text.len() as u64,
+        self.pieces(text).unwrap_or(text.len() as u64)
+    }
+
+    /// `encode` up to the tokens, without the `Encoding` it would build from them (ids,
+    /// strings, offsets, masks), of which only the number is needed here.
+    fn pieces(&self, text: &str) -> tokenizers::Result<u64> {
+        use tokenizers::{Model as _, OffsetReferential, OffsetType, PreTokenizer as _};
+        let t = &*self.inner;
+        let mut pieces = t
+            .get_added_vocabulary()
+            .extract_and_normalize(t.get_normalizer(), text);
+        if let Some(pre) = t.get_pre_tokenizer() {
+            pre.pre_tokenize(&mut pieces)?;
         }
+        let model = t.get_model();
+        pieces.tokenize(|normalized| model.tokenize(normalized.get()))?;
+        Ok(pieces
+            .get_splits(OffsetReferential::Original, OffsetType::None)
+            .iter()
+            .map(|(_, _, tokens)| tokens.as_ref().map_or(0, |t| t.len() as u64))
+            .sum())
     }
 
     pub fn path(&self) -> &Path {
