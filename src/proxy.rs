@@ -269,9 +269,9 @@ fn resolve(
 }
 
 /// Bodies past this size are tokenized on a blocking thread: with the pure-Rust regex, a
-/// byte-level BPE counts about 1.7 MB a second (`cargo bench --bench translate --
-/// prompt_count`), so 4 KiB already take some 2 ms, which would stall every other request
-/// on this worker.
+/// byte-level BPE counts about 4 MB a second (`cargo bench --bench translate --
+/// prompt_count`), so 4 KiB already take about a millisecond, which would stall every
+/// other request on this worker.
 const TOKENIZE_INLINE_BYTES: usize = 4 * 1024;
 
 /// Stage "admit", first half: the prompt counted as the model counts it (exact with its
