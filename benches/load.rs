@@ -14,6 +14,8 @@ mod floor;
 mod gateway;
 #[path = "load/report.rs"]
 mod report;
+#[path = "../tests/support/tiny_tokenizer.rs"]
+mod tiny_tokenizer;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -61,12 +63,16 @@ struct Params {
     /// Streaming requests; the latency is then the whole stream.
     #[arg(long)]
     stream: bool,
+    /// Words of prompt in every request (English with some code); 0 sends "Hello".
+    #[arg(long, default_value_t = 0)]
+    prompt_words: u32,
     /// Which phases to run.
     #[arg(long, value_enum, default_value_t = Phase::Both)]
     phase: Phase,
     /// Tollgate setups to measure after the direct phase, in one run: `default`,
     /// `no-ledger` (accounting not written), `limits` (every limit and a budget configured,
-    /// none reached), `anthropic` (the same load as Anthropic Messages requests), `nginx`
+    /// none reached), `anthropic` (the same load as Anthropic Messages requests), `tokenizer`
+    /// (the model names a `tokenizer.json`: prompts counted exactly), `nginx`
     /// (nginx from `PATH` as a plain reverse proxy, for calibration), `pingora` (Pingora's own
     /// proxy path with nothing of tollgate's: the floor of a gateway built on Pingora).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "default")]
@@ -107,6 +113,9 @@ enum Variant {
     NoLedger,
     Limits,
     Anthropic,
+    /// The model names a tokenizer (a byte-level BPE trained at start), so every prompt is
+    /// tokenized when admitted.
+    Tokenizer,
     /// Not tollgate: nginx (from `PATH`) as a plain reverse proxy in front of the same
     /// replicas, with upstream keep-alive and no access log, for calibration.
     Nginx,
@@ -122,6 +131,7 @@ impl Variant {
             Variant::NoLedger => "tg-no-ledger",
             Variant::Limits => "tg-limits",
             Variant::Anthropic => "tg-anthropic",
+            Variant::Tokenizer => "tg-tokenizer",
             Variant::Nginx => "nginx",
             Variant::Pingora => "pingora",
         }

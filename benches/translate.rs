@@ -1,15 +1,19 @@
 //! Translation hot paths: the Anthropic stream state machine (events/s), request and
 //! response mapping at three sizes (bytes/s), and the SSE framer against the naive
 //! `split("\n\n")` most proxies start with; the body structure check against the parse it
-//! precedes.
+//! precedes; and counting a prompt for its reservation, with and without a tokenizer.
 //!
 //! `cargo bench --bench translate` (about a minute and a half). Inputs are built here, in
 //! vLLM's shapes, so the numbers do not depend on files.
 
 use std::time::Duration;
 
+#[path = "../tests/support/tiny_tokenizer.rs"]
+mod tiny_tokenizer;
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
+use tollgate::config::{PromptRules, Tokenizer};
 use tollgate::translate::anthropic::{
     message_from_openai, AnswerPlan, MessagesRequest, StreamTranslator, ThinkingStyle,
 };
@@ -264,6 +268,45 @@ fn sse_framer(c: &mut Criterion) {
     group.finish();
 }
 
+/// Counting a chat request's prompt for its reservation: at a token a byte (no tokenizer)
+/// and with a tokenizer (a byte-level BPE of 600 tokens trained at start; a real one of
+/// 128k tokens splits text into fewer, longer tokens).
+fn prompt_count(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let tokenizer =
+        Tokenizer::load(&tiny_tokenizer::write(dir.path())).expect("the tokenizer loads");
+    let bound = PromptRules::default();
+    let exact = PromptRules {
+        tokenizer: Some(tokenizer),
+        ..PromptRules::default()
+    };
+    let mut group = c.benchmark_group("prompt_count");
+    for (name, turns, text) in [
+        ("small", 1, 200),
+        ("medium", 4, 2_000),
+        ("large", 16, 16_000),
+    ] {
+        let words = "The quick brown fox, fn main() { x += 42; } ".repeat(text / 44 + 1);
+        let messages: Vec<Value> = (0..turns)
+            .flat_map(|_| {
+                [
+                    json!({"role": "user", "content": &words[..text]}),
+                    json!({"role": "assistant", "content": &words[..text]}),
+                ]
+            })
+            .collect();
+        let body = serde_json::to_vec(&json!({"model": "m", "messages": messages})).unwrap();
+        let request = ChatRequest::parse(&body).expect("a valid body");
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        for (how, rules) in [("bound", &bound), ("tokenizer", &exact)] {
+            group.bench_with_input(BenchmarkId::new(how, name), &request, |b, r| {
+                b.iter(|| black_box(r.prompt_tokens(rules)))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -274,6 +317,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream_translator, mapping, body_structure, sse_framer
+    targets = stream_translator, mapping, body_structure, sse_framer, prompt_count
 }
 criterion_main!(benches);

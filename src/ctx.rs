@@ -29,7 +29,8 @@ pub struct RequestCtx {
     pub body_read: bool,
     /// understand → logging.
     pub stream: bool,
-    /// understand → account: the prompt's estimated tokens (used when no usage arrives).
+    /// admit → account: the prompt's tokens as counted for the reservation, exact or an
+    /// upper bound (billed when no usage arrives).
     pub input_estimate: u32,
     /// route → admit, forward, account, logging, metrics.
     pub model: Option<Arc<Model>>,

@@ -31,7 +31,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
 use crate::alerts::Alerter;
-use crate::config::{Key, Model, Policy, Pool, Snapshot};
+use crate::config::{Key, Model, Policy, Pool, PromptRules, Snapshot};
 use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
@@ -39,7 +39,7 @@ use crate::limits::{self, Ask};
 use crate::metrics::Metrics;
 use crate::route::{Placement, RouteError};
 use crate::runtime::Runtime;
-use crate::translate::{anthropic, prefix, ModelRequest};
+use crate::translate::{self, anthropic, prefix, ModelRequest};
 use crate::vocab::{self, Endpoint};
 use crate::{access_log, auth, body, catalog, conn, media, respond, route};
 
@@ -200,8 +200,10 @@ impl Gateway {
         let model = resolve(ctx, snapshot, &key, request.model())?;
         vet_media(&model, &request).await?;
         let affinity = route::session_id(&session.req_header().headers)?.cloned();
+        count_prompt(ctx, &model, &mut request, bytes.len()).await;
         admit(ctx, runtime, &key, &model, &mut request)?;
-        let (body, plan) = request.into_upstream(&model, vocab::message_id);
+        let prompt = u64::from(ctx.input_estimate);
+        let (body, plan) = request.into_upstream(&model, prompt, vocab::message_id);
         let placement = place(ctx, &snapshot.pools[model.pool], affinity, &body);
         let exchange = Exchange {
             pool: &snapshot.pools[model.pool],
@@ -266,11 +268,10 @@ async fn read_body(
     Ok(bytes)
 }
 
-/// Stage "understand": the request parsed and checked, its prompt estimated.
+/// Stage "understand": the request parsed and checked.
 fn understand(ctx: &mut RequestCtx, bytes: &[u8]) -> Result<ModelRequest, GatewayError> {
     let request = ModelRequest::parse(ctx.endpoint, bytes)?;
     ctx.stream = request.stream();
-    ctx.input_estimate = request.estimate_input_tokens();
     Ok(request)
 }
 
@@ -290,6 +291,46 @@ fn resolve(
 /// fetch (see `media`).
 async fn vet_media(model: &Model, request: &ModelRequest) -> Result<(), GatewayError> {
     Ok(media::vet(model, request.media()).await?)
+}
+
+/// Bodies past this size are tokenized on a blocking thread: with the pure-Rust regex, a
+/// byte-level BPE counts about 4 MB a second (`cargo bench --bench translate --
+/// prompt_count`), so 4 KiB already take about a millisecond, which would stall every
+/// other request on this worker.
+const TOKENIZE_INLINE_BYTES: usize = 4 * 1024;
+
+/// Stage "admit", first half: the prompt counted as the model counts it (exact with its
+/// tokenizer, else an upper bound; see `translate::prompt`), for the reservation.
+async fn count_prompt(
+    ctx: &mut RequestCtx,
+    model: &Arc<Model>,
+    request: &mut ModelRequest,
+    body_bytes: usize,
+) -> u64 {
+    let count = if model.prompt.tokenizer.is_none() || body_bytes <= TOKENIZE_INLINE_BYTES {
+        request.prompt_tokens(model)
+    } else {
+        let body = Arc::new(request.prompt_body(model));
+        let (on_thread, model_there) = (body.clone(), model.clone());
+        let counted = tokio::task::spawn_blocking(move || {
+            translate::prompt::Counter::new(&model_there.prompt).body(&on_thread)
+        })
+        .await;
+        match counted {
+            Ok(n) => n,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down: the bound needs no tokenizer.
+            Err(_) => {
+                let rules = PromptRules {
+                    tokenizer: None,
+                    ..model.prompt.clone()
+                };
+                translate::prompt::Counter::new(&rules).body(&body)
+            }
+        }
+    };
+    ctx.input_estimate = u32::try_from(count).unwrap_or(u32::MAX);
+    count
 }
 
 /// Stage "admit": the output cap, and the request's worst case reserved against the key's
@@ -380,7 +421,8 @@ fn admit_metadata(ctx: &mut RequestCtx, runtime: &Runtime, key: &Key) -> Result<
     }
 }
 
-/// `POST /v1/messages/count_tokens`: the prompt estimate, for a model the key may use.
+/// `POST /v1/messages/count_tokens`: the prompt's tokens as a request to the model would
+/// reserve them, for a model the key may use.
 async fn count_tokens(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -390,9 +432,10 @@ async fn count_tokens(
     let key = identify(session, ctx, snapshot)?;
     admit_metadata(ctx, runtime, &key)?;
     let bytes = read_body(session, ctx, snapshot).await?;
-    let request = anthropic::parse_count_tokens(&bytes)?;
-    resolve(ctx, snapshot, &key, &request.model)?;
-    let value = serde_json::json!({ "input_tokens": request.estimate_input_tokens() });
+    let mut request = ModelRequest::Messages(anthropic::parse_count_tokens(&bytes)?);
+    let model = resolve(ctx, snapshot, &key, request.model())?;
+    let tokens = count_prompt(ctx, &model, &mut request, bytes.len()).await;
+    let value = serde_json::json!({ "input_tokens": tokens });
     answer(session, ctx, value).await
 }
 

@@ -79,12 +79,26 @@ pub(super) struct Payload {
     pub(super) stream_end: Option<&'static [u8]>,
 }
 
+/// What `--prompt-words` repeats: English with some code and numbers.
+const PROSE: &str = "The quick brown fox jumps over the lazy dog while fn main() { let total = \
+     values.iter().sum::<u64>(); } prints 42 results, and the report explains why each \
+     request costs what it does.";
+
 impl Payload {
     /// The request of `variant`: a chat completion, or an Anthropic message.
     pub(super) fn new(params: &Params, variant: Variant) -> Payload {
+        let content = match params.prompt_words {
+            0 => "Hello".to_string(),
+            n => PROSE
+                .split(' ')
+                .cycle()
+                .take(n as usize)
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
         let mut body = serde_json::json!({
             "model": MODEL,
-            "messages": [{"role": "user", "content": "Hello"}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": params.tokens,
         });
         if params.stream {

@@ -44,13 +44,20 @@ impl Gateway {
             }
             _ => "",
         };
+        let tokenizer = match variant {
+            Variant::Tokenizer => format!(
+                "tokenizer = {:?}\n",
+                super::tiny_tokenizer::write(dir.path())
+            ),
+            _ => String::new(),
+        };
         let config = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nthreads = {threads}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [state]\ndir = {:?}\nledger = {}\n\n\
              [[pools]]\nname = \"bench\"\nreplicas = [{}]\n\n\
              [[models]]\nslug = \"{MODEL}\"\npool = \"bench\"\n\
-             price = {{ input_per_mtok = 0.5, output_per_mtok = 1.5 }}\n\n\
+             price = {{ input_per_mtok = 0.5, output_per_mtok = 1.5 }}\n{tokenizer}\n\
              [[keys]]\nid = \"bench\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n{limits}",
             dir.path().join("state"),
             variant != Variant::NoLedger,

@@ -7,6 +7,7 @@ mod guard;
 mod limits;
 mod raw;
 mod snapshot;
+mod tokenizer;
 mod validate;
 
 use std::fmt;
@@ -16,6 +17,7 @@ pub use fleet::{Ejection, HealthCheck, Policy, QueueSettings};
 pub use guard::dropped_protections;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
+pub use tokenizer::{PromptRules, Tokenizer};
 pub use validate::{key_id, FEATURES, MODALITIES};
 
 /// Why a config was refused: where (file, line, TOML path) and what to change.
@@ -150,6 +152,10 @@ models = ["*"]
         assert_eq!(m.upstream_model, "meta/llama");
         assert_eq!(m.input_modalities, vec!["text"]);
         assert_eq!(m.media_urls, MediaUrls::PublicOnly);
+        let p = &m.prompt;
+        assert_eq!((p.per_message, p.per_request), (8, 64));
+        assert_eq!(p.max_image_tokens, 4096);
+        assert!(p.tokenizer.is_none());
         let digest: [u8; 32] = hex::decode(DIGEST).unwrap().try_into().unwrap();
         assert_eq!(&*s.key_by_digest(&digest).unwrap().id, "team-a");
     }
@@ -225,6 +231,18 @@ models = ["*"]
             (
                 model("context_tokens = 8192\nmax_output_tokens = 16384"),
                 "models[0].max_output_tokens: 16384 is more than context_tokens (8192)",
+            ),
+            (
+                model("max_image_tokens = 0"),
+                "models[0].max_image_tokens: must be at least 1 (tokens)",
+            ),
+            (
+                model("tokenizer = \"/nonexistent/tokenizer.json\""),
+                "models[0].tokenizer: cannot read \"/nonexistent/tokenizer.json\"",
+            ),
+            (
+                model("template_overhead = { per_turn = 3 }"),
+                "unknown field `per_turn`",
             ),
         ];
         for (text, want) in cases {

@@ -197,6 +197,17 @@ pub struct RawModel {
     pub default_max_tokens: Option<Spanned<u32>>,
     #[serde(default)]
     pub limits: RawLimits,
+    pub template_overhead: Option<RawOverhead>,
+    pub max_image_tokens: Option<Spanned<u32>>,
+    pub tokenizer: Option<Spanned<String>>,
+}
+
+/// Tokens a model's chat template adds to a prompt.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverhead {
+    pub per_message: Option<u32>,
+    pub per_request: Option<u32>,
 }
 
 /// USD per million tokens.

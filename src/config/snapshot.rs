@@ -185,6 +185,8 @@ pub struct Model {
     pub default_max_tokens: u32,
     /// Limits across all keys, protecting the pool.
     pub limits: Limits,
+    /// How its prompts are counted for reservations.
+    pub prompt: super::PromptRules,
 }
 
 /// Which URLs in media parts reach a model's replicas, which fetch them themselves (vLLM

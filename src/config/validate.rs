@@ -13,6 +13,7 @@ use super::fleet::{fleet, RawFleet};
 use super::limits::{alert_settings, budget, limits};
 use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawState, RawTimeouts};
 use super::snapshot::*;
+use super::tokenizer::{PromptRules, Tokenizer};
 use super::ConfigError;
 
 /// The feature vocabulary `/v1/models` publishes.
@@ -517,7 +518,9 @@ fn model(
         },
         None => max_output_tokens.unwrap_or(4096),
     };
+    let prompt = prompt_rules(src, m, path)?;
     Ok(Model {
+        prompt,
         default_max_tokens,
         limits: limits(
             src,
@@ -542,6 +545,31 @@ fn model(
         input_modalities,
         media_urls,
     })
+}
+
+/// `template_overhead`, `max_image_tokens` and `tokenizer`: how prompts are counted.
+fn prompt_rules(src: &Source, m: &RawModel, path: &str) -> Result<PromptRules, ConfigError> {
+    let mut rules = PromptRules::default();
+    if let Some(o) = &m.template_overhead {
+        rules.per_message = o.per_message.unwrap_or(rules.per_message);
+        rules.per_request = o.per_request.unwrap_or(rules.per_request);
+    }
+    if let Some(v) = &m.max_image_tokens {
+        if *v.get_ref() == 0 {
+            return src.err(
+                v.span(),
+                format!("{path}.max_image_tokens"),
+                "must be at least 1 (tokens): the most tokens one image can become".into(),
+            );
+        }
+        rules.max_image_tokens = *v.get_ref();
+    }
+    if let Some(file) = &m.tokenizer {
+        let loaded = Tokenizer::load(std::path::Path::new(file.get_ref()))
+            .or_else(|e| src.err(file.span(), format!("{path}.tokenizer"), e))?;
+        rules.tokenizer = Some(loaded);
+    }
+    Ok(rules)
 }
 
 fn vocabulary(

@@ -13,7 +13,7 @@ use crate::config::{Key, Model};
 /// What a request asks of its limits, as the request stage understood it.
 #[derive(Debug, Clone, Copy)]
 pub struct Ask {
-    /// The prompt's estimated tokens.
+    /// The prompt's tokens: exact, or an upper bound (`translate::prompt`).
     pub input_tokens: u64,
     /// The output cap the client set, if any.
     pub max_output: Option<u64>,
@@ -108,13 +108,10 @@ pub fn admit_request(
 fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64) -> u64 {
     let mut cap = default;
     if let Some(context) = model.context_tokens.map(u64::from) {
-        // The prompt estimate (about 4 bytes a token) runs short for some text and
-        // tokenizers, so a margin is kept: a quarter of the prompt plus 64 tokens, but never
-        // more than half of what the estimate leaves free. The room left falls steadily as
-        // the prompt grows, so a longer prompt never gets a larger cap.
-        let free = context.saturating_sub(input);
-        let margin = (input / 4 + 64).min(free / 2);
-        let room = free - margin;
+        // The prompt's count is never below the replica's (exact with a tokenizer, else an
+        // upper bound), so a cap of what it leaves free always fits the window. A longer
+        // prompt never gets a larger cap.
+        let room = context.saturating_sub(input);
         // No room at all: the prompt alone fills the window, which the replica will say.
         if room > 0 {
             cap = cap.min(room);

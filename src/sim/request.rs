@@ -98,7 +98,10 @@ impl ChatRequest {
             stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
             include_usage: body.pointer("/stream_options/include_usage")
                 == Some(&Value::Bool(true)),
-            prompt_tokens: prompt_tokens(messages, body.get("tools")),
+            prompt_tokens: match scenario.prompt_tokens {
+                Some(n) => u64::from(n),
+                None => prompt_tokens(messages, body.get("tools")),
+            },
             max_tokens,
             stops: stops(body.get("stop"))?,
             reasoning_tokens,

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use super::SimOptions;
 
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 11] = [
     "ttft_ms",
     "token_delay_ms",
     "tokens",
@@ -18,6 +18,7 @@ const FIELDS: [&str; 10] = [
     "reset_after",
     "include_usage_every_chunk",
     "no_usage",
+    "prompt_tokens",
 ];
 
 /// What one request asked the replica to simulate, with the replica's defaults filled in.
@@ -35,6 +36,9 @@ pub(crate) struct Scenario {
     pub usage_every_chunk: bool,
     /// Report no usage at all, as some engines do.
     pub no_usage: bool,
+    /// The prompt's tokens to report instead of the replica's own count, as a tokenizer
+    /// that counts more than it would (one token per short word, say).
+    pub prompt_tokens: Option<u32>,
 }
 
 impl Scenario {
@@ -82,6 +86,7 @@ impl Scenario {
             reset_after: count(sim, "reset_after")?,
             usage_every_chunk,
             no_usage,
+            prompt_tokens: count(sim, "prompt_tokens")?,
         })
     }
 }

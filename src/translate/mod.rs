@@ -5,6 +5,7 @@ pub mod media;
 pub mod openai;
 pub mod prefix;
 pub mod problem;
+pub mod prompt;
 pub mod replica_error;
 pub mod scan;
 pub mod sse;
@@ -52,6 +53,17 @@ impl RequestError {
             param: Some(field.to_string()),
             code: "invalid_value",
         }
+    }
+
+    /// A `chat_template` sent with the request: a template can repeat the prompt any number
+    /// of times, so no count made before the replica renders it could bound it.
+    pub fn client_template() -> Self {
+        RequestError::invalid_value(
+            "chat_template",
+            "the model's own chat template is used; a template sent with the request could \
+             make the prompt longer than any reservation. Leave it out, and pass template \
+             variables in chat_template_kwargs.",
+        )
     }
 
     pub fn wrong_type(field: &str, expected: &str) -> Self {
@@ -157,19 +169,33 @@ impl ModelRequest {
         }
     }
 
-    /// Prompt tokens as estimated before the replica counts them (see each dialect).
-    pub fn estimate_input_tokens(&self) -> u32 {
+    /// The prompt's tokens as `model` counts them: exact with its tokenizer, else an upper
+    /// bound; never fewer than its replica will count (see `prompt`). A Messages request is
+    /// counted as the Chat Completions body its replica is sent.
+    pub fn prompt_tokens(&mut self, model: &Model) -> u64 {
+        prompt::Counter::new(&model.prompt).body(&self.prompt_body(model))
+    }
+
+    /// The Chat Completions body whose prompt `model` counts (see `prompt_tokens`), for a
+    /// caller that counts it elsewhere (a tokenizer on a long prompt takes a while).
+    pub fn prompt_body(&mut self, model: &Model) -> serde_json::Map<String, serde_json::Value> {
         match self {
-            ModelRequest::Chat(r) => r.estimate_input_tokens(),
-            ModelRequest::Messages(r) => r.estimate_input_tokens(),
+            ModelRequest::Chat(r) => r.prompt_body(),
+            ModelRequest::Messages(r) => {
+                r.tool_images = model.input_modalities.contains(&"image");
+                r.prompt_body(model)
+            }
         }
     }
 
     /// The OpenAI body for `model`'s replicas and the plan for its answer. `message_id`
     /// names an Anthropic answer (`msg_…`); it is chosen by the caller so this stays pure.
+    /// `prompt_tokens` is what Anthropic answers report as input when the replica reports
+    /// no usage.
     pub fn into_upstream(
         self,
         model: &Model,
+        prompt_tokens: u64,
         message_id: impl FnOnce() -> String,
     ) -> (Vec<u8>, ResponsePlan) {
         let upstream_model = model.upstream_model.as_str();
@@ -189,7 +215,7 @@ impl ModelRequest {
                 let body = r.to_openai(upstream_model, model.reasoning_switch);
                 let plan = ResponsePlan::Anthropic(anthropic::AnswerPlan {
                     id: message_id(),
-                    input_estimate: r.estimate_input_tokens(),
+                    input_estimate: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
                     thinking: r.shows_thinking(),
                     stop_sequences: r.stop_sequences,
                     model: r.model,

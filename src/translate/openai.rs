@@ -11,7 +11,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::media::MediaPart;
+use super::prompt::Counter;
 use super::RequestError;
+use crate::config::PromptRules;
 
 mod parts;
 
@@ -33,7 +35,6 @@ pub struct ChatRequest {
     max_completion_tokens: Option<Cap>,
     /// The budget clamp: the output cap to send instead of the client's.
     lowered_cap: Option<u64>,
-    input_estimate: u32,
     /// Choices asked for (`n`), each generated up to the output cap.
     pub choices: u32,
     /// The parts that are not text, for the media check.
@@ -67,32 +68,18 @@ struct Fields<'a> {
     #[serde(borrow, default, deserialize_with = "raw")]
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
-    tools: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "raw")]
     n: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    chat_template: Option<&'a RawValue>,
 }
 
-/// What the estimate reads of a message; `role` is checked.
+/// A message's `role`, checked, and its content, for its media parts.
 #[derive(Deserialize)]
 struct Message<'a> {
     #[serde(borrow, default, deserialize_with = "raw")]
     role: Option<&'a RawValue>,
     #[serde(borrow, default)]
     content: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    tool_calls: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct ToolCall<'a> {
-    #[serde(borrow, default)]
-    function: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Function<'a> {
-    #[serde(borrow, default)]
-    arguments: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -112,20 +99,6 @@ fn first_byte(v: &RawValue) -> u8 {
 
 fn is_null(v: &RawValue) -> bool {
     v.get() == "null"
-}
-
-/// The byte length of a JSON string value once unescaped; `None` when it is not a string.
-fn string_len(v: &RawValue) -> Option<usize> {
-    if first_byte(v) != b'"' {
-        return None;
-    }
-    match serde_json::from_str::<&str>(v.get()) {
-        Ok(s) => Some(s.len()),
-        // Escapes cannot be borrowed; they are rare in what this counts.
-        Err(_) => serde_json::from_str::<String>(v.get())
-            .ok()
-            .map(|s| s.len()),
-    }
 }
 
 /// Objects only: anything else is `None`, as a lookup in it would find nothing.
@@ -158,6 +131,9 @@ impl ChatRequest {
         let fields: Fields = serde_json::from_slice(bytes).map_err(RequestError::invalid_json)?;
         if !starts_object {
             return Err(RequestError::invalid_json("the top level is not an object"));
+        }
+        if fields.chat_template.is_some_and(|t| !is_null(t)) {
+            return Err(RequestError::client_template());
         }
         // Every value borrowed from `bytes`: its place in them.
         let base = bytes.as_ptr() as usize;
@@ -203,11 +179,6 @@ impl ChatRequest {
             },
             None => return Err(no_messages()),
         };
-        // Prompt tokens, estimated: 4 per message plus one per 4 characters of text (content
-        // strings, text parts, tool call arguments), 85 per image, and the tool definitions'
-        // JSON at one token per 4 bytes. The replica's count replaces it when one arrives.
-        let mut chars = 0usize;
-        let mut tokens = 0usize;
         let mut media = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let Some(message) = object::<Message>(m)? else {
@@ -231,47 +202,15 @@ impl ChatRequest {
                     ))
                 }
             }
-            tokens += 4;
-            if let Some(content) = message.content {
-                if let Some(n) = string_len(content) {
-                    chars += n;
-                } else if let Some(parts) = array(content)? {
-                    for (j, p) in parts.into_iter().enumerate() {
-                        let Some(part) = object::<Part>(p)? else {
-                            continue;
-                        };
-                        part_media(&part, &format!("messages[{i}].content[{j}]"), &mut media)?;
-                        match part.text.and_then(string_len) {
-                            Some(n) => chars += n,
-                            None if part.image_url.is_some() => tokens += 85,
-                            None => {}
-                        }
-                    }
+            if let Some(parts) = message.content.map(array).transpose()?.flatten() {
+                for (j, p) in parts.into_iter().enumerate() {
+                    let Some(part) = object::<Part>(p)? else {
+                        continue;
+                    };
+                    part_media(&part, &format!("messages[{i}].content[{j}]"), &mut media)?;
                 }
             }
-            for call in message
-                .tool_calls
-                .map(array)
-                .transpose()?
-                .flatten()
-                .unwrap_or_default()
-            {
-                let function = object::<ToolCall>(call)?.and_then(|c| c.function);
-                let arguments = function
-                    .map(object::<Function>)
-                    .transpose()?
-                    .flatten()
-                    .and_then(|f| f.arguments);
-                chars += arguments.and_then(string_len).unwrap_or(0);
-            }
         }
-        if let Some(tools) = fields.tools {
-            // The definitions as compact JSON, however the client spaced them.
-            let value: Value =
-                serde_json::from_str(tools.get()).map_err(RequestError::invalid_json)?;
-            chars += value.to_string().len();
-        }
-        let input_estimate = (tokens + chars.div_ceil(4)).max(1).min(u32::MAX as usize) as u32;
 
         let stream = match fields.stream {
             None => false,
@@ -339,7 +278,6 @@ impl ChatRequest {
             max_tokens,
             max_completion_tokens,
             lowered_cap: None,
-            input_estimate,
             choices,
             media,
             raw: bytes.to_vec(),
@@ -370,9 +308,15 @@ impl ChatRequest {
         self.lowered_cap = Some(n);
     }
 
-    /// Prompt tokens, estimated when the request was parsed (see `parse`).
-    pub fn estimate_input_tokens(&self) -> u32 {
-        self.input_estimate
+    /// The prompt's tokens under a model's rules (see `prompt`).
+    pub fn prompt_tokens(&self, rules: &PromptRules) -> u64 {
+        Counter::new(rules).body(&self.prompt_body())
+    }
+
+    /// The body as a tree, for `prompt`. It was parsed as JSON already, so this cannot fail;
+    /// a second, whole read keeps every field a template may render in view.
+    pub fn prompt_body(&self) -> Map<String, Value> {
+        serde_json::from_slice(&self.raw).unwrap_or_default()
     }
 
     /// The body for the replica: the client's bytes with `model` set to what the replica

@@ -70,8 +70,9 @@ pub fn config_with(sim: &SimReplica, key_extra: &str) -> String {
     )
 }
 
-/// A chat request for the test model: 6 prompt tokens ("Hello") and `max_tokens`; its worst
-/// case is 6 × $0.5/M + n × $1.5/M.
+/// A chat request for the test model: "Hello", which reserves 81 prompt tokens (64 for the
+/// template, 8 for the message, "user" and "Hello" at a token a byte) and `max_tokens`; its
+/// worst case is 81 × $0.5/M + n × $1.5/M. The replica counts 6.
 pub fn ask(max_tokens: u32) -> serde_json::Value {
     serde_json::json!({"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Hello"}]})
 }

@@ -10,10 +10,10 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_budget_admits_exactly_what_fits_under_64_concurrent_requests() {
     let sim = sim().await;
-    // Worst case per request: 6 × 500 + 1000 × 1500 nano-dollars = $0.001503; room for 10.5.
+    // Worst case per request: 81 × 500 + 1000 × 1500 nano-dollars = $0.0015405; room for 10.5.
     let gw = Gateway::start(&config_with(
         &sim,
-        "budget = { usd = 0.0157815, period = \"monthly\" }",
+        "budget = { usd = 0.01617525, period = \"monthly\" }",
     ));
     let mut body = ask(1000);
     body["sim"] = json!({"ttft_ms": 400});
@@ -39,12 +39,12 @@ async fn a_budget_admits_exactly_what_fits_under_64_concurrent_requests() {
         .map(|r| r["cost_micros"].as_u64().unwrap())
         .sum();
     assert!(
-        spent <= 15_782,
+        spent <= 16_176,
         "the ledger never shows spend above the budget: {spent} µ$"
     );
     let key: Value = gw.key_state("team-a").await;
     assert_eq!(key["budget"]["reserved_usd"], 0.0);
-    assert!(key["budget"]["spent_usd"].as_f64().unwrap() <= 0.0157815);
+    assert!(key["budget"]["spent_usd"].as_f64().unwrap() <= 0.01617525);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,12 +72,12 @@ async fn rpm_holds_exactly_under_concurrency_and_429_says_when_to_retry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_holds_exactly_under_concurrency() {
     let sim = sim().await;
-    // Each request reserves 6 prompt + 100 output tokens: 1000 tokens per minute fit 9.
+    // Each request reserves 81 prompt + 100 output tokens: 1000 tokens per minute fit 5.
     let gw = Gateway::start(&config_with(&sim, "tpm = 1000"));
     let mut body = ask(100);
     body["sim"] = json!({"ttft_ms": 300});
     let responses = futures_util::future::join_all((0..30).map(|_| gw.chat(body.clone()))).await;
-    assert_eq!(responses.iter().filter(|r| r.status() == 200).count(), 9);
+    assert_eq!(responses.iter().filter(|r| r.status() == 200).count(), 5);
     let limited = responses.iter().find(|r| r.status() == 429).unwrap();
     assert!(limited.headers().contains_key("retry-after"));
     assert_eq!(limited.headers()["x-ratelimit-limit-tokens"], "1000");
@@ -150,8 +150,8 @@ async fn the_replica_never_generates_more_than_was_reserved() {
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["x-ratelimit-remaining-tokens"],
-        "982",
-        "6 + 12 reserved"
+        "907",
+        "81 + 12 reserved"
     );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 12);
@@ -184,34 +184,37 @@ async fn a_cap_the_client_never_set_leaves_room_for_the_prompt_and_fits_tpm() {
         "context_tokens = 1000\nmax_output_tokens = 1000",
     );
     let gw = Gateway::start(&config);
-    // 2,000 bytes of prompt: 504 tokens estimated. Engines refuse a prompt plus cap past
-    // the 1,000-token window, so the cap sent leaves the prompt room, with a margin.
-    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    // 200 bytes of prompt: at most 64 + 8 + 4 + 200 = 276 tokens. Engines refuse a prompt
+    // plus cap past the 1,000-token window, so the cap sent leaves the prompt room.
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(200)}]});
     assert_eq!(gw.chat(long).await.status(), 200);
     let sent = sim.stats().last_request().unwrap().body;
-    assert_eq!(sent["max_tokens"], 1000 - (504 + 126 + 64));
-    // Longer prompts never get a larger cap: near the window's end, half of what is left.
+    assert_eq!(sent["max_tokens"], 1000 - 276);
+    // Longer prompts never get a larger cap, and prompt plus cap always fit the window.
     let mut last = 1000;
-    for bytes in [2600, 2800, 3000, 3200, 3600] {
+    for bytes in [300, 500, 700, 800, 900] {
         let body =
             json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(bytes)}]});
         assert_eq!(gw.chat(body).await.status(), 200);
         let sent = sim.stats().last_request().unwrap().body["max_tokens"]
             .as_u64()
             .unwrap();
-        let estimate = 4 + bytes as u64 / 4;
+        let bound = 76 + bytes as u64;
         assert!(sent <= last, "{bytes} bytes: {sent} after {last}");
-        assert!(estimate + sent < 1000, "{bytes} bytes: a margin is kept");
+        assert!(
+            bound + sent <= 1000,
+            "{bytes} bytes: the prompt keeps its room"
+        );
         last = sent;
     }
     drop(gw);
 
-    // The model's default (4,096 here) can never fit tpm = 700: 700 − 6 is sent instead,
+    // The model's default (4,096 here) can never fit tpm = 700: 700 − 81 is sent instead,
     // where the request used to be refused for a cap the client never set.
     let gw = Gateway::start(&config_with(&sim, "tpm = 700"));
     let short = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]});
     assert_eq!(gw.chat(short).await.status(), 200);
-    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 694);
+    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 619);
 }
 
 #[tokio::test]
@@ -226,10 +229,10 @@ async fn every_choice_of_n_is_reserved() {
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["x-ratelimit-remaining-tokens"],
-        "594",
-        "6 + 4 × 100 reserved"
+        "519",
+        "81 + 4 × 100 reserved"
     );
-    // 6 + 10 × 100 can never fit in 1,000 tokens a minute.
+    // 81 + 10 × 100 can never fit in 1,000 tokens a minute.
     let r = gw.chat(with_n(json!(10))).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.unwrap();
@@ -270,8 +273,8 @@ async fn an_output_cap_engines_could_read_as_none_is_refused_and_two_caps_agree(
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["x-ratelimit-remaining-tokens"],
-        "99984",
-        "6 + 10 reserved"
+        "99909",
+        "81 + 10 reserved"
     );
     let sent = sim.stats().last_request().unwrap().body;
     assert_eq!(
@@ -322,13 +325,13 @@ async fn budget_402_in_the_anthropic_dialect_and_clamping() {
         &sim,
         "budget = { usd = 0.0001, period = \"daily\", clamp_max_tokens = true }",
     ));
-    // $0.0001 pays 6 prompt tokens and 64 output tokens at $1.5/M (rounded down).
+    // $0.0001 pays 81 prompt tokens and 39 output tokens at $1.5/M (rounded down).
     let r = gw.chat(ask(4000)).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-tollgate-max-tokens-clamped"], "64");
+    assert_eq!(r.headers()["x-tollgate-max-tokens-clamped"], "39");
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["usage"]["completion_tokens"], 64);
-    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 64);
+    assert_eq!(v["usage"]["completion_tokens"], 39);
+    assert_eq!(sim.stats().last_request().unwrap().body["max_tokens"], 39);
     let r = gw.messages(json!({"model": MODEL, "max_tokens": 4000, "messages": [{"role": "user", "content": "Hello"}]})).await;
     assert_eq!(r.status(), 402);
     let e: Value = r.json().await.unwrap();

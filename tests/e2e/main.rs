@@ -4,6 +4,8 @@
 mod common;
 mod fakes;
 mod raw;
+#[path = "../support/tiny_tokenizer.rs"]
+mod tiny_tokenizer;
 
 mod accounting;
 mod affinity;
@@ -24,6 +26,7 @@ mod metrics;
 mod queue;
 mod reload;
 mod request_shape;
+mod reservation;
 mod routing;
 mod shutdown;
 mod slow_clients;

@@ -11,7 +11,6 @@
 //!
 //! - `request`, `content`: the typed request and its validation (400s name the field path).
 //! - `upstream`: the Chat Completions body sent to the replica.
-//! - `estimate`: the count_tokens estimate.
 //! - `wire`: the OpenAI answer shapes read back (lenient), usage and stop reasons.
 //! - `response`: a whole `chat.completion` to a `message`.
 //! - `events`, `stream`: the Anthropic stream events and the per-stream state machine.
@@ -19,7 +18,6 @@
 
 mod content;
 mod error;
-mod estimate;
 mod events;
 mod fields;
 mod request;

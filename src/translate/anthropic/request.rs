@@ -133,6 +133,9 @@ fn parse(bytes: &[u8], endpoint: Endpoint) -> Result<MessagesRequest, RequestErr
     let Value::Object(body) = value else {
         return Err(RequestError::invalid_json("the top level is not an object"));
     };
+    if body.get("chat_template").is_some_and(|t| !t.is_null()) {
+        return Err(RequestError::client_template());
+    }
     let model = match fields::string(&body, "", "model", "Name the model to use.")? {
         "" => return Err(RequestError::missing("model", "Name the model to use.")),
         m => m.to_string(),

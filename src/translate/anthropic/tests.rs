@@ -199,7 +199,6 @@ fn count_tokens_bodies_need_no_max_tokens() {
         br#"{"model":"m","stream":"ignored","messages":[{"role":"user","content":"hello"}]}"#;
     let req = parse_count_tokens(body).unwrap();
     assert_eq!((req.max_tokens, req.stream), (0, false));
-    assert_eq!(req.estimate_input_tokens(), 9);
     assert!(MessagesRequest::parse(body).is_err());
     assert!(parse_count_tokens(br#"{"model":"m","messages":[]}"#).is_err());
 }

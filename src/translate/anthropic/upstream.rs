@@ -95,6 +95,14 @@ impl MessagesRequest {
         Value::Object(body)
     }
 
+    /// The body `model`'s replica is sent, whose prompt is counted (see `translate::prompt`).
+    pub fn prompt_body(&self, model: &crate::config::Model) -> Map<String, Value> {
+        match self.to_openai(&model.upstream_model, model.reasoning_switch) {
+            Value::Object(fields) => fields,
+            _ => Map::new(),
+        }
+    }
+
     fn openai_messages(&self) -> Vec<Value> {
         let mut out = Vec::with_capacity(self.messages.len() + 1);
         if !self.system.is_empty() {

@@ -11,17 +11,15 @@ use crate::translate::media::{fetched_url, MediaPart, Modality};
 use crate::translate::RequestError;
 use crate::vocab::echo;
 
-/// A content part: its type, its text, and every key that carries media. Engines infer a
+/// A content part: its type and every key that carries media. Engines infer a
 /// part's type from these keys when `type` is missing (vLLM does), so each one present is
 /// checked, whatever `type` says.
 #[derive(Deserialize)]
 pub(super) struct Part<'a> {
     #[serde(borrow, default, rename = "type")]
     kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub text: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
-    pub image_url: Option<&'a RawValue>,
+    image_url: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     image_embeds: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
