@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use super::control::{self, Doom, Switches};
 use super::generate::Generation;
 use super::request::{ChatRequest, RequestError};
 use super::scenario::Scenario;
@@ -37,9 +38,11 @@ impl fmt::Display for Reset {
 impl std::error::Error for Reset {}
 
 /// State every connection of one replica shares.
+#[derive(Debug)]
 pub(crate) struct Shared {
     pub opts: SimOptions,
     pub stats: Arc<SimStats>,
+    pub switches: Switches,
     started: u64,
 }
 
@@ -48,6 +51,7 @@ impl Shared {
         Shared {
             opts,
             stats,
+            switches: Switches::default(),
             started: wire::unix_now(),
         }
     }
@@ -63,9 +67,22 @@ impl Shared {
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    doom: Arc<Doom>,
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, Reset> {
     let path = req.uri().path();
+    if path.starts_with("/v1/") && shared.switches.resetting() {
+        shared.stats.connection_reset();
+        doom.set();
+        return Err(Reset);
+    }
+    if path.starts_with("/sim/") {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
+        let (status, answer) =
+            control::answer(&shared.switches, &parts.method, parts.uri.path(), &body);
+        return Ok(json_response(status, &answer));
+    }
     if path.starts_with("/v1/") && !authorized(&shared.opts, &req) {
         return Ok(error_response(
             StatusCode::UNAUTHORIZED,
@@ -75,7 +92,14 @@ pub(crate) async fn handle(
         ));
     }
     match (req.method(), path) {
-        (&Method::GET, "/health") => Ok(Response::new(full(Bytes::new()))),
+        (&Method::GET, "/health") if shared.switches.healthy() => {
+            Ok(Response::new(full(Bytes::new())))
+        }
+        (&Method::GET, "/health") => {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            Ok(resp)
+        }
         (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &models(&shared))),
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(full(Bytes::from(metrics(&shared))));

@@ -21,6 +21,7 @@ pub struct RecordedRequest {
 #[derive(Debug, Default)]
 pub struct SimStats {
     connections: AtomicU64,
+    resets: AtomicU64,
     requests: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
@@ -35,6 +36,12 @@ impl SimStats {
     /// TCP connections accepted.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Model-API requests whose connection was reset in reset mode (not counted in
+    /// [`SimStats::requests`]).
+    pub fn resets(&self) -> u64 {
+        self.resets.load(Ordering::Relaxed)
     }
 
     /// Chat completion requests received.
@@ -94,6 +101,10 @@ impl SimStats {
 
     pub(crate) fn connection_accepted(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_reset(&self) {
+        self.resets.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn request_received(&self) {

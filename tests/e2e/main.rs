@@ -18,6 +18,7 @@ mod metrics;
 mod reload;
 mod routing;
 mod shutdown;
+mod sim;
 mod status;
 mod streaming;
 mod usage_report;
