@@ -24,13 +24,21 @@
 //! Replica-wide faults are switched at run time instead (`control`): `POST /sim/health` makes
 //! `/health` fail, `POST /sim/reset` resets the connection of every model-API request.
 //!
+//! [`SimOptions`] can make a replica behave like one GPU (`gpu`): batch slots, requests
+//! beyond them waiting inside the replica, and a KV prefix cache whose hits are reported as
+//! `cached_tokens` and spare their prefill time. The defaults answer at once, unlimited.
+//!
 //! File map: `service` routes requests and writes JSON answers, `control` holds the switches
-//! and the connection that can end in a reset, `scenario` and `request` read
+//! and the connection that can end in a reset, `gpu` the batch slots and the prefill, `cache`
+//! and `blocks` the prefix cache and the prompt's blocks, `scenario` and `request` read
 //! the body, `generate` decides the output, `wire` shapes the JSON, `stream` sends SSE,
 //! `stats` keeps the ground truth that tests compare the proxy against.
 
+mod blocks;
+mod cache;
 mod control;
 mod generate;
+mod gpu;
 mod request;
 mod scenario;
 mod service;
@@ -70,6 +78,16 @@ pub struct SimOptions {
     pub default_max_tokens: u32,
     /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Requests generated at once (vLLM's `--max-num-seqs`); more wait inside the replica,
+    /// first come first served. `None`: no limit.
+    pub batch_slots: Option<usize>,
+    /// Size of the KV prefix cache in tokens; 0 turns it off.
+    pub kv_cache_tokens: u64,
+    /// Tokens per KV cache block: the unit the prefix cache matches and evicts.
+    pub kv_block_tokens: u32,
+    /// Time to compute one prompt token not found in the prefix cache, added to the time to
+    /// first token.
+    pub prefill_per_token: Duration,
 }
 
 impl Default for SimOptions {
@@ -80,6 +98,10 @@ impl Default for SimOptions {
             token_delay: Duration::ZERO,
             default_max_tokens: 16,
             api_key: None,
+            batch_slots: None,
+            kv_cache_tokens: 0,
+            kv_block_tokens: 16,
+            prefill_per_token: Duration::ZERO,
         }
     }
 }

@@ -127,3 +127,133 @@ async fn reset_mode_resets_model_requests_before_any_byte() {
         .unwrap();
     assert_eq!(answer.status(), 200);
 }
+
+/// A chat request whose system prompt is 104 tokens (4 role tokens and 400 characters): six
+/// 16-token blocks of it can be cached, the seventh mixes in the user's turn.
+fn with_system(user: &str) -> serde_json::Value {
+    json!({"model": MODEL, "max_tokens": 3, "messages": [
+        {"role": "system", "content": "You answer in one line. ".repeat(16) + "Be kind, please."},
+        {"role": "user", "content": user},
+    ]})
+}
+
+#[tokio::test]
+async fn cached_tokens_from_the_prefix_cache_reach_the_client() {
+    let sim = SimReplica::start(SimOptions {
+        kv_cache_tokens: 10_000,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let gw = Gateway::start(&standard_config(&[sim.addr()], ""));
+    let usage = |v: &serde_json::Value| {
+        let u = &v["usage"];
+        (
+            u["prompt_tokens"].as_u64().unwrap(),
+            u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        )
+    };
+    let first: serde_json::Value = gw.chat(with_system("Hello")).await.json().await.unwrap();
+    assert_eq!(usage(&first), (104 + 4 + 2, 0));
+    // Another user turn after the same system prompt: its six blocks are cached.
+    let second: serde_json::Value = gw
+        .chat(with_system("What is new?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage(&second), (104 + 4 + 3, 96));
+
+    // In a stream, the final usage chunk says the same.
+    let mut body = with_system("Hello");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let text = gw.chat(body).await.text().await.unwrap();
+    let data = sse_data(&text);
+    let last: serde_json::Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(usage(&last), (110, 96));
+    assert_eq!(sim.stats().cached_tokens(), 96 + 96);
+}
+
+#[tokio::test]
+async fn batch_slots_queue_requests_and_metrics_show_it() {
+    let sim = SimProcess::start(&["--batch-slots", "1", "--kv-cache-tokens", "1600"]);
+    // The first holds the only slot for a minute; the second waits for it.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let url = sim.url("/v1/chat/completions");
+        let mut body = with_system("Hello");
+        body["sim"] = json!({"ttft_ms": 60_000});
+        held.push(tokio::spawn(async move {
+            client().post(url).json(&body).send().await
+        }));
+    }
+    let deadline = Deadline::after(SETTLE_LIMIT);
+    let text = loop {
+        let text = client()
+            .get(sim.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if series(
+            &text,
+            "vllm:num_requests_waiting{model_name=\"tollgate-sim\"}",
+        ) == Some(1.0)
+        {
+            break text;
+        }
+        deadline.pause(|| text).await;
+    };
+    let value = |name: &str| series(&text, &format!("{name}{{model_name=\"tollgate-sim\"}}"));
+    assert_eq!(value("vllm:num_requests_running"), Some(1.0));
+    // The running request's 110 prompt tokens, of 1,600.
+    assert_eq!(value("vllm:kv_cache_usage_perc"), Some(110.0 / 1600.0));
+    assert_eq!(value("vllm:prefix_cache_queries_total"), Some(110.0));
+    assert_eq!(value("vllm:prefix_cache_hits_total"), Some(0.0));
+    assert!(value("sim:request_load_seconds_total").is_some_and(|v| v > 0.0));
+    for request in held {
+        request.abort();
+    }
+}
+
+#[tokio::test]
+async fn uncached_prompt_tokens_cost_prefill_time() {
+    // 10 ms a token: the 110-token prompt takes 1.1 s to prefill, its cached part none.
+    let sim = SimProcess::start(&[
+        "--kv-cache-tokens",
+        "1600",
+        "--prefill-us-per-token",
+        "10000",
+    ]);
+    let timed = || async {
+        let started = std::time::Instant::now();
+        let resp = client()
+            .post(sim.url("/v1/chat/completions"))
+            .json(&with_system("Hello"))
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = resp.json().await.unwrap();
+        (
+            started.elapsed(),
+            v["usage"]["prompt_tokens_details"]["cached_tokens"].clone(),
+        )
+    };
+    let (cold, cached) = timed().await;
+    assert_eq!(cached, 0);
+    assert!(cold >= Duration::from_millis(1100), "{cold:?}");
+    // 96 tokens cached, 14 to compute: 140 ms.
+    let (warm, cached) = timed().await;
+    assert_eq!(cached, 96);
+    assert!(warm >= Duration::from_millis(140), "{warm:?}");
+    assert!(
+        warm < cold - Duration::from_millis(500),
+        "{warm:?} vs {cold:?}"
+    );
+}
