@@ -30,6 +30,7 @@ fn records(n: usize, offset: usize) -> Vec<UsageRecord> {
             ttft_ms: Some(41.5),
             duration_ms: 812.25,
             replica: Some("10.0.0.11:8000".into()),
+            queue_ms: None,
         })
         .collect()
 }

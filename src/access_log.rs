@@ -35,6 +35,11 @@ pub fn observe(
             metrics.observe_attempt(replica, ok);
         }
     }
+    if let (Some(waited), Some(model), Some(runtime)) =
+        (ctx.outcome.queued, &ctx.model, ctx.runtime.as_deref())
+    {
+        metrics.observe_queue_wait(&runtime.config.pools[model.pool].name, waited);
+    }
     if let Some(m) = model_meters {
         if let Some(fb) = ctx.outcome.first_byte {
             m.ttfb.observe(fb.as_secs_f64());
@@ -75,6 +80,7 @@ pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &Settled) {
         first_token_ms = outcome.first_token.map(|d| d.as_secs_f64() * 1e3),
         replica = outcome.replica().map(|r| &**r),
         attempts = outcome.attempts.len(),
+        queue_ms = outcome.queued.map(|d| d.as_secs_f64() * 1e3),
         "request"
     );
 }

@@ -88,29 +88,59 @@ impl Admin {
         (200, body.to_string().into_bytes())
     }
 
-    /// Ready to take traffic: some model has a replica to send it to. An instance whose
-    /// config serves nothing (no models, or pools without replicas) is alive but not ready.
-    /// While shutting down, the listener stops answering altogether.
+    /// Ready to take traffic: the first round of health checks is over, and some model has
+    /// a replica that takes requests (healthy, not ejected). The answer says so per model.
+    /// An instance whose config serves nothing is alive but not ready. While shutting down,
+    /// the listener stops answering altogether.
     fn ready(&self) -> (u16, Vec<u8>) {
         let runtime = self.runtime.load();
         let snapshot = &runtime.config;
-        let served = snapshot
-            .models
+        let checked = runtime.router.pools().iter().all(|p| p.checked());
+        let eligible: Vec<usize> = runtime
+            .router
+            .pools()
             .iter()
-            .filter(|m| !snapshot.pools[m.pool].replicas.is_empty())
-            .count();
-        match served {
-            0 => error(
-                503,
-                "no model has a replica to serve it: add replicas to a pool in the config and reload",
-            ),
-            n => (
-                200,
-                json!({ "status": "ready", "models_served": n })
-                    .to_string()
-                    .into_bytes(),
-            ),
+            .map(|p| p.eligible())
+            .collect();
+        let mut models = serde_json::Map::new();
+        let mut served = 0;
+        for m in &snapshot.models {
+            let pool = &snapshot.pools[m.pool];
+            let healthy = eligible[m.pool];
+            served += usize::from(healthy > 0);
+            models.insert(
+                m.slug.to_string(),
+                json!({
+                    "ready": healthy > 0,
+                    "pool": pool.name,
+                    "replicas": pool.replicas.len(),
+                    "healthy_replicas": healthy,
+                }),
+            );
         }
+        let (status, state, message) = if !checked {
+            (
+                503,
+                "starting",
+                "the first health checks of the replicas are still running",
+            )
+        } else if served == 0
+            && snapshot
+                .models
+                .iter()
+                .all(|m| snapshot.pools[m.pool].replicas.is_empty())
+        {
+            (503, "not_ready", "no model has a replica to serve it: add replicas to a pool in the config and reload")
+        } else if served == 0 {
+            (503, "not_ready", "no model has a healthy replica: check the replicas (their health path, or tollgate_replica_up)")
+        } else {
+            (200, "ready", "")
+        };
+        let mut body = json!({ "status": state, "models_served": served, "models": models });
+        if status != 200 {
+            body["error"] = json!(message);
+        }
+        (status, body.to_string().into_bytes())
     }
 
     async fn usage(&self, query: &str) -> (u16, Vec<u8>) {
@@ -171,7 +201,10 @@ impl ServeHttp for Admin {
         // The one method the URL answers, if it is an admin URL: for a 405's `Allow`.
         let allowed = method_of(&path);
         let (status, content_type, body) = match (method.as_str(), path.as_str()) {
-            ("GET", "/metrics") => (200, "text/plain; version=0.0.4", self.metrics.render()),
+            ("GET", "/metrics") => {
+                self.metrics.observe_fleet(&self.runtime.load().router);
+                (200, "text/plain; version=0.0.4", self.metrics.render())
+            }
             ("GET", "/healthz") => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
             ("GET", "/readyz") => {
                 let (status, body) = self.ready();

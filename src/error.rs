@@ -46,6 +46,8 @@ impl GatewayError {
             Route(RouteError::ModelNotFound { .. }) => 404,
             Route(RouteError::ModelForbidden { .. }) => 403,
             Forward(ForwardError::NoReplica { .. }) => 503,
+            Forward(ForwardError::QueueFull { .. }) => 429,
+            Forward(ForwardError::NoCapacity { .. }) => 503,
             Forward(ForwardError::Unreachable { .. }) => 502,
             Forward(ForwardError::Broken { .. }) => 502,
             Forward(ForwardError::Timeout { .. }) => 504,
@@ -74,6 +76,7 @@ impl GatewayError {
         match self {
             Auth(_) => "authentication_error",
             Route(RouteError::ModelForbidden { .. }) => "permission_error",
+            Forward(ForwardError::QueueFull { .. }) => "rate_limit_error",
             Forward(_) => "api_error",
             Limit {
                 err: LimitError::Limited { .. },
@@ -108,6 +111,8 @@ impl GatewayError {
             Route(RouteError::ModelNotFound { .. }) => "model_not_found",
             Route(RouteError::ModelForbidden { .. }) => "model_not_allowed",
             Forward(ForwardError::NoReplica { .. }) => "no_healthy_replica",
+            Forward(ForwardError::QueueFull { .. }) => "queue_full",
+            Forward(ForwardError::NoCapacity { .. }) => "no_capacity",
             Forward(ForwardError::Unreachable { .. }) => "upstream_unreachable",
             Forward(ForwardError::Broken { .. }) => "upstream_error",
             Forward(ForwardError::Timeout { .. }) => "upstream_timeout",
@@ -206,6 +211,12 @@ impl GatewayError {
                 "The replica did not answer in time ({phase}). Retry, or send a smaller request."
             ),
             Forward(ForwardError::ClientGone) => "The client disconnected before the response was complete.".into(),
+            Forward(ForwardError::QueueFull { pool, max_waiting }) => format!(
+                "Every replica of pool '{pool}' is busy and {max_waiting} request(s) are already waiting for one. Retry after the time in the retry-after header, or send fewer requests at once."
+            ),
+            Forward(ForwardError::NoCapacity { pool, waited_ms }) => format!(
+                "No replica of pool '{pool}' had room for this request within {waited_ms} ms of waiting (all busy or unhealthy). Retry after the time in the retry-after header."
+            ),
             Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
                 "Unknown request URL: {} {}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models.",
@@ -249,6 +260,8 @@ impl GatewayError {
                 ..
             } => *retry_after,
             GatewayError::Forward(ForwardError::NoReplica { .. }) => Some(1),
+            GatewayError::Forward(ForwardError::QueueFull { .. }) => Some(1),
+            GatewayError::Forward(ForwardError::NoCapacity { .. }) => Some(1),
             _ => None,
         }
     }

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use crate::account::ledger::LedgerMeters;
 use crate::config::Snapshot;
+use crate::route::{FleetMeters, Router};
 use crate::vocab::{Endpoint, Usage};
 
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -35,6 +36,10 @@ pub struct Metrics {
     ledger_queue: IntGauge,
     ledger_dropped: IntCounter,
     ledger_write_errors: IntCounter,
+    fleet: FleetMeters,
+    replica_up: IntGaugeVec,
+    queue_wait: HistogramVec,
+    queue_waiting: IntGaugeVec,
 }
 
 /// Request latency buckets in seconds: from sub-millisecond gateway answers to long generations.
@@ -189,8 +194,66 @@ impl Metrics {
             "Failed ledger writes (full or unwritable disk); the batch is retried.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let fleet = FleetMeters {
+            ejections: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_replica_ejections_total",
+                    "Replicas taken out of rotation after failures in a row, by pool and replica.",
+                ),
+                &["pool", "replica"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            check_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "tollgate_health_check_seconds",
+                    "Time an active health check took, by pool.",
+                )
+                .buckets(LATENCY_BUCKETS[..13].to_vec()),
+                &["pool"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            check_failures: IntCounterVec::new(
+                Opts::new(
+                    "tollgate_health_check_failures_total",
+                    "Active health checks that failed (5xx, timeout, no connection), by pool and replica.",
+                ),
+                &["pool", "replica"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+        };
+        let replica_up = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_replica_up",
+                "1 if the replica takes new requests (healthy, not ejected), else 0; by pool and replica.",
+            ),
+            &["pool", "replica"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "tollgate_queue_wait_seconds",
+                "Time requests waited in a pool's queue for a replica with room, by pool (requests that did not wait are not counted).",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["pool"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let queue_waiting = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_queue_waiting_requests",
+                "Requests waiting in a pool's queue now, by pool.",
+            ),
+            &["pool"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(fleet.ejections.clone()),
+            Box::new(fleet.check_seconds.clone()),
+            Box::new(fleet.check_failures.clone()),
+            Box::new(replica_up.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(queue_waiting.clone()),
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(ttfb.clone()),
@@ -235,6 +298,39 @@ impl Metrics {
             ledger_queue,
             ledger_dropped,
             ledger_write_errors,
+            fleet,
+            replica_up,
+            queue_wait,
+            queue_waiting,
+        }
+    }
+
+    /// The fleet's metric families, for the router to label.
+    pub fn fleet(&self) -> &FleetMeters {
+        &self.fleet
+    }
+
+    /// A request's wait in its pool's queue.
+    pub fn observe_queue_wait(&self, pool: &str, waited: Duration) {
+        self.queue_wait
+            .with_label_values(&[pool])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Sets the gauges read from the fleet's live state: which replicas take requests, and
+    /// how many requests wait. Replicas a reload removed disappear.
+    pub fn observe_fleet(&self, router: &Router) {
+        self.replica_up.reset();
+        self.queue_waiting.reset();
+        for pool in router.pools() {
+            for (replica, up) in pool.states() {
+                self.replica_up
+                    .with_label_values(&[&pool.name, replica])
+                    .set(i64::from(up));
+            }
+            self.queue_waiting
+                .with_label_values(&[&pool.name])
+                .set(pool.queue().waiting() as i64);
         }
     }
 

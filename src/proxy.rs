@@ -195,6 +195,7 @@ impl Gateway {
         let exchange = Exchange {
             pool: &snapshot.pools[model.pool],
             route: runtime.router.pool(model.pool),
+            placement: Default::default(),
             path: "/v1/chat/completions",
             body: body.into(),
             stream: ctx.stream,

@@ -171,7 +171,9 @@ impl Reloader {
                 return self.refuse(format!("budgets could not be rebuilt from the ledger: {e}"));
             }
         }
-        self.runtime.store(Arc::new(next));
+        let next = Arc::new(next);
+        self.runtime.store(next.clone());
+        next.take_over(Some(&current));
         self.metrics.observe_reload(true);
         let mut note = if restart.is_empty() {
             "config reloaded".to_string()

@@ -20,7 +20,7 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: Snapshot, previous: Option<&Runtime>, metrics: &Metrics) -> Self {
-        let router = Router::build(&config, previous.map(|p| &p.router));
+        let router = Router::build(&config, previous.map(|p| &p.router), metrics.fleet());
         let limits = Registry::build(&config, previous.map(|p| &p.limits));
         let meters = Meters::build(metrics, &config);
         Runtime {
@@ -33,6 +33,15 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Makes this runtime the one whose health checks run, after it was stored as the one
+    /// in use; `previous`'s stop (a reload).
+    pub fn take_over(&self, previous: Option<&Runtime>) {
+        if let Some(p) = previous {
+            p.router.stop_checks();
+        }
+        self.router.start_checks(&self.config);
+    }
+
     /// Rebuilds from the ledger each budget's spend in its current period and the alerts
     /// already fired, so neither a restart nor a reload resets a budget or repeats an alert.
     /// With `previous` (a reload), only budgets whose counters cannot carry on are rebuilt:
@@ -211,6 +220,7 @@ mod tests {
             ttft_ms: None,
             duration_ms: 1.0,
             replica: None,
+            queue_ms: None,
         };
         ticket.settle_with(0, nanos, now, || ledger.record(row))
     }

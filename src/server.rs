@@ -60,6 +60,7 @@ pub fn run(
         runtime.seed_budgets(ledger, None)?;
     }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+    runtime.load().take_over(None);
     let reloader = config_file.map(|file| {
         Arc::new(Reloader::new(
             file,

@@ -210,7 +210,8 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
              estimated INTEGER NOT NULL,
              ttft_ms REAL,
              duration_ms REAL NOT NULL,
-             replica TEXT
+             replica TEXT,
+             queue_ms REAL
          ) WITHOUT ROWID;
          -- Rows are found by time through the primary key: an id starts with its row's
          -- ts_ms in hex (see account::record_id). A separate time index cost every insert.
@@ -224,7 +225,22 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
          );",
     )
     .map_err(|e| format!("ledger {}: {e}", path.display()))?;
+    add_missing_columns(&conn).map_err(|e| format!("ledger {}: {e}", path.display()))?;
     Ok(conn)
+}
+
+/// Columns added since the first ledger, so that a ledger written by an older tollgate
+/// opens: its rows read NULL there.
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let has_queue_ms: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('usage') WHERE name = 'queue_ms'",
+        [],
+        |row| row.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_queue_ms {
+        conn.execute_batch("ALTER TABLE usage ADD COLUMN queue_ms REAL")?;
+    }
+    Ok(())
 }
 
 /// First wait before writing again after a failed write; it doubles up to `MAX_BACKOFF`.
@@ -375,7 +391,7 @@ fn answer_off_thread(path: &Path, q: Question) {
 
 /// Rows per INSERT statement: one statement step for many rows is most of the speed.
 const ROWS_PER_STATEMENT: usize = 64;
-const COLUMNS: usize = 16;
+const COLUMNS: usize = 17;
 
 /// The two INSERT statements' text, built once: it is also the key of the statement cache.
 struct InsertSql {
@@ -441,6 +457,7 @@ fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusq
                 &r.ttft_ms,
                 &r.duration_ms,
                 &r.replica,
+                &r.queue_ms,
             ]);
         }
         stmt.execute(params_from_iter(values))?;
@@ -453,7 +470,7 @@ fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT OR IGNORE INTO usage (id, request_id, ts_ms, key_id, model, surface, status,
              input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos,
-             estimated, ttft_ms, duration_ms, replica) VALUES {}",
+             estimated, ttft_ms, duration_ms, replica, queue_ms) VALUES {}",
         vec![row; rows].join(",")
     )
 }
@@ -482,6 +499,7 @@ mod tests {
             ttft_ms: None,
             duration_ms: 1.0,
             replica: None,
+            queue_ms: None,
         }
     }
 
@@ -523,6 +541,36 @@ mod tests {
         ledger.flush();
         assert_eq!(rows(&path), MAX_BATCH as i64 + 310);
         assert_eq!(meters.queue.get(), 0);
+        ledger.close();
+    }
+
+    #[test]
+    fn a_ledger_from_before_queue_ms_opens_and_takes_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE usage (id TEXT PRIMARY KEY, request_id TEXT NOT NULL,
+                 ts_ms INTEGER NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL,
+                 surface TEXT NOT NULL, status INTEGER NOT NULL, input_tokens INTEGER NOT NULL,
+                 cached_input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+                 reasoning_tokens INTEGER NOT NULL, cost_nanos INTEGER NOT NULL,
+                 estimated INTEGER NOT NULL, ttft_ms REAL, duration_ms REAL NOT NULL,
+                 replica TEXT) WITHOUT ROWID;",
+            )
+            .unwrap();
+        let ledger = Ledger::open(dir.path(), LedgerMeters::default()).unwrap();
+        assert_eq!(ledger.path(), path, "the same file");
+        let mut r = record(1_795_000_000_000);
+        r.queue_ms = Some(12.5);
+        ledger.record(r);
+        ledger.flush();
+        let queued: f64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT queue_ms FROM usage", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(queued, 12.5);
         ledger.close();
     }
 }

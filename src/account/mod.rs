@@ -161,6 +161,7 @@ fn record(
             .map(|d| d.as_secs_f64() * 1e3),
         duration_ms: bill.started.elapsed().as_secs_f64() * 1e3,
         replica: outcome.replica().cloned(),
+        queue_ms: outcome.queued.map(|d| d.as_secs_f64() * 1e3),
     })
 }
 

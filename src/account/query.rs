@@ -386,6 +386,7 @@ pub(super) mod tests {
             ttft_ms: Some(1.0),
             duration_ms: 2.0,
             replica: None,
+            queue_ms: None,
         }
     }
 

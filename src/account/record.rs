@@ -24,4 +24,6 @@ pub struct UsageRecord {
     pub ttft_ms: Option<f64>,
     pub duration_ms: f64,
     pub replica: Option<Arc<str>>,
+    /// Time spent waiting in the pool's queue, if it waited.
+    pub queue_ms: Option<f64>,
 }

@@ -2,6 +2,7 @@
 //!
 //! One function, [`load`], serves startup, `tollgate check` and (later) reload.
 
+mod fleet;
 mod guard;
 mod limits;
 mod raw;
@@ -11,6 +12,7 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use fleet::{Ejection, HealthCheck, Policy, QueueSettings};
 pub use guard::dropped_protections;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;

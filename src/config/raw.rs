@@ -3,6 +3,8 @@
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::fleet::{RawEjection, RawHealth, RawQueue};
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tollgate";
@@ -128,6 +130,17 @@ pub struct RawPool {
     pub timeouts: RawTimeouts,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: Spanned<u32>,
+    // The fleet keys (config/fleet.rs).
+    pub policy: Option<Spanned<String>>,
+    pub load_factor: Option<Spanned<f64>>,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub ejection: RawEjection,
+    pub slow_start_ms: Option<Spanned<u64>>,
+    pub max_inflight_per_replica: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub queue: RawQueue,
 }
 
 fn default_max_attempts() -> Spanned<u32> {

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use super::fleet::Fleet;
+
 pub use crate::vocab::TokenPrices;
 
 /// One immutable view of the config file. A request takes one at its start and keeps it.
@@ -128,6 +130,8 @@ pub struct Pool {
     /// Attempts per request, counting the first; connect failures and 502/503 answers are
     /// retried on another replica.
     pub max_attempts: NonZeroU32,
+    /// Picking, health, ejection, slow start, concurrency target and queue.
+    pub fleet: Fleet,
 }
 
 #[derive(Debug, Clone, Copy)]

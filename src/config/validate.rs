@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::fleet::{fleet, RawFleet};
 use super::limits::{alert_settings, budget, limits};
 use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawState, RawTimeouts};
 use super::snapshot::*;
@@ -283,6 +284,19 @@ fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
         upstream_key,
         timeouts: timeouts(src, &p.timeouts, &format!("{path}.timeouts"))?,
         max_attempts,
+        fleet: fleet(
+            src,
+            RawFleet {
+                policy: &p.policy,
+                load_factor: &p.load_factor,
+                health: &p.health,
+                ejection: &p.ejection,
+                slow_start_ms: &p.slow_start_ms,
+                max_inflight_per_replica: &p.max_inflight_per_replica,
+                queue: &p.queue,
+            },
+            path,
+        )?,
     })
 }
 

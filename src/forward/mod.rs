@@ -25,7 +25,7 @@ use relay::Ending;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Pool;
-use crate::route::{Lease, PoolRoute, Replica};
+use crate::route::{Lease, NoRoom, Placement, PoolRoute, Replica};
 use crate::translate::ResponsePlan;
 use crate::vocab::{Problem, Usage};
 
@@ -41,12 +41,18 @@ pub enum ForwardError {
     Timeout { phase: &'static str },
     /// The client went away; the replica was told by closing its connection.
     ClientGone,
+    /// The pool's waiting line is full.
+    QueueFull { pool: String, max_waiting: u32 },
+    /// No replica had room within the line's timeout (or the request's deadline).
+    NoCapacity { pool: String, waited_ms: u64 },
 }
 
 /// What to send: the request is complete in memory, so it can be retried on another replica.
 pub struct Exchange<'a> {
     pub pool: &'a Pool,
-    pub route: &'a PoolRoute,
+    pub route: &'a Arc<PoolRoute>,
+    /// Where the affinity policy would place it.
+    pub placement: Placement,
     pub path: &'static str,
     pub body: Bytes,
     pub stream: bool,
@@ -69,6 +75,8 @@ pub struct Exchange<'a> {
 pub struct Outcome {
     /// Every replica tried, in order.
     pub attempts: Vec<Attempt>,
+    /// Time spent in the pool's waiting line before the first attempt.
+    pub queued: Option<Duration>,
     /// Time from the request's start to the replica's response header.
     pub first_byte: Option<Duration>,
     /// Time from the request's start to the first generated token (streams).
@@ -151,17 +159,11 @@ impl Upstream {
         out: &mut Outcome,
     ) -> Result<Relayed, ForwardError> {
         let deadline = Instant::now() + ex.pool.timeouts.total;
-        let mut next = ex.route.pick(|_| false);
+        let mut next = Some(self.acquire(session, &ex, deadline, out).await?);
         let (mut up, lease, mut head, first_output) = loop {
             let Some(lease) = next.take() else {
-                return Err(if out.attempts.is_empty() {
-                    ForwardError::NoReplica {
-                        pool: ex.pool.name.clone(),
-                    }
-                } else {
-                    ForwardError::Unreachable {
-                        attempts: out.attempts.len() as u32,
-                    }
+                return Err(ForwardError::Unreachable {
+                    attempts: out.attempts.len() as u32,
                 });
             };
             out.attempt(&lease);
@@ -171,25 +173,53 @@ impl Upstream {
                 Ok(up) => up,
                 Err(detail) => {
                     out.judge(false);
+                    failed(&ex, lease.replica());
                     tracing::warn!(request_id = %ex.request_id, replica = %addr, error = %detail, "replica attempt failed");
                     if !may_retry {
                         return Err(ForwardError::Unreachable {
                             attempts: out.attempts.len() as u32,
                         });
                     }
-                    next = ex.route.pick(|a| out.tried(a));
+                    next = ex.route.pick(ex.placement, |a| out.tried(a));
                     continue;
                 }
             };
             out.sent = true;
-            let (head, first_output) = self.wait_head(session, &mut up, &ex, deadline).await?;
+            let (head, first_output) = match self.wait_head(session, &mut up, &ex, deadline).await {
+                Ok(h) => h,
+                // Reset or closed before one byte of an answer: a crashing or restarting
+                // server. Inference has no side effect to repeat, so another replica gets it.
+                Err(ForwardError::Broken { detail }) if up.heard_nothing() => {
+                    out.judge(false);
+                    failed(&ex, lease.replica());
+                    tracing::warn!(request_id = %ex.request_id, replica = %addr, error = %detail, "replica closed the connection before answering");
+                    let other = may_retry
+                        .then(|| ex.route.pick(ex.placement, |a| out.tried(a)))
+                        .flatten();
+                    match other {
+                        Some(other) => {
+                            out.sent = false;
+                            next = Some(other);
+                            continue;
+                        }
+                        None => return Err(ForwardError::Broken { detail }),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             // An overloaded or restarting replica (502, 503) has not started on the request:
             // it goes to another replica while one is left, within the attempts and the time.
-            let refused = matches!(head.status.as_u16(), 502 | 503);
+            let status = head.status.as_u16();
+            let refused = matches!(status, 502 | 503);
             out.judge(!refused);
+            if matches!(status, 502..=504) {
+                failed(&ex, lease.replica());
+            } else {
+                lease.replica().succeeded();
+            }
             if refused && may_retry {
-                if let Some(other) = ex.route.pick(|a| out.tried(a)) {
-                    tracing::warn!(request_id = %ex.request_id, replica = %addr, status = head.status.as_u16(), "replica refused the request; trying another");
+                if let Some(other) = ex.route.pick(ex.placement, |a| out.tried(a)) {
+                    tracing::warn!(request_id = %ex.request_id, replica = %addr, status, "replica refused the request; trying another");
                     // It did no work on it: only the next attempt can make it billable.
                     out.sent = false;
                     next = Some(other);
@@ -213,6 +243,42 @@ impl Upstream {
                     lease.replica().keep(up.into_stream());
                 }
                 relay::deliver(session, header, tail).await
+            }
+        }
+    }
+
+    /// The first replica: one with room now, or after a wait in the pool's line, watching
+    /// the client (one that leaves gives up its place at once).
+    async fn acquire(
+        &self,
+        session: &mut Session,
+        ex: &Exchange<'_>,
+        deadline: Instant,
+        out: &mut Outcome,
+    ) -> Result<Lease, ForwardError> {
+        let pool = || ex.pool.name.clone();
+        let got = tokio::select! {
+            got = ex.route.acquire(ex.placement, deadline) => got,
+            _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+        };
+        match got {
+            Ok((lease, waited)) => {
+                if !waited.is_zero() {
+                    out.queued = Some(waited);
+                }
+                Ok(lease)
+            }
+            Err(NoRoom::Empty) => Err(ForwardError::NoReplica { pool: pool() }),
+            Err(NoRoom::QueueFull { max_waiting }) => Err(ForwardError::QueueFull {
+                pool: pool(),
+                max_waiting,
+            }),
+            Err(NoRoom::Timeout { waited }) => {
+                out.queued = Some(waited);
+                Err(ForwardError::NoCapacity {
+                    pool: pool(),
+                    waited_ms: waited.as_millis() as u64,
+                })
             }
         }
     }
@@ -296,6 +362,13 @@ impl Upstream {
                 Err(_) => return Err("send: total timeout".into()),
             }
         }
+    }
+}
+
+/// Counts a failed attempt towards the replica's ejection, and says so when it ejects it.
+fn failed(ex: &Exchange<'_>, replica: &Replica) {
+    if let Some(out_for) = ex.route.failed(replica) {
+        tracing::warn!(pool = %ex.pool.name, replica = %replica.authority, ejected_ms = out_for.as_millis() as u64, "replica ejected after failures in a row");
     }
 }
 

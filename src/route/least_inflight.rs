@@ -1,22 +1,26 @@
-//! The `least_inflight` policy: fewest requests in flight, random among ties.
+//! The `least_inflight` policy: fewest requests in flight for its share (slow start lowers a
+//! returning replica's share), random among ties.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rand::Rng;
 
 use super::Replica;
 
+/// The best of the replicas `ok` accepts.
 pub(super) fn pick(
     replicas: &[Arc<Replica>],
-    tried: impl Fn(SocketAddr) -> bool,
-) -> Option<Arc<Replica>> {
+    ok: impl Fn(&Replica) -> bool,
+    weight: impl Fn(&Replica) -> f64,
+) -> Option<&Arc<Replica>> {
     let mut best: Option<&Arc<Replica>> = None;
-    let mut best_load = usize::MAX;
+    let mut best_load = f64::INFINITY;
     let mut ties = 0u32;
     let mut rng = rand::thread_rng();
-    for r in replicas.iter().filter(|r| !tried(r.addr)) {
-        let load = r.inflight();
+    for r in replicas.iter().filter(|r| ok(r)) {
+        // Requests it would have with this one, for its share: an idle replica at a tenth of
+        // its share (1 / 0.1 = 10) loses to a full one with up to 9 in flight.
+        let load = (r.inflight() + 1) as f64 / weight(r);
         if load < best_load {
             best = Some(r);
             best_load = load;
@@ -29,64 +33,5 @@ pub(super) fn pick(
             }
         }
     }
-    best.cloned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::PoolRoute;
-    use super::*;
-    use std::time::Duration;
-
-    fn pool(n: u16) -> PoolRoute {
-        PoolRoute {
-            replicas: (0..n)
-                .map(|i| {
-                    let addr = SocketAddr::from(([127, 0, 0, 1], 9000 + i));
-                    Arc::new(Replica::new(
-                        addr,
-                        Duration::from_secs(1),
-                        Duration::from_secs(1),
-                        1,
-                        Default::default(),
-                    ))
-                })
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn the_least_loaded_replica_wins() {
-        let p = pool(3);
-        let a = p.pick(|_| false).unwrap();
-        let b = p.pick(|_| false).unwrap();
-        let c = p.pick(|_| false).unwrap();
-        let mut seen = vec![a.replica().addr, b.replica().addr, c.replica().addr];
-        seen.sort();
-        seen.dedup();
-        assert_eq!(
-            seen.len(),
-            3,
-            "each of three idle replicas gets one request"
-        );
-        drop(b);
-        let d = p.pick(|_| false).unwrap();
-        assert_eq!(d.replica().inflight(), 1);
-    }
-
-    #[test]
-    fn ties_are_spread_and_tried_replicas_skipped() {
-        let p = pool(2);
-        let mut counts = [0; 2];
-        for _ in 0..400 {
-            let l = p.pick(|_| false).unwrap();
-            counts[(l.replica().addr.port() - 9000) as usize] += 1;
-        }
-        assert!(counts[0] > 100 && counts[1] > 100, "{counts:?}");
-        let first = p.pick(|_| false).unwrap().replica().addr;
-        let other = p.pick(|a| a == first).unwrap();
-        assert_ne!(other.replica().addr, first);
-        let second = other.replica().addr;
-        assert!(p.pick(|a| a == first || a == second).is_none());
-    }
+    best
 }

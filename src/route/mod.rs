@@ -1,17 +1,35 @@
-//! Routing: `model` → model entry → pool → a replica, with per-replica in-flight counts.
+//! Routing: `model` → model entry → pool → a replica. The fleet layer: replicas with their
+//! live state (replica.rs), active health checks (health.rs), the waiting line for a pool
+//! with no room (queue.rs), and the picking policies (one per file).
+//!
+//! A pick looks only at replicas that are eligible (healthy, not ejected) and under the
+//! pool's concurrency target, and claims its slot with one compare-and-swap; the claim is a
+//! [`Lease`], released on drop. When no replica has room, the request waits in the pool's
+//! line; whoever frees room (a lease dropped, a replica back) wakes its head.
 
+mod clock;
+mod health;
 mod idle;
 mod least_inflight;
+mod queue;
+mod replica;
+mod round_robin;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use pingora::protocols::Stream;
-use pingora::upstreams::peer::HttpPeer;
+use prometheus::{HistogramVec, IntCounterVec};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::config::{Key, Model, Snapshot};
-use idle::IdleConns;
+use crate::config::{Fleet, Key, Model, Policy, Snapshot};
+pub use clock::now_ms;
+pub use queue::Queue;
+pub use replica::Replica;
+use replica::{State, DOWN, PENDING, UNKNOWN};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -41,145 +59,288 @@ pub fn resolve<'s>(
     Ok(model)
 }
 
+/// The fleet's metric families (defined in metrics.rs), labelled here by pool and replica.
+#[derive(Clone)]
+pub struct FleetMeters {
+    pub ejections: IntCounterVec,
+    pub check_seconds: HistogramVec,
+    pub check_failures: IntCounterVec,
+}
+
 /// Per-pool replica sets, indexed like `Snapshot::pools`.
 pub struct Router {
-    pools: Vec<PoolRoute>,
+    pools: Vec<Arc<PoolRoute>>,
+    /// Ends this router's health checks when set or dropped.
+    stop: watch::Sender<bool>,
 }
 
 impl Router {
     /// Replica sets for a snapshot. A replica address that `previous` also routes to keeps
-    /// its in-flight count and its idle connections, so a reload does not forget the load
-    /// already on it.
-    pub fn build(snapshot: &Snapshot, previous: Option<&Router>) -> Self {
+    /// its state (in-flight count, idle connections, health, ejection), and a pool name that
+    /// stays keeps its waiting line. A replica new in a reload gets no traffic until its
+    /// first health check passes.
+    pub fn build(snapshot: &Snapshot, previous: Option<&Router>, meters: &FleetMeters) -> Self {
         let idle_limit = snapshot.server.upstream_keepalive_pool_size.get();
-        let live_of = |addr: SocketAddr| {
+        let old: HashMap<SocketAddr, &Arc<Replica>> = previous
+            .iter()
+            .flat_map(|r| &r.pools)
+            .flat_map(|p| &p.replicas)
+            .map(|r| (r.addr, r))
+            .collect();
+        let old_queue = |name: &str| {
             previous
-                .and_then(|r| {
-                    r.pools
-                        .iter()
-                        .flat_map(|p| &p.replicas)
-                        .find(|x| x.addr == addr)
-                })
-                .map(|x| Live {
-                    inflight: x.inflight.clone(),
-                    idle: x.idle.clone(),
-                })
-                .unwrap_or_default()
+                .and_then(|r| r.pools.iter().find(|p| &*p.name == name))
+                .map(|p| p.queue.clone())
         };
         let pools = snapshot
             .pools
             .iter()
-            .map(|p| PoolRoute {
-                replicas: p
+            .map(|p| {
+                let replicas = p
                     .replicas
                     .iter()
                     .map(|&addr| {
+                        let state = match old.get(&addr) {
+                            Some(r) => r.state.clone(),
+                            None if previous.is_some() && p.fleet.health.is_some() => {
+                                Arc::new(State::new(PENDING))
+                            }
+                            None => Arc::new(State::new(UNKNOWN)),
+                        };
                         let t = &p.timeouts;
+                        let authority = addr.to_string();
                         Arc::new(Replica::new(
                             addr,
                             t.connect,
                             t.pool_idle,
                             idle_limit,
-                            live_of(addr),
+                            state,
+                            meters.ejections.with_label_values(&[&p.name, &authority]),
                         ))
                     })
-                    .collect(),
+                    .collect();
+                Arc::new(PoolRoute {
+                    name: p.name.as_str().into(),
+                    replicas,
+                    fleet: p.fleet.clone(),
+                    queue: old_queue(&p.name).unwrap_or_default(),
+                    next: AtomicUsize::new(0),
+                    checked: AtomicBool::new(p.fleet.health.is_none()),
+                    meters: meters.clone(),
+                })
             })
             .collect();
-        Router { pools }
+        Router {
+            pools,
+            stop: watch::channel(false).0,
+        }
     }
 
-    pub fn pool(&self, index: usize) -> &PoolRoute {
+    pub fn pool(&self, index: usize) -> &Arc<PoolRoute> {
         &self.pools[index]
+    }
+
+    pub fn pools(&self) -> &[Arc<PoolRoute>] {
+        &self.pools
+    }
+
+    /// Starts the health checks of every pool that has them. Called once the router is the
+    /// one in use; `stop_checks` (or dropping the router) ends them.
+    pub fn start_checks(&self, snapshot: &Snapshot) {
+        for (route, pool) in self.pools.iter().zip(&snapshot.pools) {
+            if let Some(check) = &pool.fleet.health {
+                let key = pool.upstream_key.as_ref().map(|k| k.expose().to_string());
+                health::spawn(route.clone(), check.clone(), key, self.stop.subscribe());
+            }
+        }
+        // Waiters of a line carried over look at the new replica set.
+        for pool in &self.pools {
+            pool.queue.wake_head();
+        }
+    }
+
+    pub fn stop_checks(&self) {
+        self.stop.send_replace(true);
     }
 }
 
 pub struct PoolRoute {
+    pub name: Arc<str>,
     replicas: Vec<Arc<Replica>>,
+    fleet: Fleet,
+    queue: Arc<Queue>,
+    /// The next turn of `round_robin`.
+    next: AtomicUsize,
+    /// The first round of health checks is done (or there are none).
+    checked: AtomicBool,
+    meters: FleetMeters,
+}
+
+/// Why a request got no replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// The pool lists no replica at all.
+    Empty,
+    /// `max_waiting` requests already wait.
+    QueueFull { max_waiting: u32 },
+    /// It waited `timeout_ms` without a replica having room.
+    Timeout { waited: Duration },
+}
+
+/// How a request is placed under `affinity`, and the other policies' nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placement {
+    pub hash: Option<u64>,
 }
 
 impl PoolRoute {
-    /// Picks the replica with the fewest requests in flight, skipping those `tried` says were
-    /// tried already; ties are broken at random so equal replicas share load. The lease counts
-    /// the request until dropped.
-    pub fn pick(&self, tried: impl Fn(SocketAddr) -> bool) -> Option<Lease> {
-        let replica = least_inflight::pick(&self.replicas, tried)?;
-        replica.inflight.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { replica })
-    }
-
     pub fn is_empty(&self) -> bool {
         self.replicas.is_empty()
     }
-}
 
-/// What a replica carries over a reload.
-#[derive(Default)]
-struct Live {
-    inflight: Arc<AtomicUsize>,
-    idle: Arc<IdleConns>,
-}
+    pub fn replicas(&self) -> &[Arc<Replica>] {
+        &self.replicas
+    }
 
-/// One upstream server and its live load.
-pub struct Replica {
-    pub addr: SocketAddr,
-    /// `addr` rendered once, for the `host` header of every request sent to it, its ledger
-    /// rows and log lines.
-    pub authority: Arc<str>,
-    inflight: Arc<AtomicUsize>,
-    /// Connections to it waiting for the next request.
-    idle: Arc<IdleConns>,
-    /// How many may wait, and for how long.
-    idle_limit: usize,
-    pool_idle: std::time::Duration,
-    /// Template for new connections: the connect timeout is fixed per replica.
-    peer: HttpPeer,
-}
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
 
-impl Replica {
-    fn new(
-        addr: SocketAddr,
-        connect: std::time::Duration,
-        pool_idle: std::time::Duration,
-        idle_limit: usize,
-        live: Live,
-    ) -> Self {
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(connect);
-        let authority = addr.to_string();
-        Replica {
-            addr,
-            authority: authority.into(),
-            inflight: live.inflight,
-            idle: live.idle,
-            idle_limit,
-            pool_idle,
-            peer,
+    /// The first round of health checks has ended (always true without checks).
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Relaxed)
+    }
+
+    fn mark_checked(&self) {
+        self.checked.store(true, Ordering::Relaxed);
+    }
+
+    /// Replicas taking new requests now.
+    pub fn eligible(&self) -> usize {
+        let now = now_ms();
+        self.replicas.iter().filter(|r| r.eligible(now)).count()
+    }
+
+    /// A lease on a replica with room, waiting in the pool's line for one if none has it,
+    /// until `deadline` (the request's own) or the line's timeout. Returns how long it
+    /// waited. Dropping the future (the client left) leaves the line at once.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        place: Placement,
+        deadline: Instant,
+    ) -> Result<(Lease, Duration), NoRoom> {
+        if self.replicas.is_empty() {
+            return Err(NoRoom::Empty);
+        }
+        if self.queue.waiting() == 0 {
+            if let Some(lease) = self.pick(place, |_| false) {
+                return Ok((lease, Duration::ZERO));
+            }
+        }
+        let max_waiting = self.fleet.queue.max_waiting;
+        let spot = self
+            .queue
+            .join(max_waiting as usize)
+            .ok_or(NoRoom::QueueFull { max_waiting })?;
+        let started = Instant::now();
+        let until = deadline.min(started + self.fleet.queue.timeout);
+        loop {
+            if spot.is_head() {
+                if let Some(lease) = self.pick(place, |_| false) {
+                    // Leaving hands the head to the next, who looks for room in turn.
+                    drop(spot);
+                    return Ok((lease, started.elapsed()));
+                }
+            }
+            // An ejection ends without anyone saying so: the head looks again then.
+            let wake = self.next_return().map_or(until, |t| t.min(until));
+            let woken = tokio::time::timeout_at(wake, spot.woken()).await.is_ok();
+            if !woken && Instant::now() >= until {
+                return Err(NoRoom::Timeout {
+                    waited: started.elapsed(),
+                });
+            }
         }
     }
 
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
+    /// When the first ejected replica that is otherwise healthy comes back.
+    fn next_return(&self) -> Option<Instant> {
+        let now = now_ms();
+        self.replicas
+            .iter()
+            .filter(|r| r.health() != DOWN && r.health() != PENDING)
+            .filter_map(|r| r.ejected_until(now))
+            .min()
+            .map(clock::instant_of)
     }
 
-    pub fn peer(&self) -> &HttpPeer {
-        &self.peer
+    /// A replica with room now, by the pool's policy, skipping those `tried` names; no
+    /// waiting. Retries use it directly: a retry goes elsewhere or not at all.
+    pub fn pick(&self, place: Placement, tried: impl Fn(SocketAddr) -> bool) -> Option<Lease> {
+        let now = now_ms();
+        let target = self
+            .fleet
+            .max_inflight_per_replica
+            .map_or(usize::MAX, |n| n.get() as usize);
+        let slow = self.fleet.slow_start;
+        let mut lost = Vec::new();
+        // A claim lost to a concurrent request (the replica filled meanwhile) tries the next.
+        for _ in 0..self.replicas.len() {
+            let ok = |r: &Replica| {
+                r.eligible(now)
+                    && r.inflight() < target
+                    && !tried(r.addr)
+                    && !lost.contains(&r.addr)
+            };
+            let weight = |r: &Replica| r.weight(now, slow);
+            let chosen = match self.fleet.policy {
+                Policy::RoundRobin => round_robin::pick(&self.replicas, &self.next, |r| {
+                    ok(r) && (slow.is_none() || rand::random::<f64>() < weight(r))
+                }),
+                Policy::LeastInflight | Policy::Affinity => {
+                    let _ = place;
+                    least_inflight::pick(&self.replicas, ok, weight)
+                }
+            }?;
+            if chosen.claim(target) {
+                return Some(Lease {
+                    replica: chosen.clone(),
+                    queue: self.queue.clone(),
+                });
+            }
+            lost.push(chosen.addr);
+        }
+        None
     }
 
-    /// An idle connection to this replica, still open and not expired, if there is one.
-    pub fn reuse(&self) -> Option<Stream> {
-        self.idle.take(self.pool_idle)
+    /// An attempt on `replica` failed at the connection or with 502/503/504; it may be
+    /// ejected. Returns the ejection's length if this failure ejected it.
+    pub fn failed(&self, replica: &Replica) -> Option<Duration> {
+        replica.failed(
+            now_ms(),
+            self.fleet.ejection.as_ref(),
+            self.fleet.slow_start,
+        )
     }
 
-    /// Keeps a connection that finished a response cleanly for the next request.
-    pub fn keep(&self, stream: Stream) {
-        self.idle.put(stream, self.idle_limit, self.pool_idle);
+    /// Each replica's address and whether it takes new requests, for metrics.
+    pub fn states(&self) -> impl Iterator<Item = (&str, bool)> {
+        let now = now_ms();
+        self.replicas
+            .iter()
+            .map(move |r| (&*r.authority, r.eligible(now)))
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
     }
 }
 
-/// A request's claim on a replica; dropping it (on any path) releases the in-flight slot.
+/// A request's claim on a replica; dropping it (on any path) releases the in-flight slot and
+/// lets the head of the pool's line look for room.
 pub struct Lease {
     replica: Arc<Replica>,
+    queue: Arc<Queue>,
 }
 
 impl Lease {
@@ -190,6 +351,87 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.replica.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.replica.release();
+        self.queue.wake_head();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::{HistogramOpts, Opts};
+
+    /// A router over `n` replicas on 127.0.0.1:9000… with `extra` pool lines (no health checks).
+    pub(super) fn router(n: u16, extra: &str) -> Router {
+        let replicas: Vec<String> = (0..n)
+            .map(|i| format!("\"127.0.0.1:{}\"", 9000 + i))
+            .collect();
+        let text = format!(
+            "[[pools]]\nname = \"p\"\nreplicas = [{}]\nhealth = {{ enabled = false }}\n{extra}\n\n[[models]]\nslug = \"m\"\npool = \"p\"\n\n[[keys]]\nid = \"k\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n",
+            replicas.join(", "),
+            "0".repeat(64)
+        );
+        let snapshot = crate::config::parse(&text).unwrap();
+        let meters = FleetMeters {
+            ejections: IntCounterVec::new(Opts::new("e", "e"), &["pool", "replica"]).unwrap(),
+            check_seconds: HistogramVec::new(HistogramOpts::new("s", "s"), &["pool"]).unwrap(),
+            check_failures: IntCounterVec::new(Opts::new("f", "f"), &["pool", "replica"]).unwrap(),
+        };
+        Router::build(&snapshot, None, &meters)
+    }
+
+    fn port(l: &Lease) -> u16 {
+        l.replica().addr.port() - 9000
+    }
+
+    #[test]
+    fn the_least_loaded_replica_wins_and_ties_are_spread() {
+        let r = router(3, "");
+        let p = r.pool(0);
+        let held: Vec<Lease> = (0..3)
+            .map(|_| p.pick(Placement::default(), |_| false).unwrap())
+            .collect();
+        let mut seen: Vec<u16> = held.iter().map(port).collect();
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2], "each of three idle replicas gets one");
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            counts[port(&p.pick(Placement::default(), |_| false).unwrap()) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 50), "{counts:?}");
+        let first = held[0].replica().addr;
+        let other = p.pick(Placement::default(), |a| a == first).unwrap();
+        assert_ne!(other.replica().addr, first);
+    }
+
+    #[test]
+    fn the_concurrency_target_caps_each_replica() {
+        let r = router(2, "max_inflight_per_replica = 2");
+        let p = r.pool(0);
+        let held: Vec<Lease> = (0..4)
+            .map(|_| p.pick(Placement::default(), |_| false).unwrap())
+            .collect();
+        assert!(
+            p.pick(Placement::default(), |_| false).is_none(),
+            "both at their target"
+        );
+        assert!(p.replicas().iter().all(|r| r.inflight() == 2));
+        drop(held);
+        assert!(p.replicas().iter().all(|r| r.inflight() == 0));
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_skips_ejected_replicas() {
+        let r = router(3, "policy = \"round_robin\"\nejection = { failures = 1 }");
+        let p = r.pool(0);
+        let turns: Vec<u16> = (0..6)
+            .map(|_| port(&p.pick(Placement::default(), |_| false).unwrap()))
+            .collect();
+        assert_eq!(&turns[..3], &turns[3..]);
+        assert!(p.failed(&p.replicas()[1]).is_some(), "one failure ejects");
+        for _ in 0..6 {
+            assert_ne!(port(&p.pick(Placement::default(), |_| false).unwrap()), 1);
+        }
+        assert_eq!(p.eligible(), 2);
     }
 }

@@ -64,8 +64,23 @@ impl WebhookSink {
 }
 
 /// Reads one HTTP/1.1 request: its head, then as many body bytes as its content-length
-/// says. False if the connection ended first.
+/// says. False if the connection ended first. A health check (`GET`) is answered 200 here
+/// and counts as no request, so the fakes script and count only what clients sent.
 async fn read_request(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 4];
+    if stream.peek(&mut first).await.is_ok_and(|n| n == 4) && &first == b"GET " {
+        // Read before answering: a socket closed with unread input resets the connection.
+        read_request_body(stream).await;
+        let _ = stream
+            .write_all(http_response("200 OK", "text/plain", "").as_bytes())
+            .await;
+        return false;
+    }
+    read_request_body(stream).await
+}
+
+async fn read_request_body(stream: &mut tokio::net::TcpStream) -> bool {
     use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -260,5 +275,102 @@ impl Drop for SimProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A replica whose port accepts every connection and resets it at once, as a crashing or
+/// restarting server does; it counts the connections it took.
+pub struct ResettingReplica {
+    pub addr: SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ResettingReplica {
+    pub async fn start() -> ResettingReplica {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Linger 0: closing sends a reset, not a FIN. (Deprecated because a non-zero
+                // linger blocks the dropping thread; zero never does.)
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+                drop(stream);
+            }
+        });
+        ResettingReplica { addr, connections }
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A replica that answers every chat request with a canned completion and its health check
+/// (`GET`) with 200 or, once switched, 503; it counts the chat requests it answered.
+pub struct SwitchableReplica {
+    pub addr: SocketAddr,
+    answered: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SwitchableReplica {
+    pub async fn start() -> SwitchableReplica {
+        use std::sync::atomic::Ordering;
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, fail) = (answered.clone(), failing.clone());
+        let ok = http_response(
+            "200 OK",
+            "application/json",
+            &completion_json("hi", 6, 0, 1),
+        );
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (count, fail, ok) = (count.clone(), fail.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let mut first = [0u8; 4];
+                    if stream.peek(&mut first).await.is_ok_and(|n| n == 4) && &first == b"GET " {
+                        read_request_body(&mut stream).await;
+                        let status = if fail.load(Ordering::SeqCst) {
+                            "503 Service Unavailable"
+                        } else {
+                            "200 OK"
+                        };
+                        let _ = stream
+                            .write_all(http_response(status, "text/plain", "").as_bytes())
+                            .await;
+                        return;
+                    }
+                    if !read_request_body(&mut stream).await {
+                        return;
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(ok.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        SwitchableReplica {
+            addr,
+            answered,
+            failing,
+        }
+    }
+
+    /// Makes its health check fail (true) or pass (false).
+    pub fn fail_health(&self, fail: bool) {
+        self.failing
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn answered(&self) -> u64 {
+        self.answered.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

@@ -106,6 +106,8 @@ pub struct Conn<S = Stream> {
     framing: Framing,
     keep_alive: bool,
     max_head: usize,
+    /// Some byte of a response arrived on this connection.
+    heard: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -116,6 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             framing: Framing::Done,
             keep_alive: false,
             max_head: MAX_HEAD,
+            heard: false,
         }
     }
 
@@ -344,10 +347,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     async fn fill(&mut self) -> Result<usize, H1Error> {
         self.buf.reserve(READ_CHUNK);
-        self.stream
+        let n = self
+            .stream
             .read_buf(&mut self.buf)
             .await
-            .map_err(|_| H1Error("read error"))
+            .map_err(|_| H1Error("read error"))?;
+        self.heard |= n > 0;
+        Ok(n)
+    }
+
+    /// Not one byte of a response arrived: a failure now (a reset, a close) happened before
+    /// the replica answered anything, and the request may go to another replica.
+    pub fn heard_nothing(&self) -> bool {
+        !self.heard
     }
 
     /// The response is complete and nothing else arrived: the connection may carry another
