@@ -4,7 +4,7 @@
 //! with the replica's own queue.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -68,7 +68,15 @@ impl Gpu {
         let mut running = stats.start_waiting();
         // The semaphore is never closed, so acquiring fails only if it were; run then.
         let permit = match &self.slots {
-            Some(slots) => slots.clone().acquire_owned().await.ok(),
+            Some(slots) => match slots.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let queued = Instant::now();
+                    let permit = slots.clone().acquire_owned().await.ok();
+                    stats.waited(queued.elapsed());
+                    permit
+                }
+            },
             None => None,
         };
         running.start(prompt_tokens);
@@ -147,6 +155,7 @@ mod tests {
         drop(a);
         let (first, _c) = rx.recv().await.unwrap();
         assert_eq!(first, "c");
+        assert!(stats.queue_seconds() > 0.0);
         assert_eq!((stats.running(), stats.waiting()), (2, 1));
         drop(b);
         let (second, _d) = rx.recv().await.unwrap();

@@ -301,6 +301,12 @@ fn metrics(shared: &Shared) -> String {
             stats.cached_tokens() as f64,
         ),
         (
+            "sim:request_queue_seconds_total",
+            "counter",
+            "Time requests waited for a batch slot, summed.",
+            stats.queue_seconds(),
+        ),
+        (
             "sim:request_load_seconds_total",
             "counter",
             "Requests in the replica, waiting or running, integrated over time: its rate is the mean load.",

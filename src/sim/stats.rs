@@ -32,6 +32,7 @@ pub struct SimStats {
     kv_tokens: AtomicU64,
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
+    queue_nanos: AtomicU64,
     load: Mutex<LoadMeter>,
     cancelled_changed: Notify,
     last_request: Mutex<Option<RecordedRequest>>,
@@ -100,6 +101,11 @@ impl SimStats {
         self.prefix_hits.load(Ordering::Relaxed)
     }
 
+    /// Time requests spent waiting for a batch slot, summed.
+    pub fn queue_seconds(&self) -> f64 {
+        self.queue_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
     /// Requests in the replica, waiting or running, integrated over time: divided by a span
     /// of time, the mean load over it.
     pub fn load_seconds(&self) -> f64 {
@@ -166,6 +172,11 @@ impl SimStats {
     pub(crate) fn stream_cancelled(&self) {
         self.cancelled.fetch_add(1, Ordering::Relaxed);
         self.cancelled_changed.notify_waiters();
+    }
+
+    pub(crate) fn waited(&self, wait: Duration) {
+        let nanos = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        self.queue_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     pub(crate) fn prefix_looked_up(&self, prompt: u64, cached: u64) {

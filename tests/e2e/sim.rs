@@ -217,6 +217,7 @@ async fn batch_slots_queue_requests_and_metrics_show_it() {
     assert_eq!(value("vllm:prefix_cache_queries_total"), Some(110.0));
     assert_eq!(value("vllm:prefix_cache_hits_total"), Some(0.0));
     assert!(value("sim:request_load_seconds_total").is_some_and(|v| v > 0.0));
+    assert_eq!(value("sim:request_queue_seconds_total"), Some(0.0));
     for request in held {
         request.abort();
     }
