@@ -45,6 +45,7 @@ impl GatewayError {
             Request(_) => 400,
             Route(RouteError::ModelNotFound { .. }) => 404,
             Route(RouteError::ModelForbidden { .. }) => 403,
+            Route(RouteError::SessionTooLong { .. }) => 400,
             Forward(ForwardError::NoReplica { .. }) => 503,
             Forward(ForwardError::QueueFull { .. }) => 429,
             Forward(ForwardError::NoCapacity { .. }) => 503,
@@ -110,6 +111,7 @@ impl GatewayError {
             Request(e) => e.code,
             Route(RouteError::ModelNotFound { .. }) => "model_not_found",
             Route(RouteError::ModelForbidden { .. }) => "model_not_allowed",
+            Route(RouteError::SessionTooLong { .. }) => "invalid_session_affinity",
             Forward(ForwardError::NoReplica { .. }) => "no_healthy_replica",
             Forward(ForwardError::QueueFull { .. }) => "queue_full",
             Forward(ForwardError::NoCapacity { .. }) => "no_capacity",
@@ -166,6 +168,7 @@ impl GatewayError {
     pub fn param(&self) -> Option<&str> {
         match self {
             GatewayError::Request(e) => e.param.as_deref(),
+            GatewayError::Route(RouteError::SessionTooLong { .. }) => None,
             GatewayError::Route(_) => Some("model"),
             GatewayError::Limit {
                 err: LimitError::TooLarge { .. },
@@ -197,6 +200,10 @@ impl GatewayError {
             Route(RouteError::ModelForbidden { model, key_id }) => format!(
                 "The API key '{key_id}' is not allowed to use the model '{}'. Use a model listed for this key or ask the operator to add it to the key's models.",
                 echo(model)
+            ),
+            Route(RouteError::SessionTooLong { len }) => format!(
+                "The x-session-affinity header is {len} bytes long; at most {} are accepted. Send a shorter session id, such as a UUID or a hash of yours.",
+                crate::route::MAX_SESSION_ID
             ),
             Forward(ForwardError::NoReplica { pool }) => format!(
                 "No replica of pool '{pool}' is available to serve this model right now. Retry later."

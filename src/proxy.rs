@@ -30,15 +30,15 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
 use crate::alerts::Alerter;
-use crate::config::{Key, Model, Snapshot};
+use crate::config::{Key, Model, Policy, Pool, Snapshot};
 use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
 use crate::forward::{Exchange, Relayed, Upstream};
 use crate::limits::{self, Ask};
 use crate::metrics::Metrics;
-use crate::route::RouteError;
+use crate::route::{Placement, RouteError};
 use crate::runtime::Runtime;
-use crate::translate::{anthropic, ModelRequest};
+use crate::translate::{anthropic, prefix, ModelRequest};
 use crate::vocab::{self, Endpoint};
 use crate::{access_log, auth, body, catalog, respond, route};
 
@@ -190,12 +190,14 @@ impl Gateway {
         let bytes = read_body(session, ctx, snapshot).await?;
         let mut request = understand(ctx, &bytes)?;
         let model = resolve(ctx, snapshot, &key, request.model())?;
+        let affinity = route::session_id(&session.req_header().headers)?.cloned();
         admit(ctx, runtime, &key, &model, &mut request)?;
         let (body, plan) = request.into_upstream(&model, vocab::message_id);
+        let placement = place(ctx, &snapshot.pools[model.pool], affinity, &body);
         let exchange = Exchange {
             pool: &snapshot.pools[model.pool],
             route: runtime.router.pool(model.pool),
-            placement: Default::default(),
+            placement,
             path: "/v1/chat/completions",
             body: body.into(),
             stream: ctx.stream,
@@ -300,6 +302,29 @@ fn admit(
             })
         }
     }
+}
+
+/// Where the `affinity` policy places the request: by its session id (sent back to the
+/// client), else by its prompt's prefix as the replica will see it.
+fn place(
+    ctx: &mut RequestCtx,
+    pool: &Pool,
+    session: Option<http::HeaderValue>,
+    upstream_body: &[u8],
+) -> Placement {
+    if let Some(id) = &session {
+        if let Ok(text) = id.to_str() {
+            ctx.headers.push(("x-session-affinity", text.to_string()));
+        }
+    }
+    if pool.fleet.policy != Policy::Affinity {
+        return Placement::default();
+    }
+    let hash = match &session {
+        Some(id) => Some(prefix::session_hash(id.as_bytes())),
+        None => prefix::prefix_hash(upstream_body),
+    };
+    Placement { hash }
 }
 
 /// After forward: the status the client was sent, and the error its answer carried.

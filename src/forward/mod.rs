@@ -257,7 +257,10 @@ impl Upstream {
         out: &mut Outcome,
     ) -> Result<Lease, ForwardError> {
         let pool = || ex.pool.name.clone();
+        // Biased: a replica with room is the common case, found without waiting and without
+        // looking at the client's socket.
         let got = tokio::select! {
+            biased;
             got = ex.route.acquire(ex.placement, deadline) => got,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };

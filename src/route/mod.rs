@@ -13,6 +13,7 @@ mod idle;
 mod least_inflight;
 mod queue;
 mod replica;
+mod ring;
 mod round_robin;
 
 use std::collections::HashMap;
@@ -37,6 +38,20 @@ pub enum RouteError {
     ModelNotFound { model: String },
     /// The model exists but the key's `models` list does not cover it.
     ModelForbidden { model: String, key_id: String },
+    /// `x-session-affinity` is longer than `MAX_SESSION_ID` bytes.
+    SessionTooLong { len: usize },
+}
+
+/// The longest `x-session-affinity` id accepted.
+pub const MAX_SESSION_ID: usize = 256;
+
+/// The session id a request names in `x-session-affinity`, if any (empty counts as none).
+pub fn session_id(headers: &http::HeaderMap) -> Result<Option<&http::HeaderValue>, RouteError> {
+    match headers.get("x-session-affinity") {
+        Some(v) if v.len() > MAX_SESSION_ID => Err(RouteError::SessionTooLong { len: v.len() }),
+        Some(v) if !v.is_empty() => Ok(Some(v)),
+        _ => Ok(None),
+    }
 }
 
 /// The model a request names, if it exists and the key may use it.
@@ -119,9 +134,14 @@ impl Router {
                         ))
                     })
                     .collect();
+                let ring = match p.fleet.policy {
+                    Policy::Affinity => ring::build(p.replicas.iter().copied()),
+                    _ => Vec::new(),
+                };
                 Arc::new(PoolRoute {
                     name: p.name.as_str().into(),
                     replicas,
+                    ring,
                     fleet: p.fleet.clone(),
                     queue: old_queue(&p.name).unwrap_or_default(),
                     next: AtomicUsize::new(0),
@@ -167,6 +187,8 @@ impl Router {
 pub struct PoolRoute {
     pub name: Arc<str>,
     replicas: Vec<Arc<Replica>>,
+    /// The `affinity` policy's ring (empty under other policies).
+    ring: Vec<(u64, u32)>,
     fleet: Fleet,
     queue: Arc<Queue>,
     /// The next turn of `round_robin`.
@@ -187,7 +209,8 @@ pub enum NoRoom {
     Timeout { waited: Duration },
 }
 
-/// How a request is placed under `affinity`, and the other policies' nothing.
+/// Where a request belongs under `affinity`: the hash of its session id or of its prompt's
+/// prefix. The other policies ignore it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Placement {
     pub hash: Option<u64>,
@@ -297,8 +320,14 @@ impl PoolRoute {
                 Policy::RoundRobin => round_robin::pick(&self.replicas, &self.next, |r| {
                     ok(r) && (slow.is_none() || rand::random::<f64>() < weight(r))
                 }),
+                Policy::Affinity if place.hash.is_some() => ring::pick(
+                    &self.ring,
+                    &self.replicas,
+                    place.hash.unwrap_or_default(),
+                    self.fleet.load_factor,
+                    ok,
+                ),
                 Policy::LeastInflight | Policy::Affinity => {
-                    let _ = place;
                     least_inflight::pick(&self.replicas, ok, weight)
                 }
             }?;
@@ -418,6 +447,70 @@ mod tests {
         assert!(p.replicas().iter().all(|r| r.inflight() == 2));
         drop(held);
         assert!(p.replicas().iter().all(|r| r.inflight() == 0));
+    }
+
+    #[test]
+    fn affinity_keeps_a_hash_on_one_replica_until_it_passes_the_bound() {
+        let r = router(4, "policy = \"affinity\"");
+        let p = r.pool(0);
+        let at = |h: u64| Placement { hash: Some(h) };
+        let home = port(&p.pick(at(42), |_| false).unwrap());
+        for _ in 0..20 {
+            assert_eq!(
+                port(&p.pick(at(42), |_| false).unwrap()),
+                home,
+                "idle: always home"
+            );
+        }
+        // Held: with 4 replicas and a factor of 1.25, the home takes requests while under
+        // 1.25 × the mean load counting the new one; then the same next replica does.
+        let mut held = Vec::new();
+        let mut homes = Vec::new();
+        for _ in 0..6 {
+            let l = p.pick(at(42), |_| false).unwrap();
+            homes.push(port(&l));
+            held.push(l);
+        }
+        assert_eq!(homes[0], home);
+        assert!(homes.iter().any(|&h| h != home), "spilled: {homes:?}");
+        let loads: Vec<usize> = p.replicas().iter().map(|r| r.inflight()).collect();
+        assert!(*loads.iter().max().unwrap() <= 2, "{loads:?}");
+        // Different hashes spread over the replicas.
+        drop(held);
+        let mut seen = std::collections::HashSet::new();
+        for h in 0..200u64 {
+            seen.insert(port(
+                &p.pick(at(h.wrapping_mul(0x9E37_79B9_7F4A_7C15)), |_| false)
+                    .unwrap(),
+            ));
+        }
+        assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn a_rebuilt_router_keeps_the_state_of_replicas_that_stay() {
+        let old = router(2, "ejection = { failures = 1 }");
+        let p = old.pool(0);
+        let lease = p.pick(Placement::default(), |a| a.port() == 9001).unwrap();
+        assert!(p.failed(&p.replicas()[1]).is_some());
+        let snapshot = crate::config::parse(
+            &format!(
+                "[[pools]]\nname = \"p\"\nreplicas = [\"127.0.0.1:9000\", \"127.0.0.1:9001\", \"127.0.0.1:9002\"]\n\n[[models]]\nslug = \"m\"\npool = \"p\"\n\n[[keys]]\nid = \"k\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n",
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        let new = Router::build(&snapshot, Some(&old), &p.meters);
+        let q = new.pool(0);
+        assert_eq!(q.replicas()[0].inflight(), 1, "in flight, carried over");
+        assert!(!q.replicas()[1].eligible(now_ms()), "still ejected");
+        assert!(
+            !q.replicas()[2].eligible(now_ms()),
+            "new: waits for its first check"
+        );
+        assert_eq!(q.eligible(), 1);
+        drop(lease);
+        assert_eq!(q.replicas()[0].inflight(), 0);
     }
 
     #[test]

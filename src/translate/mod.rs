@@ -2,6 +2,7 @@
 
 pub mod anthropic;
 pub mod openai;
+pub mod prefix;
 pub mod problem;
 pub mod replica_error;
 pub mod scan;

@@ -52,6 +52,7 @@ async fn a_replica_that_accepts_and_resets_every_connection_gets_few_attempts() 
     // Three failures in a row eject it; requests already on their way when it was
     // ejected (at most the 8 in flight) may still touch it.
     let touched = bad.connections();
+    eprintln!("resetting replica: {touched} connections of 300 requests");
     assert!(
         (3..=3 + 8).contains(&touched),
         "{touched} connections reached the resetting replica"
@@ -161,6 +162,7 @@ async fn a_replica_killed_under_load_is_touched_by_little_more_than_its_requests
     }
     let m = gw.metrics().await;
     let failed = failed_attempts(&m, doomed.addr);
+    eprintln!("killed replica: {failed} failed attempts, {client_failures} client failures");
     // At most one request per client was in flight on it when it died; a handful more
     // may race the ejection.
     assert!(
@@ -284,4 +286,119 @@ async fn requests_for_a_pool_with_no_healthy_replica_wait_for_one() {
         "served once the replica is back"
     );
     assert_eq!(a.answered(), 1);
+}
+
+/// Replaces the config file (atomically) with `from` → `to` applied, and reloads it.
+async fn reload_with(gw: &Gateway, from: &str, to: &str) {
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    assert!(text.contains(from), "{from} in {text}");
+    let next = gw.config_path().with_extension("next");
+    std::fs::write(&next, text.replacen(from, to, 1)).unwrap();
+    std::fs::rename(&next, gw.config_path()).unwrap();
+    assert_eq!(gw.reload().await, 200);
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    let quoted: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("replicas = [{}]", quoted.join(", "))
+}
+
+#[tokio::test]
+async fn a_reload_drains_removed_replicas_probes_added_ones_and_keeps_the_state_of_the_rest() {
+    let (leaving, arriving) = (sim().await, sim().await);
+    let sick = SwitchableReplica::start().await;
+    sick.fail_health(true);
+    let dead = ResettingReplica::start().await;
+    let gw = Gateway::start(&standard_config(
+        &[leaving.addr(), dead.addr],
+        "health = { interval_ms = 50, path = \"/health\" }\nejection = { failures = 1, base_ms = 60000 }",
+    ));
+    // The resetting replica fails its first check and is out.
+    gw.metrics_until(|m| replica_up(m, dead.addr) == Some(0.0))
+        .await;
+    // A stream in flight on the replica about to be removed: it finishes after the reload.
+    let mut body = hello();
+    body["stream"] = json!(true);
+    body["sim"] = json!({"ttft_ms": 400, "tokens": 3});
+    let in_flight = gw.chat(body).await;
+    assert_eq!(in_flight.status(), 200);
+    assert_eq!(leaving.stats().requests(), 1);
+    let before_dead = dead.connections();
+
+    reload_with(
+        &gw,
+        &list(&[leaving.addr(), dead.addr]),
+        &list(&[dead.addr, arriving.addr(), sick.addr]),
+    )
+    .await;
+    // The stream on the removed replica completes.
+    let text = in_flight.text().await.unwrap();
+    assert!(text.contains("[DONE]"), "{text}");
+    // New requests: never the removed replica, never the added one that fails its probe,
+    // never the one that stayed out.
+    for s in load(&gw, &hello(), 20, 2).await {
+        assert_eq!(s, 200);
+    }
+    assert_eq!(leaving.stats().requests(), 1, "drained: nothing new");
+    assert_eq!(arriving.stats().requests(), 20);
+    assert_eq!(sick.answered(), 0, "probed before it got traffic");
+    let m = gw.metrics().await;
+    assert_eq!(
+        replica_up(&m, dead.addr),
+        Some(0.0),
+        "its state carried over: {m}"
+    );
+    assert_eq!(
+        replica_up(&m, leaving.addr()),
+        None,
+        "gone from the metrics"
+    );
+    // Health checks of the replica that stayed go on; it got no request.
+    assert!(dead.connections() >= before_dead);
+    let requests_to_dead = failed_attempts(&m, dead.addr);
+    assert_eq!(requests_to_dead, 0.0);
+}
+
+#[tokio::test]
+async fn a_returning_replica_gets_a_small_share_that_ramps_up() {
+    let (a, b) = (
+        SwitchableReplica::start().await,
+        SwitchableReplica::start().await,
+    );
+    let gw = Gateway::start(&standard_config(
+        &[a.addr, b.addr],
+        "health = { interval_ms = 20, unhealthy_after = 1, healthy_after = 1 }\nslow_start_ms = 8000",
+    ));
+    a.fail_health(true);
+    gw.metrics_until(|m| replica_up(m, a.addr) == Some(0.0))
+        .await;
+    a.fail_health(false);
+    gw.metrics_until(|m| replica_up(m, a.addr) == Some(1.0))
+        .await;
+    let returned = std::time::Instant::now();
+    // Early in its ramp it weighs a tenth: one request at a time all go to the other.
+    let before = a.answered();
+    for s in load(&gw, &hello(), 20, 1).await {
+        assert_eq!(s, 200);
+    }
+    if returned.elapsed() < std::time::Duration::from_secs(4) {
+        assert_eq!(
+            a.answered(),
+            before,
+            "ramping: no share yet at one at a time"
+        );
+    }
+    // At the end of the ramp it takes its full share again.
+    let deadline = Deadline::after(SETTLE_LIMIT);
+    while a.answered() == before {
+        assert_eq!(gw.chat(hello()).await.status(), 200);
+        deadline
+            .pause(|| "the returned replica never got traffic".into())
+            .await;
+    }
+    assert!(
+        returned.elapsed() >= std::time::Duration::from_millis(7000),
+        "traffic came back only with the ramp: {:?}",
+        returned.elapsed()
+    );
 }

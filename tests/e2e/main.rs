@@ -5,6 +5,7 @@ mod common;
 mod fakes;
 
 mod accounting;
+mod affinity;
 mod anthropic;
 mod auth;
 mod body;
