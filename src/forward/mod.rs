@@ -169,8 +169,8 @@ impl Upstream {
             out.attempt(&lease);
             let addr = lease.replica().addr;
             let may_retry = (out.attempts.len() as u32) < ex.pool.max_attempts.get();
-            let mut up = match self.send(&lease, &ex, deadline).await {
-                Ok(up) => up,
+            let (mut up, reused) = match self.send(&lease, &ex, deadline).await {
+                Ok(sent) => sent,
                 Err(detail) => {
                     out.judge(false);
                     failed(&ex, lease.replica());
@@ -191,7 +191,11 @@ impl Upstream {
                 // server. Inference has no side effect to repeat, so another replica gets it.
                 Err(ForwardError::Broken { detail }) if up.heard_nothing() => {
                     out.judge(false);
-                    failed(&ex, lease.replica());
+                    // An idle connection the replica closed as it was reused is the
+                    // keep-alive race, not a sign of a failing replica.
+                    if !reused {
+                        failed(&ex, lease.replica());
+                    }
                     tracing::warn!(request_id = %ex.request_id, replica = %addr, error = %detail, "replica closed the connection before answering");
                     let other = may_retry
                         .then(|| ex.route.pick(ex.placement, |a| out.tried(a)))
@@ -322,14 +326,15 @@ impl Upstream {
         }
     }
 
-    /// Connects to the lease's replica and sends the whole request. A stale pooled connection
-    /// is replaced by a fresh one; any other failure moves the request to another replica.
+    /// Connects to the lease's replica and sends the whole request; says whether the
+    /// connection was an idle one reused. A stale pooled connection is replaced by a fresh
+    /// one; any other failure moves the request to another replica.
     async fn send(
         &self,
         lease: &Lease,
         ex: &Exchange<'_>,
         deadline: Instant,
-    ) -> Result<Conn, String> {
+    ) -> Result<(Conn, bool), String> {
         let replica = lease.replica();
         let head = request_head(ex, &replica.authority);
         // Pooled connections the replica closed meanwhile fail the send; a few are tried,
@@ -359,7 +364,7 @@ impl Upstream {
             };
             let mut up = Conn::new(stream);
             match timeout_at(deadline, up.send(&head, &ex.body)).await {
-                Ok(Ok(())) => return Ok(up),
+                Ok(Ok(())) => return Ok((up, reused)),
                 Ok(Err(_)) if reused => stale += 1,
                 Ok(Err(e)) => return Err(format!("send: {}", e.kind())),
                 Err(_) => return Err("send: total timeout".into()),
