@@ -27,10 +27,15 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     let sims = sim_runtime.block_on(async {
         let mut sims = Vec::with_capacity(opts.replicas);
         for _ in 0..opts.replicas.max(1) {
+            // Roughly an 8B model on one GPU: 16 sequences at once, a prefix cache of
+            // 200k tokens, prefill at 10k tokens a second.
             let sim = SimReplica::start(SimOptions {
                 ttft: Duration::from_millis(120),
                 token_delay: Duration::from_millis(25),
                 default_max_tokens: 24,
+                batch_slots: Some(16),
+                kv_cache_tokens: 200_000,
+                prefill_per_token: Duration::from_micros(100),
                 ..SimOptions::default()
             })
             .await

@@ -123,6 +123,20 @@ struct SimArgs {
     /// Environment variable holding the API key the replicas require.
     #[arg(long)]
     api_key_env: Option<String>,
+    /// Requests each replica generates at once (vLLM's --max-num-seqs); more wait inside it.
+    /// Default: no limit.
+    #[arg(long)]
+    batch_slots: Option<usize>,
+    /// Size of each replica's KV prefix cache, in tokens (0: no prefix cache).
+    #[arg(long, default_value_t = 0)]
+    kv_cache_tokens: u64,
+    /// Tokens per KV cache block, the unit the prefix cache matches and evicts.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    kv_block_tokens: u32,
+    /// Prefill time per prompt token not in the prefix cache, in microseconds, added to the
+    /// time to first token.
+    #[arg(long, default_value_t = 0)]
+    prefill_us_per_token: u64,
 }
 
 fn main() -> ExitCode {
@@ -222,6 +236,10 @@ fn run_sim(args: SimArgs) -> ExitCode {
                 token_delay: Duration::from_millis(args.token_delay_ms),
                 default_max_tokens: args.max_tokens,
                 api_key: api_key.clone(),
+                batch_slots: args.batch_slots,
+                kv_cache_tokens: args.kv_cache_tokens,
+                kv_block_tokens: args.kv_block_tokens,
+                prefill_per_token: Duration::from_micros(args.prefill_us_per_token),
             };
             match sim::SimReplica::start_on(addr, opts).await {
                 Ok(r) => {

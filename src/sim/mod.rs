@@ -21,11 +21,24 @@
 //! | `include_usage_every_chunk` | put a running `usage` object on every chunk |
 //! | `no_usage` | report no usage: none in the JSON answer, no usage chunk in a stream |
 //!
-//! File map: `service` routes requests and writes JSON answers, `scenario` and `request` read
+//! Replica-wide faults are switched at run time instead (`control`): `POST /sim/health` makes
+//! `/health` fail, `POST /sim/reset` resets the connection of every model-API request.
+//!
+//! [`SimOptions`] can make a replica behave like one GPU (`gpu`): batch slots, requests
+//! beyond them waiting inside the replica, and a KV prefix cache whose hits are reported as
+//! `cached_tokens` and spare their prefill time. The defaults answer at once, unlimited.
+//!
+//! File map: `service` routes requests and writes JSON answers, `control` holds the switches
+//! and the connection that can end in a reset, `gpu` the batch slots and the prefill, `cache`
+//! and `blocks` the prefix cache and the prompt's blocks, `scenario` and `request` read
 //! the body, `generate` decides the output, `wire` shapes the JSON, `stream` sends SSE,
 //! `stats` keeps the ground truth that tests compare the proxy against.
 
+mod blocks;
+mod cache;
+mod control;
 mod generate;
+mod gpu;
 mod request;
 mod scenario;
 mod service;
@@ -65,6 +78,16 @@ pub struct SimOptions {
     pub default_max_tokens: u32,
     /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Requests generated at once (vLLM's `--max-num-seqs`); more wait inside the replica,
+    /// first come first served. `None`: no limit.
+    pub batch_slots: Option<usize>,
+    /// Size of the KV prefix cache in tokens; 0 turns it off.
+    pub kv_cache_tokens: u64,
+    /// Tokens per KV cache block: the unit the prefix cache matches and evicts.
+    pub kv_block_tokens: u32,
+    /// Time to compute one prompt token not found in the prefix cache, added to the time to
+    /// first token.
+    pub prefill_per_token: Duration,
 }
 
 impl Default for SimOptions {
@@ -75,6 +98,10 @@ impl Default for SimOptions {
             token_delay: Duration::ZERO,
             default_max_tokens: 16,
             api_key: None,
+            batch_slots: None,
+            kv_cache_tokens: 0,
+            kv_block_tokens: 16,
+            prefill_per_token: Duration::ZERO,
         }
     }
 }
@@ -84,6 +111,7 @@ impl Default for SimOptions {
 pub struct SimReplica {
     addr: SocketAddr,
     stats: Arc<SimStats>,
+    shared: Arc<service::Shared>,
     accept: JoinHandle<()>,
 }
 
@@ -99,10 +127,11 @@ impl SimReplica {
         let addr = listener.local_addr()?;
         let stats = Arc::new(SimStats::default());
         let shared = Arc::new(service::Shared::new(opts, stats.clone()));
-        let accept = tokio::spawn(accept_loop(listener, shared));
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(SimReplica {
             addr,
             stats,
+            shared,
             accept,
         })
     }
@@ -115,6 +144,17 @@ impl SimReplica {
     /// Counters shared with the running server.
     pub fn stats(&self) -> Arc<SimStats> {
         self.stats.clone()
+    }
+
+    /// Makes `/health` answer 503 (false) or 200 (true), as `POST /sim/health` does.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.shared.switches.set_healthy(healthy);
+    }
+
+    /// Turns reset mode on or off, as `POST /sim/reset` does: every model-API request has
+    /// its connection reset before any byte of an answer.
+    pub fn set_resetting(&self, on: bool) {
+        self.shared.switches.set_resetting(on);
     }
 }
 
@@ -150,9 +190,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<service::Shared>) {
 async fn serve_connection(stream: TcpStream, shared: Arc<service::Shared>) {
     // Token chunks are small; do not let Nagle hold them back.
     let _ = stream.set_nodelay(true);
-    let svc = service_fn(move |req| service::handle(shared.clone(), req));
+    let doom = Arc::new(control::Doom::default());
+    let conn = control::Connection::new(stream, doom.clone());
+    let svc = service_fn(move |req| service::handle(shared.clone(), doom.clone(), req));
     if let Err(err) = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(conn), svc)
         .await
     {
         tracing::debug!(error = %err, "sim replica connection ended");

@@ -13,7 +13,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use super::blocks::block_hashes;
+use super::control::{self, Doom, Switches};
 use super::generate::Generation;
+use super::gpu::Gpu;
 use super::request::{ChatRequest, RequestError};
 use super::scenario::Scenario;
 use super::stats::{RecordedRequest, SimStats};
@@ -37,17 +40,22 @@ impl fmt::Display for Reset {
 impl std::error::Error for Reset {}
 
 /// State every connection of one replica shares.
+#[derive(Debug)]
 pub(crate) struct Shared {
     pub opts: SimOptions,
     pub stats: Arc<SimStats>,
+    pub switches: Switches,
+    pub gpu: Gpu,
     started: u64,
 }
 
 impl Shared {
     pub(crate) fn new(opts: SimOptions, stats: Arc<SimStats>) -> Shared {
         Shared {
+            gpu: Gpu::new(&opts),
             opts,
             stats,
+            switches: Switches::default(),
             started: wire::unix_now(),
         }
     }
@@ -63,9 +71,22 @@ impl Shared {
 
 pub(crate) async fn handle(
     shared: Arc<Shared>,
+    doom: Arc<Doom>,
     req: Request<Incoming>,
 ) -> Result<Response<SimBody>, Reset> {
     let path = req.uri().path();
+    if path.starts_with("/v1/") && shared.switches.resetting() {
+        shared.stats.connection_reset();
+        doom.set();
+        return Err(Reset);
+    }
+    if path.starts_with("/sim/") {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
+        let (status, answer) =
+            control::answer(&shared.switches, &parts.method, parts.uri.path(), &body);
+        return Ok(json_response(status, &answer));
+    }
     if path.starts_with("/v1/") && !authorized(&shared.opts, &req) {
         return Ok(error_response(
             StatusCode::UNAUTHORIZED,
@@ -75,7 +96,14 @@ pub(crate) async fn handle(
         ));
     }
     match (req.method(), path) {
-        (&Method::GET, "/health") => Ok(Response::new(full(Bytes::new()))),
+        (&Method::GET, "/health") if shared.switches.healthy() => {
+            Ok(Response::new(full(Bytes::new())))
+        }
+        (&Method::GET, "/health") => {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            Ok(resp)
+        }
         (&Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &models(&shared))),
         (&Method::GET, "/metrics") => {
             let mut resp = Response::new(full(Bytes::from(metrics(&shared))));
@@ -148,18 +176,39 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
     if scenario.reset_after.is_some() && !request.stream {
         return Err(Reset);
     }
+    let blocks = match shared.gpu.block_tokens() {
+        Some(block) => {
+            let messages = body.get("messages").and_then(Value::as_array);
+            block_hashes(
+                messages.map_or(&[], Vec::as_slice),
+                body.get("tools"),
+                block,
+            )
+        }
+        None => Vec::new(),
+    };
+    let admission = shared
+        .gpu
+        .admit(stats, &blocks, request.prompt_tokens)
+        .await;
+    let mut scenario = scenario;
+    scenario.ttft = scenario.ttft.saturating_add(admission.prefill);
+    let usage = wire::PromptUsage {
+        prompt: request.prompt_tokens,
+        cached: admission.cached_tokens,
+    };
+    let slot = admission.slot;
     let generation = Generation::new(&request, scenario.tokens);
     let env = Envelope::new(&request.model);
-    let running = stats.start_running();
     if request.stream {
         return Ok(stream::respond(stream::StreamJob {
             env,
             generation,
-            prompt_tokens: request.prompt_tokens,
+            prompt: usage,
             include_usage: request.include_usage && !scenario.no_usage,
             scenario,
             stats: stats.clone(),
-            running,
+            slot,
         }));
     }
     // One sleep for the whole generation: the first token after `ttft`, then one per delay.
@@ -170,7 +219,7 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
     if !generation_time.is_zero() {
         tokio::time::sleep(generation_time).await;
     }
-    let mut body = wire::completion(&env, &generation, request.prompt_tokens);
+    let mut body = wire::completion(&env, &generation, usage);
     if scenario.no_usage {
         if let Some(answer) = body.as_object_mut() {
             answer.remove("usage");
@@ -178,7 +227,7 @@ async fn chat(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Si
     }
     stats.add_usage(request.prompt_tokens, tokens);
     stats.response_completed();
-    drop(running);
+    drop(slot);
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -194,44 +243,82 @@ fn models(shared: &Shared) -> Value {
     json!({"object": "list", "data": data})
 }
 
-/// The vLLM gauges and counters a router reads, labelled like vLLM's.
+/// The vLLM gauges and counters a router reads, labelled like vLLM's, and the load integral
+/// a routing bench reads.
 fn metrics(shared: &Shared) -> String {
     let stats = &shared.stats;
     let model = shared.model_names()[0]
         .replace('\\', "\\\\")
         .replace('"', "\\\"");
+    let (_, capacity_blocks) = shared.gpu.cache_blocks();
+    let capacity = capacity_blocks as f64 * shared.gpu.block_tokens().unwrap_or(0) as f64;
+    let kv_usage = if capacity > 0.0 {
+        (stats.kv_tokens() as f64 / capacity).min(1.0)
+    } else {
+        0.0
+    };
     let families = [
         (
             "vllm:num_requests_running",
             "gauge",
             "Number of requests in model execution batches.",
-            stats.running(),
+            stats.running() as f64,
         ),
         (
             "vllm:num_requests_waiting",
             "gauge",
             "Number of requests waiting to be processed.",
-            0,
+            stats.waiting() as f64,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            kv_usage,
         ),
         (
             "vllm:prompt_tokens_total",
             "counter",
             "Number of prefill tokens processed.",
-            stats.prompt_tokens(),
+            stats.prompt_tokens() as f64,
         ),
         (
             "vllm:generation_tokens_total",
             "counter",
             "Number of generation tokens processed.",
-            stats.completion_tokens(),
+            stats.completion_tokens() as f64,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_queries() as f64,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.cached_tokens() as f64,
+        ),
+        (
+            "sim:request_queue_seconds_total",
+            "counter",
+            "Time requests waited for a batch slot, summed.",
+            stats.queue_seconds(),
+        ),
+        (
+            "sim:request_load_seconds_total",
+            "counter",
+            "Requests in the replica, waiting or running, integrated over time: its rate is the mean load.",
+            stats.load_seconds(),
         ),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in families {
-        // Writing to a String cannot fail.
+        // Writing to a String cannot fail. `{:?}` keeps a decimal point on whole numbers.
         let _ = write!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{model}\"}} {value}.0\n"
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{model}\"}} {value:?}\n"
         );
     }
     out

@@ -15,10 +15,11 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::generate::Generation;
+use super::gpu::Slot;
 use super::scenario::Scenario;
 use super::service::{BodyError, Reset, SimBody};
-use super::stats::{Running, SimStats};
-use super::wire::{self, ChunkUsage, Envelope};
+use super::stats::SimStats;
+use super::wire::{self, ChunkUsage, Envelope, PromptUsage};
 
 /// Tool call arguments are streamed in pieces of about this many characters.
 const ARGUMENT_PIECE_CHARS: usize = 8;
@@ -29,11 +30,12 @@ type Item = Result<Frame<Bytes>, BodyError>;
 pub(crate) struct StreamJob {
     pub env: Envelope,
     pub generation: Generation,
-    pub prompt_tokens: u64,
+    pub prompt: PromptUsage,
     pub include_usage: bool,
     pub scenario: Scenario,
     pub stats: Arc<SimStats>,
-    pub running: Running,
+    /// The batch slot, freed when the stream ends or its client leaves.
+    pub slot: Slot,
 }
 
 /// Starts generating and returns the response whose body carries the events.
@@ -93,14 +95,14 @@ impl StreamJob {
         let outcome = self.produce(&tx, &mut tally).await;
         let StreamJob {
             stats,
-            running,
-            prompt_tokens,
+            slot,
+            prompt,
             ..
         } = self;
-        drop(running);
+        drop(slot);
         // Counted before the last event goes out, so a client that has read the whole
         // stream already sees the totals.
-        stats.add_usage(prompt_tokens, tally.completion);
+        stats.add_usage(prompt.prompt, tally.completion);
         match outcome {
             Outcome::Finished => {
                 stats.response_completed();
@@ -164,7 +166,7 @@ impl StreamJob {
         )
         .await?;
         if self.include_usage {
-            let usage = wire::usage(self.prompt_tokens, tally.completion, tally.reasoning);
+            let usage = wire::usage(self.prompt, tally.completion, tally.reasoning);
             send(tx, &wire::usage_chunk(&self.env, usage)).await?;
         }
         Ok(Outcome::Finished)
@@ -172,11 +174,7 @@ impl StreamJob {
 
     fn usage_field(&self, tally: &Tally) -> ChunkUsage {
         if self.scenario.usage_every_chunk {
-            ChunkUsage::Running(wire::usage(
-                self.prompt_tokens,
-                tally.completion,
-                tally.reasoning,
-            ))
+            ChunkUsage::Running(wire::usage(self.prompt, tally.completion, tally.reasoning))
         } else if self.include_usage {
             ChunkUsage::Null
         } else {

@@ -35,18 +35,25 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub(crate) fn usage(prompt: u64, completion: u64, reasoning: u64) -> Value {
+/// A request's prompt tokens, and how many of them the prefix cache held.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PromptUsage {
+    pub prompt: u64,
+    pub cached: u64,
+}
+
+pub(crate) fn usage(prompt: PromptUsage, completion: u64, reasoning: u64) -> Value {
     json!({
-        "prompt_tokens": prompt,
+        "prompt_tokens": prompt.prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "total_tokens": prompt.prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": prompt.cached},
         "completion_tokens_details": {"reasoning_tokens": reasoning},
     })
 }
 
 /// The `chat.completion` object of a non-streaming answer.
-pub(crate) fn completion(env: &Envelope, generation: &Generation, prompt_tokens: u64) -> Value {
+pub(crate) fn completion(env: &Envelope, generation: &Generation, prompt: PromptUsage) -> Value {
     let mut message = json!({"role": "assistant", "content": generation.content_text()});
     if let Some(reasoning) = generation.reasoning_text() {
         message["reasoning_content"] = json!(reasoning);
@@ -78,7 +85,7 @@ pub(crate) fn completion(env: &Envelope, generation: &Generation, prompt_tokens:
             "stop_reason": generation.stop_reason,
         }],
         "usage": usage(
-            prompt_tokens,
+            prompt,
             generation.completion_tokens(),
             generation.reasoning_tokens(),
         ),
@@ -165,8 +172,14 @@ mod tests {
             chunk(&env, choice(), &ChunkUsage::Null)["usage"],
             Value::Null
         );
-        let running = ChunkUsage::Running(usage(3, 2, 1));
-        assert_eq!(chunk(&env, choice(), &running)["usage"]["total_tokens"], 5);
+        let prompt = PromptUsage {
+            prompt: 3,
+            cached: 2,
+        };
+        let running = ChunkUsage::Running(usage(prompt, 2, 1));
+        let usage = &chunk(&env, choice(), &running)["usage"];
+        assert_eq!(usage["total_tokens"], 5);
+        assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 2);
         assert!(env.id.starts_with("chatcmpl-"));
     }
 

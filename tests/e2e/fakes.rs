@@ -216,6 +216,68 @@ pub fn completion_json(content: &str, prompt: u64, cached: u64, completion: u64)
     .to_string()
 }
 
+/// `tollgate sim` run as its own process, as an operator runs it: one replica on port 0.
+pub struct SimProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl SimProcess {
+    /// Starts `tollgate sim --listen 127.0.0.1:0` with `args` added, and waits for its ready
+    /// line.
+    pub fn start(args: &[&str]) -> SimProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["sim", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tollgate sim starts");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tollgate sim prints its ready line");
+        let addr = line
+            .strip_prefix("sim ready addr=")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("bad ready line: {line}"));
+        SimProcess { child, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// POSTs `body` to the control path `path` (`/sim/health`, `/sim/reset`) and returns the
+    /// switches it answers.
+    pub async fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let resp = crate::common::client()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("the control path answers");
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.json().await.expect("JSON switches")
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A replica whose port accepts every connection and resets it at once, as a crashing or
 /// restarting server does; it counts the connections it took.
 pub struct ResettingReplica {

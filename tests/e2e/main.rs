@@ -29,6 +29,7 @@ mod request_shape;
 mod reservation;
 mod routing;
 mod shutdown;
+mod sim;
 mod slow_clients;
 mod status;
 mod streaming;

@@ -1,0 +1,216 @@
+//! Faults switched at run time, for a whole replica rather than one request: `/health`
+//! failing, and reset mode, in which every model-API request loses its connection before any
+//! byte of an answer, as when the server behind a port crashes and restarts.
+//!
+//! `POST /sim/health` with `{"healthy": false}` and `POST /sim/reset` with `{"on": true}` flip
+//! them; both answer the replica's switches as JSON. The control paths, `/health` and
+//! `/metrics` keep answering in reset mode, so a test can always switch it back off.
+//!
+//! A reset is decided per request, from its head, before anything is written. The
+//! connection's socket is then closed with `SO_LINGER` 0, so the client reads a TCP reset
+//! (not an orderly end of stream, and never part of an answer).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The replica-wide switches.
+#[derive(Debug)]
+pub(crate) struct Switches {
+    healthy: AtomicBool,
+    reset: AtomicBool,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            healthy: AtomicBool::new(true),
+            reset: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Switches {
+    pub(crate) fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn resetting(&self) -> bool {
+        self.reset.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_healthy(&self, on: bool) {
+        self.healthy.store(on, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_resetting(&self, on: bool) {
+        self.reset.store(on, Ordering::Relaxed);
+    }
+
+    fn state(&self) -> Value {
+        json!({"healthy": self.healthy(), "reset": self.resetting()})
+    }
+}
+
+/// A request to a control path, answered with the status and JSON body to send.
+pub(crate) fn answer(
+    switches: &Switches,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> (StatusCode, Value) {
+    let (field, set): (&str, fn(&Switches, bool)) = match path {
+        "/sim/health" => ("healthy", Switches::set_healthy),
+        "/sim/reset" => ("on", Switches::set_resetting),
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"error": "unknown control path"}),
+            )
+        }
+    };
+    if method == Method::GET {
+        return (StatusCode::OK, switches.state());
+    }
+    if method != Method::POST {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "use GET to read the switches, POST to set one"}),
+        );
+    }
+    match serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get(field).and_then(Value::as_bool))
+    {
+        Some(on) => {
+            set(switches, on);
+            (StatusCode::OK, switches.state())
+        }
+        None => (
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("send a JSON object with a boolean `{field}`")}),
+        ),
+    }
+}
+
+/// Set by the request handler when the connection must end in a reset.
+#[derive(Debug, Default)]
+pub(crate) struct Doom(AtomicBool);
+
+impl Doom {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection's socket that, once doomed, writes nothing more and closes with a reset.
+pub(crate) struct Connection {
+    stream: TcpStream,
+    doom: Arc<Doom>,
+}
+
+impl Connection {
+    pub(crate) fn new(stream: TcpStream, doom: Arc<Doom>) -> Connection {
+        Connection { stream, doom }
+    }
+
+    fn doomed(&self) -> io::Result<()> {
+        // SO_LINGER 0 makes the close that follows send RST instead of FIN. Setting it on a
+        // socket about to be closed is what tokio's warning is about: it cannot block here.
+        let _ = self.stream.set_zero_linger();
+        Err(io::Error::from(io::ErrorKind::ConnectionReset))
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.doom.is_set() {
+            return Poll::Ready(self.doomed().map(|()| 0));
+        }
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.doom.is_set() {
+            return Poll::Ready(self.doomed().map(|()| 0));
+        }
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.doom.is_set() {
+            return Poll::Ready(self.doomed());
+        }
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.doom.is_set() {
+            return Poll::Ready(self.doomed());
+        }
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.doom.is_set() {
+            let _ = self.stream.set_zero_linger();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_paths_set_and_read_the_switches() {
+        let s = Switches::default();
+        let post = |path: &str, body: &str| answer(&s, &Method::POST, path, body.as_bytes());
+        assert_eq!(post("/sim/health", r#"{"healthy": false}"#).0, 200);
+        assert!(!s.healthy() && !s.resetting());
+        let resp = post("/sim/reset", r#"{"on": true}"#);
+        assert_eq!(resp.1, json!({"healthy": false, "reset": true}));
+        assert!(s.resetting());
+        assert_eq!(post("/sim/reset", r#"{"on": "yes"}"#).0, 400);
+        assert_eq!(post("/sim/reset", "not json").0, 400);
+        assert_eq!(post("/sim/other", "{}").0, 404);
+        let get = answer(&s, &Method::GET, "/sim/health", b"");
+        assert_eq!(get.1, json!({"healthy": false, "reset": true}));
+        assert_eq!(answer(&s, &Method::PUT, "/sim/health", b"").0, 405);
+    }
+}
