@@ -37,6 +37,7 @@ pub mod limits;
 pub mod logs;
 pub mod media;
 pub mod metrics;
+pub mod predict;
 pub mod proxy;
 pub mod reload;
 pub mod respond;

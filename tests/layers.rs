@@ -33,6 +33,8 @@ const RANKS: &[(&str, u32)] = &[
     ("ctx", 21),
     ("access_log", 22),
     ("conn", 22),
+    // The deployed-model surface, beside the Model API's stages in proxy.rs.
+    ("predict", 22),
     ("proxy", 23),
     ("reload", 23),
     ("admin", 24),

@@ -8,6 +8,7 @@
 //! line; whoever frees room (a lease dropped, a replica back) wakes its head.
 
 mod clock;
+pub mod deployed;
 mod health;
 mod idle;
 mod least_inflight;

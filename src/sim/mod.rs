@@ -21,11 +21,15 @@
 //! | `include_usage_every_chunk` | put a running `usage` object on every chunk |
 //! | `no_usage` | report no usage: none in the JSON answer, no usage chunk in a stream |
 //!
+//! It also serves a Truss-style deployed model, `POST /v1/models/model:predict` and
+//! `/echo/…` (see `predict.rs`), for the deployed-model surface.
+//!
 //! File map: `service` routes requests and writes JSON answers, `scenario` and `request` read
 //! the body, `generate` decides the output, `wire` shapes the JSON, `stream` sends SSE,
 //! `stats` keeps the ground truth that tests compare the proxy against.
 
 mod generate;
+mod predict;
 mod request;
 mod scenario;
 mod service;

@@ -23,6 +23,7 @@ mod limits;
 mod media;
 mod metadata_limit;
 mod metrics;
+mod predict;
 mod queue;
 mod reload;
 mod request_shape;
