@@ -388,3 +388,72 @@ async fn the_model_api_still_answers_beside_deployed_models() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_by_reload_under_load_fails_no_request() {
+    let (prod, dev) = two_replicas().await;
+    let server = "[server]\nlisten = \"127.0.0.1:0\"\nreload_on_change = false\n\n";
+    let before = format!("{server}{}", deployed_config(prod.addr(), dev.addr(), ""));
+    let gw = std::sync::Arc::new(Gateway::start(&before));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (gw, stop, done) = (gw.clone(), stop.clone(), done_tx.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = predict(&gw, "/production/predict")
+                    .header("x-sim-delay-ms", "20")
+                    .body("{}")
+                    .send()
+                    .await;
+                let status = r.as_ref().map_or(0, |r| r.status().as_u16());
+                let host = r
+                    .ok()
+                    .and_then(|r| r.headers().get("x-echo-host").cloned())
+                    .map(|h| h.to_str().unwrap_or("").to_string());
+                seen.push((status, host));
+                let _ = done.send(());
+            }
+            seen
+        }));
+    }
+    for _ in 0..20 {
+        done_rx.recv().await;
+    }
+    // Promotion: production now points at the staging deployment.
+    let after = before.replace(
+        "production = \"dep-a\", staging = \"dep-b\"",
+        "production = \"dep-b\", staging = \"dep-b\"",
+    );
+    let answer =
+        crate::reload::save_and_reload(&gw, &after, crate::reload::Trigger::Post, ("ok", 1.0))
+            .await;
+    assert_eq!(answer.map(|a| a.0), Some(200));
+    let r = predict(&gw, "/production/predict")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-echo-host"].to_str().unwrap(),
+        dev.addr().to_string()
+    );
+    for _ in 0..20 {
+        done_rx.recv().await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    assert!(all.iter().all(|(s, _)| *s == 200), "{all:?}");
+    let (old, new) = (Some(prod.addr().to_string()), Some(dev.addr().to_string()));
+    assert!(all.iter().any(|(_, h)| *h == old));
+    assert_eq!(
+        all.last().unwrap().1,
+        new,
+        "new requests go to the promoted deployment"
+    );
+}
