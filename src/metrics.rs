@@ -525,7 +525,24 @@ impl Meters {
                 };
                 (m.slug.to_string(), meters)
             })
-            .collect();
+            .collect::<HashMap<_, _>>();
+        // Deployed models are labelled by their name; their index is past every Model API
+        // model's, so they have no token counters.
+        let mut models = models;
+        for (j, d) in snapshot.deployed_models.iter().enumerate() {
+            let model = [&*d.name];
+            models
+                .entry(d.name.to_string())
+                .or_insert_with(|| ModelMeters {
+                    index: snapshot.models.len() + j,
+                    slug: d.name.to_string(),
+                    ttfb: metrics.ttfb.with_label_values(&model),
+                    ttft: metrics.ttft.with_label_values(&model),
+                    itl: metrics.itl.with_label_values(&model),
+                    requests: Default::default(),
+                    duration: Default::default(),
+                });
+        }
         let keys = snapshot
             .keys()
             .map(|k| {

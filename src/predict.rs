@@ -15,7 +15,8 @@ use std::sync::Arc;
 use pingora::proxy::Session;
 use tokio::time::Instant;
 
-use crate::config::{DeployedModel, Policy};
+use crate::account::DeployedCall;
+use crate::config::{DeployedModel, Key, Policy};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
 use crate::forward::{forwarded_fields, ForwardError, Pass, PassError, Relayed, Upstream};
@@ -23,7 +24,7 @@ use crate::route::deployed::{self, Action, Call, DeployedError};
 use crate::route::Placement;
 use crate::runtime::Runtime;
 use crate::translate::prefix;
-use crate::{auth, respond, route};
+use crate::{auth, limits, respond, route};
 
 /// The deployed model a request names by its host or path, if any.
 pub fn addressed(req: &http::request::Parts) -> Option<Call<'_>> {
@@ -68,6 +69,11 @@ pub async fn serve(
     }
     let resolved = deployed::resolve(&model, &key, call.target)?;
     let deployment = &model.deployments[resolved.deployment];
+    ctx.deployed = Some(DeployedCall {
+        model: model.clone(),
+        deployment: deployment.id.clone(),
+        environment: resolved.environment.as_deref().map(Into::into),
+    });
     let path = match action {
         Action::Predict => model.predict_path.as_str(),
         Action::Sync(route) => route,
@@ -78,6 +84,8 @@ pub async fn serve(
             return Ok(Relayed::Complete);
         }
     };
+    admit(ctx, runtime, &key, &model)?;
+    let req = session.req_header();
     let target = match req.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -102,6 +110,7 @@ pub async fn serve(
         deadline: Instant::now() + model.predict_timeout,
         max_body: snapshot.server.max_body_bytes,
         pace: snapshot.server.body_pace,
+        own_fields: &ctx.headers,
     };
     let relayed = upstream.pass(session, pass, &mut ctx.outcome).await;
     ctx.status = ctx.outcome.status;
@@ -118,6 +127,31 @@ pub async fn serve(
         Err(PassError::Body(e)) => Err(e.into()),
         Err(PassError::Forward(ForwardError::Timeout { .. })) => Err(timeout(&model)),
         Err(PassError::Forward(e)) => Err(e.into()),
+    }
+}
+
+/// Stage "admit": the key's rpm and max_concurrent, and the call's price against its
+/// budget, reserved until it ends.
+fn admit(
+    ctx: &mut RequestCtx,
+    runtime: &Runtime,
+    key: &Key,
+    model: &DeployedModel,
+) -> Result<(), GatewayError> {
+    match limits::admit_call(&runtime.limits, key, model.price_nanos, ctx.started_ms()) {
+        Ok(admission) => {
+            ctx.ticket = admission.ticket;
+            ctx.headers = admission.headers;
+            Ok(())
+        }
+        Err(refusal) => {
+            ctx.headers = refusal.headers;
+            Err(GatewayError::Limit {
+                err: refusal.err,
+                key_id: key.id.to_string(),
+                model: model.id.to_string(),
+            })
+        }
     }
 }
 

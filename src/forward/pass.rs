@@ -38,6 +38,8 @@ pub struct Pass<'a> {
     /// The body's cap and pace (`server.max_body_bytes`, `server.body_*`).
     pub max_body: u64,
     pub pace: BodyPace,
+    /// tollgate's own response fields (rate-limit headers), last on the client's header.
+    pub own_fields: &'a [(&'static str, String)],
 }
 
 /// Why a pass-through failed before its answer was complete.
@@ -349,7 +351,7 @@ async fn relay(
     let broken = |_| ForwardError::Broken {
         detail: "invalid response header".into(),
     };
-    vocab::add_own_fields(&mut fields, p.request_id, &[]).map_err(broken)?;
+    vocab::add_own_fields(&mut fields, p.request_id, p.own_fields).map_err(broken)?;
     let header = vocab::client_header(head.status, fields);
     out.status = head.status.as_u16();
     if session

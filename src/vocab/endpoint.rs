@@ -68,7 +68,10 @@ impl Endpoint {
 
     /// Whether requests to it use a model and are billed.
     pub fn is_billable(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Predict
+        )
     }
 
     pub fn label(self) -> &'static str {

@@ -457,3 +457,119 @@ async fn promotion_by_reload_under_load_fails_no_request() {
         "new requests go to the promoted deployment"
     );
 }
+
+#[tokio::test]
+async fn key_limits_and_a_per_call_price_apply_and_every_call_is_one_ledger_row() {
+    let (prod, dev) = two_replicas().await;
+    let config = deployed_config(
+        prod.addr(),
+        dev.addr(),
+        "price = { per_request_usd = 0.002 }",
+    )
+    .replacen(
+        "deployed_models = [\"abcd1234\"]\n",
+        "deployed_models = [\"abcd1234\"]\nbudget = { usd = 0.005, period = \"daily\" }\n",
+        1,
+    )
+    .replacen(
+        "deployed_models = [\"abcd1234/staging\"]\n",
+        "deployed_models = [\"abcd1234/staging\"]\nrpm = 1\n",
+        1,
+    );
+    let gw = Gateway::start(&config);
+    // Budget: two calls at $0.002 fit $0.005, a third would not.
+    for want in [200, 200, 402] {
+        let r = predict(&gw, "/production/predict")
+            .body("abc")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), want);
+        if want == 402 {
+            assert!(error_of(r).await.contains("budget"));
+        } else {
+            assert_eq!(r.text().await.unwrap(), "abc");
+        }
+    }
+    // rpm = 1 for the staging key: its second call in the minute is refused.
+    let staging = |body: &'static str| {
+        client()
+            .post(gw.url("/model/abcd1234/environments/staging/predict"))
+            .header("authorization", format!("Api-Key {STAGING_KEY}"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(staging("hello").await.unwrap().status(), 200);
+    let r = staging("again").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    error_of(r).await;
+
+    // One row per call that was admitted: key, model, deployment, environment, status,
+    // bytes both ways, replica, cost.
+    let deadline = Deadline::after(Duration::from_secs(10));
+    let rows = loop {
+        let db = gw.ledger();
+        let mut stmt = db
+            .prepare(
+                "SELECT key_id, model, surface, deployment, environment, status, bytes_in,
+                        bytes_out, replica, cost_nanos, ttft_ms IS NOT NULL
+                 FROM usage ORDER BY id",
+            )
+            .unwrap();
+        let rows: Vec<String> = stmt
+            .query_map([], |r| {
+                Ok(format!(
+                    "{} {} {} {} {} {} {} {} {} {} {}",
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, String>(8)?,
+                    r.get::<_, i64>(9)?,
+                    r.get::<_, bool>(10)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if rows.len() >= 3 {
+            break rows;
+        }
+        deadline.pause(|| format!("{rows:?}")).await;
+    };
+    let (p, d) = (prod.addr(), dev.addr());
+    // Metrics and the access log carry the same labels.
+    let r = predict(&gw, "/production/predict")
+        .header("x-request-id", "pred-1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 402);
+    let line = gw.access_line("pred-1").await;
+    assert_eq!(line["model"], "echo-model", "{line}");
+    assert_eq!(line["deployment"], "dep-a", "{line}");
+    assert_eq!(line["environment"], "production", "{line}");
+    let text = gw
+        .metrics_until(|t| {
+            series(
+                t,
+                r#"tollgate_requests_total{endpoint="predict",model="echo-model",status_class="2xx"}"#,
+            ) == Some(3.0)
+        })
+        .await;
+    assert!(text.contains("model=\"echo-model\""));
+    assert_eq!(
+        rows,
+        vec![
+            format!("team-a abcd1234 predict dep-a production 200 3 3 {p} 2000000 true"),
+            format!("team-a abcd1234 predict dep-a production 200 3 3 {p} 2000000 true"),
+            format!("team-s abcd1234 predict dep-b staging 200 5 5 {d} 2000000 true"),
+        ]
+    );
+}
