@@ -47,3 +47,4 @@ pub mod server;
 pub mod sim;
 pub mod translate;
 pub mod vocab;
+pub mod wake;

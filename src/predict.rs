@@ -24,6 +24,7 @@ use crate::route::deployed::{self, Action, Call, DeployedError};
 use crate::route::Placement;
 use crate::runtime::Runtime;
 use crate::translate::prefix;
+use crate::wake::Waker;
 use crate::{auth, limits, respond, route};
 
 /// The deployed model a request names by its host or path, if any.
@@ -39,6 +40,7 @@ pub fn addressed(req: &http::request::Parts) -> Option<Call<'_>> {
 /// Serves a request for a deployed model.
 pub async fn serve(
     upstream: &Upstream,
+    waker: &Waker,
     session: &mut Session,
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -78,6 +80,7 @@ pub async fn serve(
         Action::Predict => model.predict_path.as_str(),
         Action::Sync(route) => route,
         Action::Wake => {
+            waker.wake(&model, &deployment.id);
             ctx.status = 202;
             let body = bytes::Bytes::from_static(b"{}");
             let _ = respond::send_json(session, 202, body, &ctx.request_id, &ctx.headers).await;
@@ -98,16 +101,30 @@ pub async fn serve(
     let fields = forwarded_fields(&req.headers, client);
     let pool = &snapshot.pools[deployment.pool];
     let placement = place(pool.fleet.policy, &req.headers)?;
+    let route = runtime.router.pool(deployment.pool);
+    // No replica healthy: the deployment is scaled to zero or starting. The request waits
+    // for one up to wake_ms, and the wake action runs (once per cooldown).
+    let parked = route.eligible() == 0;
+    let (patience, budget) = if parked {
+        waker.wake(&model, &deployment.id);
+        (
+            model.wake_timeout,
+            model.wake_timeout + model.predict_timeout,
+        )
+    } else {
+        (pool.fleet.queue.timeout, model.predict_timeout)
+    };
     let pass = Pass {
         pool,
-        route: runtime.router.pool(deployment.pool),
+        route,
+        patience,
         placement,
         method: &method,
         target: &target,
         fields: &fields,
         request_id: &ctx.request_id,
         started: ctx.started,
-        deadline: Instant::now() + model.predict_timeout,
+        deadline: Instant::now() + budget,
         max_body: snapshot.server.max_body_bytes,
         pace: snapshot.server.body_pace,
         own_fields: &ctx.headers,
@@ -126,6 +143,13 @@ pub async fn serve(
         }
         Err(PassError::Body(e)) => Err(e.into()),
         Err(PassError::Forward(ForwardError::Timeout { .. })) => Err(timeout(&model)),
+        Err(PassError::Forward(ForwardError::NoCapacity { .. })) if parked => {
+            Err(DeployedError::WakeTimeout {
+                deployment: deployment.id.to_string(),
+                secs: model.wake_timeout.as_secs().max(1),
+            }
+            .into())
+        }
         Err(PassError::Forward(e)) => Err(e.into()),
     }
 }

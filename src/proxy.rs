@@ -49,6 +49,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     ledger: Option<Arc<Ledger>>,
     alerter: Alerter,
+    waker: crate::wake::Waker,
 }
 
 impl Gateway {
@@ -61,6 +62,7 @@ impl Gateway {
             runtime,
             upstream: Upstream::new(GatewayError::of_forward),
             alerter: Alerter::new(metrics.clone(), ledger.clone()),
+            waker: crate::wake::Waker::new(metrics.clone()),
             metrics,
             ledger,
         }
@@ -107,7 +109,9 @@ impl ProxyHttp for Gateway {
             }
             Endpoint::CountTokens => count_tokens(session, ctx, &runtime).await,
             Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime).await,
-            Endpoint::Predict => predict::serve(&self.upstream, session, ctx, &runtime).await,
+            Endpoint::Predict => {
+                predict::serve(&self.upstream, &self.waker, session, ctx, &runtime).await
+            }
             Endpoint::Unknown => Err(unknown_route(session)),
         };
         match served {

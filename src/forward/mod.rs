@@ -266,8 +266,16 @@ impl Upstream {
         out: &mut Outcome,
     ) -> Result<Lease, ForwardError> {
         let (route, pool) = (ex.route, &ex.pool.name);
-        self.acquire_for(session, route, pool, ex.placement, deadline, out)
-            .await
+        let patience = ex.pool.fleet.queue.timeout;
+        self.acquire_for(
+            session,
+            route,
+            pool,
+            (ex.placement, patience),
+            deadline,
+            out,
+        )
+        .await
     }
 
     /// A replica of `route` with room now, or after a wait in its line.
@@ -276,7 +284,7 @@ impl Upstream {
         session: &mut Session,
         route: &Arc<PoolRoute>,
         pool: &str,
-        placement: Placement,
+        (placement, patience): (Placement, Duration),
         deadline: Instant,
         out: &mut Outcome,
     ) -> Result<Lease, ForwardError> {
@@ -285,7 +293,7 @@ impl Upstream {
         // looking at the client's socket.
         let got = tokio::select! {
             biased;
-            got = route.acquire(placement, deadline) => got,
+            got = route.acquire_within(placement, deadline, patience) => got,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
         match got {

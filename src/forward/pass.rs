@@ -35,6 +35,8 @@ pub struct Pass<'a> {
     pub started: std::time::Instant,
     /// When the whole exchange must be over.
     pub deadline: Instant,
+    /// How long it may wait in the pool's line for a replica.
+    pub patience: std::time::Duration,
     /// The body's cap and pace (`server.max_body_bytes`, `server.body_*`).
     pub max_body: u64,
     pub pace: BodyPace,
@@ -143,8 +145,15 @@ impl Upstream {
             .await
             .map_err(PassError::Body)?;
         let mut next = Some(
-            self.acquire_for(session, p.route, &p.pool.name, p.placement, p.deadline, out)
-                .await?,
+            self.acquire_for(
+                session,
+                p.route,
+                &p.pool.name,
+                (p.placement, p.patience),
+                p.deadline,
+                out,
+            )
+            .await?,
         );
         let (mut up, lease, head) = loop {
             let Some(lease) = next.take() else {

@@ -573,3 +573,70 @@ async fn key_limits_and_a_per_call_price_apply_and_every_call_is_one_ledger_row(
         ]
     );
 }
+
+#[tokio::test]
+async fn wake_runs_its_action_once_and_a_parked_request_completes_when_a_replica_is_up() {
+    let replica = SwitchableReplica::start().await;
+    replica.fail_health(true);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("woken");
+    let wake = format!(
+        "wake = {{ command = [\"/bin/sh\", \"-c\", \"echo \\\"$1 $2\\\" >> {}\", \"sh\"], cooldown_ms = 600000 }}\ntimeouts = {{ wake_ms = 30000 }}",
+        log.display()
+    );
+    let config = deployed_config(replica.addr, replica.addr, &wake)
+        .replace(
+            "[[pools]]\nname = \"dev\"\nreplicas",
+            "[[pools]]\nname = \"dev\"\nhealth = { interval_ms = 20 }\nreplicas",
+        )
+        .replace(
+            "[[pools]]\nname = \"prod\"\nreplicas",
+            "[[pools]]\nname = \"prod\"\nhealth = { interval_ms = 20 }\nreplicas",
+        );
+    let gw = Gateway::start(&config);
+    // Once the first checks are in, the replica is down: the deployment has none healthy.
+    let deadline = Deadline::after(Duration::from_secs(10));
+    loop {
+        let r = client().get(gw.admin_url("/readyz")).send().await.unwrap();
+        let body: Value = r.json().await.unwrap();
+        if body["status"] != "starting" {
+            break;
+        }
+        deadline.pause(|| format!("{body}")).await;
+    }
+    // POST /wake answers at once, and runs the action.
+    let r = predict(&gw, "/wake").send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.text().await.unwrap(), "{}");
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.ends_with('\n')) {
+        deadline.pause(|| "the wake action to run".into()).await;
+    }
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "abcd1234 dep-a\n");
+    // A request now waits for a replica; it wakes the deployment again only after the
+    // cooldown, so the action does not run twice.
+    let parked = tokio::spawn({
+        let url = gw.url("/model/abcd1234/production/predict");
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(KEY)
+                .body("{}")
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let text = gw
+        .metrics_until(|t| series(t, "tollgate_queue_waiting_requests{pool=\"prod\"}") == Some(1.0))
+        .await;
+    assert!(
+        text.contains("tollgate_wake_actions_total{model=\"echo-model\",outcome=\"ok\"} 1"),
+        "{text}"
+    );
+    replica.fail_health(false);
+    let r = parked.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(replica.answered(), 1);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "abcd1234 dep-a\n");
+}
