@@ -640,3 +640,81 @@ async fn wake_runs_its_action_once_and_a_parked_request_completes_when_a_replica
     assert_eq!(replica.answered(), 1);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "abcd1234 dep-a\n");
 }
+
+/// The aiohttp replica of tests/replica_aiohttp.py, run with the suite's Python (.venv, as
+/// scripts/prereqs.sh builds it); killed when dropped.
+struct AiohttpReplica {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl AiohttpReplica {
+    fn start() -> AiohttpReplica {
+        use std::io::BufRead;
+        let root = env!("CARGO_MANIFEST_DIR");
+        let python = format!("{root}/.venv/bin/python");
+        let mut child = std::process::Command::new(&python)
+            .arg(format!("{root}/tests/replica_aiohttp.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{python}: {e}; run scripts/test, which builds .venv (need_sdk_venv)")
+            });
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the replica prints its port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port from the aiohttp replica: {line:?}"));
+        AiohttpReplica {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for AiohttpReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn an_aiohttp_replica_streams_predict_and_serves_sync_routes() {
+    let replica = AiohttpReplica::start();
+    let gw = Gateway::start(&deployed_config(replica.addr, replica.addr, ""));
+    let r = predict(&gw, "/production/predict")
+        .body(r#"{"n": 4}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-seen-authorization"], "-");
+    assert_eq!(r.headers()["x-seen-forwarded-for"], "127.0.0.1");
+    assert_eq!(r.headers()["x-seen-length"], "8");
+    let mut stream = r.bytes_stream();
+    let mut pieces = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        pieces.push(chunk.unwrap());
+    }
+    let text: Vec<u8> = pieces.concat();
+    assert_eq!(text, b"part 0\npart 1\npart 2\npart 3\n");
+    assert!(pieces.len() > 1, "the answer came in one piece: {pieces:?}");
+
+    let r = client()
+        .patch(gw.url("/model/abcd1234/production/sync/v1/models?status=207&a=b"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 207);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["method"], "PATCH");
+    assert_eq!(body["query"], "status=207&a=b");
+}
