@@ -718,3 +718,59 @@ async fn an_aiohttp_replica_streams_predict_and_serves_sync_routes() {
     assert_eq!(body["method"], "PATCH");
     assert_eq!(body["query"], "status=207&a=b");
 }
+
+#[tokio::test]
+async fn the_demo_prints_a_predict_curl_that_works_as_printed() {
+    use std::io::BufRead;
+    let mut demo = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the demo starts");
+    let stdout = demo.stdout.take().expect("piped");
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("a line of the banner");
+            let last = line.starts_with("Stop with Ctrl-C");
+            lines.push(line);
+            if last {
+                break;
+            }
+        }
+        lines
+    })
+    .await
+    .unwrap();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("Deployed model demo1234"))
+        .unwrap_or_else(|| panic!("no predict example: {lines:?}"))
+        + 1;
+    let end = start
+        + lines[start..]
+            .iter()
+            .position(|l| l.trim().is_empty())
+            .unwrap();
+    let command = lines[start..end].join("\n");
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &command])
+        .output()
+        .await
+        .unwrap();
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert!(out.status.success(), "{command}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        r#"{"prompt": "Hello!"}"#,
+        "{command}"
+    );
+}
