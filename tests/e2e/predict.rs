@@ -774,3 +774,53 @@ async fn the_demo_prints_a_predict_curl_that_works_as_printed() {
         "{command}"
     );
 }
+
+#[tokio::test]
+async fn a_503_before_any_body_byte_moves_to_another_replica_and_nothing_is_sent_twice() {
+    let refusing = CannedReplica::answering("503 Service Unavailable", "text/plain", "busy").await;
+    let good = sim().await;
+    let pools = format!(
+        "[[pools]]\nname = \"prod\"\nreplicas = [\"{}\", \"{}\"]\npolicy = \"round_robin\"\nmax_attempts = 2\nhealth = {{ enabled = false }}\nejection = {{ enabled = false }}\n",
+        refusing.addr,
+        good.addr()
+    );
+    let config = deployed_config(good.addr(), good.addr(), "").replacen(
+        &format!(
+            "[[pools]]\nname = \"prod\"\nreplicas = [\"{}\"]\n",
+            good.addr()
+        ),
+        &pools,
+        1,
+    );
+    let gw = Gateway::start(&config);
+    // No body: a refusal is retried on the other replica.
+    for _ in 0..4 {
+        let r = predict(&gw, "/production/sync/echo/x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(
+        refusing.answered() >= 1,
+        "round robin tried the refusing replica"
+    );
+    // A body the replica has seen is never sent again: its 503 reaches the client.
+    let before = refusing.answered();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let r = predict(&gw, "/production/predict")
+            .body("{\"x\": 1}")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    let refused = statuses.iter().filter(|s| **s == 503).count() as u64;
+    assert_eq!(refused, refusing.answered() - before, "{statuses:?}");
+    assert!(refused >= 1, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+}
