@@ -374,7 +374,10 @@ async fn relay(
         return Ok(Relayed::Complete);
     }
     loop {
+        // Biased: the end of an answer the client already has whole (its last bytes were
+        // the Content-Length's) is not a departure, however soon the client then leaves.
         let read = tokio::select! {
+            biased;
             r = timeout_at(p.deadline, up.read_body()) => r,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone.into()),
         };

@@ -499,7 +499,10 @@ async fn key_limits_and_a_per_call_price_apply_and_every_call_is_one_ledger_row(
             .body(body)
             .send()
     };
-    assert_eq!(staging("hello").await.unwrap().status(), 200);
+    // Read whole: a client that drops the answer unread has left (499).
+    let r = staging("hello").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello");
     let r = staging("again").await.unwrap();
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
@@ -555,14 +558,15 @@ async fn key_limits_and_a_per_call_price_apply_and_every_call_is_one_ledger_row(
     assert_eq!(line["model"], "echo-model", "{line}");
     assert_eq!(line["deployment"], "dep-a", "{line}");
     assert_eq!(line["environment"], "production", "{line}");
-    let text = gw
-        .metrics_until(|t| {
-            series(
-                t,
-                r#"tollgate_requests_total{endpoint="predict",model="echo-model",status_class="2xx"}"#,
-            ) == Some(3.0)
-        })
-        .await;
+    let ok = r#"tollgate_requests_total{endpoint="predict",model="echo-model",status_class="2xx"}"#;
+    let refused =
+        r#"tollgate_requests_total{endpoint="predict",model="echo-model",status_class="4xx"}"#;
+    let text = gw.metrics_until(|t| series(t, refused) == Some(3.0)).await;
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tollgate_requests_total"))
+        .collect();
+    assert_eq!(series(&text, ok), Some(3.0), "{lines:?}");
     assert!(text.contains("model=\"echo-model\""));
     assert_eq!(
         rows,
@@ -628,11 +632,21 @@ async fn wake_runs_its_action_once_and_a_parked_request_completes_when_a_replica
         }
     });
     let text = gw
-        .metrics_until(|t| series(t, "tollgate_queue_waiting_requests{pool=\"prod\"}") == Some(1.0))
+        .metrics_until(|t| {
+            series(t, "tollgate_queue_waiting_requests{pool=\"prod\"}") == Some(1.0)
+                && series(
+                    t,
+                    "tollgate_wake_actions_total{model=\"echo-model\",outcome=\"ok\"}",
+                )
+                .is_some()
+        })
         .await;
-    assert!(
-        text.contains("tollgate_wake_actions_total{model=\"echo-model\",outcome=\"ok\"} 1"),
-        "{text}"
+    assert_eq!(
+        series(
+            &text,
+            "tollgate_wake_actions_total{model=\"echo-model\",outcome=\"ok\"}"
+        ),
+        Some(1.0)
     );
     replica.fail_health(false);
     let r = parked.await.unwrap();
