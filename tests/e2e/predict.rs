@@ -838,3 +838,46 @@ async fn a_503_before_any_body_byte_moves_to_another_replica_and_nothing_is_sent
         "{statuses:?}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_answer_closes_the_replica_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A replica that starts a chunked answer, then waits for its connection to close.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut closed_tx = Some(closed_tx);
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut first = [0u8; 4];
+            if s.peek(&mut first).await.is_ok_and(|n| n == 4) && &first == b"GET " {
+                read_request_body(&mut s).await;
+                let _ = s
+                    .write_all(http_response("200 OK", "text/plain", "").as_bytes())
+                    .await;
+                continue;
+            }
+            read_request_body(&mut s).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n6\r\nfirst\n\r\n";
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 64];
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            if let Some(tx) = closed_tx.take() {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let gw = Gateway::start(&deployed_config(addr, addr, ""));
+    let r = predict(&gw, "/production/predict")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let mut stream = r.bytes_stream();
+    assert_eq!(stream.next().await.unwrap().unwrap().as_ref(), b"first\n");
+    drop(stream);
+    tokio::time::timeout(Duration::from_secs(10), closed_rx)
+        .await
+        .expect("tollgate closed the replica's connection when the client left")
+        .unwrap();
+}
