@@ -56,8 +56,17 @@ pub(crate) async fn predict(req: Request<Incoming>) -> Result<Response<SimBody>,
         ("x-echo-host", report("host")),
     ];
     let content_type = req.headers().get(CONTENT_TYPE).cloned();
-    let mut resp = if let Some(n) = number(&req, "x-sim-stream") {
-        let interval = Duration::from_millis(number(&req, "x-sim-interval-ms").unwrap_or(0));
+    let (stream, large) = (number(&req, "x-sim-stream"), number(&req, "x-sim-large"));
+    let count = number(&req, "x-sim-count").is_some();
+    let interval = Duration::from_millis(number(&req, "x-sim-interval-ms").unwrap_or(0));
+    let mut body = req.into_body();
+    if stream.is_some() || large.is_some() {
+        // Read first, so the connection can carry the next request.
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|_| Reset)?;
+        }
+    }
+    let mut resp = if let Some(n) = stream {
         let (tx, rx) =
             tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::service::BodyError>>(1);
         tokio::spawn(async move {
@@ -75,7 +84,7 @@ pub(crate) async fn predict(req: Request<Incoming>) -> Result<Response<SimBody>,
         r.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         r
-    } else if let Some(n) = number(&req, "x-sim-large") {
+    } else if let Some(n) = large {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             let piece = Bytes::from(vec![b'x'; 64 * 1024]);
@@ -94,8 +103,7 @@ pub(crate) async fn predict(req: Request<Incoming>) -> Result<Response<SimBody>,
             HeaderValue::from_static("application/octet-stream"),
         );
         r
-    } else if number(&req, "x-sim-count").is_some() {
-        let mut body = req.into_body();
+    } else if count {
         let mut bytes = 0u64;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|_| Reset)?;
@@ -103,12 +111,7 @@ pub(crate) async fn predict(req: Request<Incoming>) -> Result<Response<SimBody>,
         }
         json_of(&json!({ "bytes": bytes }))
     } else {
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map_err(|_| Reset)?
-            .to_bytes();
+        let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
         let mut r = Response::new(full(body));
         if let Some(t) = content_type {
             r.headers_mut().insert(CONTENT_TYPE, t);
