@@ -546,6 +546,26 @@ async fn key_limits_and_a_per_call_price_apply_and_every_call_is_one_ledger_row(
         deadline.pause(|| format!("{rows:?}")).await;
     };
     let (p, d) = (prod.addr(), dev.addr());
+    // The usage report groups by deployed model (its id) like any model.
+    let by: Value = gw.usage("bucket=day&by=key,model").await;
+    let mut groups: Vec<String> = by["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["requests"] != 0)
+        .map(|r| {
+            format!(
+                "{} {} {} {}",
+                r["key_id"], r["model"], r["requests"], r["cost_usd"]
+            )
+        })
+        .collect();
+    groups.sort();
+    let want = [
+        r#""team-a" "abcd1234" 2 "0.004000""#,
+        r#""team-s" "abcd1234" 1 "0.002000""#,
+    ];
+    assert_eq!(groups, want, "{by}");
     // Metrics and the access log carry the same labels.
     let r = predict(&gw, "/production/predict")
         .header("x-request-id", "pred-1")
@@ -880,4 +900,35 @@ async fn a_client_that_leaves_mid_answer_closes_the_replica_connection() {
         .await
         .expect("tollgate closed the replica's connection when the client left")
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_wake_url_is_posted_the_model_and_deployment() {
+    let (prod, dev) = two_replicas().await;
+    let sink = WebhookSink::start().await;
+    let wake = format!("wake = {{ url = \"http://{}/scale\" }}", sink.addr);
+    let gw = Gateway::start(&deployed_config(prod.addr(), dev.addr(), &wake));
+    let r = predict(&gw, "/environments/staging/wake")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.text().await.unwrap(), "{}");
+    let (headers, body) = sink
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the wake URL was called");
+    assert_eq!(headers["content-type"], "application/json");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"model": "abcd1234", "deployment": "dep-b"})
+    );
+    gw.metrics_until(|t| {
+        series(
+            t,
+            "tollgate_wake_actions_total{model=\"echo-model\",outcome=\"ok\"}",
+        ) == Some(1.0)
+    })
+    .await;
 }
