@@ -24,6 +24,7 @@ mod media;
 mod metadata_limit;
 mod metrics;
 mod predict;
+mod predict_fleet;
 mod queue;
 mod reload;
 mod request_shape;
