@@ -31,6 +31,7 @@ fn records(n: usize, offset: usize) -> Vec<UsageRecord> {
             duration_ms: 812.25,
             replica: Some("10.0.0.11:8000".into()),
             queue_ms: None,
+            deployed: None,
         })
         .collect()
 }

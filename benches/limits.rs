@@ -66,6 +66,7 @@ fn one(key: &Key, model: &Model, r: &Registry, now: i64) {
         output_tokens: 512,
         choices: 1,
         prices: model.token_prices,
+        per_request: 0,
     };
     let counters = r.key(&key.id).expect("key");
     let (ticket, _view) = limits::admit(

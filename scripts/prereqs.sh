@@ -31,7 +31,8 @@ need_curl() {
     fi
 }
 
-# The official OpenAI and Anthropic Python SDKs for tests/sdk, in .venv.
+# The official OpenAI and Anthropic Python SDKs for tests/sdk, and aiohttp for the
+# deployed-model replica of tests/replica_aiohttp.py, in .venv.
 need_sdk_venv() {
     if [ ! -x .venv/bin/python ]; then
         need_python_venv

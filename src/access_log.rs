@@ -84,6 +84,10 @@ pub fn line(ctx: &RequestCtx, error: Option<&str>, settled: &Settled) {
         replica = outcome.replica().map(|r| &**r),
         attempts = outcome.attempts.len(),
         queue_ms = outcome.queued.map(|d| d.as_secs_f64() * 1e3),
+        deployment = ctx.deployed.as_ref().map(|d| &*d.deployment),
+        environment = ctx.deployed.as_ref().and_then(|d| d.environment.as_deref()),
+        bytes_in = ctx.deployed.as_ref().map(|_| outcome.bytes_in),
+        bytes_out = ctx.deployed.as_ref().map(|_| outcome.bytes_out),
         "request"
     );
 }

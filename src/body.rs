@@ -101,6 +101,85 @@ pub async fn read_capped(
     Ok(buf.freeze())
 }
 
+/// A body read piece by piece as it arrives, for passing on as it comes (deployed models'
+/// uploads): the same cap and pace as [`read_capped`], with memory bounded by one piece.
+pub struct Upload {
+    limit: u64,
+    pace: BodyPace,
+    /// The Content-Length the client declared; `None`: chunked, or no body.
+    pub declared: Option<u64>,
+    /// Bytes received so far.
+    pub received: u64,
+    start: Option<Instant>,
+    done: bool,
+}
+
+impl Upload {
+    /// Checks the declared length against the cap (413 before any replica is touched) and
+    /// answers `Expect: 100-continue` only once it fits.
+    pub async fn start(
+        session: &mut Session,
+        limit: u64,
+        pace: &BodyPace,
+    ) -> Result<Upload, BodyError> {
+        let headers = &session.req_header().headers;
+        let declared = match headers.get(http::header::CONTENT_LENGTH) {
+            None => None,
+            Some(v) => Some(content_length(v).ok_or(BodyError::BadLength)?),
+        };
+        if declared.is_some_and(|n| n > limit) {
+            return Err(BodyError::TooLarge { limit });
+        }
+        let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
+        let expects_continue = headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        if expects_continue {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await
+                .map_err(|_| BodyError::ClientGone)?;
+        }
+        Ok(Upload {
+            limit,
+            pace: *pace,
+            declared: if chunked { None } else { declared },
+            received: 0,
+            start: None,
+            done: !chunked && declared.unwrap_or(0) == 0,
+        })
+    }
+
+    /// Whether the body is empty (no Content-Length nor chunked coding, or a length of 0).
+    pub fn is_empty(&self) -> bool {
+        self.done && self.received == 0
+    }
+
+    /// The next piece of the body, `None` at its end; refused as soon as the running count
+    /// passes the cap, or the body falls behind its pace.
+    pub async fn next(&mut self, session: &mut Session) -> Result<Option<Bytes>, BodyError> {
+        if self.done {
+            return Ok(None);
+        }
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let due = start + allowance(&self.pace, self.received as usize);
+        let chunk = timeout_at(due, session.as_downstream_mut().read_request_body())
+            .await
+            .map_err(|_| BodyError::TooSlow(self.pace))?
+            .map_err(|e| BodyError::of(&e))?;
+        let Some(chunk) = chunk else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.received += chunk.len() as u64;
+        if self.received > self.limit {
+            return Err(BodyError::TooLarge { limit: self.limit });
+        }
+        Ok(Some(chunk))
+    }
+}
+
 /// How long a body that has delivered `received` bytes may take in all, from its first read.
 fn allowance(pace: &BodyPace, received: usize) -> Duration {
     let extra_ms = (received as u64).saturating_mul(1000) / pace.min_rate.get();

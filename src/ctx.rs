@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::account::{self, Bill, Ledger, Settled};
+use crate::account::{self, Bill, DeployedCall, Ledger, Settled};
 use crate::config::{Key, Model};
 use crate::forward::Outcome;
 use crate::limits::{Settlement, Ticket};
@@ -42,6 +42,9 @@ pub struct RequestCtx {
     pub headers: Vec<(&'static str, String)>,
     /// forward → account, metrics, logging: what the exchange with the replicas did.
     pub outcome: Outcome,
+    /// predict (target resolved) → account, metrics, logging: the deployed model, deployment
+    /// and environment a call reached.
+    pub deployed: Option<DeployedCall>,
     /// respond / forward → logging, metrics. The status the client was sent (499: it left).
     pub status: u16,
     /// respond / forward → logging, metrics. The error code, when the request failed.
@@ -89,6 +92,7 @@ impl RequestCtx {
             output_cap: 0,
             headers: Vec::new(),
             outcome: Outcome::default(),
+            deployed: None,
             status: 0,
             error: None,
             ledger,
@@ -118,6 +122,7 @@ impl RequestCtx {
             output_cap: self.output_cap,
             stream: self.stream,
             status: self.status,
+            deployed: self.deployed.as_ref(),
         };
         account::finish(&bill, &self.outcome, ticket, ledger.as_deref())
     }
@@ -130,9 +135,14 @@ impl RequestCtx {
             .map_or(0, |d| d.as_millis() as i64)
     }
 
-    /// The model label for metrics and logs: a configured slug, or "-".
+    /// The model label for metrics and logs: a configured slug, a deployed model's name, or
+    /// "-".
     pub fn model_label(&self) -> &str {
-        self.model.as_ref().map_or("-", |m| &*m.slug)
+        match (&self.model, &self.deployed) {
+            (Some(m), _) => &m.slug,
+            (None, Some(d)) => &d.model.name,
+            (None, None) => "-",
+        }
     }
 
     /// The key label for metrics and logs: a configured key id, or "-".

@@ -55,6 +55,9 @@ pub fn run(opts: DemoOptions) -> Result<(), String> {
     result
 }
 
+/// The id of the demo's deployed model, in its predict URL.
+const DEPLOYED_MODEL: &str = "demo1234";
+
 fn config_text(opts: &DemoOptions, sims: &[SimReplica], digest: &str) -> String {
     let replicas: Vec<String> = sims.iter().map(|s| format!("\"{}\"", s.addr())).collect();
     format!(
@@ -95,10 +98,21 @@ default_max_tokens = 32
 price = {{ input_per_mtok = 0.40, cached_input_per_mtok = 0.10, output_per_mtok = 1.20 }}
 features = ["tools", "json_mode", "reasoning"]
 
+[[deployed_models]]
+id = "{DEPLOYED_MODEL}"
+name = "echo (simulated)"
+environments = {{ production = "dep-demo" }}
+price = {{ per_request_usd = 0.001 }}
+
+[[deployed_models.deployments]]
+id = "dep-demo"
+pool = "demo"
+
 [[keys]]
 id = "demo"
 sha256 = "{digest}"
 models = ["*"]
+deployed_models = ["{DEPLOYED_MODEL}"]
 "#,
         listen = opts.listen,
         admin = opts.admin_listen,
@@ -136,6 +150,10 @@ import anthropic
 client = anthropic.Anthropic(base_url="http://{root}", api_key="{key}")
 print(client.messages.create(model="{REASONING_MODEL}", max_tokens=64,
       messages=[{{"role": "user", "content": "Hello!"}}]).content[-1].text)
+
+Deployed model {DEPLOYED_MODEL} (a Truss-style echo; any body, passed verbatim):
+  curl -s http://{root}/model/{DEPLOYED_MODEL}/production/predict \
+    -H "Authorization: Api-Key {key}" -d '{{"prompt": "Hello!"}}'
 
 Usage so far:  curl -s 'http://{admin}/admin/usage?bucket=hour&by=model'
 

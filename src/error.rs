@@ -6,6 +6,7 @@ use crate::body::BodyError;
 use crate::forward::ForwardError;
 use crate::limits::{LimitError, LimitKind, Scope};
 use crate::media::MediaError;
+use crate::route::deployed::DeployedError;
 use crate::route::RouteError;
 use crate::translate::RequestError;
 use crate::vocab::{echo, Problem};
@@ -18,6 +19,7 @@ pub enum GatewayError {
     Route(RouteError),
     Media(MediaError),
     Forward(ForwardError),
+    Deployed(DeployedError),
     /// A limit or budget refused the request.
     Limit {
         err: LimitError,
@@ -58,6 +60,10 @@ impl GatewayError {
             Forward(ForwardError::Unreachable { .. }) => 502,
             Forward(ForwardError::Broken { .. }) => 502,
             Forward(ForwardError::Timeout { .. }) => 504,
+            Deployed(DeployedError::Forbidden { .. }) => 403,
+            Deployed(DeployedError::PredictTimeout { .. }) => 504,
+            Deployed(DeployedError::WakeTimeout { .. }) => 503,
+            Deployed(_) => 404,
             // Nobody reads it: the client left. Logged as nginx does.
             Forward(ForwardError::ClientGone) => 499,
             Limit {
@@ -83,6 +89,11 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             Auth(_) => "authentication_error",
+            Deployed(DeployedError::Forbidden { .. }) => "permission_error",
+            Deployed(DeployedError::PredictTimeout { .. } | DeployedError::WakeTimeout { .. }) => {
+                "api_error"
+            }
+            Deployed(_) => "invalid_request_error",
             Route(RouteError::ModelForbidden { .. }) => "permission_error",
             Forward(ForwardError::QueueFull { .. }) => "rate_limit_error",
             Forward(_) => "api_error",
@@ -133,6 +144,14 @@ impl GatewayError {
             Forward(ForwardError::Broken { .. }) => "upstream_error",
             Forward(ForwardError::Timeout { .. }) => "upstream_timeout",
             Forward(ForwardError::ClientGone) => "client_disconnected",
+            Deployed(DeployedError::ModelNotFound { .. }) => "model_not_found",
+            Deployed(DeployedError::EnvironmentNotFound { .. }) => "environment_not_found",
+            Deployed(DeployedError::DeploymentNotFound { .. }) => "deployment_not_found",
+            Deployed(DeployedError::NoDevelopment { .. }) => "deployment_not_found",
+            Deployed(DeployedError::UnknownPath { .. }) => "unknown_url",
+            Deployed(DeployedError::Forbidden { .. }) => "model_not_allowed",
+            Deployed(DeployedError::PredictTimeout { .. }) => "upstream_timeout",
+            Deployed(DeployedError::WakeTimeout { .. }) => "no_healthy_replica",
             Limit {
                 err:
                     LimitError::Limited {
@@ -256,6 +275,7 @@ impl GatewayError {
             Forward(ForwardError::NoCapacity { pool, waited_ms }) => format!(
                 "No replica of pool '{pool}' had room for this request within {waited_ms} ms of waiting (all busy or unhealthy). Retry after the time in the retry-after header."
             ),
+            Deployed(e) => deployed_message(e),
             Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
                 "Unknown request URL: {} {}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models.",
@@ -304,6 +324,39 @@ impl GatewayError {
             GatewayError::Forward(ForwardError::NoCapacity { .. }) => Some(1),
             _ => None,
         }
+    }
+}
+
+fn deployed_message(e: &DeployedError) -> String {
+    match e {
+        DeployedError::ModelNotFound { model } => format!(
+            "The model '{}' does not exist. Check the model id in the URL (model-{{id}}.… or /model/{{id}}/…).",
+            echo(model)
+        ),
+        DeployedError::EnvironmentNotFound { model, environment } => format!(
+            "The model '{model}' has no environment '{}'. Call /production/predict, or an environment the model has.",
+            echo(environment)
+        ),
+        DeployedError::DeploymentNotFound { model, deployment } => format!(
+            "The model '{model}' has no deployment '{}'. Check the deployment id, or call /production/predict.",
+            echo(deployment)
+        ),
+        DeployedError::NoDevelopment { model } => format!(
+            "The model '{model}' has no development deployment. Call /production/predict, or /deployment/{{id}}/predict."
+        ),
+        DeployedError::UnknownPath { model, path } => format!(
+            "Unknown request URL for model '{model}': {}. The model serves POST /production/predict, /environments/{{env}}/predict, /development/predict, /deployment/{{id}}/predict, any method on /{{target}}/sync/{{route}}, and POST /{{target}}/wake or /wake.",
+            echo(path)
+        ),
+        DeployedError::Forbidden { model, key_id } => format!(
+            "The API key '{key_id}' is not allowed to call this target of the model '{model}'. Use a target the key may call, or ask the operator to add it to the key's deployed_models."
+        ),
+        DeployedError::PredictTimeout { secs } => format!(
+            "The model did not answer within {secs} s, the limit of a sync predict: use async_predict for work longer than {secs} s."
+        ),
+        DeployedError::WakeTimeout { deployment, secs } => format!(
+            "No replica of deployment '{deployment}' became ready within {secs} s of waking it. Retry later."
+        ),
     }
 }
 
@@ -365,6 +418,11 @@ impl From<RouteError> for GatewayError {
 impl From<MediaError> for GatewayError {
     fn from(e: MediaError) -> Self {
         GatewayError::Media(e)
+    }
+}
+impl From<DeployedError> for GatewayError {
+    fn from(e: DeployedError) -> Self {
+        GatewayError::Deployed(e)
     }
 }
 impl From<ForwardError> for GatewayError {

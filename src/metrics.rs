@@ -32,6 +32,7 @@ pub struct Metrics {
     budget_alerts: IntCounterVec,
     webhook_failures: IntCounter,
     reloads: IntCounterVec,
+    wake_actions: IntCounterVec,
     client_timeouts: IntCounterVec,
     pub inflight: IntGauge,
     ledger_queue: IntGauge,
@@ -180,6 +181,14 @@ impl Metrics {
             &["outcome"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let wake_actions = IntCounterVec::new(
+            Opts::new(
+                "tollgate_wake_actions_total",
+                "Wake actions of deployed models run, by model name and outcome (ok, failed, timeout).",
+            ),
+            &["model", "outcome"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let client_timeouts = IntCounterVec::new(
             Opts::new(
                 "tollgate_client_timeouts_total",
@@ -278,6 +287,7 @@ impl Metrics {
             Box::new(budget_alerts.clone()),
             Box::new(webhook_failures.clone()),
             Box::new(reloads.clone()),
+            Box::new(wake_actions.clone()),
             Box::new(client_timeouts.clone()),
             Box::new(ledger_queue.clone()),
             Box::new(ledger_dropped.clone()),
@@ -305,6 +315,7 @@ impl Metrics {
             budget_alerts,
             webhook_failures,
             reloads,
+            wake_actions,
             client_timeouts,
             ledger_queue,
             ledger_dropped,
@@ -474,6 +485,10 @@ impl Metrics {
             .inc();
     }
 
+    pub fn observe_wake(&self, model: &str, outcome: &str) {
+        self.wake_actions.with_label_values(&[model, outcome]).inc();
+    }
+
     /// The counter of clients cut in `phase` ("head" or "body").
     pub fn client_timeouts(&self, phase: &str) -> IntCounter {
         self.client_timeouts.with_label_values(&[phase])
@@ -525,7 +540,24 @@ impl Meters {
                 };
                 (m.slug.to_string(), meters)
             })
-            .collect();
+            .collect::<HashMap<_, _>>();
+        // Deployed models are labelled by their name; their index is past every Model API
+        // model's, so they have no token counters.
+        let mut models = models;
+        for (j, d) in snapshot.deployed_models.iter().enumerate() {
+            let model = [&*d.name];
+            models
+                .entry(d.name.to_string())
+                .or_insert_with(|| ModelMeters {
+                    index: snapshot.models.len() + j,
+                    slug: d.name.to_string(),
+                    ttfb: metrics.ttfb.with_label_values(&model),
+                    ttft: metrics.ttft.with_label_values(&model),
+                    itl: metrics.itl.with_label_values(&model),
+                    requests: Default::default(),
+                    duration: Default::default(),
+                });
+        }
         let keys = snapshot
             .keys()
             .map(|k| {

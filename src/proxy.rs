@@ -41,7 +41,7 @@ use crate::route::{Placement, RouteError};
 use crate::runtime::Runtime;
 use crate::translate::{self, anthropic, prefix, ModelRequest};
 use crate::vocab::{self, Endpoint};
-use crate::{access_log, auth, body, catalog, conn, media, respond, route};
+use crate::{access_log, auth, body, catalog, conn, media, predict, respond, route};
 
 pub struct Gateway {
     runtime: Arc<ArcSwap<Runtime>>,
@@ -49,6 +49,7 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     ledger: Option<Arc<Ledger>>,
     alerter: Alerter,
+    waker: crate::wake::Waker,
 }
 
 impl Gateway {
@@ -61,6 +62,7 @@ impl Gateway {
             runtime,
             upstream: Upstream::new(GatewayError::of_forward),
             alerter: Alerter::new(metrics.clone(), ledger.clone()),
+            waker: crate::wake::Waker::new(metrics.clone()),
             metrics,
             ledger,
         }
@@ -107,6 +109,9 @@ impl ProxyHttp for Gateway {
             }
             Endpoint::CountTokens => count_tokens(session, ctx, &runtime).await,
             Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime).await,
+            Endpoint::Predict => {
+                predict::serve(&self.upstream, &self.waker, session, ctx, &runtime).await
+            }
             Endpoint::Unknown => Err(unknown_route(session)),
         };
         match served {
@@ -236,7 +241,10 @@ fn accept(session: &Session, ctx: &mut RequestCtx, runtime: &Arc<Runtime>) {
         .and_then(|v| v.to_str().ok());
     ctx.request_id = vocab::request_id(client_id);
     ctx.runtime = Some(runtime.clone());
-    ctx.endpoint = Endpoint::of(req.method.as_str(), req.uri.path());
+    ctx.endpoint = match predict::addressed(req) {
+        Some(_) => Endpoint::Predict,
+        None => Endpoint::of(req.method.as_str(), req.uri.path()),
+    };
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request without `Host` is answered 400. HTTP/1.0 predates the

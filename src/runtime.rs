@@ -189,6 +189,7 @@ mod tests {
             output_tokens: 10,
             choices: 1,
             prices: model.token_prices,
+            per_request: 0,
         };
         let (ticket, _) = limits::admit(
             key,
@@ -221,6 +222,7 @@ mod tests {
             duration_ms: 1.0,
             replica: None,
             queue_ms: None,
+            deployed: None,
         };
         ticket.settle_with(0, nanos, now, || ledger.record(row))
     }

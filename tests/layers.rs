@@ -25,6 +25,8 @@ const RANKS: &[(&str, u32)] = &[
     ("account", 16),
     ("metrics", 17),
     ("alerts", 18),
+    // Deployed models' wake actions: like alerts, outbound work off the request path.
+    ("wake", 18),
     // Orchestration: the only layer that knows the request context or writes responses.
     ("logs", 20),
     ("error", 20),
@@ -33,6 +35,8 @@ const RANKS: &[(&str, u32)] = &[
     ("ctx", 21),
     ("access_log", 22),
     ("conn", 22),
+    // The deployed-model surface, beside the Model API's stages in proxy.rs.
+    ("predict", 22),
     ("proxy", 23),
     ("reload", 23),
     ("admin", 24),

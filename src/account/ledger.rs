@@ -211,7 +211,11 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
              ttft_ms REAL,
              duration_ms REAL NOT NULL,
              replica TEXT,
-             queue_ms REAL
+             queue_ms REAL,
+             deployment TEXT,
+             environment TEXT,
+             bytes_in INTEGER,
+             bytes_out INTEGER
          ) WITHOUT ROWID;
          -- Rows are found by time through the primary key: an id starts with its row's
          -- ts_ms in hex (see account::record_id). A separate time index cost every insert.
@@ -232,13 +236,23 @@ fn open_rw(path: &Path) -> Result<Connection, String> {
 /// Columns added since the first ledger, so that a ledger written by an older tollgate
 /// opens: its rows read NULL there.
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let has_queue_ms: bool = conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('usage') WHERE name = 'queue_ms'",
-        [],
-        |row| row.get::<_, i64>(0).map(|n| n > 0),
-    )?;
-    if !has_queue_ms {
-        conn.execute_batch("ALTER TABLE usage ADD COLUMN queue_ms REAL")?;
+    const ADDED: [(&str, &str); 5] = [
+        ("queue_ms", "REAL"),
+        // Deployed models' calls.
+        ("deployment", "TEXT"),
+        ("environment", "TEXT"),
+        ("bytes_in", "INTEGER"),
+        ("bytes_out", "INTEGER"),
+    ];
+    for (name, kind) in ADDED {
+        let has: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('usage') WHERE name = ?1",
+            [name],
+            |row| row.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE usage ADD COLUMN {name} {kind}"))?;
+        }
     }
     Ok(())
 }
@@ -391,7 +405,7 @@ fn answer_off_thread(path: &Path, q: Question) {
 
 /// Rows per INSERT statement: one statement step for many rows is most of the speed.
 const ROWS_PER_STATEMENT: usize = 64;
-const COLUMNS: usize = 17;
+const COLUMNS: usize = 21;
 
 /// The two INSERT statements' text, built once: it is also the key of the statement cache.
 struct InsertSql {
@@ -407,6 +421,9 @@ impl InsertSql {
         }
     }
 }
+
+/// A row's deployed-model columns: deployment, environment, bytes in, bytes out.
+type DeployedColumns<'a> = (Option<&'a str>, Option<&'a str>, Option<i64>, Option<i64>);
 
 fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusqlite::Result<()> {
     if batch.is_empty() {
@@ -424,6 +441,18 @@ fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusq
         };
         let mut stmt = tx.prepare_cached(text)?;
         let mut values: Vec<&dyn ToSql> = Vec::with_capacity(rows.len() * COLUMNS);
+        let deployed: Vec<DeployedColumns> = rows
+            .iter()
+            .map(|r| match &r.deployed {
+                None => (None, None, None, None),
+                Some(d) => (
+                    Some(&*d.deployment),
+                    d.environment.as_deref(),
+                    Some(i64::try_from(d.bytes_in).unwrap_or(i64::MAX)),
+                    Some(i64::try_from(d.bytes_out).unwrap_or(i64::MAX)),
+                ),
+            })
+            .collect();
         let numbers: Vec<[i64; 6]> = rows
             .iter()
             .map(|r| {
@@ -439,7 +468,7 @@ fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusq
                 .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
             })
             .collect();
-        for (r, n) in rows.iter().zip(&numbers) {
+        for ((r, n), d) in rows.iter().zip(&numbers).zip(&deployed) {
             values.extend_from_slice(&[
                 &r.id,
                 &r.request_id,
@@ -458,6 +487,10 @@ fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusq
                 &r.duration_ms,
                 &r.replica,
                 &r.queue_ms,
+                &d.0,
+                &d.1,
+                &d.2,
+                &d.3,
             ]);
         }
         stmt.execute(params_from_iter(values))?;
@@ -470,7 +503,8 @@ fn insert_sql(rows: usize) -> String {
     format!(
         "INSERT OR IGNORE INTO usage (id, request_id, ts_ms, key_id, model, surface, status,
              input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, cost_nanos,
-             estimated, ttft_ms, duration_ms, replica, queue_ms) VALUES {}",
+             estimated, ttft_ms, duration_ms, replica, queue_ms, deployment, environment,
+             bytes_in, bytes_out) VALUES {}",
         vec![row; rows].join(",")
     )
 }
@@ -500,6 +534,7 @@ mod tests {
             duration_ms: 1.0,
             replica: None,
             queue_ms: None,
+            deployed: None,
         }
     }
 

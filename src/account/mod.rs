@@ -8,12 +8,12 @@ pub mod record;
 pub mod spend;
 
 pub use ledger::Ledger;
-pub use record::UsageRecord;
+pub use record::{DeployedUse, UsageRecord};
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::config::Model;
+use crate::config::{DeployedModel, Model};
 use crate::forward::Outcome;
 use crate::limits::{self, Settlement, Ticket};
 use crate::vocab::{Endpoint, Usage};
@@ -37,6 +37,17 @@ pub struct Bill<'a> {
     pub stream: bool,
     /// The status the client was sent (499: it left).
     pub status: u16,
+    /// A deployed model's call.
+    pub deployed: Option<&'a DeployedCall>,
+}
+
+/// Which deployed model, deployment and environment a call reached (written by the predict
+/// surface once it resolved the target).
+#[derive(Debug, Clone)]
+pub struct DeployedCall {
+    pub model: Arc<DeployedModel>,
+    pub deployment: Arc<str>,
+    pub environment: Option<Arc<str>>,
 }
 
 /// What a finished request used, and whether that had to be estimated.
@@ -54,6 +65,19 @@ pub struct Settled {
 /// answered with an error status and no usage (an engine that rejects a request has not
 /// generated anything for it, and the client got no answer).
 fn settle(bill: &Bill, outcome: &Outcome) -> Settled {
+    if let Some(call) = bill.deployed {
+        // A deployed model's call costs its price once it reached a replica that did not
+        // refuse it, whatever came back: the replica may have worked on it.
+        return Settled {
+            usage: Usage::default(),
+            estimated: false,
+            cost_nanos: if outcome.sent {
+                call.model.price_nanos
+            } else {
+                0
+            },
+        };
+    }
     let (usage, estimated) = match outcome.usage {
         Some(u) => (u, false),
         None if outcome.sent && outcome.upstream_status < 400 => (
@@ -144,12 +168,22 @@ fn record(
     if !bill.endpoint.is_billable() || !(admitted || outcome.sent) {
         return None;
     }
+    let deployed = bill.deployed.map(|call| DeployedUse {
+        deployment: call.deployment.clone(),
+        environment: call.environment.clone(),
+        bytes_in: outcome.bytes_in,
+        bytes_out: outcome.bytes_out,
+    });
     Some(UsageRecord {
         id: record_id(bill.started_ms),
         request_id: bill.request_id.to_string(),
         ts_ms: bill.started_ms,
         key_id: bill.key_id.cloned().unwrap_or_else(|| "-".into()),
-        model: bill.model.map_or_else(|| "-".into(), |m| m.slug.clone()),
+        model: match (bill.model, bill.deployed) {
+            (Some(m), _) => m.slug.clone(),
+            (None, Some(call)) => call.model.id.clone(),
+            (None, None) => "-".into(),
+        },
         surface: bill.endpoint.label(),
         status: bill.status,
         usage: settled.usage,
@@ -162,6 +196,7 @@ fn record(
         duration_ms: bill.started.elapsed().as_secs_f64() * 1e3,
         replica: outcome.replica().cloned(),
         queue_ms: outcome.queued.map(|d| d.as_secs_f64() * 1e3),
+        deployed,
     })
 }
 
@@ -204,6 +239,7 @@ mod tests {
             output_cap: 400,
             stream,
             status,
+            deployed: None,
         };
         let outcome = Outcome {
             sent: true,

@@ -387,6 +387,7 @@ pub(super) mod tests {
             duration_ms: 2.0,
             replica: None,
             queue_ms: None,
+            deployed: None,
         }
     }
 

@@ -26,4 +26,17 @@ pub struct UsageRecord {
     pub replica: Option<Arc<str>>,
     /// Time spent waiting in the pool's queue, if it waited.
     pub queue_ms: Option<f64>,
+    /// A deployed model's call: `model` is the deployed model's id.
+    pub deployed: Option<DeployedUse>,
+}
+
+/// What a deployed model's call adds to its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployedUse {
+    pub deployment: Arc<str>,
+    /// The environment the call named, if its target was one.
+    pub environment: Option<Arc<str>>,
+    /// Body bytes passed to the replica, and back to the client.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }

@@ -9,7 +9,7 @@
 
 use super::{ConfigError, Key, Limits, Model, Snapshot};
 
-/// Refuses a config with no `[[models]]` or no `[[keys]]`: every request would be refused
+/// Refuses a config with no `[[models]]` nor `[[deployed_models]]`, or no `[[keys]]`: every request would be refused
 /// (404 or 401). It is far more likely a file emptied, cut short or still being written.
 pub(super) fn serves_something(s: &Snapshot) -> Result<(), ConfigError> {
     let missing = |table: &str, path: &str, fix: &str| ConfigError {
@@ -22,7 +22,7 @@ pub(super) fn serves_something(s: &Snapshot) -> Result<(), ConfigError> {
              rename it over this one), otherwise {fix}"
         ),
     };
-    if s.models.is_empty() {
+    if s.models.is_empty() && s.deployed_models.is_empty() {
         return Err(missing(
             "models",
             "models",

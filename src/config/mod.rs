@@ -2,6 +2,7 @@
 //!
 //! One function, [`load`], serves startup, `tollgate check` and (later) reload.
 
+mod deployed;
 mod fleet;
 mod guard;
 mod limits;
@@ -13,6 +14,9 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use deployed::{
+    is_model_id, DeployedModel, Deployment, Wake, WakeAction, DEFAULT_PREDICT_PATH,
+};
 pub use fleet::{Ejection, HealthCheck, Policy, QueueSettings};
 pub use guard::dropped_protections;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub models: Vec<RawModel>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    #[serde(default)]
+    pub deployed_models: Vec<super::deployed::RawDeployedModel>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,7 +226,9 @@ pub struct RawPrice {
 pub struct RawKey {
     pub id: Spanned<String>,
     pub sha256: Spanned<String>,
-    pub models: Spanned<Vec<Spanned<String>>>,
+    pub models: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Deployed models: `"{id}"` (every target) or `"{id}/{environment}"`.
+    pub deployed_models: Option<Spanned<Vec<Spanned<String>>>>,
     pub rpm: Option<Spanned<u64>>,
     pub tpm: Option<Spanned<u64>>,
     pub max_concurrent: Option<Spanned<u64>>,

@@ -24,11 +24,20 @@ pub struct Snapshot {
     pub models: Vec<Arc<Model>>,
     pub(super) model_index: HashMap<String, usize>,
     pub(super) keys: HashMap<[u8; 32], Arc<Key>>,
+    /// Models deployed on replicas of their own, in file order.
+    pub deployed_models: Vec<Arc<super::DeployedModel>>,
+    pub(super) deployed_index: HashMap<String, usize>,
 }
 
 impl Snapshot {
     pub fn model(&self, slug: &str) -> Option<&Arc<Model>> {
         self.model_index.get(slug).map(|&i| &self.models[i])
+    }
+
+    pub fn deployed_model(&self, id: &str) -> Option<&Arc<super::DeployedModel>> {
+        self.deployed_index
+            .get(id)
+            .map(|&i| &self.deployed_models[i])
     }
 
     /// Looks a key up by the SHA-256 digest of its secret.
@@ -243,6 +252,9 @@ pub struct Key {
     /// Appears in logs, metrics and usage; never the secret.
     pub id: Arc<str>,
     pub models: ModelAccess,
+    /// Deployed models it may call: `(id, None)` every target of a model, `(id,
+    /// Some(environment))` that environment only.
+    pub deployed: Vec<(String, Option<String>)>,
     pub limits: Limits,
     pub budget: Option<Budget>,
 }
@@ -275,6 +287,19 @@ impl Key {
             ModelAccess::All => true,
             ModelAccess::Only(patterns) => patterns.iter().any(|p| p.matches(slug)),
         }
+    }
+
+    /// Whether it may call deployed model `id` in `environment` (`None`: a target that is no
+    /// environment, a deployment or development, which only a grant of the whole model
+    /// reaches).
+    pub fn allows_deployed(&self, id: &str, environment: Option<&str>) -> bool {
+        self.deployed.iter().any(|(m, env)| {
+            m == id
+                && match env {
+                    None => true,
+                    Some(e) => Some(e.as_str()) == environment,
+                }
+        })
     }
 }
 

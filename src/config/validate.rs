@@ -150,11 +150,14 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         models.push(Arc::new(model));
     }
 
+    let (deployed_models, deployed_index) =
+        super::deployed::deployed_models(src, &raw.deployed_models, &pool_index)?;
+
     let mut keys = HashMap::new();
     let mut ids = HashSet::new();
     for (i, k) in raw.keys.iter().enumerate() {
         let path = format!("keys[{i}]");
-        let (digest, key) = key(src, k, &path, &models)?;
+        let (digest, key) = key(src, k, &path, &models, &deployed_models)?;
         if !ids.insert(key.id.clone()) {
             return src.err(
                 k.id.span(),
@@ -181,6 +184,8 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         models,
         model_index,
         keys,
+        deployed_models,
+        deployed_index,
     })
 }
 
@@ -615,6 +620,7 @@ fn key(
     k: &RawKey,
     path: &str,
     models: &[Arc<Model>],
+    deployed_models: &[Arc<super::DeployedModel>],
 ) -> Result<([u8; 32], Key), ConfigError> {
     let id = k.id.get_ref().clone();
     if let Err(e) = key_id(&id) {
@@ -629,12 +635,16 @@ fn key(
                 .into(),
         );
     }
-    let list = k.models.get_ref();
-    if list.is_empty() {
+    let deployed = deployed_access(src, k, path, deployed_models)?;
+    let empty = Spanned::new(0..0, Vec::new());
+    let models_list = k.models.as_ref().unwrap_or(&empty);
+    let list = models_list.get_ref();
+    if list.is_empty() && deployed.is_empty() {
+        let span = k.models.as_ref().map_or(k.id.span(), |m| m.span());
         return src.err(
-            k.models.span(),
+            span,
             format!("{path}.models"),
-            "lists no model; use [\"*\"] for every model".into(),
+            "lists no model; use [\"*\"] for every model, or deployed_models = [\"<id>\"]".into(),
         );
     }
     let mut patterns = Vec::with_capacity(list.len());
@@ -673,8 +683,55 @@ fn key(
         Key {
             id: id.into(),
             models,
+            deployed,
             limits,
             budget,
         },
     ))
+}
+
+/// A key's `deployed_models`: `"{id}"` or `"{id}/{environment}"`, each naming a deployed
+/// model (and one of its environments).
+fn deployed_access(
+    src: &Source,
+    k: &RawKey,
+    path: &str,
+    deployed: &[Arc<super::DeployedModel>],
+) -> Result<Vec<(String, Option<String>)>, ConfigError> {
+    let Some(list) = &k.deployed_models else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(list.get_ref().len());
+    for (i, item) in list.get_ref().iter().enumerate() {
+        let s = item.get_ref();
+        let (id, env) = match s.split_once('/') {
+            Some((id, env)) => (id, Some(env)),
+            None => (s.as_str(), None),
+        };
+        let at = format!("{path}.deployed_models[{i}]");
+        let Some(model) = deployed.iter().find(|m| &*m.id == id) else {
+            return src.err(
+                item.span(),
+                at,
+                format!("{id:?} is no id in [[deployed_models]]; check the id"),
+            );
+        };
+        if let Some(env) = env.filter(|e| !model.environments.contains_key(*e)) {
+            return src.err(
+                item.span(),
+                at,
+                format!(
+                    "deployed model {id:?} has no environment {env:?} (it has: {})",
+                    model
+                        .environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+        out.push((id.to_string(), env.map(str::to_string)));
+    }
+    Ok(out)
 }

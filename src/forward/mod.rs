@@ -8,6 +8,7 @@
 
 pub mod h1;
 mod observe;
+mod pass;
 mod relay;
 mod transcode;
 
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h1::{Conn, Head};
+pub use pass::{forwarded_fields, Pass, PassError};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
@@ -94,6 +96,9 @@ pub struct Outcome {
     /// The replica failed after the response header went out: the client got a stream that
     /// ends in an error event, or a body cut short.
     pub broke_off: Option<ForwardError>,
+    /// Body bytes passed to the replica and back (deployed models' pass-through).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// One replica tried.
@@ -260,12 +265,35 @@ impl Upstream {
         deadline: Instant,
         out: &mut Outcome,
     ) -> Result<Lease, ForwardError> {
-        let pool = || ex.pool.name.clone();
+        let (route, pool) = (ex.route, &ex.pool.name);
+        let patience = ex.pool.fleet.queue.timeout;
+        self.acquire_for(
+            session,
+            route,
+            pool,
+            (ex.placement, patience),
+            deadline,
+            out,
+        )
+        .await
+    }
+
+    /// A replica of `route` with room now, or after a wait in its line.
+    async fn acquire_for(
+        &self,
+        session: &mut Session,
+        route: &Arc<PoolRoute>,
+        pool: &str,
+        (placement, patience): (Placement, Duration),
+        deadline: Instant,
+        out: &mut Outcome,
+    ) -> Result<Lease, ForwardError> {
+        let pool = || pool.to_string();
         // Biased: a replica with room is the common case, found without waiting and without
         // looking at the client's socket.
         let got = tokio::select! {
             biased;
-            got = ex.route.acquire(ex.placement, deadline) => got,
+            got = route.acquire_within(placement, deadline, patience) => got,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
         match got {
@@ -375,8 +403,12 @@ impl Upstream {
 
 /// Counts a failed attempt towards the replica's ejection, and says so when it ejects it.
 fn failed(ex: &Exchange<'_>, replica: &Replica) {
-    if let Some(out_for) = ex.route.failed(replica) {
-        tracing::warn!(pool = %ex.pool.name, replica = %replica.authority, ejected_ms = out_for.as_millis() as u64, "replica ejected after failures in a row");
+    failed_in(ex.route, &ex.pool.name, replica)
+}
+
+fn failed_in(route: &PoolRoute, pool: &str, replica: &Replica) {
+    if let Some(out_for) = route.failed(replica) {
+        tracing::warn!(pool = %pool, replica = %replica.authority, ejected_ms = out_for.as_millis() as u64, "replica ejected after failures in a row");
     }
 }
 

@@ -7,8 +7,11 @@
 //! choices may use the cap, and all of them are reserved. A request can therefore never
 //! generate more than its reservation, which is what keeps limits and budgets exact.
 
-use super::{admit, now_ms, rate_headers, view, Demand, LimitError, Registry, Ticket};
+use super::{
+    admit, admit_scoped, now_ms, rate_headers, view, Demand, LimitError, Registry, Ticket,
+};
 use crate::config::{Key, Model};
+use crate::vocab::TokenPrices;
 
 /// What a request asks of its limits, as the request stage understood it.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +75,7 @@ pub fn admit_request(
         output_tokens: cap,
         choices: ask.choices,
         prices: model.token_prices,
+        per_request: 0,
     };
     let now = now_ms();
     let admitted = admit(
@@ -124,4 +128,43 @@ fn unasked_cap(default: u64, model: &Model, key: &Key, input: u64, choices: u64)
         }
     }
     cap
+}
+
+/// Reserves a deployed model's call against the key's rpm, max_concurrent and budget: its
+/// worst case is its price per call, known before it starts, so the budget holds exactly.
+/// It uses no tokens.
+pub fn admit_call(
+    registry: &Registry,
+    key: &Key,
+    price_nanos: u64,
+    started_ms: i64,
+) -> Result<Admission, Refusal> {
+    let Some(key_counters) = registry.key(&key.id) else {
+        return Ok(Admission {
+            cap: 0,
+            ticket: None,
+            headers: Vec::new(),
+        });
+    };
+    let demand = Demand {
+        input_tokens: 0,
+        output_tokens: 0,
+        choices: 1,
+        prices: TokenPrices::default(),
+        per_request: price_nanos,
+    };
+    let now = now_ms();
+    let (mut ticket, view_after) =
+        admit_scoped(key, key_counters, None, demand, now, registry.generation).map_err(|err| {
+            Refusal {
+                err,
+                headers: rate_headers(&view(key, key_counters, now), now),
+            }
+        })?;
+    ticket.set_started_ms(started_ms);
+    Ok(Admission {
+        cap: 0,
+        ticket: Some(ticket),
+        headers: rate_headers(&view_after, now),
+    })
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use admission::{admit_request, Admission, Ask, Refusal};
+pub use admission::{admit_call, admit_request, Admission, Ask, Refusal};
 pub use counters::{Counters, Spend};
 pub use headers::rate_headers;
 pub use metadata::admit_metadata;
@@ -120,6 +120,8 @@ pub struct Demand {
     /// Choices generated (OpenAI's `n`), each up to `output_tokens`; at least 1.
     pub choices: u64,
     pub prices: TokenPrices,
+    /// A price per call (deployed models), in nano-dollars, on top of the tokens'.
+    pub per_request: u64,
 }
 
 impl Demand {
@@ -139,7 +141,9 @@ impl Demand {
     }
 
     fn input_cost(&self) -> u64 {
-        self.input_tokens.saturating_mul(self.prices.input)
+        self.input_tokens
+            .saturating_mul(self.prices.input)
+            .saturating_add(self.per_request)
     }
 }
 
@@ -183,6 +187,12 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+const NO_LIMITS: Limits = Limits {
+    rpm: None,
+    tpm: None,
+    max_concurrent: None,
+};
+
 /// The fewest output tokens worth clamping to; below this the request is refused instead.
 const MIN_CLAMPED_OUTPUT: u64 = 16;
 
@@ -193,17 +203,31 @@ pub fn admit(
     key_counters: &Arc<Counters>,
     model: &Model,
     model_counters: &Arc<Counters>,
+    demand: Demand,
+    now_ms: i64,
+    generation: u64,
+) -> Result<(Ticket, RateView), LimitError> {
+    let model = (!model.limits.is_empty()).then_some((&model.limits, model_counters));
+    admit_scoped(key, key_counters, model, demand, now_ms, generation)
+}
+
+/// `admit` against the key's limits and, if given, a model's limits and counters.
+pub fn admit_scoped(
+    key: &Key,
+    key_counters: &Arc<Counters>,
+    model: Option<(&Limits, &Arc<Counters>)>,
     mut demand: Demand,
     now_ms: i64,
     generation: u64,
 ) -> Result<(Ticket, RateView), LimitError> {
     let now = (now_ms / 1000).max(0) as u64;
-    let model_counters = (!model.limits.is_empty()).then_some(model_counters);
+    let model_limits = model.map_or(&NO_LIMITS, |m| m.0);
+    let model_counters = model.map(|m| m.1);
     let mut k = key_counters.lock();
     let mut m = model_counters.map(|c| c.lock());
     check_requests(&key.limits, &mut k, Scope::Key, now)?;
     if let Some(m) = m.as_deref_mut() {
-        check_requests(&model.limits, m, Scope::Model, now)?;
+        check_requests(model_limits, m, Scope::Model, now)?;
     }
     let mut clamped_output = None;
     if let Some(b) = &key.budget {
@@ -237,7 +261,7 @@ pub fn admit(
     }
     check_tokens(&key.limits, &mut k, Scope::Key, now, demand.tokens())?;
     if let Some(m) = m.as_deref_mut() {
-        check_tokens(&model.limits, m, Scope::Model, now, demand.tokens())?;
+        check_tokens(model_limits, m, Scope::Model, now, demand.tokens())?;
     }
     let nanos = demand.worst_nanos();
     for state in std::iter::once(&mut *k).chain(m.as_deref_mut()) {

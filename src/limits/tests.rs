@@ -39,6 +39,7 @@ fn demand(model: &Model, input: u64, output: u64) -> Demand {
         output_tokens: output,
         choices: 1,
         prices: model.token_prices,
+        per_request: 0,
     }
 }
 

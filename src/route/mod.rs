@@ -8,6 +8,7 @@
 //! line; whoever frees room (a lease dropped, a replica back) wakes its head.
 
 mod clock;
+pub mod deployed;
 mod health;
 mod idle;
 mod least_inflight;
@@ -252,6 +253,18 @@ impl PoolRoute {
         place: Placement,
         deadline: Instant,
     ) -> Result<(Lease, Duration), NoRoom> {
+        self.acquire_within(place, deadline, self.fleet.queue.timeout)
+            .await
+    }
+
+    /// `acquire`, waiting in the line up to `patience` rather than the line's timeout (a
+    /// request for a deployment being woken waits up to its wake timeout).
+    pub async fn acquire_within(
+        self: &Arc<Self>,
+        place: Placement,
+        deadline: Instant,
+        patience: Duration,
+    ) -> Result<(Lease, Duration), NoRoom> {
         if self.replicas.is_empty() {
             return Err(NoRoom::Empty);
         }
@@ -266,7 +279,7 @@ impl PoolRoute {
             .join(max_waiting as usize)
             .ok_or(NoRoom::QueueFull { max_waiting })?;
         let started = Instant::now();
-        let until = deadline.min(started + self.fleet.queue.timeout);
+        let until = deadline.min(started + patience);
         loop {
             if spot.is_head() {
                 if let Some(lease) = self.pick(place, |_| false) {

@@ -28,6 +28,9 @@
 //! beyond them waiting inside the replica, and a KV prefix cache whose hits are reported as
 //! `cached_tokens` and spare their prefill time. The defaults answer at once, unlimited.
 //!
+//! It also serves a Truss-style deployed model, `POST /v1/models/model:predict` and
+//! `/echo/…` (see `predict.rs`), for the deployed-model surface.
+//!
 //! File map: `service` routes requests and writes JSON answers, `control` holds the switches
 //! and the connection that can end in a reset, `gpu` the batch slots and the prefill, `cache`
 //! and `blocks` the prefix cache and the prompt's blocks, `scenario` and `request` read
@@ -39,6 +42,7 @@ mod cache;
 mod control;
 mod generate;
 mod gpu;
+mod predict;
 mod request;
 mod scenario;
 mod service;

@@ -87,7 +87,8 @@ pub(crate) async fn handle(
             control::answer(&shared.switches, &parts.method, parts.uri.path(), &body);
         return Ok(json_response(status, &answer));
     }
-    if path.starts_with("/v1/") && !authorized(&shared.opts, &req) {
+    let predict = path == "/v1/models/model:predict";
+    if path.starts_with("/v1/") && !predict && !authorized(&shared.opts, &req) {
         return Ok(error_response(
             StatusCode::UNAUTHORIZED,
             "Incorrect API key provided. Send `Authorization: Bearer <key>`.",
@@ -114,6 +115,8 @@ pub(crate) async fn handle(
             Ok(resp)
         }
         (&Method::POST, "/v1/chat/completions") => chat(shared, req).await,
+        (&Method::POST, "/v1/models/model:predict") => super::predict::predict(req).await,
+        (_, p) if p.starts_with("/echo/") => super::predict::echo(req).await,
         _ => Ok(error_response(
             StatusCode::NOT_FOUND,
             "Not Found",

@@ -52,8 +52,8 @@ pub(crate) fn respond(job: StreamJob) -> Response<SimBody> {
 }
 
 /// A body fed by the generator task; dropping it is how the task learns the client left.
-struct ChannelBody {
-    rx: mpsc::Receiver<Item>,
+pub(crate) struct ChannelBody {
+    pub(crate) rx: mpsc::Receiver<Item>,
 }
 
 impl Body for ChannelBody {

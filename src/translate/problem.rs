@@ -23,6 +23,7 @@ pub fn body(dialect: Dialect, p: &Problem) -> Bytes {
             "type": "error",
             "error": { "type": anthropic_type(p), "message": p.message },
         }),
+        Dialect::Predict => json!({ "error": p.message }),
     };
     Bytes::from(value.to_string())
 }
@@ -31,7 +32,7 @@ pub fn body(dialect: Dialect, p: &Problem) -> Bytes {
 /// event carries an `error` object; Anthropic's read an `error` event.
 pub fn event(dialect: Dialect, p: &Problem) -> Bytes {
     let mut out = match dialect {
-        Dialect::OpenAi => b"data: ".to_vec(),
+        Dialect::OpenAi | Dialect::Predict => b"data: ".to_vec(),
         Dialect::Anthropic => b"event: error\ndata: ".to_vec(),
     };
     out.extend_from_slice(&body(dialect, p));

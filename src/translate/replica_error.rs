@@ -46,7 +46,7 @@ pub fn message(status: u16, body: &[u8]) -> String {
 /// `anthropic::error_from_openai`).
 pub fn body(dialect: Dialect, status: u16, body: &[u8]) -> Vec<u8> {
     match dialect {
-        Dialect::OpenAi => openai_body(status, body),
+        Dialect::OpenAi | Dialect::Predict => openai_body(status, body),
         Dialect::Anthropic => crate::translate::anthropic::error_from_openai(status, body),
     }
 }

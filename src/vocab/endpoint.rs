@@ -8,6 +8,8 @@ pub enum Endpoint {
     CountTokens,
     Models,
     Model,
+    /// A deployed model's route: predict, sync pass-through, wake.
+    Predict,
     Unknown,
 }
 
@@ -18,6 +20,8 @@ pub enum Dialect {
     OpenAi,
     /// `{"type": "error", "error": {"type", "message"}}`
     Anthropic,
+    /// `{"error": "message"}`: deployed models' predict routes.
+    Predict,
 }
 
 impl Endpoint {
@@ -50,6 +54,7 @@ impl Endpoint {
         match self {
             Endpoint::Messages | Endpoint::CountTokens => Dialect::Anthropic,
             Endpoint::ChatCompletions => Dialect::OpenAi,
+            Endpoint::Predict => Dialect::Predict,
             Endpoint::Models | Endpoint::Model | Endpoint::Unknown => {
                 let anthropic = req.uri.path().starts_with("/v1/messages")
                     || req.headers.contains_key("anthropic-version");
@@ -63,7 +68,10 @@ impl Endpoint {
 
     /// Whether requests to it use a model and are billed.
     pub fn is_billable(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Predict
+        )
     }
 
     pub fn label(self) -> &'static str {
@@ -73,6 +81,7 @@ impl Endpoint {
             Endpoint::CountTokens => "count_tokens",
             Endpoint::Models => "models",
             Endpoint::Model => "model",
+            Endpoint::Predict => "predict",
             Endpoint::Unknown => "unknown",
         }
     }

@@ -80,7 +80,7 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> bool {
     read_request_body(stream).await
 }
 
-async fn read_request_body(stream: &mut tokio::net::TcpStream) -> bool {
+pub async fn read_request_body(stream: &mut tokio::net::TcpStream) -> bool {
     use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];

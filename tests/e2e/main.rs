@@ -23,6 +23,8 @@ mod limits;
 mod media;
 mod metadata_limit;
 mod metrics;
+mod predict;
+mod predict_fleet;
 mod queue;
 mod reload;
 mod request_shape;
