@@ -50,29 +50,18 @@ fn content_length(v: &http::HeaderValue) -> Option<u64> {
     values.all(|n| n == Some(first)).then_some(first)
 }
 
-/// Reads the whole body, refusing it as soon as it is known to pass `limit` bytes: at once from
-/// Content-Length, else when the running count of a chunked body passes the cap. Answers
-/// `Expect: 100-continue` only once the declared length fits. A body that falls behind `pace`
-/// is refused when it does, however often its bytes come.
-pub async fn read_capped(
-    session: &mut Session,
-    limit: u64,
-    pace: &BodyPace,
-) -> Result<Bytes, BodyError> {
-    let declared = match session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-    {
+/// The body's declared length, refused (413) when it passes `limit`; once it fits, the
+/// `100 Continue` a client that sent `Expect: 100-continue` waits for.
+async fn admit_length(session: &mut Session, limit: u64) -> Result<Option<u64>, BodyError> {
+    let headers = &session.req_header().headers;
+    let declared = match headers.get(http::header::CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(content_length(v).ok_or(BodyError::BadLength)?),
     };
     if declared.is_some_and(|n| n > limit) {
         return Err(BodyError::TooLarge { limit });
     }
-    let expects_continue = session
-        .req_header()
-        .headers
+    let expects_continue = headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     if expects_continue {
@@ -82,6 +71,19 @@ pub async fn read_capped(
             .await
             .map_err(|_| BodyError::ClientGone)?;
     }
+    Ok(declared)
+}
+
+/// Reads the whole body, refusing it as soon as it is known to pass `limit` bytes: at once from
+/// Content-Length, else when the running count of a chunked body passes the cap. Answers
+/// `Expect: 100-continue` only once the declared length fits. A body that falls behind `pace`
+/// is refused when it does, however often its bytes come.
+pub async fn read_capped(
+    session: &mut Session,
+    limit: u64,
+    pace: &BodyPace,
+) -> Result<Bytes, BodyError> {
+    let declared = admit_length(session, limit).await?;
     // Pre-size for Content-Length bodies; chunked bodies grow as they arrive.
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
     // From here the client is sending: after 100 Continue, if it asked for one.
@@ -122,25 +124,11 @@ impl Upload {
         limit: u64,
         pace: &BodyPace,
     ) -> Result<Upload, BodyError> {
-        let headers = &session.req_header().headers;
-        let declared = match headers.get(http::header::CONTENT_LENGTH) {
-            None => None,
-            Some(v) => Some(content_length(v).ok_or(BodyError::BadLength)?),
-        };
-        if declared.is_some_and(|n| n > limit) {
-            return Err(BodyError::TooLarge { limit });
-        }
-        let chunked = headers.contains_key(http::header::TRANSFER_ENCODING);
-        let expects_continue = headers
-            .get(http::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if expects_continue {
-            session
-                .as_downstream_mut()
-                .write_continue_response()
-                .await
-                .map_err(|_| BodyError::ClientGone)?;
-        }
+        let chunked = session
+            .req_header()
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING);
+        let declared = admit_length(session, limit).await?;
         Ok(Upload {
             limit,
             pace: *pace,

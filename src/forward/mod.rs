@@ -363,10 +363,22 @@ impl Upstream {
         ex: &Exchange<'_>,
         deadline: Instant,
     ) -> Result<(Conn, bool), String> {
+        let head = request_head(ex, &lease.replica().authority);
+        self.open(lease, &head, &ex.body, deadline).await
+    }
+
+    /// Connects to the lease's replica, or reuses one of its idle connections, and sends
+    /// `head` then `body`; says whether the connection was reused. Pooled connections the
+    /// replica closed meanwhile fail the send; a few are tried, then a fresh connection, so a
+    /// pool of stale ones never fails the request.
+    pub(super) async fn open(
+        &self,
+        lease: &Lease,
+        head: &[u8],
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<(Conn, bool), String> {
         let replica = lease.replica();
-        let head = request_head(ex, &replica.authority);
-        // Pooled connections the replica closed meanwhile fail the send; a few are tried,
-        // then a fresh connection, so a pool of stale ones never fails the request.
         let mut stale = 0;
         loop {
             let pooled = if stale < MAX_STALE {
@@ -391,7 +403,7 @@ impl Upstream {
                 },
             };
             let mut up = Conn::new(stream);
-            match timeout_at(deadline, up.send(&head, &ex.body)).await {
+            match timeout_at(deadline, up.send(head, body)).await {
                 Ok(Ok(())) => return Ok((up, reused)),
                 Ok(Err(_)) if reused => stale += 1,
                 Ok(Err(e)) => return Err(format!("send: {}", e.kind())),

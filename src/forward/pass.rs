@@ -17,7 +17,7 @@ use super::h1::{Conn, Head};
 use super::{client_gone, failed_in, ForwardError, Outcome, Relayed, Upstream};
 use crate::body::{BodyError, Upload};
 use crate::config::{BodyPace, Pool};
-use crate::route::{Lease, Placement, PoolRoute};
+use crate::route::{Placement, PoolRoute};
 use crate::vocab;
 
 /// What to pass on.
@@ -166,8 +166,8 @@ impl Upstream {
             let may_retry = (out.attempts.len() as u32) < p.pool.max_attempts.get();
             let replica = lease.replica().clone();
             let head = request_head(&p, &replica.authority, &upload);
-            let mut up = match self.open(&lease, &head, p.deadline).await {
-                Ok(up) => up,
+            let mut up = match self.open(&lease, &head, &[], p.deadline).await {
+                Ok((up, _)) => up,
                 Err(detail) => {
                     out.judge(false);
                     failed_in(p.route, &p.pool.name, &replica);
@@ -208,39 +208,6 @@ impl Upstream {
         }
         drop(lease);
         Ok(relayed)
-    }
-
-    /// Connects (or reuses an idle connection) and sends the request head.
-    async fn open(&self, lease: &Lease, head: &[u8], deadline: Instant) -> Result<Conn, String> {
-        let replica = lease.replica();
-        let mut stale = 0;
-        loop {
-            let pooled = if stale < super::MAX_STALE {
-                replica.reuse()
-            } else {
-                None
-            };
-            let (stream, reused) = match pooled {
-                Some(stream) => (stream, true),
-                None => match timeout_at(
-                    deadline,
-                    Box::pin(self.connector.new_stream(replica.peer())),
-                )
-                .await
-                {
-                    Ok(Ok(stream)) => (stream, false),
-                    Ok(Err(e)) => return Err(format!("connect: {}", e.etype().as_str())),
-                    Err(_) => return Err("connect: timeout".into()),
-                },
-            };
-            let mut up = Conn::new(stream);
-            match timeout_at(deadline, up.send(head, &[])).await {
-                Ok(Ok(())) => return Ok(up),
-                Ok(Err(_)) if reused => stale += 1,
-                Ok(Err(e)) => return Err(format!("send: {}", e.kind())),
-                Err(_) => return Err("send: timeout".into()),
-            }
-        }
     }
 }
 
