@@ -58,7 +58,11 @@ impl Gateway {
              [[pools]]\nname = \"bench\"\nreplicas = [{}]\n\n\
              [[models]]\nslug = \"{MODEL}\"\npool = \"bench\"\n\
              price = {{ input_per_mtok = 0.5, output_per_mtok = 1.5 }}\n{tokenizer}\n\
-             [[keys]]\nid = \"bench\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n{limits}",
+             [[deployed_models]]\nid = \"bench1\"\nname = \"bench predict\"\n\
+             environments = {{ production = \"dep-bench\" }}\n\n\
+             [[deployed_models.deployments]]\nid = \"dep-bench\"\npool = \"bench\"\n\n\
+             [[keys]]\nid = \"bench\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n\
+             deployed_models = [\"bench1\"]\n{limits}",
             dir.path().join("state"),
             variant != Variant::NoLedger,
             list.join(", "),

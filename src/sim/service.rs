@@ -115,7 +115,10 @@ pub(crate) async fn handle(
             Ok(resp)
         }
         (&Method::POST, "/v1/chat/completions") => chat(shared, req).await,
-        (&Method::POST, "/v1/models/model:predict") => super::predict::predict(req).await,
+        (&Method::POST, "/v1/models/model:predict") => {
+            shared.stats.prediction_received();
+            super::predict::predict(req).await
+        }
         (_, p) if p.starts_with("/echo/") => super::predict::echo(req).await,
         _ => Ok(error_response(
             StatusCode::NOT_FOUND,
