@@ -78,6 +78,10 @@ impl GatewayError {
                 err: LimitError::Budget { .. },
                 ..
             } => 402,
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => 503,
             UnknownRoute { .. } => 404,
             MethodNotAllowed { .. } => 405,
             MissingHost => 400,
@@ -109,6 +113,10 @@ impl GatewayError {
                 err: LimitError::TooLarge { .. },
                 ..
             } => "invalid_request_error",
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => "api_error",
             Body(_)
             | Request(_)
             | Route(_)
@@ -192,6 +200,10 @@ impl GatewayError {
                 err: LimitError::Budget { .. },
                 ..
             } => "budget_exceeded",
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => "limits_unavailable",
             UnknownRoute { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
             MissingHost => "missing_host",
@@ -319,6 +331,10 @@ impl GatewayError {
                 err: LimitError::Budget { retry_after, .. },
                 ..
             } => *retry_after,
+            GatewayError::Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => Some(1),
             GatewayError::Forward(ForwardError::NoReplica { .. }) => Some(1),
             GatewayError::Forward(ForwardError::QueueFull { .. }) => Some(1),
             GatewayError::Forward(ForwardError::NoCapacity { .. }) => Some(1),
@@ -392,6 +408,7 @@ fn limit_message(err: &LimitError, key_id: &str, model: &str) -> String {
             *spent_nanos as f64 / 1e9,
             *worst_nanos as f64 / 1e9
         ),
+        LimitError::Unavailable => "The limits shared by this gateway's nodes cannot be checked right now (their store does not answer), so the request was not admitted. Retry in a second; if it persists, the operator should check the cluster's Redis.".to_string(),
     }
 }
 

@@ -87,7 +87,7 @@ pub async fn serve(
             return Ok(Relayed::Complete);
         }
     };
-    admit(ctx, runtime, &key, &model)?;
+    admit(ctx, runtime, &key, &model).await?;
     let req = session.req_header();
     let target = match req.uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -156,13 +156,15 @@ pub async fn serve(
 
 /// Stage "admit": the key's rpm and max_concurrent, and the call's price against its
 /// budget, reserved until it ends.
-fn admit(
+async fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
     key: &Key,
     model: &DeployedModel,
 ) -> Result<(), GatewayError> {
-    match limits::admit_call(&runtime.limits, key, model.price_nanos, ctx.started_ms()) {
+    let admitted =
+        limits::admit_call_shared(&runtime.limits, key, model.price_nanos, ctx.started_ms()).await;
+    match admitted {
         Ok(admission) => {
             ctx.ticket = admission.ticket;
             ctx.headers = admission.headers;

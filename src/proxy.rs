@@ -206,7 +206,7 @@ impl Gateway {
         vet_media(&model, &request).await?;
         let affinity = route::session_id(&session.req_header().headers)?.cloned();
         count_prompt(ctx, &model, &mut request, bytes.len()).await;
-        admit(ctx, runtime, &key, &model, &mut request)?;
+        admit(ctx, runtime, &key, &model, &mut request).await?;
         let prompt = u64::from(ctx.input_estimate);
         let (body, plan) = request.into_upstream(&model, prompt, vocab::message_id);
         let placement = place(ctx, &snapshot.pools[model.pool], affinity, &body);
@@ -343,7 +343,7 @@ async fn count_prompt(
 
 /// Stage "admit": the output cap, and the request's worst case reserved against the key's
 /// and the model's limits and budget (settled by `account`). See `limits::admission`.
-fn admit(
+async fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
     key: &Key,
@@ -356,7 +356,7 @@ fn admit(
         choices: request.choices(),
         started_ms: ctx.started_ms(),
     };
-    match limits::admit_request(&runtime.limits, key, model, ask) {
+    match limits::admit_request_shared(&runtime.limits, key, model, ask).await {
         Ok(admission) => {
             ctx.ticket = admission.ticket;
             ctx.headers = admission.headers;

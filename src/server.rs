@@ -16,8 +16,10 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 use crate::account::Ledger;
 use crate::admin::Admin;
+use crate::alerts::Alerter;
 use crate::config::Snapshot;
 use crate::conn::Clients;
+use crate::limits::shared::{OnCrossed, Shared};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{ConfigFile, ReloadTriggers, Reloader};
@@ -56,9 +58,15 @@ pub fn run(
         )?)),
         false => None,
     };
-    let runtime = Runtime::new(snapshot, None, &metrics);
+    let mut runtime = Runtime::new(snapshot, None, &metrics);
     if let Some(ledger) = &ledger {
         runtime.seed_budgets(ledger, None)?;
+    }
+    if let Some(settings) = runtime.config.cluster.clone() {
+        let shared = Shared::start(settings, metrics.cluster_meters())?;
+        shared.track(&runtime.config);
+        shared.seed(runtime.budget_spends());
+        runtime.limits.shared = Some(shared);
     }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
     runtime.load().take_over(None);
@@ -70,6 +78,10 @@ pub fn run(
             ledger.clone(),
         ))
     });
+
+    if let Some(shared) = &runtime.load().limits.shared {
+        shared.on_crossed(alert_hook(runtime.clone(), metrics.clone(), ledger.clone()));
+    }
 
     let sockets = server.add_service(Sockets {
         fds: vec![
@@ -130,6 +142,26 @@ pub fn run(
 
 /// How long the exit waits for the records of requests cut at shutdown.
 const IDLE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Alerts of budgets shared in Redis: the cluster reports each threshold once, to the node
+/// whose settlement crossed it.
+fn alert_hook(
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Arc<Metrics>,
+    ledger: Option<Arc<Ledger>>,
+) -> OnCrossed {
+    let alerter = Alerter::new(metrics, ledger);
+    Box::new(move |key_id, crossed| {
+        let runtime = runtime.load();
+        if let Some(budget) = runtime
+            .config
+            .key_by_id(key_id)
+            .and_then(|k| k.budget.as_ref())
+        {
+            alerter.fire(&runtime.config.alerts, key_id, budget, crossed);
+        }
+    })
+}
 
 fn server_conf(snapshot: &Snapshot) -> ServerConf {
     let pid = std::process::id();

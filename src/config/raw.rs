@@ -29,6 +29,7 @@ pub struct RawConfig {
     pub keys: Vec<RawKey>,
     #[serde(default)]
     pub deployed_models: Vec<super::deployed::RawDeployedModel>,
+    pub cluster: Option<super::cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]

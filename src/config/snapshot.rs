@@ -27,6 +27,8 @@ pub struct Snapshot {
     /// Models deployed on replicas of their own, in file order.
     pub deployed_models: Vec<Arc<super::DeployedModel>>,
     pub(super) deployed_index: HashMap<String, usize>,
+    /// `[cluster]`: limits and budgets shared through Redis; `None` counts in process.
+    pub cluster: Option<super::ClusterSettings>,
 }
 
 impl Snapshot {

@@ -113,6 +113,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let state = state(&raw.state, src)?;
 
     let alerts = alert_settings(src, &raw.alerts)?;
+    let cluster = super::cluster::cluster(raw.cluster.as_ref(), src)?;
 
     let mut pools = Vec::with_capacity(raw.pools.len());
     let mut pool_index = HashMap::new();
@@ -186,6 +187,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         keys,
         deployed_models,
         deployed_index,
+        cluster,
     })
 }
 

@@ -4,6 +4,7 @@
 mod common;
 mod fakes;
 mod raw;
+mod redis;
 #[path = "../support/tiny_tokenizer.rs"]
 mod tiny_tokenizer;
 
@@ -14,6 +15,7 @@ mod auth;
 mod body;
 mod catalog;
 mod cli;
+mod cluster;
 mod cut_config;
 mod echo;
 mod fleet;

@@ -1,0 +1,193 @@
+//! Cluster mode: three real tollgate processes, each with its own state directory, sharing
+//! one real redis-server. Limits and budgets hold across the nodes, and a node keeps
+//! serving when Redis goes away.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::common::*;
+use crate::redis::Redis;
+
+/// `[cluster]` for node `n` against `redis`. The timeout is generous: the test machine runs
+/// three nodes, a replica and Redis on a few cores, and a slow answer must not read as down.
+fn cluster(redis: &Redis, n: usize, on_down: &str, timeout_ms: u64) -> String {
+    format!(
+        "[cluster]\nredis_url = \"{}\"\nnode_id = \"node-{n}\"\non_redis_down = \"{on_down}\"\n\
+         timeout_ms = {timeout_ms}\nexpected_nodes = 3\nlease_ttl_ms = 3000\n\n",
+        redis.url()
+    )
+}
+
+/// Three nodes in front of `sim`, team-a's entry given `key_extra`.
+fn nodes(redis: &Redis, sim: &SimReplica, key_extra: &str, on_down: &str) -> Vec<Gateway> {
+    (0..3)
+        .map(|n| {
+            Gateway::start(&format!(
+                "{}{}",
+                cluster(redis, n, on_down, 2000),
+                config_with(sim, key_extra)
+            ))
+        })
+        .collect()
+}
+
+/// 64 requests at once, spread round robin over `nodes`: (status, error code) of each.
+async fn burst(nodes: &[Gateway], body: serde_json::Value) -> Vec<(u16, String)> {
+    let client = client();
+    let calls = (0..64).map(|i| {
+        let client = client.clone();
+        let url = nodes[i % nodes.len()].url("/v1/chat/completions");
+        let body = body.clone();
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(KEY)
+                .json(&body)
+                .send()
+                .await
+                .expect("an answer");
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    });
+    join_all(calls).await
+}
+
+fn count(results: &[(u16, String)], status: u16) -> usize {
+    results.iter().filter(|r| r.0 == status).count()
+}
+
+/// What every node's ledger holds for team-a: (requests, cost in nano-dollars).
+async fn ledgers(nodes: &[Gateway], admitted: u64) -> (u64, u64) {
+    let deadline = Deadline::after(Duration::from_secs(10));
+    loop {
+        let mut total = (0, 0);
+        for gw in nodes {
+            let (n, cost): (u64, u64) = gw
+                .ledger()
+                .query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(cost_nanos), 0) FROM usage WHERE status = 200",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                )
+                .unwrap_or((0, 0));
+            total.0 += n;
+            total.1 += cost;
+        }
+        if total.0 >= admitted {
+            return total;
+        }
+        deadline
+            .pause(|| format!("{admitted} rows in the ledgers, saw {total:?}"))
+            .await;
+    }
+}
+
+fn slow_sim() -> SimOptions {
+    SimOptions {
+        ttft: Duration::from_millis(1500),
+        ..SimOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_shared_by_three_nodes_is_never_passed() {
+    let redis = Redis::start();
+    let sim = SimReplica::start(SimOptions {
+        ttft: Duration::from_millis(300),
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    // ask(100) reserves 81 × 500 + 100 × 1500 = 190,500 nano-dollars: the budget pays for
+    // exactly 10 worst cases.
+    let budget_nanos = 10 * 190_500u64;
+    let usd = budget_nanos as f64 / 1e9;
+    let gws = nodes(
+        &redis,
+        &sim,
+        &format!("budget = {{ usd = {usd}, period = \"total\" }}"),
+        "reject",
+    );
+    let results = burst(&gws, ask(100)).await;
+    let admitted = count(&results, 200);
+    let refused = results
+        .iter()
+        .filter(|r| r.0 == 402 && r.1 == "budget_exceeded")
+        .count();
+    assert_eq!(
+        admitted + refused,
+        64,
+        "only admissions and budget refusals: {results:?}"
+    );
+    assert!(admitted >= 8, "at least 8 of 64 admitted, got {admitted}");
+    let (rows, spent) = ledgers(&gws, admitted as u64).await;
+    assert_eq!(rows, admitted as u64);
+    assert!(
+        spent <= budget_nanos,
+        "three nodes spent {spent} nano-dollars of a {budget_nanos} budget"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rpm_shared_by_three_nodes_admits_exactly_the_limit() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    let gws = nodes(&redis, &sim, "rpm = 10", "reject");
+    let results = burst(&gws, ask(16)).await;
+    assert_eq!(count(&results, 200), 10, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")));
+    // The headers are the cluster's: a fourth request to any node sees none remaining.
+    let r = client()
+        .post(gws[2].url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&ask(16))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_concurrent_shared_by_three_nodes_is_never_passed() {
+    let redis = Redis::start();
+    let sim = SimReplica::start(slow_sim()).await.expect("sim");
+    let stats = sim.stats();
+    let gws = nodes(&redis, &sim, "max_concurrent = 5", "reject");
+    let watch = {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..400 {
+                peak = peak.max(stats.running());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        })
+    };
+    let results = burst(&gws, ask(16)).await;
+    // Every request arrived within the first one's 1.5 s: exactly 5 slots were free.
+    assert_eq!(count(&results, 200), 5, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "concurrency_limit")));
+    assert!(watch.await.expect("watch") <= 5);
+    // Slots come back at settlement: the next request is admitted.
+    let r = client()
+        .post(gws[1].url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&ask(16))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(r.status(), 200);
+}
