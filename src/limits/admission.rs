@@ -154,7 +154,7 @@ pub async fn admit_request_shared(
                 demand,
                 ask.started_ms,
             )
-            .map(|(admission, _)| Admission {
+            .map(|admission| Admission {
                 cap: admission
                     .ticket
                     .as_ref()
@@ -197,7 +197,7 @@ pub async fn admit_call_shared(
         Decision::Down(mode) => {
             shared.note_fallback();
             local_share(registry, mode, key, key_counters, None, demand, started_ms).map(
-                |(admission, _)| Admission {
+                |admission| Admission {
                     cap: 0,
                     ..admission
                 },
@@ -265,7 +265,7 @@ fn local_share(
     model: Option<(&Limits, &Arc<Counters>)>,
     demand: Demand,
     started_ms: i64,
-) -> Result<(Admission, ()), Refusal> {
+) -> Result<Admission, Refusal> {
     let OnRedisDown::Local = mode else {
         return Err(Refusal {
             err: LimitError::Unavailable,
@@ -309,14 +309,11 @@ fn local_share(
     if let Some(n) = ticket.clamped_output {
         headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
     }
-    Ok((
-        Admission {
-            cap: 0,
-            ticket: Some(ticket),
-            headers,
-        },
-        (),
-    ))
+    Ok(Admission {
+        cap: 0,
+        ticket: Some(ticket),
+        headers,
+    })
 }
 
 /// One node's share of `limits` among `n`: at least 1 of each, so nothing is shut off.

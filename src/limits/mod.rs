@@ -261,7 +261,7 @@ fn admit_within(
     let model_counters = model.map(|m| m.1);
     let mut k = key_counters.lock();
     let mut m = model_counters.map(|c| c.lock());
-    check_requests(&key.limits, &mut k, Scope::Key, now)?;
+    check_requests(key.limits, &mut k, Scope::Key, now)?;
     if let Some(m) = m.as_deref_mut() {
         check_requests(model_limits, m, Scope::Model, now)?;
     }
@@ -295,7 +295,7 @@ fn admit_within(
             }
         }
     }
-    check_tokens(&key.limits, &mut k, Scope::Key, now, demand.tokens())?;
+    check_tokens(key.limits, &mut k, Scope::Key, now, demand.tokens())?;
     if let Some(m) = m.as_deref_mut() {
         check_tokens(model_limits, m, Scope::Model, now, demand.tokens())?;
     }
@@ -306,7 +306,7 @@ fn admit_within(
         state.tokens.add(now, demand.tokens());
     }
     k.spend.reserved = k.spend.reserved.saturating_add(nanos);
-    let view = k.rate_view(&key.limits, now);
+    let view = k.rate_view(key.limits, now);
     drop(m);
     drop(k);
     Ok((

@@ -191,3 +191,125 @@ async fn max_concurrent_shared_by_three_nodes_is_never_passed() {
         .expect("answer");
     assert_eq!(r.status(), 200);
 }
+
+/// Requests to `gw` one after another until told to stop: (status, error code) of each.
+fn load(
+    gw: &Gateway,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(u16, String)>> {
+    let url = gw.url("/v1/chat/completions");
+    tokio::spawn(async move {
+        let client = client();
+        let mut seen = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = client
+                .post(&url)
+                .bearer_auth(KEY)
+                .json(&ask(16))
+                .send()
+                .await
+                .expect("an answer");
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            seen.push((
+                status,
+                v["error"]["code"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        seen
+    })
+}
+
+/// One request's (status, error code, retry-after).
+async fn one(gw: &Gateway) -> (u16, String, Option<String>) {
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&ask(16))
+        .send()
+        .await
+        .expect("an answer");
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let v: serde_json::Value = r.json().await.unwrap_or_default();
+    (
+        status,
+        v["error"]["code"].as_str().unwrap_or("").to_string(),
+        retry,
+    )
+}
+
+async fn redis_up(gw: &Gateway) -> Option<f64> {
+    series(&gw.metrics().await, "tollgate_cluster_redis_up")
+}
+
+/// Redis killed under load and brought back on the same port, with `on_down`: the node
+/// keeps answering, says so in its metrics, and shares its limits again by itself.
+async fn survives_redis_restart(on_down: &str) -> (Vec<(u16, String)>, Gateway) {
+    let mut redis = Redis::start();
+    let sim = sim().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        cluster(&redis, 0, on_down, 200),
+        config_with(&sim, "rpm = 100000")
+    ));
+    assert_eq!(redis_up(&gw).await, Some(1.0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let running = load(&gw, stop.clone());
+    assert_eq!(one(&gw).await.0, 200);
+
+    redis.kill();
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while redis_up(&gw).await != Some(0.0) {
+        deadline.pause(|| "the node saw Redis go".into()).await;
+    }
+    let during = one(&gw).await;
+    match on_down {
+        "reject" => {
+            assert_eq!((during.0, during.1.as_str()), (503, "limits_unavailable"));
+            assert_eq!(during.2.as_deref(), Some("1"));
+        }
+        _ => assert_eq!(during.0, 200, "local keeps serving: {during:?}"),
+    }
+    let metrics = gw.metrics().await;
+    assert!(series(&metrics, "tollgate_cluster_fallback_total").unwrap_or(0.0) >= 1.0);
+
+    redis.restart();
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while redis_up(&gw).await != Some(1.0) {
+        deadline
+            .pause(|| "the node saw Redis come back".into())
+            .await;
+    }
+    let fallbacks = series(&gw.metrics().await, "tollgate_cluster_fallback_total");
+    assert_eq!(one(&gw).await.0, 200);
+    // Admitted by Redis again: nothing more decided without it.
+    assert_eq!(
+        series(&gw.metrics().await, "tollgate_cluster_fallback_total"),
+        fallbacks
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = running.await.expect("load");
+    assert!(gw.stderr().contains("redis unreachable"));
+    assert!(gw.stderr().contains("redis answers"));
+    (seen, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reject_answers_503_while_redis_is_down_and_recovers() {
+    let (seen, _gw) = survives_redis_restart("reject").await;
+    assert!(seen
+        .iter()
+        .all(|r| r.0 == 200 || (r.0 == 503 && r.1 == "limits_unavailable")));
+    assert!(seen.iter().any(|r| r.0 == 503), "the load saw the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_keeps_serving_while_redis_is_down_and_recovers() {
+    let (seen, _gw) = survives_redis_restart("local").await;
+    assert!(seen.iter().all(|r| r.0 == 200), "{seen:?}");
+}
