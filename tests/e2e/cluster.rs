@@ -313,3 +313,70 @@ async fn local_keeps_serving_while_redis_is_down_and_recovers() {
     let (seen, _gw) = survives_redis_restart("local").await;
     assert!(seen.iter().all(|r| r.0 == 200), "{seen:?}");
 }
+
+async fn alerts_fired(nodes: &[Gateway]) -> f64 {
+    let mut total = 0.0;
+    for gw in nodes {
+        total += all_series(&gw.metrics().await, "tollgate_budget_alerts_total")
+            .iter()
+            .map(|s| s.1)
+            .sum::<f64>();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_threshold_alerts_once_across_the_cluster() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    // Each ask(4) costs 6 × 500 + 4 × 1500 = 9,000 nano-dollars; half the budget is 15,000.
+    let gws = nodes(
+        &redis,
+        &sim,
+        "budget = { usd = 0.00003, period = \"daily\", enforce = false, alert_at = [0.5] }",
+        "reject",
+    );
+    for round in 0..3 {
+        for gw in &gws {
+            assert_eq!(gw.chat(ask(4)).await.status(), 200, "round {round}");
+        }
+    }
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while alerts_fired(&gws).await < 1.0 {
+        deadline.pause(|| "the 50% alert fired".into()).await;
+    }
+    // Every node settled every request (each saw the threshold passed), and still one alert.
+    ledgers(&gws, 9).await;
+    for gw in &gws {
+        assert_eq!(gw.chat(ask(4)).await.status(), 200);
+    }
+    ledgers(&gws, 12).await;
+    assert_eq!(alerts_fired(&gws).await, 1.0);
+    let logged = gws
+        .iter()
+        .map(|gw| gw.stderr().matches("budget threshold crossed").count())
+        .sum::<usize>();
+    assert_eq!(logged, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_lost_its_data_is_seeded_from_the_ledger() {
+    let mut redis = Redis::start();
+    let sim = sim().await;
+    // ask(4) reserves 81 × 500 + 4 × 1500 = 46,500 and costs 9,000 nano-dollars: two fit
+    // a budget of 60,000, a third does not (18,000 + 46,500).
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        cluster(&redis, 0, "reject", 2000),
+        config_with(&sim, "budget = { usd = 0.00006, period = \"daily\" }")
+    ));
+    for _ in 0..2 {
+        assert_eq!(gw.chat(ask(4)).await.status(), 200);
+    }
+    ledgers(std::slice::from_ref(&gw), 2).await;
+    redis.restart();
+    let gw = gw.kill_and_restart();
+    assert_eq!(redis_up(&gw).await, Some(1.0));
+    let r = gw.chat(ask(4)).await;
+    assert_eq!(r.status(), 402, "the spend came back from the ledger");
+}
