@@ -85,6 +85,10 @@ struct UsageArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Read these ledger files (or directories of them, such as the state directories of a
+    /// cluster's nodes) and report them as one, instead of the config's ledger.
+    #[arg(long, num_args = 1..)]
+    ledger: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -268,7 +272,13 @@ fn usage(args: UsageArgs) -> ExitCode {
 /// the admin API's answer with every page's rows in `data`.
 fn print_usage(args: &UsageArgs) -> Result<(), String> {
     use std::io::Write;
-    let state = config::load_state(&args.config.config).map_err(|e| e.to_string())?;
+    let ledgers = match args.ledger.is_empty() {
+        true => {
+            let state = config::load_state(&args.config.config).map_err(|e| e.to_string())?;
+            vec![state.dir.join(account::ledger::FILE_NAME)]
+        }
+        false => account::many::ledger_files(&args.ledger)?,
+    };
     let mut query = String::new();
     for (name, value) in [("from", &args.from), ("to", &args.to)] {
         if let Some(v) = value {
@@ -281,13 +291,15 @@ fn print_usage(args: &UsageArgs) -> Result<(), String> {
     query.push_str(&format!("bucket={}&by={}", args.bucket, args.by.join(",")));
     let now = chrono::Utc::now().timestamp_millis();
     let mut q = tollgate::admin::usage_query(&query, now)?;
-    let path = state.dir.join(account::ledger::FILE_NAME);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = |e: std::io::Error| format!("cannot write the report: {e}");
     let (mut first_page, mut first_row) = (true, true);
     loop {
         // A report refused as too large is refused before anything is printed.
-        let page = account::query::run(&path, &q)?;
+        let page = match ledgers.as_slice() {
+            [one] => account::query::run(one, &q)?,
+            many => account::many::run(many, &q)?,
+        };
         if first_page {
             first_page = false;
             if args.json {

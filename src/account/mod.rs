@@ -2,6 +2,7 @@
 //! queryable by key, model and time bucket.
 
 pub mod ledger;
+pub mod many;
 pub mod page;
 pub mod query;
 pub mod record;

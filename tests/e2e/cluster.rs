@@ -357,6 +357,29 @@ async fn a_threshold_alerts_once_across_the_cluster() {
         .map(|gw| gw.stderr().matches("budget threshold crossed").count())
         .sum::<usize>();
     assert_eq!(logged, 1);
+
+    // The three ledgers read as one: a state directory and two files.
+    let (rows, cost) = ledgers(&gws, 12).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "usage", "--json", "--bucket", "day", "--by", "key", "--ledger",
+        ])
+        .arg(gws[0].state_dir())
+        .arg(gws[1].state_dir().join("usage.sqlite"))
+        .arg(gws[2].state_dir().join("usage.sqlite"))
+        .output()
+        .expect("tollgate usage runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let data = report["data"].as_array().expect("rows");
+    let sum = |f: &str| data.iter().map(|r| r[f].as_u64().unwrap_or(0)).sum::<u64>();
+    assert_eq!(sum("requests"), rows);
+    assert_eq!(sum("cost_micros"), (cost + 500) / 1000);
+    assert!(data.iter().all(|r| r["key_id"] == "team-a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
