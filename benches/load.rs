@@ -129,6 +129,9 @@ enum Variant {
     /// A deployed model's `/production/predict`: the body passed through verbatim, the
     /// answer relayed as it comes (`--stream`: the replica's chunked generator).
     Predict,
+    /// `limits` in cluster mode: every limit and the budget counted in a redis-server (from
+    /// `PATH`) that the harness starts on loopback for the phase.
+    Cluster,
 }
 
 impl Variant {
@@ -142,6 +145,7 @@ impl Variant {
             Variant::Nginx => "nginx",
             Variant::Pingora => "pingora",
             Variant::Predict => "tg-predict",
+            Variant::Cluster => "tg-cluster",
         }
     }
 
