@@ -135,3 +135,70 @@ pub(super) fn cluster(
         lease_ttl: Duration::from_millis(ttl),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn with(cluster: &str) -> String {
+        format!(
+            "[[pools]]\nname = \"p\"\nreplicas = [\"127.0.0.1:8000\"]\n[[models]]\nslug = \"m\"\n\
+             pool = \"p\"\n[[keys]]\nid = \"k\"\n\
+             sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\
+             models = [\"*\"]\n[cluster]\n{cluster}"
+        )
+    }
+
+    #[test]
+    fn a_cluster_gets_the_documented_defaults() {
+        let s = parse(&with(
+            "redis_url = \"redis://127.0.0.1:6379/0\"\nnode_id = \"edge-1\"\n",
+        ))
+        .unwrap();
+        let c = s.cluster.unwrap();
+        assert_eq!(c.on_redis_down, OnRedisDown::Local);
+        assert_eq!(c.timeout, Duration::from_millis(50));
+        assert_eq!(c.expected_nodes.get(), 2);
+        assert_eq!(c.lease_ttl, Duration::from_secs(10));
+        assert!(parse(&with("redis_url = \"x\"\n"))
+            .unwrap_err()
+            .to_string()
+            .contains("node_id"));
+    }
+
+    #[test]
+    fn bad_values_are_named_and_a_password_is_never_repeated() {
+        let cases = [
+            (
+                "redis_url = \"http://:hunter2@h/\"\nnode_id = \"a\"\n",
+                "cluster.redis_url",
+            ),
+            (
+                "redis_url = \"redis://h\"\nnode_id = \"a b\"\n",
+                "cluster.node_id",
+            ),
+            (
+                "redis_url = \"redis://h\"\nnode_id = \"a\"\non_redis_down = \"retry\"\n",
+                "cluster.on_redis_down",
+            ),
+            (
+                "redis_url = \"redis://h\"\nnode_id = \"a\"\ntimeout_ms = 0\n",
+                "cluster.timeout_ms",
+            ),
+            (
+                "redis_url = \"redis://h\"\nnode_id = \"a\"\nexpected_nodes = 0\n",
+                "cluster.expected_nodes",
+            ),
+            (
+                "redis_url = \"redis://h\"\nnode_id = \"a\"\nlease_ttl_ms = 10\n",
+                "cluster.lease_ttl_ms",
+            ),
+        ];
+        for (text, path) in cases {
+            let e = parse(&with(text)).unwrap_err().to_string();
+            assert!(e.contains(path), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
+}

@@ -389,3 +389,25 @@ pub fn admit_call(
         headers: rate_headers(&view_after, now),
     })
 }
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn each_node_gets_its_share_and_never_nothing() {
+        let limits = Limits {
+            rpm: Some(100),
+            tpm: Some(2),
+            max_concurrent: None,
+        };
+        let part = share(&limits, 3);
+        assert_eq!(part.rpm, Some(33));
+        assert_eq!(
+            part.tpm,
+            Some(1),
+            "a limit below the node count still admits one"
+        );
+        assert_eq!(part.max_concurrent, None);
+    }
+}
