@@ -403,3 +403,66 @@ async fn a_redis_that_lost_its_data_is_seeded_from_the_ledger() {
     let r = gw.chat(ask(4)).await;
     assert_eq!(r.status(), 402, "the spend came back from the ledger");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_request_keeps_its_slot_and_a_dead_node_frees_it_within_the_ttl() {
+    let redis = Redis::start();
+    let sim = SimReplica::start(SimOptions {
+        ttft: Duration::from_secs(6),
+        ..SimOptions::default()
+    })
+    .await
+    .expect("sim");
+    let stats = sim.stats();
+    let config = |n| {
+        format!(
+            "{}{}",
+            cluster(&redis, n, "reject", 2000)
+                .replace("lease_ttl_ms = 3000", "lease_ttl_ms = 1500"),
+            config_with(&sim, "max_concurrent = 1")
+        )
+    };
+    let mut a = Gateway::start(&config(0));
+    let b = Gateway::start(&config(1));
+    let url = a.url("/v1/chat/completions");
+    let held = tokio::spawn(async move {
+        let _ = client()
+            .post(url)
+            .bearer_auth(KEY)
+            .json(&ask(16))
+            .send()
+            .await;
+    });
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while stats.running() < 1 {
+        deadline
+            .pause(|| "node a's request reached the replica".into())
+            .await;
+    }
+    // Twice the lease's TTL: only renewals keep the slot taken.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let (status, code, _) = one(&b).await;
+    assert_eq!((status, code.as_str()), (429, "concurrency_limit"));
+
+    a.kill();
+    let killed = std::time::Instant::now();
+    let deadline = Deadline::after(Duration::from_secs(10));
+    loop {
+        let sent = killed.elapsed();
+        let (status, code, _) = one(&b).await;
+        if status != 429 {
+            assert_eq!(status, 200, "{code}");
+            // The lease was renewed at most a third of its TTL before the kill, and lapses
+            // 1.5 s after that renewal; the rest is slack for a busy machine.
+            assert!(
+                sent < Duration::from_secs(4),
+                "freed {sent:?} after the kill"
+            );
+            break;
+        }
+        deadline
+            .pause(|| "node b got the dead node's slot".into())
+            .await;
+    }
+    held.abort();
+}
