@@ -466,3 +466,57 @@ async fn a_running_request_keeps_its_slot_and_a_dead_node_frees_it_within_the_tt
     }
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_models_rpm_and_a_keys_tpm_hold_across_three_nodes() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    let model_rpm = (0..3)
+        .map(|n| {
+            Gateway::start(&format!(
+                "{}{}",
+                cluster(&redis, n, "reject", 2000),
+                config_with(&sim, "").replacen(
+                    "upstream_model = \"served-model\"\n",
+                    "upstream_model = \"served-model\"\nlimits = { rpm = 7 }\n",
+                    1
+                )
+            ))
+        })
+        .collect::<Vec<_>>();
+    let results = burst(&model_rpm, ask(16)).await;
+    assert_eq!(count(&results, 200), 7, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")));
+    drop(model_rpm);
+
+    // ask(16) reserves 81 + 16 = 97 tokens: 970 a minute fit 10 worst cases at once, and
+    // more as settlements lower each to what it used. A fresh Redis, so the model's window
+    // above is not counted here.
+    let redis = Redis::start();
+    let gws = nodes(&redis, &sim, "tpm = 970", "reject");
+    let results = burst(&gws, ask(16)).await;
+    let admitted = count(&results, 200);
+    assert!(admitted >= 10, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_tokens")));
+    ledgers(&gws, admitted as u64).await;
+    let used: i64 = gws
+        .iter()
+        .map(|gw| {
+            gw.ledger()
+                .query_row(
+                    "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM usage",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .expect("sum")
+        })
+        .sum();
+    assert!(
+        used <= 970,
+        "three nodes used {used} tokens of 970 in one minute"
+    );
+}
