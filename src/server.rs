@@ -65,10 +65,13 @@ pub fn run(
     if let Some(settings) = runtime.config.cluster.clone() {
         let shared = Shared::start(settings, metrics.cluster_meters())?;
         shared.track(&runtime.config);
-        shared.seed(runtime.budget_spends());
         runtime.limits.shared = Some(shared);
     }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+    if let Some(shared) = &runtime.load().limits.shared {
+        let current = runtime.clone();
+        shared.begin(Box::new(move || current.load().budget_spends()));
+    }
     runtime.load().take_over(None);
     let reloader = config_file.map(|file| {
         Arc::new(Reloader::new(

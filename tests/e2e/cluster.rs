@@ -32,8 +32,22 @@ fn nodes(redis: &Redis, sim: &SimReplica, key_extra: &str, on_down: &str) -> Vec
         .collect()
 }
 
+/// Waits until every node has its connection to Redis (a node starts without it when Redis
+/// is slow to answer, and connects in the background).
+async fn connected(nodes: &[Gateway]) {
+    let deadline = Deadline::after(Duration::from_secs(10));
+    for gw in nodes {
+        while redis_up(gw).await != Some(1.0) {
+            deadline
+                .pause(|| "every node connected to Redis".into())
+                .await;
+        }
+    }
+}
+
 /// 64 requests at once, spread round robin over `nodes`: (status, error code) of each.
 async fn burst(nodes: &[Gateway], body: serde_json::Value) -> Vec<(u16, String)> {
+    connected(nodes).await;
     let client = client();
     let calls = (0..64).map(|i| {
         let client = client.clone();
@@ -141,9 +155,12 @@ async fn rpm_shared_by_three_nodes_admits_exactly_the_limit() {
     let gws = nodes(&redis, &sim, "rpm = 10", "reject");
     let results = burst(&gws, ask(16)).await;
     assert_eq!(count(&results, 200), 10, "{results:?}");
-    assert!(results
-        .iter()
-        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")),
+        "{results:?}"
+    );
     // The headers are the cluster's: a fourth request to any node sees none remaining.
     let r = client()
         .post(gws[2].url("/v1/chat/completions"))
@@ -177,9 +194,12 @@ async fn max_concurrent_shared_by_three_nodes_is_never_passed() {
     let results = burst(&gws, ask(16)).await;
     // Every request arrived within the first one's 1.5 s: exactly 5 slots were free.
     assert_eq!(count(&results, 200), 5, "{results:?}");
-    assert!(results
-        .iter()
-        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "concurrency_limit")));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "concurrency_limit")),
+        "{results:?}"
+    );
     assert!(watch.await.expect("watch") <= 5);
     // Slots come back at settlement: the next request is admitted.
     let r = client()
@@ -257,7 +277,7 @@ async fn survives_redis_restart(on_down: &str) -> (Vec<(u16, String)>, Gateway) 
         cluster(&redis, 0, on_down, 200),
         config_with(&sim, "rpm = 100000")
     ));
-    assert_eq!(redis_up(&gw).await, Some(1.0));
+    connected(std::slice::from_ref(&gw)).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let running = load(&gw, stop.clone());
     assert_eq!(one(&gw).await.0, 200);
@@ -336,6 +356,7 @@ async fn a_threshold_alerts_once_across_the_cluster() {
         "budget = { usd = 0.00003, period = \"daily\", enforce = false, alert_at = [0.5] }",
         "reject",
     );
+    connected(&gws).await;
     for round in 0..3 {
         for gw in &gws {
             assert_eq!(gw.chat(ask(4)).await.status(), 200, "round {round}");
@@ -399,7 +420,7 @@ async fn a_redis_that_lost_its_data_is_seeded_from_the_ledger() {
     ledgers(std::slice::from_ref(&gw), 2).await;
     redis.restart();
     let gw = gw.kill_and_restart();
-    assert_eq!(redis_up(&gw).await, Some(1.0));
+    connected(std::slice::from_ref(&gw)).await;
     let r = gw.chat(ask(4)).await;
     assert_eq!(r.status(), 402, "the spend came back from the ledger");
 }
@@ -424,6 +445,8 @@ async fn a_running_request_keeps_its_slot_and_a_dead_node_frees_it_within_the_tt
     };
     let mut a = Gateway::start(&config(0));
     let b = Gateway::start(&config(1));
+    connected(std::slice::from_ref(&a)).await;
+    connected(std::slice::from_ref(&b)).await;
     let url = a.url("/v1/chat/completions");
     let held = tokio::spawn(async move {
         let _ = client()
@@ -486,9 +509,12 @@ async fn a_models_rpm_and_a_keys_tpm_hold_across_three_nodes() {
         .collect::<Vec<_>>();
     let results = burst(&model_rpm, ask(16)).await;
     assert_eq!(count(&results, 200), 7, "{results:?}");
-    assert!(results
-        .iter()
-        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_requests")),
+        "{results:?}"
+    );
     drop(model_rpm);
 
     // ask(16) reserves 81 + 16 = 97 tokens: 970 a minute fit 10 worst cases at once, and
@@ -499,9 +525,12 @@ async fn a_models_rpm_and_a_keys_tpm_hold_across_three_nodes() {
     let results = burst(&gws, ask(16)).await;
     let admitted = count(&results, 200);
     assert!(admitted >= 10, "{results:?}");
-    assert!(results
-        .iter()
-        .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_tokens")));
+    assert!(
+        results
+            .iter()
+            .all(|r| r.0 == 200 || (r.0 == 429 && r.1 == "rate_limit_tokens")),
+        "{results:?}"
+    );
     ledgers(&gws, admitted as u64).await;
     let used: i64 = gws
         .iter()

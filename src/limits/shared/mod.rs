@@ -32,6 +32,10 @@ pub struct ClusterMeters {
     pub fallback: IntCounter,
 }
 
+/// Each budget's current period as this node counts it: (key id, period start, spent,
+/// thresholds fired).
+pub type Seeds = Box<dyn Fn() -> Vec<(Arc<str>, i64, u64, Vec<f64>)> + Send + Sync>;
+
 /// Called with the budget thresholds a settlement crossed, once across the cluster.
 pub type OnCrossed = Box<dyn Fn(&str, Vec<Crossed>) + Send + Sync>;
 
@@ -126,11 +130,18 @@ impl Shared {
             on_crossed: OnceLock::new(),
             down: tokio::sync::Notify::new(),
         });
-        let (first, connected) = mpsc::channel();
-        shared.handle.spawn(probe(shared.clone(), first));
-        shared.handle.spawn(renew(shared.clone()));
-        let _ = connected.recv_timeout(Duration::from_secs(1));
         Ok(shared)
+    }
+
+    /// Connects, and keeps connecting whenever Redis is lost: each connect first seeds the
+    /// budgets Redis holds nothing of from `seeds` (this node's spend of each budget's
+    /// period, from its ledger and what it settled since), then shares the limits. Waits up
+    /// to a second for the first connect.
+    pub fn begin(self: &Arc<Self>, seeds: Seeds) {
+        let (first, connected) = mpsc::channel();
+        self.handle.spawn(probe(self.clone(), seeds, first));
+        self.handle.spawn(renew(self.clone()));
+        let _ = connected.recv_timeout(Duration::from_secs(1));
     }
 
     pub fn settings(&self) -> &ClusterSettings {
@@ -291,29 +302,20 @@ impl Shared {
         });
     }
 
-    /// Seeds each budget's current period from this node's ledger where Redis holds none
-    /// yet: `(key id, period start, spent, thresholds fired)`. The first node to start
-    /// after Redis lost its data seeds it; the others find it there. Waits for the answers:
-    /// called at start, on a thread outside every async runtime, before any request.
-    pub fn seed(&self, budgets: Vec<(Arc<str>, i64, u64, Vec<f64>)>) {
-        if budgets.is_empty() || !self.is_up() {
-            return;
-        }
-        let ok = self.handle.block_on(async {
-            let mut ok = true;
-            for (id, start, spent, fired) in &budgets {
-                let mut inv = self.scripts.seed.prepare_invoke();
-                inv.key(budget_hash(id, *start)).arg(lua_int(*spent));
-                for t in fired {
-                    inv.arg(t.to_string());
-                }
-                ok &= self.call::<i64>(&inv).await.is_ok();
+    /// Seeds each budget's current period where Redis holds none yet (`HSETNX`): the first
+    /// node to connect after Redis lost its data seeds it, the others find it there.
+    async fn seed(&self, conn: &mut MultiplexedConnection, seeds: &Seeds) -> bool {
+        let mut ok = true;
+        for (id, start, spent, fired) in seeds() {
+            let mut inv = self.scripts.seed.prepare_invoke();
+            inv.key(budget_hash(&id, start)).arg(lua_int(spent));
+            for t in fired {
+                inv.arg(t.to_string());
             }
-            ok
-        });
-        if !ok {
-            tracing::warn!("budgets could not be seeded in Redis from the ledger");
+            let r = tokio::time::timeout(Duration::from_secs(1), inv.invoke_async::<i64>(conn));
+            ok &= matches!(r.await, Ok(Ok(_)));
         }
+        ok
     }
 
     async fn call<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, ()> {
@@ -396,7 +398,7 @@ fn budget_hash(id: &str, period_start: i64) -> String {
 }
 
 /// Connects while Redis is down, every 200 ms, and says when it answers again.
-async fn probe(shared: Arc<Shared>, first: mpsc::Sender<()>) {
+async fn probe(shared: Arc<Shared>, seeds: Seeds, first: mpsc::Sender<()>) {
     let mut first = Some(first);
     let mut said_down = false;
     loop {
@@ -408,7 +410,12 @@ async fn probe(shared: Arc<Shared>, first: mpsc::Sender<()>) {
             })
             .await;
             match attempt {
-                Ok(Ok(conn)) => {
+                Ok(Ok(mut conn)) => {
+                    if !shared.seed(&mut conn, &seeds).await {
+                        tracing::warn!(
+                            "budgets could not be seeded in Redis from this node's spend"
+                        );
+                    }
                     shared.conn.store(Some(Arc::new(conn)));
                     shared.up.store(true, Ordering::Release);
                     shared.meters.up.set(1);
