@@ -251,6 +251,10 @@ impl Upstream {
                 if up.reusable() {
                     lease.replica().keep(up.into_stream());
                 }
+                // The replica is done with the request: its slot is free before the client
+                // reads the end, so the client's next request (the next turn of the same
+                // conversation, under `affinity`) never finds this one still counted.
+                drop(lease);
                 relay::deliver(session, header, tail).await
             }
         }
