@@ -48,3 +48,4 @@ pub mod sim;
 pub mod translate;
 pub mod vocab;
 pub mod wake;
+pub mod webhook;

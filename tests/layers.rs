@@ -24,6 +24,8 @@ const RANKS: &[(&str, u32)] = &[
     ("forward", 15),
     ("account", 16),
     ("metrics", 17),
+    // The signature and delivery every outbound webhook shares.
+    ("webhook", 17),
     ("alerts", 18),
     // Deployed models' wake actions: like alerts, outbound work off the request path.
     ("wake", 18),
