@@ -22,6 +22,7 @@
 
 pub mod access_log;
 pub mod account;
+pub mod async_queue;
 pub mod admin;
 pub mod alerts;
 pub mod auth;
@@ -31,6 +32,7 @@ pub mod config;
 pub mod conn;
 pub mod ctx;
 pub mod demo;
+pub mod dispatch;
 pub mod error;
 pub mod forward;
 pub mod limits;

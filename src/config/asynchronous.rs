@@ -16,6 +16,7 @@ pub struct RawAsync {
     pub max_payload_bytes: Spanned<u64>,
     pub webhook_allow_private: bool,
     pub max_queued: Spanned<u64>,
+    pub max_in_progress: Spanned<u64>,
     pub run_timeout_secs: Spanned<u64>,
     pub output_max_bytes: Spanned<u64>,
     pub output_retention_secs: Spanned<u64>,
@@ -28,6 +29,7 @@ impl Default for RawAsync {
             max_payload_bytes: Spanned::new(0..0, 256 * 1024),
             webhook_allow_private: false,
             max_queued: Spanned::new(0..0, 10_000),
+            max_in_progress: Spanned::new(0..0, 64),
             run_timeout_secs: Spanned::new(0..0, 3600),
             output_max_bytes: Spanned::new(0..0, 1024 * 1024),
             output_retention_secs: Spanned::new(0..0, 3600),
@@ -46,6 +48,9 @@ pub struct AsyncSettings {
     pub webhook_allow_private: bool,
     /// Per deployment: queued requests past this are refused with 429 `CAPACITY_EXCEEDED`.
     pub max_queued: u64,
+    /// Per deployment: async requests running at once, at most (they also take only room
+    /// under the pool's concurrency target that no sync request waits for).
+    pub max_in_progress: u64,
     /// Each attempt at running a request must end within this.
     pub run_timeout: Duration,
     /// Outputs up to this size are kept for `GET /async_request/{id}/output`; 0 keeps none.
@@ -61,6 +66,7 @@ impl Default for AsyncSettings {
             max_payload_bytes: 256 * 1024,
             webhook_allow_private: false,
             max_queued: 10_000,
+            max_in_progress: 64,
             run_timeout: Duration::from_secs(3600),
             output_max_bytes: 1024 * 1024,
             retention: Duration::from_secs(3600),
@@ -120,6 +126,13 @@ pub(super) fn async_settings(src: &Source, a: &RawAsync) -> Result<AsyncSettings
         )?,
         webhook_allow_private: a.webhook_allow_private,
         max_queued: within(&a.max_queued, "max_queued", 1, 1_000_000, "requests")?,
+        max_in_progress: within(
+            &a.max_in_progress,
+            "max_in_progress",
+            1,
+            100_000,
+            "requests",
+        )?,
         run_timeout: Duration::from_secs(within(
             &a.run_timeout_secs,
             "run_timeout_secs",

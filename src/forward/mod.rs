@@ -6,6 +6,7 @@
 //! relayed) goes into one [`Outcome`], and nothing else of the request is touched: proxy.rs
 //! hands the outcome to accounting.
 
+mod call;
 pub mod h1;
 mod observe;
 mod pass;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use h1::{Conn, Head};
+pub use call::{Answer, Call};
 pub use pass::{forwarded_fields, Pass, PassError};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;
