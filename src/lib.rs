@@ -22,9 +22,9 @@
 
 pub mod access_log;
 pub mod account;
-pub mod async_queue;
 pub mod admin;
 pub mod alerts;
+pub mod async_queue;
 pub mod auth;
 pub mod body;
 pub mod catalog;

@@ -307,7 +307,10 @@ mod tests {
         assert_eq!(b.get("a").unwrap().status, Status::Expired);
         assert!(matches!(b.cancel("b", "other", 1), Cancel::NotFound));
         assert!(matches!(b.cancel("b", "k", 1), Cancel::Canceled(_)));
-        assert!(matches!(b.cancel("b", "k", 1), Cancel::TooLate(Status::Canceled)));
+        assert!(matches!(
+            b.cancel("b", "k", 1),
+            Cancel::TooLate(Status::Canceled)
+        ));
         assert!(b.admit(&line, 2).is_some());
     }
 }

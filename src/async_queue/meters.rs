@@ -93,9 +93,7 @@ impl AsyncMeters {
     }
 
     pub fn observe_in_queue(&self, deployment: &str, secs: f64) {
-        self.in_queue
-            .with_label_values(&[deployment])
-            .observe(secs);
+        self.in_queue.with_label_values(&[deployment]).observe(secs);
     }
 
     pub fn observe_end(&self, deployment: &str, status: Status, run_secs: Option<f64>) {

@@ -91,9 +91,8 @@ pub fn parse(body: &[u8], allow_private: bool) -> Result<Submit, AsyncError> {
     let webhook = match raw.webhook_endpoint {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) => {
-            webhook::check_url(&url, allow_private).map_err(|reason| {
-                bad(format!("webhook_endpoint is refused: {reason}"))
-            })?;
+            webhook::check_url(&url, allow_private)
+                .map_err(|reason| bad(format!("webhook_endpoint is refused: {reason}")))?;
             Some(url)
         }
         Some(_) => return Err(bad("webhook_endpoint must be a URL string".into())),
@@ -165,16 +164,26 @@ mod tests {
     #[test]
     fn each_bad_field_is_named_with_its_range() {
         assert!(err("{}").contains("model_input"));
-        assert!(err(r#"{"model_input": 1, "priority": 3}"#).contains("priority must be an integer from 0 to 2"));
-        assert!(err(r#"{"model_input": 1, "max_time_in_queue_seconds": 9}"#).contains("from 10 to 259200"));
-        assert!(err(r#"{"model_input": 1, "inference_retry_config": {"max_attempts": 11}}"#)
-            .contains("inference_retry_config.max_attempts must be an integer from 1 to 10"));
-        assert!(err(r#"{"model_input": 1, "inference_retry_config": {"initial_delay_ms": -1}}"#)
-            .contains("from 0 to 10000"));
-        assert!(err(r#"{"model_input": 1, "inference_retry_config": {"max_delay_ms": 60001}}"#)
-            .contains("from 0 to 60000"));
-        assert!(err(r#"{"model_input": 1, "webhook_endpoint": "http://example.com/h"}"#)
-            .contains("https"));
+        assert!(err(r#"{"model_input": 1, "priority": 3}"#)
+            .contains("priority must be an integer from 0 to 2"));
+        assert!(err(r#"{"model_input": 1, "max_time_in_queue_seconds": 9}"#)
+            .contains("from 10 to 259200"));
+        assert!(
+            err(r#"{"model_input": 1, "inference_retry_config": {"max_attempts": 11}}"#)
+                .contains("inference_retry_config.max_attempts must be an integer from 1 to 10")
+        );
+        assert!(
+            err(r#"{"model_input": 1, "inference_retry_config": {"initial_delay_ms": -1}}"#)
+                .contains("from 0 to 10000")
+        );
+        assert!(
+            err(r#"{"model_input": 1, "inference_retry_config": {"max_delay_ms": 60001}}"#)
+                .contains("from 0 to 60000")
+        );
+        assert!(
+            err(r#"{"model_input": 1, "webhook_endpoint": "http://example.com/h"}"#)
+                .contains("https")
+        );
         assert!(err("[1]").contains("JSON object"));
     }
 

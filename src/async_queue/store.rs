@@ -83,21 +83,24 @@ impl Store {
     pub async fn insert(&self, job: &Job, input: String) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Insert(Box::new(job.clone()), input, done))?;
-        rx.await.map_err(|_| "the async store stopped".to_string())?
+        rx.await
+            .map_err(|_| "the async store stopped".to_string())?
     }
 
     /// Marks the request started (committed) and answers its input.
     pub async fn start(&self, job: &Job) -> Result<Option<String>, String> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Start(Box::new(job.clone()), done))?;
-        rx.await.map_err(|_| "the async store stopped".to_string())?
+        rx.await
+            .map_err(|_| "the async store stopped".to_string())?
     }
 
     /// Writes the request's state (and its output, if given); resolves once committed.
     pub async fn save(&self, job: &Job, output: Option<Vec<u8>>) -> Result<(), String> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Save(Box::new(job.clone()), output, Some(done)))?;
-        rx.await.map_err(|_| "the async store stopped".to_string())?
+        rx.await
+            .map_err(|_| "the async store stopped".to_string())?
     }
 
     /// Writes the request's state without waiting.
@@ -110,7 +113,8 @@ impl Store {
     pub async fn output(&self, id: &str) -> Result<Option<Vec<u8>>, String> {
         let (done, rx) = oneshot::channel();
         self.send(Command::Output(id.to_string(), done))?;
-        rx.await.map_err(|_| "the async store stopped".to_string())?
+        rx.await
+            .map_err(|_| "the async store stopped".to_string())?
     }
 
     pub fn purge(&self, before_ms: i64) {
@@ -243,7 +247,9 @@ fn apply(
         Command::Start(job, done) => {
             save(tx, &job, None)?;
             let input: Option<String> = tx
-                .query_row("SELECT input FROM jobs WHERE id = ?1", [&job.id], |r| r.get(0))
+                .query_row("SELECT input FROM jobs WHERE id = ?1", [&job.id], |r| {
+                    r.get(0)
+                })
                 .optional()?
                 .flatten();
             replies.push(Box::new(move |r| {

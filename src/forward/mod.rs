@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h1::{Conn, Head};
 pub use call::{Answer, Call};
+use h1::{Conn, Head};
 pub use pass::{forwarded_fields, Pass, PassError};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::ServerSession;

@@ -88,7 +88,14 @@ pub async fn serve(
                 .into());
             };
             ctx.status = 200;
-            let _ = respond::send_json(session, 200, Bytes::from(output), &ctx.request_id, &ctx.headers).await;
+            let _ = respond::send_json(
+                session,
+                200,
+                Bytes::from(output),
+                &ctx.request_id,
+                &ctx.headers,
+            )
+            .await;
             return Ok(Relayed::Complete);
         }
         _ => unreachable!("only async actions are served here"),
@@ -202,7 +209,11 @@ async fn submit(
         attempts: 0,
         has_output: false,
     };
-    match queue.store.insert(&job, sub.model_input.get().to_string()).await {
+    match queue
+        .store
+        .insert(&job, sub.model_input.get().to_string())
+        .await
+    {
         Ok(()) => {
             queue.board.settle(&line, Some(job.clone()));
             Ok(job)

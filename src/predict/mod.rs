@@ -70,7 +70,10 @@ pub async fn serve(
         .into());
     };
     let method = req.method.as_str();
-    if let Some(allow) = action.method().filter(|m| !m.split(", ").any(|m| m == method)) {
+    if let Some(allow) = action
+        .method()
+        .filter(|m| !m.split(", ").any(|m| m == method))
+    {
         return Err(GatewayError::MethodNotAllowed {
             path: req.uri.path().to_string(),
             allow,
