@@ -196,6 +196,24 @@ async fn submit_runs_and_delivers_a_signed_webhook_seen_only_by_its_key() {
     assert_eq!(out.status(), 200);
     assert_eq!(out.json::<Value>().await.unwrap(), json!({"prompt": "hi"}));
 
+    // Operators read the queue from its database while tollgate runs.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("async")
+            .args(args)
+            .arg("-c")
+            .arg(gw.config_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let shown: Value = serde_json::from_str(&cli(&["show", &id])).unwrap();
+    assert_eq!(shown["status"], "SUCCEEDED");
+    assert_eq!(shown["key_id"], "team-a");
+    assert_eq!(shown["webhook_host"], "127.0.0.1");
+    assert!(cli(&["list"]).contains(&format!("{id}  SUCCEEDED")));
+
     // Another key: the request does not exist for it, whatever it asks.
     for (method, path) in [
         (reqwest::Method::GET, format!("/async_request/{id}")),
@@ -500,4 +518,36 @@ async fn after_kill_9_queued_requests_resume_and_the_running_one_fails() {
     ];
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_queue_and_changes_its_cap() {
+    let sim = sim().await;
+    let gw = start(sim.addr(), "max_queued = 1");
+    let busy = hold(&gw, 1500);
+    wait_predictions(&sim, 1).await;
+    let first = submit(&gw, json!({"model_input": 1})).await;
+    let refused = call(&gw, reqwest::Method::POST, KEY, "/production/async_predict")
+        .json(&json!({"model_input": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        text.replace("max_queued = 1", "max_queued = 5"),
+    )
+    .unwrap();
+    assert_eq!(gw.reload().await, 200);
+    assert_eq!(
+        status(&gw, &first).await["status"],
+        "QUEUED",
+        "the queue survives the reload"
+    );
+    let second = submit(&gw, json!({"model_input": 2})).await;
+    assert_eq!(busy.await.unwrap(), 200);
+    for id in [first, second] {
+        status_until(&gw, &id, Duration::from_secs(5), is("SUCCEEDED")).await;
+    }
 }
