@@ -17,7 +17,10 @@ use arc_swap::ArcSwap;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::async_queue::{AsyncMeters, AsyncQueue, Job, JobError, Line, Status, WebhookStatus};
+use crate::account::Ledger;
+use crate::async_queue::{
+    self, AsyncMeters, AsyncQueue, Job, JobError, Line, Status, WebhookStatus,
+};
 use crate::config::DeployedModel;
 use crate::error::GatewayError;
 use crate::forward::{Call, ForwardError, Upstream};
@@ -37,6 +40,8 @@ pub struct Dispatcher {
     upstream: Upstream,
     client: reqwest::Client,
     meters: AsyncMeters,
+    /// Where each ended request's record goes.
+    ledger: Option<Arc<Ledger>>,
     /// Deployments paused after a 429, until then.
     paused: Mutex<HashMap<Line, Instant>>,
 }
@@ -53,6 +58,7 @@ impl Dispatcher {
     pub fn new(
         runtime: Arc<ArcSwap<Runtime>>,
         queue: Arc<AsyncQueue>,
+        ledger: Option<Arc<Ledger>>,
         metrics: &crate::metrics::Metrics,
     ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
@@ -64,6 +70,7 @@ impl Dispatcher {
                 .build()
                 .unwrap_or_default(),
             meters: AsyncMeters::new(metrics),
+            ledger,
             paused: Mutex::new(HashMap::new()),
         })
     }
@@ -241,6 +248,14 @@ impl Dispatcher {
             tracing::error!(request_id = %job.id, error = %e, "async request end not written");
         }
         self.queue.board.update(&job);
+        if let Some(ledger) = &self.ledger {
+            let price = runtime
+                .config
+                .deployed_model(&job.model)
+                .map_or(0, |m| m.price_nanos);
+            let bytes_out = output.as_ref().map_or(0, |o| o.len() as u64);
+            ledger.record(async_queue::ledger_record(&job, price, bytes_out));
+        }
         let run = started.map(|s| s.elapsed().as_secs_f64());
         self.meters.observe_end(&job.deployment, job.status, run);
         tracing::info!(

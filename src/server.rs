@@ -129,7 +129,7 @@ pub fn run(
     }
 
     if let Some(queue) = queue {
-        let dispatcher = Dispatcher::new(runtime.clone(), queue, &metrics);
+        let dispatcher = Dispatcher::new(runtime.clone(), queue, ledger.clone(), &metrics);
         let mut service = background_service("tollgate async", dispatch::Service(dispatcher));
         service.threads = Some(1);
         server.add_service(service);

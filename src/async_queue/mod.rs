@@ -214,3 +214,37 @@ impl AsyncQueue {
         })
     }
 }
+
+/// The one ledger record of an ended request: its price (charged when it was accepted), its
+/// time in queue, and its run time as the duration.
+pub fn ledger_record(job: &Job, price_nanos: u64, bytes_out: u64) -> crate::account::UsageRecord {
+    let started = job.started_ms.unwrap_or(job.status_ms);
+    let status = match job.status {
+        Status::Succeeded | Status::WebhookFailed => 200,
+        Status::Expired => 408,
+        Status::Canceled => 499,
+        Status::Queued | Status::InProgress | Status::Failed => 500,
+    };
+    crate::account::UsageRecord {
+        id: crate::account::record_id(job.created_ms),
+        request_id: job.id.clone(),
+        ts_ms: job.created_ms,
+        key_id: job.key_id.as_str().into(),
+        model: job.model.as_str().into(),
+        surface: "async_predict",
+        status,
+        usage: crate::vocab::Usage::default(),
+        cost_nanos: price_nanos,
+        estimated: false,
+        ttft_ms: None,
+        duration_ms: (job.status_ms - started).max(0) as f64,
+        replica: None,
+        queue_ms: Some((started - job.created_ms).max(0) as f64),
+        deployed: Some(crate::account::DeployedUse {
+            deployment: job.deployment.as_str().into(),
+            environment: None,
+            bytes_in: 0,
+            bytes_out,
+        }),
+    }
+}

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use pingora::proxy::Session;
 use serde_json::json;
 
+use crate::account::Ledger;
 use crate::async_queue::{self, AsyncError, AsyncQueue, Cancel, Job, Line, Status, WebhookStatus};
 use crate::config::{DeployedModel, Key};
 use crate::ctx::RequestCtx;
@@ -36,9 +37,10 @@ pub async fn serve(
             });
             super::admit(ctx, runtime, key, model)?;
             let job = submit(queue, session, runtime, key, model, deployment).await?;
-            // Billed its price per call when accepted, as a sync call that reached a
-            // replica: the budget holds it from now on.
+            // Charged its price per call when accepted, so the budget holds it from now
+            // on; its one ledger record is written when it ends (with its time in queue).
             ctx.outcome.sent = true;
+            ctx.record_later = true;
             (202, json!({ "request_id": job.id }))
         }
         Action::AsyncQueueStatus => {
@@ -60,7 +62,7 @@ pub async fn serve(
             )
         }
         Action::AsyncRequest(id) if session.req_header().method == http::Method::DELETE => {
-            cancel(queue, key, model, id).await?
+            cancel(queue, ctx.ledger.as_deref(), key, model, id).await?
         }
         Action::AsyncRequest(id) => (200, own(queue, key, model, id)?.status_json()),
         Action::AsyncOutput(id) => {
@@ -117,6 +119,7 @@ fn own(queue: &AsyncQueue, key: &Key, model: &DeployedModel, id: &str) -> Result
 
 async fn cancel(
     queue: &AsyncQueue,
+    ledger: Option<&Ledger>,
     key: &Key,
     model: &DeployedModel,
     id: &str,
@@ -130,6 +133,9 @@ async fn cancel(
                 .save(&job, None)
                 .await
                 .map_err(|detail| AsyncError::Store { detail })?;
+            if let Some(ledger) = ledger {
+                ledger.record(async_queue::ledger_record(&job, model.price_nanos, 0));
+            }
             (true, "Canceled: the request will not run.".to_string())
         }
         Cancel::TooLate(status) => (

@@ -196,6 +196,50 @@ async fn submit_runs_and_delivers_a_signed_webhook_seen_only_by_its_key() {
     assert_eq!(out.status(), 200);
     assert_eq!(out.json::<Value>().await.unwrap(), json!({"prompt": "hi"}));
 
+    // One ledger record, when the request ended, with its time in queue.
+    let deadline = Deadline::after(Duration::from_secs(5));
+    let rows = loop {
+        let rows: Vec<(String, String, i64, Option<f64>, i64)> = gw
+            .ledger()
+            .prepare("SELECT request_id, surface, status, queue_ms, bytes_out FROM usage")
+            .unwrap()
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if !rows.is_empty() {
+            break rows;
+        }
+        deadline.pause(|| "a ledger record".into()).await;
+    };
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str(), rows[0].2),
+        (id.as_str(), "async_predict", 200)
+    );
+    assert!(rows[0].3.is_some_and(|q| q >= 0.0));
+    assert_eq!(rows[0].4, json!({"prompt": "hi"}).to_string().len() as i64);
+
+    let m = gw
+        .metrics_until(|m| m.contains("tollgate_async_webhooks_total{result=\"delivered\"} 1"))
+        .await;
+    assert_eq!(
+        series(
+            &m,
+            "tollgate_async_requests_total{deployment=\"dep-a\",status=\"SUCCEEDED\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series(
+            &m,
+            "tollgate_async_time_in_queue_seconds_count{deployment=\"dep-a\"}"
+        ),
+        Some(1.0)
+    );
+
     // Operators read the queue from its database while tollgate runs.
     let cli = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
