@@ -42,7 +42,7 @@ struct Inner {
 /// What a cancel found.
 pub enum Cancel {
     NotFound,
-    Canceled(Job),
+    Canceled(Box<Job>),
     /// Not queued any more: it runs or has ended.
     TooLate(Status),
 }
@@ -128,7 +128,7 @@ impl Board {
             job.webhook_status = WebhookStatus::Canceled;
         }
         inner.jobs.insert(job.id.clone(), job.clone());
-        Cancel::Canceled(job)
+        Cancel::Canceled(Box::new(job))
     }
 
     /// Lines with queued requests.

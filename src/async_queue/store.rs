@@ -26,6 +26,8 @@ const BACKLOG: usize = 65_536;
 const BATCH: usize = 1024;
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// An answer to send once the batch's transaction has committed (or failed).
+type Answer = Box<dyn FnOnce(Result<(), String>)>;
 
 enum Command {
     Insert(Box<Job>, String, Reply<()>),
@@ -189,7 +191,7 @@ fn write(mut conn: Connection, rx: Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        let mut replies: Vec<Box<dyn FnOnce(Result<(), String>)>> = Vec::with_capacity(batch.len());
+        let mut replies: Vec<Answer> = Vec::with_capacity(batch.len());
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             for c in batch {
@@ -211,7 +213,7 @@ fn write(mut conn: Connection, rx: Receiver<Command>) {
 fn apply(
     tx: &rusqlite::Transaction,
     c: Command,
-    replies: &mut Vec<Box<dyn FnOnce(Result<(), String>)>>,
+    replies: &mut Vec<Answer>,
 ) -> rusqlite::Result<()> {
     match c {
         Command::Insert(job, input, done) => {

@@ -35,12 +35,14 @@ pub async fn serve(
                 deployment: deployment.clone().into(),
                 environment: resolved.environment.as_deref().map(Into::into),
             });
-            super::admit(ctx, runtime, key, model)?;
-            let job = submit(queue, session, runtime, key, model, deployment).await?;
-            // Charged its price per call when accepted, so the budget holds it from now
-            // on; its one ledger record is written when it ends (with its time in queue).
-            ctx.outcome.sent = true;
+            // Read and checked before admission: a refused body reserves and records nothing.
+            let (sub, input) = read(session, runtime).await?;
+            // Its one ledger record is written when it ends (with its time in queue).
             ctx.record_later = true;
+            super::admit(ctx, runtime, key, model)?;
+            let job = enqueue(queue, runtime, key, model, deployment, sub, input).await?;
+            // Charged its price per call when accepted, so the budget holds it from now on.
+            ctx.outcome.sent = true;
             (202, json!({ "request_id": job.id }))
         }
         Action::AsyncQueueStatus => {
@@ -149,15 +151,11 @@ async fn cancel(
     ))
 }
 
-/// Reads, checks and durably queues a submit.
-async fn submit(
-    queue: &AsyncQueue,
+/// Reads and checks a submit body; answers it and its `model_input` as sent.
+async fn read(
     session: &mut Session,
     runtime: &Runtime,
-    key: &Key,
-    model: &DeployedModel,
-    deployment: String,
-) -> Result<Job, GatewayError> {
+) -> Result<(async_queue::Submit, String), GatewayError> {
     let settings = &runtime.config.asynchronous;
     let limit = settings.max_payload_bytes;
     let declared = session
@@ -181,6 +179,21 @@ async fn submit(
         Err(e) => return Err(e.into()),
     };
     let sub = async_queue::parse(&raw, settings.webhook_allow_private)?;
+    let input = sub.model_input.get().to_string();
+    Ok((sub, input))
+}
+
+/// Durably queues a checked submit: it is committed before this returns.
+async fn enqueue(
+    queue: &AsyncQueue,
+    runtime: &Runtime,
+    key: &Key,
+    model: &DeployedModel,
+    deployment: String,
+    sub: async_queue::Submit,
+    input: String,
+) -> Result<Job, GatewayError> {
+    let settings = &runtime.config.asynchronous;
     let line = Line {
         model: model.id.to_string(),
         deployment,
@@ -215,11 +228,7 @@ async fn submit(
         attempts: 0,
         has_output: false,
     };
-    match queue
-        .store
-        .insert(&job, sub.model_input.get().to_string())
-        .await
-    {
+    match queue.store.insert(&job, input).await {
         Ok(()) => {
             queue.board.settle(&line, Some(job.clone()));
             Ok(job)
