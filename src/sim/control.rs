@@ -250,13 +250,20 @@ mod tests {
         assert_eq!(post("/sim/health", r#"{"healthy": false}"#).0, 200);
         assert!(!s.healthy() && !s.resetting());
         let resp = post("/sim/reset", r#"{"on": true}"#);
-        assert_eq!(resp.1, json!({"healthy": false, "reset": true}));
+        let off = json!({"status": null, "delay_ms": 0});
+        assert_eq!(resp.1, json!({"healthy": false, "reset": true, "predict": off}));
         assert!(s.resetting());
         assert_eq!(post("/sim/reset", r#"{"on": "yes"}"#).0, 400);
         assert_eq!(post("/sim/reset", "not json").0, 400);
         assert_eq!(post("/sim/other", "{}").0, 404);
         let get = answer(&s, &Method::GET, "/sim/health", b"");
-        assert_eq!(get.1, json!({"healthy": false, "reset": true}));
+        assert_eq!(get.1["reset"], true);
         assert_eq!(answer(&s, &Method::PUT, "/sim/health", b"").0, 405);
+        let resp = post("/sim/predict", r#"{"status": 503, "delay_ms": 20}"#);
+        assert_eq!(resp.1["predict"], json!({"status": 503, "delay_ms": 20}));
+        assert_eq!(s.predict_fault(), (Some(503), 20));
+        assert_eq!(post("/sim/predict", r#"{"status": 70000}"#).0, 400);
+        assert_eq!(post("/sim/predict", r#"{"status": null}"#).0, 200);
+        assert_eq!(s.predict_fault(), (None, 0));
     }
 }
