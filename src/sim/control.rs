@@ -4,7 +4,8 @@
 //!
 //! `POST /sim/health` with `{"healthy": false}` and `POST /sim/reset` with `{"on": true}` flip
 //! them; `POST /sim/predict` with `{"status": 503, "delay_ms": 200}` makes every predict wait
-//! that long and answer that status (`{"status": null, "delay_ms": 0}` turns it off); both answer the replica's switches as JSON. The control paths, `/health` and
+//! that long and answer that status (`{"status": null, "delay_ms": 0}` turns it off; it
+//! answers, and `GET /sim/predict` reads, that switch alone); both answer the replica's switches as JSON. The control paths, `/health` and
 //! `/metrics` keep answering in reset mode, so a test can always switch it back off.
 //!
 //! A reset is decided per request, from its head, before anything is written. The
@@ -77,9 +78,12 @@ impl Switches {
     }
 
     fn state(&self) -> Value {
+        json!({"healthy": self.healthy(), "reset": self.resetting()})
+    }
+
+    fn predict_state(&self) -> Value {
         let (status, delay_ms) = self.predict_fault();
-        json!({"healthy": self.healthy(), "reset": self.resetting(),
-               "predict": {"status": status, "delay_ms": delay_ms}})
+        json!({"status": status, "delay_ms": delay_ms})
     }
 }
 
@@ -107,12 +111,14 @@ pub(crate) fn answer(
             ),
             (s, true) => {
                 switches.set_predict_fault(s.and_then(Result::ok), delay.unwrap_or(0));
-                (StatusCode::OK, switches.state())
+                (StatusCode::OK, switches.predict_state())
             }
         };
     }
+    if path == "/sim/predict" && method == Method::GET {
+        return (StatusCode::OK, switches.predict_state());
+    }
     let (field, set): (&str, fn(&Switches, bool)) = match path {
-        "/sim/predict" => ("status", |_, _| {}),
         "/sim/health" => ("healthy", Switches::set_healthy),
         "/sim/reset" => ("on", Switches::set_resetting),
         _ => {
@@ -250,17 +256,16 @@ mod tests {
         assert_eq!(post("/sim/health", r#"{"healthy": false}"#).0, 200);
         assert!(!s.healthy() && !s.resetting());
         let resp = post("/sim/reset", r#"{"on": true}"#);
-        let off = json!({"status": null, "delay_ms": 0});
-        assert_eq!(resp.1, json!({"healthy": false, "reset": true, "predict": off}));
+        assert_eq!(resp.1, json!({"healthy": false, "reset": true}));
         assert!(s.resetting());
         assert_eq!(post("/sim/reset", r#"{"on": "yes"}"#).0, 400);
         assert_eq!(post("/sim/reset", "not json").0, 400);
         assert_eq!(post("/sim/other", "{}").0, 404);
         let get = answer(&s, &Method::GET, "/sim/health", b"");
-        assert_eq!(get.1["reset"], true);
+        assert_eq!(get.1, json!({"healthy": false, "reset": true}));
         assert_eq!(answer(&s, &Method::PUT, "/sim/health", b"").0, 405);
         let resp = post("/sim/predict", r#"{"status": 503, "delay_ms": 20}"#);
-        assert_eq!(resp.1["predict"], json!({"status": 503, "delay_ms": 20}));
+        assert_eq!(resp.1, json!({"status": 503, "delay_ms": 20}));
         assert_eq!(s.predict_fault(), (Some(503), 20));
         assert_eq!(post("/sim/predict", r#"{"status": 70000}"#).0, 400);
         assert_eq!(post("/sim/predict", r#"{"status": null}"#).0, 200);
