@@ -77,6 +77,18 @@ impl Dispatcher {
 
     /// Runs until the process ends.
     pub async fn run(self: Arc<Self>) {
+        // Requests a restart ended: their one ledger record, and their outcome counted.
+        let runtime = self.runtime.load_full();
+        for job in &self.queue.interrupted {
+            self.meters.observe_end(&job.deployment, job.status, None);
+            if let Some(ledger) = &self.ledger {
+                let price = runtime
+                    .config
+                    .deployed_model(&job.model)
+                    .map_or(0, |m| m.price_nanos);
+                ledger.record(async_queue::ledger_record(job, price, 0));
+            }
+        }
         // Webhooks of requests that ended before a restart but were not yet delivered.
         for job in self.queue.board.undelivered() {
             self.clone().spawn_webhook(job, None);

@@ -202,15 +202,24 @@ pub enum AsyncError {
 pub struct AsyncQueue {
     pub store: Store,
     pub board: Board,
+    /// Requests the restart rule ended at open (`IN_PROGRESS` when the process died): the
+    /// dispatcher records them once it starts.
+    pub interrupted: Vec<Job>,
 }
 
 impl AsyncQueue {
     /// Opens the database under `dir` and rebuilds the board from it.
     pub fn open(dir: &std::path::Path, now_ms: i64) -> Result<AsyncQueue, String> {
-        let (store, jobs) = Store::open(dir, now_ms)?;
+        let (store, jobs, ids) = Store::open(dir, now_ms)?;
+        let interrupted = jobs
+            .iter()
+            .filter(|j| ids.contains(&j.id))
+            .cloned()
+            .collect();
         Ok(AsyncQueue {
             store,
             board: Board::new(jobs),
+            interrupted,
         })
     }
 }

@@ -47,8 +47,8 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating) the database, applies the restart rule, and starts the writer.
-    /// Returns every request it holds.
-    pub fn open(dir: &Path, now_ms: i64) -> Result<(Store, Vec<Job>), String> {
+    /// Returns every request it holds, and the ids of those the restart rule ended.
+    pub fn open(dir: &Path, now_ms: i64) -> Result<(Store, Vec<Job>, Vec<String>), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let path = dir.join(FILE_NAME);
         let shown = path.display().to_string();
@@ -60,6 +60,10 @@ impl Store {
             "tollgate stopped while this request ran; it was not run again",
         )])
         .unwrap_or_default();
+        let ended: Vec<String> = conn
+            .prepare("SELECT id FROM jobs WHERE status = 'IN_PROGRESS'")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| format!("{shown}: {e}"))?;
         conn.execute(
             "UPDATE jobs SET status = 'FAILED', status_ms = ?1, errors = ?2 WHERE status = 'IN_PROGRESS'",
             params![now_ms, interrupted],
@@ -71,7 +75,7 @@ impl Store {
             .name("tollgate-async-store".into())
             .spawn(move || write(conn, rx))
             .map_err(|e| format!("async store thread: {e}"))?;
-        Ok((Store { tx }, jobs))
+        Ok((Store { tx }, jobs, ended))
     }
 
     fn send(&self, c: Command) -> Result<(), String> {

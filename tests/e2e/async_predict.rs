@@ -552,6 +552,25 @@ async fn after_kill_9_queued_requests_resume_and_the_running_one_fails() {
         ));
     }
     seen.sort_by(|a, b| a.0.cmp(&b.0));
+    // Each ended request is one ledger record, the interrupted one too.
+    let deadline = Deadline::after(Duration::from_secs(5));
+    loop {
+        let statuses: Vec<(String, i64)> = gw
+            .ledger()
+            .prepare("SELECT request_id, status FROM usage WHERE surface = 'async_predict' ORDER BY request_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        if statuses.len() == 3 {
+            assert!(statuses.contains(&(running.clone(), 500)), "{statuses:?}");
+            break;
+        }
+        deadline
+            .pause(|| format!("three ledger records, got {statuses:?}"))
+            .await;
+    }
     let mut expected = vec![
         (
             running.clone(),
