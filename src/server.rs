@@ -16,8 +16,10 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 use crate::account::Ledger;
 use crate::admin::Admin;
+use crate::async_queue::AsyncQueue;
 use crate::config::Snapshot;
 use crate::conn::Clients;
+use crate::dispatch::{self, Dispatcher};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{ConfigFile, ReloadTriggers, Reloader};
@@ -60,6 +62,15 @@ pub fn run(
     if let Some(ledger) = &ledger {
         runtime.seed_budgets(ledger, None)?;
     }
+    // Async predict's queue, when a deployed model exists at start (a restart, not a reload,
+    // turns it on).
+    let queue = match runtime.config.deployed_models.is_empty() {
+        true => None,
+        false => Some(Arc::new(AsyncQueue::open(
+            &runtime.config.state.dir,
+            crate::limits::now_ms(),
+        )?)),
+    };
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
     runtime.load().take_over(None);
     let reloader = config_file.map(|file| {
@@ -78,7 +89,12 @@ pub fn run(
         ],
     });
     // Pingora's proxy, under tollgate's keep-alive loop: each request head has a deadline.
-    let gateway = Gateway::new(runtime.clone(), metrics.clone(), ledger.clone());
+    let gateway = Gateway::new(
+        runtime.clone(),
+        metrics.clone(),
+        ledger.clone(),
+        queue.clone(),
+    );
     let mut proxy = ListeningService::new(
         "tollgate".into(),
         Clients::new(
@@ -110,6 +126,13 @@ pub fn run(
             "tollgate reload",
             ReloadTriggers(reloader),
         ));
+    }
+
+    if let Some(queue) = queue {
+        let dispatcher = Dispatcher::new(runtime.clone(), queue, ledger.clone(), &metrics);
+        let mut service = background_service("tollgate async", dispatch::Service(dispatcher));
+        service.threads = Some(1);
+        server.add_service(service);
     }
 
     on_ready(bound);

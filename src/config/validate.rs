@@ -113,6 +113,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let state = state(&raw.state, src)?;
 
     let alerts = alert_settings(src, &raw.alerts)?;
+    let asynchronous = super::asynchronous::async_settings(src, &raw.asynchronous)?;
 
     let mut pools = Vec::with_capacity(raw.pools.len());
     let mut pool_index = HashMap::new();
@@ -180,6 +181,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         admin,
         state,
         alerts,
+        asynchronous,
         pools,
         models,
         model_index,
