@@ -344,6 +344,13 @@ impl Metrics {
     }
 
     /// The fleet's metric families, for the router to label.
+    /// Registers metrics defined beside the stage they observe (async predict's).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric not registered");
+        }
+    }
+
     pub fn fleet(&self) -> &FleetMeters {
         &self.fleet
     }

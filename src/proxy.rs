@@ -31,6 +31,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
 use crate::alerts::Alerter;
+use crate::async_queue::AsyncQueue;
 use crate::config::{Key, Model, Policy, Pool, PromptRules, Snapshot};
 use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
@@ -50,6 +51,8 @@ pub struct Gateway {
     ledger: Option<Arc<Ledger>>,
     alerter: Alerter,
     waker: crate::wake::Waker,
+    /// Async predict's queue; `None` when its database could not be opened.
+    queue: Option<Arc<AsyncQueue>>,
 }
 
 impl Gateway {
@@ -57,6 +60,7 @@ impl Gateway {
         runtime: Arc<ArcSwap<Runtime>>,
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
+        queue: Option<Arc<AsyncQueue>>,
     ) -> Self {
         Gateway {
             runtime,
@@ -65,6 +69,7 @@ impl Gateway {
             waker: crate::wake::Waker::new(metrics.clone()),
             metrics,
             ledger,
+            queue,
         }
     }
 }
@@ -110,7 +115,8 @@ impl ProxyHttp for Gateway {
             Endpoint::CountTokens => count_tokens(session, ctx, &runtime).await,
             Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime).await,
             Endpoint::Predict => {
-                predict::serve(&self.upstream, &self.waker, session, ctx, &runtime).await
+                let queue = self.queue.as_deref();
+                predict::serve(&self.upstream, &self.waker, queue, session, ctx, &runtime).await
             }
             Endpoint::Unknown => Err(unknown_route(session)),
         };

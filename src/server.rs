@@ -17,8 +17,10 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 use crate::account::Ledger;
 use crate::admin::Admin;
 use crate::alerts::Alerter;
+use crate::async_queue::AsyncQueue;
 use crate::config::Snapshot;
 use crate::conn::Clients;
+use crate::dispatch::{self, Dispatcher};
 use crate::limits::shared::{OnCrossed, Shared};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -62,6 +64,15 @@ pub fn run(
     if let Some(ledger) = &ledger {
         runtime.seed_budgets(ledger, None)?;
     }
+    // Async predict's queue, when a deployed model exists at start (a restart, not a reload,
+    // turns it on).
+    let queue = match runtime.config.deployed_models.is_empty() {
+        true => None,
+        false => Some(Arc::new(AsyncQueue::open(
+            &runtime.config.state.dir,
+            crate::limits::now_ms(),
+        )?)),
+    };
     if let Some(settings) = runtime.config.cluster.clone() {
         let shared = Shared::start(settings, metrics.cluster_meters())?;
         shared.track(&runtime.config);
@@ -93,7 +104,12 @@ pub fn run(
         ],
     });
     // Pingora's proxy, under tollgate's keep-alive loop: each request head has a deadline.
-    let gateway = Gateway::new(runtime.clone(), metrics.clone(), ledger.clone());
+    let gateway = Gateway::new(
+        runtime.clone(),
+        metrics.clone(),
+        ledger.clone(),
+        queue.clone(),
+    );
     let mut proxy = ListeningService::new(
         "tollgate".into(),
         Clients::new(
@@ -125,6 +141,13 @@ pub fn run(
             "tollgate reload",
             ReloadTriggers(reloader),
         ));
+    }
+
+    if let Some(queue) = queue {
+        let dispatcher = Dispatcher::new(runtime.clone(), queue, ledger.clone(), &metrics);
+        let mut service = background_service("tollgate async", dispatch::Service(dispatcher));
+        service.threads = Some(1);
+        server.add_service(service);
     }
 
     on_ready(bound);

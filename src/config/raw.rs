@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub alerts: RawAlerts,
+    #[serde(default, rename = "async")]
+    pub asynchronous: super::asynchronous::RawAsync,
     #[serde(default)]
     pub pools: Vec<RawPool>,
     #[serde(default)]

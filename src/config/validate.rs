@@ -113,6 +113,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let state = state(&raw.state, src)?;
 
     let alerts = alert_settings(src, &raw.alerts)?;
+    let asynchronous = super::asynchronous::async_settings(src, &raw.asynchronous)?;
     let cluster = super::cluster::cluster(raw.cluster.as_ref(), src)?;
 
     let mut pools = Vec::with_capacity(raw.pools.len());
@@ -181,6 +182,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         admin,
         state,
         alerts,
+        asynchronous,
         pools,
         models,
         model_index,

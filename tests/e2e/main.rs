@@ -11,6 +11,7 @@ mod tiny_tokenizer;
 mod accounting;
 mod affinity;
 mod anthropic;
+mod async_predict;
 mod auth;
 mod body;
 mod catalog;
