@@ -88,6 +88,7 @@ impl Dispatcher {
                     .map_or(0, |m| m.price_nanos);
                 ledger.record(async_queue::ledger_record(job, price, 0));
             }
+            self.queue.charges.recorded(&job.id);
         }
         // Webhooks of requests that ended before a restart but were not yet delivered.
         for job in self.queue.board.undelivered() {
@@ -268,6 +269,7 @@ impl Dispatcher {
             let bytes_out = output.as_ref().map_or(0, |o| o.len() as u64);
             ledger.record(async_queue::ledger_record(&job, price, bytes_out));
         }
+        self.queue.charges.recorded(&job.id);
         let run = started.map(|s| s.elapsed().as_secs_f64());
         self.meters.observe_end(&job.deployment, job.status, run);
         tracing::info!(

@@ -15,6 +15,7 @@ use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::account::Ledger;
+use crate::async_queue::AsyncQueue;
 use crate::config::{self, Snapshot};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
@@ -25,6 +26,9 @@ pub struct Reloader {
     metrics: Arc<Metrics>,
     /// Where budgets a reload adds or changes rebuild their spend from.
     ledger: Option<Arc<Ledger>>,
+    /// Async predict's queue: what its requests were charged is not in the ledger until
+    /// they end, and a rebuilt budget adds it.
+    queue: Option<Arc<AsyncQueue>>,
     /// One reload at a time: two at once could each build on the same running config and
     /// the later store would drop what the other carried over.
     busy: Mutex<()>,
@@ -137,6 +141,7 @@ impl Reloader {
         runtime: Arc<ArcSwap<Runtime>>,
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
+        queue: Option<Arc<AsyncQueue>>,
     ) -> Self {
         let at_start = AtStart::of(&runtime.load().config);
         Reloader {
@@ -144,6 +149,7 @@ impl Reloader {
             runtime,
             metrics,
             ledger,
+            queue,
             busy: Mutex::new(()),
             at_start,
             read: Mutex::new(file.read),
@@ -172,7 +178,9 @@ impl Reloader {
         let dropped = config::dropped_protections(old, &fresh);
         let next = Runtime::new(fresh, Some(&current), &self.metrics);
         if let Some(ledger) = &self.ledger {
-            if let Err(e) = next.seed_budgets(ledger, Some(old)) {
+            if let Err(e) =
+                next.seed_budgets(ledger, Some(old), self.queue.as_deref().map(|q| &q.charges))
+            {
                 return self.refuse(format!("budgets could not be rebuilt from the ledger: {e}"));
             }
         }
@@ -313,7 +321,7 @@ mod tests {
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
             snapshot, None, &metrics,
         )));
-        Reloader::new(file, runtime, metrics, None)
+        Reloader::new(file, runtime, metrics, None, None)
     }
 
     #[test]
@@ -357,7 +365,7 @@ mod tests {
         let runtime = Arc::new(ArcSwap::from_pointee(Runtime::new(
             snapshot, None, &metrics,
         )));
-        let r = Reloader::new(file, runtime, metrics, None);
+        let r = Reloader::new(file, runtime, metrics, None, None);
         let read = *r.read.lock().unwrap();
         assert_ne!(Stamp::of(&path), read, "the edit is a change still to read");
         // Permissions fixed on a file that could not be read: same bytes, still a change.

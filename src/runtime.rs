@@ -4,6 +4,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::account::ledger::SpendByKey;
 use crate::account::Ledger;
+use crate::async_queue::Charges;
 use crate::config::{Budget, Snapshot};
 use crate::limits::{self, Registry};
 use crate::metrics::{Meters, Metrics};
@@ -82,6 +83,7 @@ impl Runtime {
         &self,
         ledger: &Ledger,
         previous: Option<&Snapshot>,
+        owed: Option<&Charges>,
     ) -> Result<usize, String> {
         let before: HashMap<&str, Option<&Budget>> = previous
             .map(|p| p.keys().map(|k| (&*k.id, k.budget.as_ref())).collect())
@@ -94,7 +96,9 @@ impl Runtime {
             };
         // A rebuild that a period boundary overtakes is done again for the new period.
         for _ in 0..3 {
-            if let Some(rebuilt) = self.rebuild_budgets(ledger, &carries_on, previous.is_some())? {
+            if let Some(rebuilt) =
+                self.rebuild_budgets(ledger, &carries_on, previous.is_some(), owed)?
+            {
                 return Ok(rebuilt);
             }
         }
@@ -108,6 +112,7 @@ impl Runtime {
         ledger: &Ledger,
         carries_on: &dyn Fn(&str, &Budget) -> bool,
         reload: bool,
+        owed: Option<&Charges>,
     ) -> Result<Option<usize>, String> {
         let now = limits::now_ms();
         let mut due: Vec<_> = self
@@ -129,16 +134,23 @@ impl Runtime {
         // One order for every holder of several keys' counters.
         due.sort_unstable_by_key(|d| d.0);
         let periods: BTreeSet<(i64, Option<i64>)> = due.iter().map(|d| d.3).collect();
-        let asked: Vec<_> = {
+        let (asked, owed): (Vec<_>, Vec<u64>) = {
             let mut held: Vec<_> = due.iter().map(|d| d.2.hold()).collect();
             for (h, d) in held.iter_mut().zip(&due) {
                 h.begin_rebuild(d.3 .0, d.3 .1);
             }
+            // Async requests charged at acceptance and not in the ledger yet. Read before the
+            // ledger is asked: one recorded in between is then counted twice, not missed.
+            let owed = due
+                .iter()
+                .map(|d| owed.map_or(0, |o| o.owed(d.0, d.3 .0, d.3 .1)))
+                .collect();
             // One pass over the ledger per period (a handful: today, this week…).
-            periods
+            let asked = periods
                 .iter()
                 .map(|&(start, end)| ((start, end), ledger.ask_spend_since(start, end)))
-                .collect()
+                .collect();
+            (asked, owed)
         };
         let abandon = || {
             for d in &due {
@@ -162,7 +174,7 @@ impl Runtime {
             abandon();
             return Ok(None);
         }
-        for (id, budget, counters, period) in &due {
+        for ((id, budget, counters, period), owed) in due.iter().zip(owed) {
             let spend = spends
                 .get(period)
                 .and_then(|by_key| by_key.get(*id))
@@ -171,7 +183,7 @@ impl Runtime {
             counters.finish_rebuild(
                 limits::Spend {
                     period_start: period.0,
-                    spent: spend.spent_nanos,
+                    spent: spend.spent_nanos.saturating_add(owed),
                     reserved: 0,
                     alerted: 0,
                     generation: self.limits.generation,
@@ -355,7 +367,7 @@ mod tests {
             Some(&old),
             &metrics,
         );
-        assert_eq!(new.seed_budgets(&ledger, Some(&old.config)), Ok(1));
+        assert_eq!(new.seed_budgets(&ledger, Some(&old.config), None), Ok(1));
         assert_eq!(spent(&new), 10_000);
         finish(&ledger, running, 7_000);
         assert_eq!(spent(&new), 17_000);
@@ -365,7 +377,7 @@ mod tests {
             Some(&new),
             &metrics,
         );
-        assert_eq!(again.seed_budgets(&ledger, Some(&new.config)), Ok(0));
+        assert_eq!(again.seed_budgets(&ledger, Some(&new.config), None), Ok(0));
         assert_eq!(spent(&again), 17_000);
         ledger.close();
     }
@@ -386,7 +398,7 @@ mod tests {
             Some(&old),
             &metrics,
         );
-        let refused = new.seed_budgets(&ledger, Some(&old.config));
+        let refused = new.seed_budgets(&ledger, Some(&old.config), None);
         assert!(refused.unwrap_err().contains("stopped"));
         // The running config's spend is as it was, and nothing is left marked.
         assert_eq!(spent(&old), 10_000);

@@ -61,11 +61,9 @@ pub fn run(
         false => None,
     };
     let mut runtime = Runtime::new(snapshot, None, &metrics);
-    if let Some(ledger) = &ledger {
-        runtime.seed_budgets(ledger, None)?;
-    }
     // Async predict's queue, when a deployed model exists at start (a restart, not a reload,
-    // turns it on).
+    // turns it on). Opened before budgets are rebuilt: what its requests were charged is
+    // not in the ledger until they end.
     let queue = match runtime.config.deployed_models.is_empty() {
         true => None,
         false => Some(Arc::new(AsyncQueue::open(
@@ -73,6 +71,13 @@ pub fn run(
             crate::limits::now_ms(),
         )?)),
     };
+    if let Some(queue) = &queue {
+        let config = &runtime.config;
+        queue.owe_open(|model| config.deployed_model(model).map_or(0, |m| m.price_nanos));
+    }
+    if let Some(ledger) = &ledger {
+        runtime.seed_budgets(ledger, None, queue.as_deref().map(|q| &q.charges))?;
+    }
     if let Some(settings) = runtime.config.cluster.clone() {
         let shared = Shared::start(settings, metrics.cluster_meters())?;
         shared.track(&runtime.config);
@@ -90,6 +95,7 @@ pub fn run(
             runtime.clone(),
             metrics.clone(),
             ledger.clone(),
+            queue.clone(),
         ))
     });
 

@@ -193,6 +193,17 @@ impl Board {
         inner.jobs.insert(job.id.clone(), job.clone());
     }
 
+    /// Requests not ended yet: queued or running.
+    pub fn open(&self) -> Vec<Job> {
+        let inner = self.lock();
+        inner
+            .jobs
+            .values()
+            .filter(|j| !j.status.is_final())
+            .cloned()
+            .collect()
+    }
+
     /// Requests that ended with their webhook still to deliver (after a restart).
     pub fn undelivered(&self) -> Vec<Job> {
         let inner = self.lock();

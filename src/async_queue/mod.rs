@@ -205,6 +205,53 @@ pub struct AsyncQueue {
     /// Requests the restart rule ended at open (`IN_PROGRESS` when the process died): the
     /// dispatcher records them once it starts.
     pub interrupted: Vec<Job>,
+    pub charges: Charges,
+}
+
+/// Prices charged to budgets when requests were accepted whose ledger record is not handed to
+/// the ledger yet (it is written when a request ends). A budget rebuilt from the ledger, at
+/// start or on a reload, adds them: the ledger alone would miss every request still queued.
+#[derive(Default)]
+pub struct Charges(std::sync::Mutex<std::collections::HashMap<String, Charge>>);
+
+struct Charge {
+    key_id: Box<str>,
+    at_ms: i64,
+    nanos: u64,
+}
+
+impl Charges {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Charge>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `job` was charged `nanos`, counted in the budget period of its submission.
+    pub fn owe(&self, job: &Job, nanos: u64) {
+        if nanos > 0 {
+            let charge = Charge {
+                key_id: job.key_id.as_str().into(),
+                at_ms: job.created_ms,
+                nanos,
+            };
+            self.lock().insert(job.id.clone(), charge);
+        }
+    }
+
+    /// `id`'s ledger record was handed to the ledger: a rebuild reads it there from now on.
+    /// Called after `Ledger::record`, so a rebuild between the two counts it twice (too
+    /// much, never too little).
+    pub fn recorded(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    /// What `key_id` owes for requests submitted in `[start, end)`.
+    pub fn owed(&self, key_id: &str, start: i64, end: Option<i64>) -> u64 {
+        self.lock()
+            .values()
+            .filter(|c| &*c.key_id == key_id && c.at_ms >= start && end.is_none_or(|e| c.at_ms < e))
+            .map(|c| c.nanos)
+            .sum()
+    }
 }
 
 impl AsyncQueue {
@@ -220,7 +267,16 @@ impl AsyncQueue {
             store,
             board: Board::new(jobs),
             interrupted,
+            charges: Charges::default(),
         })
+    }
+
+    /// At start: every request the ledger does not hold yet (queued, or ended by the restart
+    /// rule and recorded once the dispatcher runs) owes its model's price.
+    pub fn owe_open(&self, price: impl Fn(&str) -> u64) {
+        for job in self.board.open().iter().chain(&self.interrupted) {
+            self.charges.owe(job, price(&job.model));
+        }
     }
 }
 

@@ -138,6 +138,7 @@ async fn cancel(
             if let Some(ledger) = ledger {
                 ledger.record(async_queue::ledger_record(&job, model.price_nanos, 0));
             }
+            queue.charges.recorded(&job.id);
             (true, "Canceled: the request will not run.".to_string())
         }
         Cancel::TooLate(status) => (
@@ -230,6 +231,9 @@ async fn enqueue(
     };
     match queue.store.insert(&job, input).await {
         Ok(()) => {
+            // Owed before the submit's charge settles: a budget rebuilt in between counts
+            // it twice, never not at all.
+            queue.charges.owe(&job, model.price_nanos);
             queue.board.settle(&line, Some(job.clone()));
             Ok(job)
         }

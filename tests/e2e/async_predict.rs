@@ -614,3 +614,51 @@ async fn a_reload_keeps_the_queue_and_changes_its_cap() {
         status_until(&gw, &id, Duration::from_secs(5), is("SUCCEEDED")).await;
     }
 }
+
+#[tokio::test]
+async fn a_budget_holds_the_price_of_queued_requests_across_a_kill_9() {
+    let sim = sim().await;
+    // Three calls at $0.01 exhaust the key's $0.03.
+    let priced = config(sim.addr(), "")
+        .replacen(
+            "environments = { production = \"dep-a\" }",
+            "environments = { production = \"dep-a\" }\nprice = { per_request_usd = 0.01 }",
+            1,
+        )
+        .replacen(
+            "deployed_models = [\"abcd1234\"]",
+            "deployed_models = [\"abcd1234\"]\nbudget = { usd = 0.03, period = \"monthly\" }",
+            1,
+        );
+    let gw = Gateway::try_start_with_env(&priced, &[("TG_ASYNC_SECRET", SECRETS)])
+        .unwrap_or_else(|e| panic!("tollgate did not start: {e}"));
+    // The replica takes a minute per call: one request runs, the other two stay queued.
+    sim.set_predict_fault(None, 60_000);
+    let running = submit(&gw, json!({"model_input": {"n": 0}})).await;
+    status_until(&gw, &running, Duration::from_secs(5), is("IN_PROGRESS")).await;
+    for n in 1..3 {
+        submit(&gw, json!({"model_input": {"n": n}})).await;
+    }
+    let refused = |gw: &Gateway| {
+        call(gw, reqwest::Method::POST, KEY, "/production/async_predict")
+            .json(&json!({"model_input": {"n": 9}}))
+            .send()
+    };
+    assert_eq!(
+        refused(&gw).await.unwrap().status(),
+        402,
+        "the budget is spent"
+    );
+    // After a crash the ledger holds none of the three yet (a request's record is written
+    // when it ends): the budget still counts them.
+    let gw = gw.kill_and_restart();
+    let r = refused(&gw).await.unwrap();
+    assert_eq!(r.status(), 402, "{:?}", r.text().await);
+    let r = call(&gw, reqwest::Method::POST, KEY, "/production/predict")
+        .json(&json!({"sync": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 402, "a sync call is refused too");
+    sim.set_predict_fault(None, 0);
+}
