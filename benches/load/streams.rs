@@ -47,8 +47,14 @@ pub(super) async fn open_streams(
             files.unwrap_or(0)
         ));
     }
-    let gateway = Gateway::start(binary, replicas, Variant::Default, params.gateway_threads, false)
-        .await?;
+    let gateway = Gateway::start(
+        binary,
+        replicas,
+        Variant::Default,
+        params.gateway_threads,
+        false,
+    )
+    .await?;
     let pid = gateway.child.id().ok_or("tollgate exited")?;
     let request = Arc::new(request(gateway.public, params.tokens));
     // Idle: after a few streams, so that what is set up once (pools, metrics, the ledger
