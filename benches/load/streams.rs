@@ -59,8 +59,14 @@ pub(super) async fn open_streams(
     let request = Arc::new(request(gateway.public, params.tokens));
     // Idle: after a few streams, so that what is set up once (pools, metrics, the ledger
     // writer's first transaction) is not counted per stream.
+    let mut warm = JoinSet::new();
     for _ in 0..8 {
-        one_stream(gateway.public, &request, None).await?;
+        let request = request.clone();
+        let public = gateway.public;
+        warm.spawn(async move { one_stream(public, &request, None).await });
+    }
+    while let Some(done) = warm.join_next().await {
+        done.map_err(|e| e.to_string())??;
     }
     sleep(Duration::from_millis(500)).await;
     let idle = rss_kib(pid)?;
