@@ -136,9 +136,7 @@ impl SseFramer {
             // Resume the search where the last one stopped: a long line arriving in small
             // pieces is scanned once, not once per piece.
             let from = self.scanned.max(start);
-            let found = self.buf[from..]
-                .iter()
-                .position(|&b| b == b'\n' || b == b'\r');
+            let found = memchr::memchr2(b'\n', b'\r', &self.buf[from..]);
             let Some(offset) = found else {
                 self.scanned = self.buf.len();
                 if self.event_bytes + (self.buf.len() - start) > self.limit {
