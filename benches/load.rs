@@ -36,6 +36,8 @@ use report::render;
 /// The secret the harness presents to tollgate; its digest goes into the generated config.
 const KEY: &str = "tg-load-harness-key";
 const MODEL: &str = "bench";
+/// The deployed model of the `predict` variant, addressed by path prefix.
+const PREDICT_PATH: &str = "/model/bench1/production/predict";
 /// How long a request may run past the end of the measurement before the harness gives up on
 /// it, so that a stalled proxy cannot keep the run from finishing.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(10);
@@ -76,7 +78,9 @@ struct Params {
     /// none reached), `anthropic` (the same load as Anthropic Messages requests), `tokenizer`
     /// (the model names a `tokenizer.json`: prompts counted exactly), `nginx`
     /// (nginx from `PATH` as a plain reverse proxy, for calibration), `pingora` (Pingora's own
-    /// proxy path with nothing of tollgate's: the floor of a gateway built on Pingora).
+    /// proxy path with nothing of tollgate's: the floor of a gateway built on Pingora),
+    /// `predict` (a deployed model's `/production/predict`, measured against calling the
+    /// replica's predict route directly in a `direct-predict` phase).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "default")]
     variants: Vec<Variant>,
     /// Another tollgate binary (an earlier build) to measure before each variant, in the same
@@ -134,6 +138,12 @@ enum Variant {
     /// Not tollgate: Pingora's own proxy path with nothing of tollgate's
     /// (`floor`), the floor of any gateway built on Pingora.
     Pingora,
+    /// A deployed model's `/production/predict`: the body passed through verbatim, the
+    /// answer relayed as it comes (`--stream`: the replica's chunked generator).
+    Predict,
+    /// `limits` in cluster mode: every limit and the budget counted in a redis-server (from
+    /// `PATH`) that the harness starts on loopback for the phase.
+    Cluster,
 }
 
 impl Variant {
@@ -146,6 +156,8 @@ impl Variant {
             Variant::Tokenizer => "tg-tokenizer",
             Variant::Nginx => "nginx",
             Variant::Pingora => "pingora",
+            Variant::Predict => "tg-predict",
+            Variant::Cluster => "tg-cluster",
         }
     }
 
@@ -261,6 +273,21 @@ async fn run(params: &Params) -> Result<(), String> {
             )
             .await,
         );
+        // The deployed-model surface is compared with the replica's own predict route.
+        if params.variants.contains(&Variant::Predict) {
+            reports.push(
+                measure(
+                    "direct-predict",
+                    params,
+                    Variant::Predict,
+                    &replicas,
+                    &addrs,
+                    None,
+                    None,
+                )
+                .await,
+            );
+        }
     }
     let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
     let mut runs = Vec::new();
@@ -333,7 +360,7 @@ async fn instructions(
     keep: Option<&std::path::Path>,
 ) -> Result<u64, String> {
     let auth = HeaderValue::try_from(format!("Bearer {KEY}")).map_err(|e| e.to_string())?;
-    let payload = Payload::new(params, variant);
+    let payload = Payload::new(params, variant, true);
     let mut totals = [0u64; 2];
     for (total, count) in totals.iter_mut().zip([n, 2 * n]) {
         let gateway = Gateway::start(binary, replicas, variant, 1, true).await?;

@@ -13,6 +13,15 @@ need_cmake() {
     fi
 }
 
+# The cluster-mode tests start real redis-server processes (Debian's redis-server package).
+need_redis() {
+    if ! command -v redis-server >/dev/null 2>&1; then
+        echo "installing redis-server (needed by the cluster-mode tests)…"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    fi
+}
+
 # Python with venv support: Debian's python3 comes without it (python3-venv).
 need_python_venv() {
     if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

@@ -1,19 +1,18 @@
 //! Budget alerts: when a key's spend crosses a threshold, a structured log event, a metric,
-//! a note in the ledger (so a restart never fires it again) and, when configured, a signed
-//! webhook delivered in the background with retries. Nothing here blocks a request.
+//! a note in the ledger (so a restart never fires it again) and, when configured, a webhook
+//! signed as every tollgate webhook is (`webhook.rs`) delivered in the background with retries. Nothing here blocks a request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use serde_json::json;
-use sha2::Sha256;
 
 use crate::account::query::rfc3339;
 use crate::account::Ledger;
 use crate::config::{AlertSettings, Budget, Period};
 use crate::limits::Crossed;
 use crate::metrics::Metrics;
+use crate::webhook;
 
 /// Delivery attempts per alert; waits double from one second between them.
 const ATTEMPTS: u32 = 5;
@@ -77,10 +76,7 @@ impl Alerter {
                 "sent_at": rfc3339(crate::limits::now_ms()),
             })
             .to_string();
-            let signature = settings
-                .webhook_secret
-                .as_ref()
-                .map(|s| sign(s.expose(), &body));
+            let signature = webhook::signature(&settings.webhook_secrets, &body);
             let client = self.client.clone();
             let metrics = self.metrics.clone();
             tokio::spawn(async move { deliver(client, url, body, signature, &metrics).await });
@@ -102,7 +98,7 @@ async fn deliver(
             .header("content-type", "application/json")
             .body(body.clone());
         if let Some(sig) = &signature {
-            req = req.header("x-tollgate-signature", sig);
+            req = req.header(webhook::SIGNATURE_FIELD, sig);
         }
         match req.send().await {
             Ok(r) if r.status().is_success() => return,
@@ -124,31 +120,11 @@ async fn deliver(
     tracing::error!("budget webhook not delivered after {ATTEMPTS} attempts");
 }
 
-/// `sha256=` and the hex HMAC-SHA256 of the body under the shared secret.
-pub fn sign(secret: &str, body: &str) -> String {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(body.as_bytes());
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 pub fn period_name(p: Period) -> &'static str {
     match p {
         Period::Daily => "daily",
         Period::Weekly => "weekly",
         Period::Monthly => "monthly",
         Period::Total => "total",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn signature_is_the_rfc_4231_hmac() {
-        // RFC 4231 test case 2.
-        assert_eq!(
-            super::sign("Jefe", "what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
     }
 }

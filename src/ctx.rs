@@ -45,6 +45,9 @@ pub struct RequestCtx {
     /// predict (target resolved) → account, metrics, logging: the deployed model, deployment
     /// and environment a call reached.
     pub deployed: Option<DeployedCall>,
+    /// predict (async submit) → account: the request's ledger record is written when it
+    /// ends, not now.
+    pub record_later: bool,
     /// respond / forward → logging, metrics. The status the client was sent (499: it left).
     pub status: u16,
     /// respond / forward → logging, metrics. The error code, when the request failed.
@@ -93,6 +96,7 @@ impl RequestCtx {
             headers: Vec::new(),
             outcome: Outcome::default(),
             deployed: None,
+            record_later: false,
             status: 0,
             error: None,
             ledger,
@@ -123,6 +127,7 @@ impl RequestCtx {
             stream: self.stream,
             status: self.status,
             deployed: self.deployed.as_ref(),
+            record_later: self.record_later,
         };
         account::finish(&bill, &self.outcome, ticket, ledger.as_deref())
     }

@@ -1,6 +1,7 @@
 //! The gateway error: every stage's error folded into one type whose HTTP status, error type,
 //! code (also the metric label) and message are each decided by a single `match`.
 
+use crate::async_queue::AsyncError;
 use crate::auth::AuthError;
 use crate::body::BodyError;
 use crate::forward::ForwardError;
@@ -20,6 +21,7 @@ pub enum GatewayError {
     Media(MediaError),
     Forward(ForwardError),
     Deployed(DeployedError),
+    Async(AsyncError),
     /// A limit or budget refused the request.
     Limit {
         err: LimitError,
@@ -64,6 +66,11 @@ impl GatewayError {
             Deployed(DeployedError::PredictTimeout { .. }) => 504,
             Deployed(DeployedError::WakeTimeout { .. }) => 503,
             Deployed(_) => 404,
+            Async(AsyncError::BadField { .. }) => 400,
+            Async(AsyncError::TooLarge { .. }) => 413,
+            Async(AsyncError::CapacityExceeded { .. }) => 429,
+            Async(AsyncError::NotFound { .. } | AsyncError::NoOutput { .. }) => 404,
+            Async(AsyncError::Store { .. } | AsyncError::Unavailable) => 503,
             // Nobody reads it: the client left. Logged as nginx does.
             Forward(ForwardError::ClientGone) => 499,
             Limit {
@@ -78,6 +85,10 @@ impl GatewayError {
                 err: LimitError::Budget { .. },
                 ..
             } => 402,
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => 503,
             UnknownRoute { .. } => 404,
             MethodNotAllowed { .. } => 405,
             MissingHost => 400,
@@ -94,6 +105,9 @@ impl GatewayError {
                 "api_error"
             }
             Deployed(_) => "invalid_request_error",
+            Async(AsyncError::CapacityExceeded { .. }) => "rate_limit_error",
+            Async(AsyncError::Store { .. } | AsyncError::Unavailable) => "api_error",
+            Async(_) => "invalid_request_error",
             Route(RouteError::ModelForbidden { .. }) => "permission_error",
             Forward(ForwardError::QueueFull { .. }) => "rate_limit_error",
             Forward(_) => "api_error",
@@ -109,6 +123,10 @@ impl GatewayError {
                 err: LimitError::TooLarge { .. },
                 ..
             } => "invalid_request_error",
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => "api_error",
             Body(_)
             | Request(_)
             | Route(_)
@@ -152,6 +170,13 @@ impl GatewayError {
             Deployed(DeployedError::Forbidden { .. }) => "model_not_allowed",
             Deployed(DeployedError::PredictTimeout { .. }) => "upstream_timeout",
             Deployed(DeployedError::WakeTimeout { .. }) => "no_healthy_replica",
+            Async(AsyncError::BadField { .. }) => "invalid_async_request",
+            Async(AsyncError::TooLarge { .. }) => "request_too_large",
+            Async(AsyncError::CapacityExceeded { .. }) => "CAPACITY_EXCEEDED",
+            Async(AsyncError::NotFound { .. }) => "async_request_not_found",
+            Async(AsyncError::NoOutput { .. }) => "async_output_not_kept",
+            Async(AsyncError::Store { .. }) => "async_store_error",
+            Async(AsyncError::Unavailable) => "async_unavailable",
             Limit {
                 err:
                     LimitError::Limited {
@@ -192,6 +217,10 @@ impl GatewayError {
                 err: LimitError::Budget { .. },
                 ..
             } => "budget_exceeded",
+            Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => "limits_unavailable",
             UnknownRoute { .. } => "unknown_url",
             MethodNotAllowed { .. } => "method_not_allowed",
             MissingHost => "missing_host",
@@ -276,6 +305,7 @@ impl GatewayError {
                 "No replica of pool '{pool}' had room for this request within {waited_ms} ms of waiting (all busy or unhealthy). Retry after the time in the retry-after header."
             ),
             Deployed(e) => deployed_message(e),
+            Async(e) => async_message(e),
             Limit { err, key_id, model } => limit_message(err, key_id, model),
             UnknownRoute { method, path } => format!(
                 "Unknown request URL: {} {}. The API serves POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens and GET /v1/models.",
@@ -319,9 +349,14 @@ impl GatewayError {
                 err: LimitError::Budget { retry_after, .. },
                 ..
             } => *retry_after,
+            GatewayError::Limit {
+                err: LimitError::Unavailable,
+                ..
+            } => Some(1),
             GatewayError::Forward(ForwardError::NoReplica { .. }) => Some(1),
             GatewayError::Forward(ForwardError::QueueFull { .. }) => Some(1),
             GatewayError::Forward(ForwardError::NoCapacity { .. }) => Some(1),
+            GatewayError::Async(AsyncError::CapacityExceeded { .. }) => Some(1),
             _ => None,
         }
     }
@@ -392,6 +427,7 @@ fn limit_message(err: &LimitError, key_id: &str, model: &str) -> String {
             *spent_nanos as f64 / 1e9,
             *worst_nanos as f64 / 1e9
         ),
+        LimitError::Unavailable => "The limits shared by this gateway's nodes cannot be checked right now (their store does not answer), so the request was not admitted. Retry in a second; if it persists, the operator should check the cluster's Redis.".to_string(),
     }
 }
 
@@ -428,5 +464,30 @@ impl From<DeployedError> for GatewayError {
 impl From<ForwardError> for GatewayError {
     fn from(e: ForwardError) -> Self {
         GatewayError::Forward(e)
+    }
+}
+
+fn async_message(e: &AsyncError) -> String {
+    match e {
+        AsyncError::BadField { message } => format!("{message}. See the async_predict body: model_input, webhook_endpoint, priority (0-2), max_time_in_queue_seconds (10-259200), inference_retry_config."),
+        AsyncError::TooLarge { size, limit } => format!(
+            "payload size of {size} bytes exceeds maximum size of {limit} bytes. Send a smaller model_input, or pass large inputs by URL."
+        ),
+        AsyncError::CapacityExceeded { deployment, max } => format!(
+            "CAPACITY_EXCEEDED: deployment '{}' already queues {max} async requests, the most it takes. Retry later, or wait for queued requests to finish.",
+            echo(deployment)
+        ),
+        AsyncError::NotFound { id } => format!(
+            "No async request '{}' exists for this API key (finished requests are kept for the retention window).",
+            echo(id)
+        ),
+        AsyncError::NoOutput { id, reason } => format!("The output of async request '{}' is not available: {reason}.", echo(id)),
+        AsyncError::Store { detail } => format!("The async queue could not record the request ({detail}). Retry shortly."),
+        AsyncError::Unavailable => "Async predict is not available on this gateway: its queue database could not be opened at start. An operator must check state.dir.".into(),
+    }
+}
+impl From<AsyncError> for GatewayError {
+    fn from(e: AsyncError) -> Self {
+        GatewayError::Async(e)
     }
 }

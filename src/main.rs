@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use tollgate::{account, auth, config, demo, logs, reload, server, sim};
+use tollgate::{account, async_queue, auth, config, demo, logs, reload, server, sim};
 
 /// Every request allocates and frees many small buffers across threads; mimalloc's per-thread
 /// free lists cost a fraction of glibc malloc's arenas there.
@@ -53,6 +53,30 @@ enum Command {
     Usage(UsageArgs),
     /// Run simulated OpenAI-compatible GPU replicas (for tests, benchmarks and trials).
     Sim(SimArgs),
+    /// Read async predict's queue (`async.sqlite` under `state.dir`); safe while tollgate runs.
+    Async {
+        #[command(subcommand)]
+        command: AsyncCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AsyncCommand {
+    /// One line per request: id, status, model, deployment, key, priority, age.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only requests in this status (QUEUED, IN_PROGRESS, SUCCEEDED, …).
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Everything known of one request, as JSON.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The request id.
+        id: String,
+    },
 }
 
 #[derive(Args)]
@@ -85,6 +109,10 @@ struct UsageArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Read these ledger files (or directories of them, such as the state directories of a
+    /// cluster's nodes) and report them as one, instead of the config's ledger.
+    #[arg(long, num_args = 1..)]
+    ledger: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -208,6 +236,7 @@ fn main() -> ExitCode {
         }
         Command::Usage(args) => usage(args),
         Command::Sim(args) => run_sim(args),
+        Command::Async { command } => async_command(command),
     }
 }
 
@@ -268,7 +297,13 @@ fn usage(args: UsageArgs) -> ExitCode {
 /// the admin API's answer with every page's rows in `data`.
 fn print_usage(args: &UsageArgs) -> Result<(), String> {
     use std::io::Write;
-    let state = config::load_state(&args.config.config).map_err(|e| e.to_string())?;
+    let ledgers = match args.ledger.is_empty() {
+        true => {
+            let state = config::load_state(&args.config.config).map_err(|e| e.to_string())?;
+            vec![state.dir.join(account::ledger::FILE_NAME)]
+        }
+        false => account::many::ledger_files(&args.ledger)?,
+    };
     let mut query = String::new();
     for (name, value) in [("from", &args.from), ("to", &args.to)] {
         if let Some(v) = value {
@@ -281,13 +316,15 @@ fn print_usage(args: &UsageArgs) -> Result<(), String> {
     query.push_str(&format!("bucket={}&by={}", args.bucket, args.by.join(",")));
     let now = chrono::Utc::now().timestamp_millis();
     let mut q = tollgate::admin::usage_query(&query, now)?;
-    let path = state.dir.join(account::ledger::FILE_NAME);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = |e: std::io::Error| format!("cannot write the report: {e}");
     let (mut first_page, mut first_row) = (true, true);
     loop {
         // A report refused as too large is refused before anything is printed.
-        let page = account::query::run(&path, &q)?;
+        let page = match ledgers.as_slice() {
+            [one] => account::query::run(one, &q)?,
+            many => account::many::run(many, &q)?,
+        };
         if first_page {
             first_page = false;
             if args.json {
@@ -354,4 +391,66 @@ fn print_usage(args: &UsageArgs) -> Result<(), String> {
 fn fail(message: &str) -> ExitCode {
     eprintln!("tollgate: {message}");
     ExitCode::FAILURE
+}
+
+fn async_command(command: AsyncCommand) -> ExitCode {
+    let (config_path, filter, id) = match &command {
+        AsyncCommand::List { config, status } => (&config.config, status.clone(), None),
+        AsyncCommand::Show { config, id } => (&config.config, None, Some(id.clone())),
+    };
+    let run = || -> Result<(), String> {
+        let state = config::load_state(config_path).map_err(|e| e.to_string())?;
+        let jobs = async_queue::read_all(&state.dir)?;
+        if let Some(id) = id {
+            let job = jobs
+                .iter()
+                .find(|j| j.id == id)
+                .ok_or_else(|| format!("no async request {id:?} in {}", state.dir.display()))?;
+            let mut v = job.status_json();
+            v["key_id"] = job.key_id.clone().into();
+            v["priority"] = job.priority.into();
+            v["attempts"] = job.attempts.into();
+            v["retry"] = job.retry.describe().into();
+            v["expires_at"] = async_queue::rfc3339(job.expires_ms).into();
+            v["started_at"] = job.started_ms.map(async_queue::rfc3339).into();
+            v["output_kept"] = job.has_output.into();
+            // The host only: a webhook URL's path or query may carry a token.
+            v["webhook_host"] = job
+                .webhook
+                .as_deref()
+                .and_then(|u| url::Url::parse(u).ok())
+                .and_then(|u| u.host_str().map(str::to_string))
+                .into();
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            return Ok(());
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        println!(
+            "{:<32}  {:<14}  {:<12}  {:<12}  {:<12}  {:>3}  {:>8}",
+            "REQUEST", "STATUS", "MODEL", "DEPLOYMENT", "KEY", "PRI", "AGE_S"
+        );
+        for j in &jobs {
+            if filter
+                .as_deref()
+                .is_some_and(|f| !f.eq_ignore_ascii_case(j.status.as_str()))
+            {
+                continue;
+            }
+            println!(
+                "{:<32}  {:<14}  {:<12}  {:<12}  {:<12}  {:>3}  {:>8}",
+                j.id,
+                j.status.as_str(),
+                j.model,
+                j.deployment,
+                j.key_id,
+                j.priority,
+                (now - j.created_ms) / 1000
+            );
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
 }

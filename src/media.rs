@@ -177,6 +177,14 @@ async fn resolves_public(name: &str, port: u16, deadline: Instant) -> Result<(),
     Ok(())
 }
 
+/// What `ip` is when it is not a public unicast address (`None`: public).
+pub fn non_public(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) => v4_kind(a),
+        IpAddr::V6(a) => v6_kind(a),
+    }
+}
+
 /// `Err` with what `ip` is when it is not a public unicast address.
 fn refuse_ip(ip: IpAddr) -> Result<(), String> {
     let kind = match ip {

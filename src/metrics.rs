@@ -38,6 +38,8 @@ pub struct Metrics {
     ledger_queue: IntGauge,
     ledger_dropped: IntCounter,
     ledger_write_errors: IntCounter,
+    cluster_up: IntGauge,
+    cluster_fallback: IntCounter,
     fleet: FleetMeters,
     replica_up: IntGaugeVec,
     queue_wait: HistogramVec,
@@ -207,6 +209,16 @@ impl Metrics {
             "Usage records lost: queue full, or still unwritable at shutdown.",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let cluster_up = IntGauge::new(
+            "tollgate_cluster_redis_up",
+            "Cluster mode: 1 while Redis answers in time, 0 while this node decides without it.",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let cluster_fallback = IntCounter::new(
+            "tollgate_cluster_fallback_total",
+            "Cluster mode: requests decided without Redis (counted on this node, or refused).",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         let ledger_write_errors = IntCounter::new(
             "tollgate_ledger_write_errors_total",
             "Failed ledger writes (full or unwritable disk); the batch is retried.",
@@ -292,6 +304,8 @@ impl Metrics {
             Box::new(ledger_queue.clone()),
             Box::new(ledger_dropped.clone()),
             Box::new(ledger_write_errors.clone()),
+            Box::new(cluster_up.clone()),
+            Box::new(cluster_fallback.clone()),
         ] {
             registry
                 .register(c)
@@ -320,6 +334,8 @@ impl Metrics {
             ledger_queue,
             ledger_dropped,
             ledger_write_errors,
+            cluster_up,
+            cluster_fallback,
             fleet,
             replica_up,
             queue_wait,
@@ -328,6 +344,13 @@ impl Metrics {
     }
 
     /// The fleet's metric families, for the router to label.
+    /// Registers metrics defined beside the stage they observe (async predict's).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric not registered");
+        }
+    }
+
     pub fn fleet(&self) -> &FleetMeters {
         &self.fleet
     }
@@ -416,6 +439,13 @@ impl Metrics {
     }
 
     /// The ledger's handles (queue depth, drops, write errors).
+    pub fn cluster_meters(&self) -> crate::limits::shared::ClusterMeters {
+        crate::limits::shared::ClusterMeters {
+            up: self.cluster_up.clone(),
+            fallback: self.cluster_fallback.clone(),
+        }
+    }
+
     pub fn ledger_meters(&self) -> LedgerMeters {
         LedgerMeters {
             queue: self.ledger_queue.clone(),

@@ -31,6 +31,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::account::Ledger;
 use crate::alerts::Alerter;
+use crate::async_queue::AsyncQueue;
 use crate::config::{Key, Model, Policy, Pool, PromptRules, Snapshot};
 use crate::ctx::{InFlight, RequestCtx};
 use crate::error::GatewayError;
@@ -50,6 +51,8 @@ pub struct Gateway {
     ledger: Option<Arc<Ledger>>,
     alerter: Alerter,
     waker: crate::wake::Waker,
+    /// Async predict's queue; `None` when its database could not be opened.
+    queue: Option<Arc<AsyncQueue>>,
 }
 
 impl Gateway {
@@ -57,6 +60,7 @@ impl Gateway {
         runtime: Arc<ArcSwap<Runtime>>,
         metrics: Arc<Metrics>,
         ledger: Option<Arc<Ledger>>,
+        queue: Option<Arc<AsyncQueue>>,
     ) -> Self {
         Gateway {
             runtime,
@@ -65,6 +69,7 @@ impl Gateway {
             waker: crate::wake::Waker::new(metrics.clone()),
             metrics,
             ledger,
+            queue,
         }
     }
 }
@@ -110,7 +115,8 @@ impl ProxyHttp for Gateway {
             Endpoint::CountTokens => count_tokens(session, ctx, &runtime).await,
             Endpoint::Models | Endpoint::Model => models(session, ctx, &runtime).await,
             Endpoint::Predict => {
-                predict::serve(&self.upstream, &self.waker, session, ctx, &runtime).await
+                let queue = self.queue.as_deref();
+                predict::serve(&self.upstream, &self.waker, queue, session, ctx, &runtime).await
             }
             Endpoint::Unknown => Err(unknown_route(session)),
         };
@@ -206,7 +212,7 @@ impl Gateway {
         vet_media(&model, &request).await?;
         let affinity = route::session_id(&session.req_header().headers)?.cloned();
         count_prompt(ctx, &model, &mut request, bytes.len()).await;
-        admit(ctx, runtime, &key, &model, &mut request)?;
+        admit(ctx, runtime, &key, &model, &mut request).await?;
         let prompt = u64::from(ctx.input_estimate);
         let (body, plan) = request.into_upstream(&model, prompt, vocab::message_id);
         let placement = place(ctx, &snapshot.pools[model.pool], affinity, &body);
@@ -343,7 +349,7 @@ async fn count_prompt(
 
 /// Stage "admit": the output cap, and the request's worst case reserved against the key's
 /// and the model's limits and budget (settled by `account`). See `limits::admission`.
-fn admit(
+async fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
     key: &Key,
@@ -356,7 +362,7 @@ fn admit(
         choices: request.choices(),
         started_ms: ctx.started_ms(),
     };
-    match limits::admit_request(&runtime.limits, key, model, ask) {
+    match limits::admit_request_shared(&runtime.limits, key, model, ask).await {
         Ok(admission) => {
             ctx.ticket = admission.ticket;
             ctx.headers = admission.headers;

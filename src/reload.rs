@@ -90,6 +90,7 @@ struct AtStart {
     state_dir: PathBuf,
     ledger: bool,
     grace_period: Duration,
+    cluster: Option<crate::config::ClusterSettings>,
 }
 
 impl AtStart {
@@ -101,6 +102,7 @@ impl AtStart {
             state_dir: s.state.dir.clone(),
             ledger: s.state.ledger,
             grace_period: s.server.grace_period,
+            cluster: s.cluster.clone(),
         }
     }
 
@@ -121,6 +123,9 @@ impl AtStart {
         }
         if fresh.state_dir != self.state_dir || fresh.ledger != self.ledger {
             names.push("state");
+        }
+        if fresh.cluster != self.cluster {
+            names.push("cluster");
         }
         names
     }

@@ -33,6 +33,30 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Each budget's spend in its current period as this node counts it, and the
+    /// thresholds fired: what seeds Redis when it holds none (cluster mode).
+    pub fn budget_spends(&self) -> Vec<(std::sync::Arc<str>, i64, u64, Vec<f64>)> {
+        let now = limits::now_ms();
+        self.config
+            .keys()
+            .filter_map(|key| {
+                let budget = key.budget.as_ref()?;
+                let spend =
+                    self.limits
+                        .key(&key.id)?
+                        .spend(Some(budget), now, self.limits.generation);
+                let fired = budget
+                    .alert_at
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| spend.alerted & (1 << i) != 0)
+                    .map(|(_, t)| *t)
+                    .collect();
+                Some((key.id.clone(), spend.period_start, spend.spent, fired))
+            })
+            .collect()
+    }
+
     /// Makes this runtime the one whose health checks run, after it was stored as the one
     /// in use; `previous`'s stop (a reload).
     pub fn take_over(&self, previous: Option<&Runtime>) {

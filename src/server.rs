@@ -17,8 +17,12 @@ use pingora::services::{ServiceReadyNotifier, ServiceWithDependents};
 
 use crate::account::Ledger;
 use crate::admin::Admin;
+use crate::alerts::Alerter;
+use crate::async_queue::AsyncQueue;
 use crate::config::Snapshot;
 use crate::conn::Clients;
+use crate::dispatch::{self, Dispatcher};
+use crate::limits::shared::{OnCrossed, Shared};
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::{ConfigFile, ReloadTriggers, Reloader};
@@ -57,11 +61,29 @@ pub fn run(
         )?)),
         false => None,
     };
-    let runtime = Runtime::new(snapshot, None, &metrics);
+    let mut runtime = Runtime::new(snapshot, None, &metrics);
     if let Some(ledger) = &ledger {
         runtime.seed_budgets(ledger, None)?;
     }
+    // Async predict's queue, when a deployed model exists at start (a restart, not a reload,
+    // turns it on).
+    let queue = match runtime.config.deployed_models.is_empty() {
+        true => None,
+        false => Some(Arc::new(AsyncQueue::open(
+            &runtime.config.state.dir,
+            crate::limits::now_ms(),
+        )?)),
+    };
+    if let Some(settings) = runtime.config.cluster.clone() {
+        let shared = Shared::start(settings, metrics.cluster_meters())?;
+        shared.track(&runtime.config);
+        runtime.limits.shared = Some(shared);
+    }
     let runtime = Arc::new(ArcSwap::from_pointee(runtime));
+    if let Some(shared) = &runtime.load().limits.shared {
+        let current = runtime.clone();
+        shared.begin(Box::new(move || current.load().budget_spends()));
+    }
     runtime.load().take_over(None);
     let reloader = config_file.map(|file| {
         Arc::new(Reloader::new(
@@ -72,6 +94,10 @@ pub fn run(
         ))
     });
 
+    if let Some(shared) = &runtime.load().limits.shared {
+        shared.on_crossed(alert_hook(runtime.clone(), metrics.clone(), ledger.clone()));
+    }
+
     let sockets = server.add_service(Sockets {
         fds: vec![
             (public.0.to_string(), public.1),
@@ -79,7 +105,12 @@ pub fn run(
         ],
     });
     // Pingora's proxy, under tollgate's keep-alive loop: each request head has a deadline.
-    let gateway = Gateway::new(runtime.clone(), metrics.clone(), ledger.clone());
+    let gateway = Gateway::new(
+        runtime.clone(),
+        metrics.clone(),
+        ledger.clone(),
+        queue.clone(),
+    );
     let mut proxy = ListeningService::new(
         "tollgate".into(),
         Clients::new(
@@ -119,6 +150,13 @@ pub fn run(
         ));
     }
 
+    if let Some(queue) = queue {
+        let dispatcher = Dispatcher::new(runtime.clone(), queue, ledger.clone(), &metrics);
+        let mut service = background_service("tollgate async", dispatch::Service(dispatcher));
+        service.threads = Some(1);
+        server.add_service(service);
+    }
+
     on_ready(bound);
     server.run(RunArgs::default());
     // Every request has finished or been cut; the cut ones hand their records as the workers
@@ -137,6 +175,26 @@ pub fn run(
 
 /// How long the exit waits for the records of requests cut at shutdown.
 const IDLE_AT_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Alerts of budgets shared in Redis: the cluster reports each threshold once, to the node
+/// whose settlement crossed it.
+fn alert_hook(
+    runtime: Arc<ArcSwap<Runtime>>,
+    metrics: Arc<Metrics>,
+    ledger: Option<Arc<Ledger>>,
+) -> OnCrossed {
+    let alerter = Alerter::new(metrics, ledger);
+    Box::new(move |key_id, crossed| {
+        let runtime = runtime.load();
+        if let Some(budget) = runtime
+            .config
+            .key_by_id(key_id)
+            .and_then(|k| k.budget.as_ref())
+        {
+            alerter.fire(&runtime.config.alerts, key_id, budget, crossed);
+        }
+    })
+}
 
 fn server_conf(snapshot: &Snapshot) -> ServerConf {
     let pid = std::process::id();

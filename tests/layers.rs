@@ -24,14 +24,20 @@ const RANKS: &[(&str, u32)] = &[
     ("forward", 15),
     ("account", 16),
     ("metrics", 17),
+    // The signature and delivery every outbound webhook shares.
+    ("webhook", 17),
     ("alerts", 18),
     // Deployed models' wake actions: like alerts, outbound work off the request path.
     ("wake", 18),
+    // Async predict's queue, store and result webhooks: outbound work off the request path.
+    ("async_queue", 18),
     // Orchestration: the only layer that knows the request context or writes responses.
     ("logs", 20),
     ("error", 20),
     ("runtime", 20),
     ("respond", 21),
+    // Async predict's dispatcher: reads the runtime, runs queued requests off any request.
+    ("dispatch", 21),
     ("ctx", 21),
     ("access_log", 22),
     ("conn", 22),

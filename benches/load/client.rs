@@ -31,6 +31,7 @@ use super::report::Report;
 use super::Params;
 use super::Variant;
 use super::MODEL;
+use super::PREDICT_PATH;
 use super::STRAGGLER_GRACE;
 
 /// What one connection saw.
@@ -77,6 +78,8 @@ pub(super) struct Payload {
     pub(super) path: &'static str,
     pub(super) body: Bytes,
     pub(super) stream_end: Option<&'static [u8]>,
+    /// Headers beyond the usual ones: what a predict request asks of the simulated replica.
+    pub(super) headers: Vec<(&'static str, HeaderValue)>,
 }
 
 /// What `--prompt-words` repeats: English with some code and numbers.
@@ -85,8 +88,12 @@ const PROSE: &str = "The quick brown fox jumps over the lazy dog while fn main()
      request costs what it does.";
 
 impl Payload {
-    /// The request of `variant`: a chat completion, or an Anthropic message.
-    pub(super) fn new(params: &Params, variant: Variant) -> Payload {
+    /// The request of `variant`: a chat completion, an Anthropic message, or a deployed
+    /// model's predict call, addressed to tollgate or, `direct`, to the replica itself.
+    pub(super) fn new(params: &Params, variant: Variant, proxied: bool) -> Payload {
+        if variant == Variant::Predict {
+            return Payload::predict(params, proxied);
+        }
         let content = match params.prompt_words {
             0 => "Hello".to_string(),
             n => PROSE
@@ -115,6 +122,30 @@ impl Payload {
             path,
             body: Bytes::from(body.to_string()),
             stream_end: params.stream.then_some(stream_end),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A Truss-style predict call: a JSON body the replica echoes, or with `--stream` its
+    /// chunked generator of `--tokens` chunks.
+    fn predict(params: &Params, proxied: bool) -> Payload {
+        let path = match proxied {
+            true => PREDICT_PATH,
+            false => "/v1/models/model:predict",
+        };
+        let body = serde_json::json!({"prompt": "Hello", "max_new_tokens": params.tokens});
+        let mut headers = Vec::new();
+        let mut stream_end = None;
+        if params.stream {
+            headers.push(("x-sim-stream", HeaderValue::from(params.tokens)));
+            let last = format!("chunk {}\n", params.tokens - 1);
+            stream_end = Some(&*Box::leak(last.into_bytes().into_boxed_slice()));
+        }
+        Payload {
+            path,
+            body: Bytes::from(body.to_string()),
+            stream_end,
+            headers,
         }
     }
 }
@@ -138,6 +169,9 @@ impl Job {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         if let Some(auth) = auth {
             headers.insert(AUTHORIZATION, auth.clone());
+        }
+        for (name, value) in &payload.headers {
+            headers.insert(*name, value.clone());
         }
         Job {
             measure_from,
@@ -169,14 +203,15 @@ pub(super) async fn measure(
 ) -> Report {
     let upstream =
         |count: fn(&SimStats) -> u64| -> u64 { replicas.iter().map(|r| count(&r.stats())).sum() };
-    let requests_before = upstream(SimStats::requests);
+    let calls = |s: &SimStats| s.requests() + s.predictions();
+    let requests_before = upstream(calls);
     let connections_before = upstream(SimStats::connections);
 
     let measure_from = Instant::now() + params.warmup;
     let end = measure_from + params.duration;
     let cpu = tokio::spawn(sample_cpu(measure_from, end, tollgate_pid));
     let mut tasks = JoinSet::new();
-    let payload = Payload::new(params, variant);
+    let payload = Payload::new(params, variant, auth.is_some());
     for i in 0..usize::from(params.connections) {
         let target = targets[i % targets.len()];
         let job = Job::new(&payload, target, auth.as_ref(), measure_from, end);
@@ -192,7 +227,7 @@ pub(super) async fn measure(
         name,
         tally,
         measured: params.duration,
-        upstream_requests: upstream(SimStats::requests) - requests_before,
+        upstream_requests: upstream(calls) - requests_before,
         upstream_connections: upstream(SimStats::connections) - connections_before,
         cpu,
     }

@@ -19,6 +19,8 @@ pub(super) struct Gateway {
     pub(super) child: Child,
     pub(super) public: SocketAddr,
     pub(super) dir: tempfile::TempDir,
+    /// The `cluster` variant's redis-server, killed with the phase.
+    pub(super) redis: Option<Child>,
 }
 
 impl Gateway {
@@ -37,8 +39,24 @@ impl Gateway {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let list: Vec<String> = replicas.iter().map(|a| format!("\"{a}\"")).collect();
         // Limits high enough never to refuse: the cost of checking them is what is measured.
+        let (redis, cluster) = match variant {
+            // A generous timeout: what is measured is the Redis path, not a fallback that
+            // a loaded machine's scheduling delays would trigger.
+            Variant::Cluster => {
+                let (child, port) = redis(dir.path()).await?;
+                (
+                    Some(child),
+                    format!(
+                        "[cluster]\nredis_url = \"redis://127.0.0.1:{port}/0\"\n\
+                         node_id = \"bench\"\non_redis_down = \"reject\"\n\
+                         timeout_ms = 1000\n\n"
+                    ),
+                )
+            }
+            _ => (None, String::new()),
+        };
         let limits = match variant {
-            Variant::Limits => {
+            Variant::Limits | Variant::Cluster => {
                 "rpm = 1000000000\ntpm = 1000000000000\nmax_concurrent = 100000\n\
                  budget = { usd = 1000000000.0, period = \"monthly\" }\n"
             }
@@ -52,13 +70,17 @@ impl Gateway {
             _ => String::new(),
         };
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nthreads = {threads}\n\n\
+            "{cluster}[server]\nlisten = \"127.0.0.1:0\"\nthreads = {threads}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [state]\ndir = {:?}\nledger = {}\n\n\
              [[pools]]\nname = \"bench\"\nreplicas = [{}]\n\n\
              [[models]]\nslug = \"{MODEL}\"\npool = \"bench\"\n\
              price = {{ input_per_mtok = 0.5, output_per_mtok = 1.5 }}\n{tokenizer}\n\
-             [[keys]]\nid = \"bench\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n{limits}",
+             [[deployed_models]]\nid = \"bench1\"\nname = \"bench predict\"\n\
+             environments = {{ production = \"dep-bench\" }}\n\n\
+             [[deployed_models.deployments]]\nid = \"dep-bench\"\npool = \"bench\"\n\n\
+             [[keys]]\nid = \"bench\"\nsha256 = \"{}\"\nmodels = [\"*\"]\n\
+             deployed_models = [\"bench1\"]\n{limits}",
             dir.path().join("state"),
             variant != Variant::NoLedger,
             list.join(", "),
@@ -93,6 +115,7 @@ impl Gateway {
             child,
             public: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
+            redis,
         };
         let public = line
             .split_whitespace()
@@ -183,9 +206,14 @@ impl Gateway {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start nginx (is it installed?): {e}"))?;
-        Gateway { child, public, dir }
-            .listening("nginx", Duration::from_secs(5))
-            .await
+        Gateway {
+            child,
+            public,
+            dir,
+            redis: None,
+        }
+        .listening("nginx", Duration::from_secs(5))
+        .await
     }
 
     /// The Pingora floor (`floor`, this harness's binary) with `threads` workers, on a port
@@ -213,9 +241,14 @@ impl Gateway {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         let patience = Duration::from_secs(if callgrind { 300 } else { 5 });
-        Gateway { child, public, dir }
-            .listening("the Pingora floor", patience)
-            .await
+        Gateway {
+            child,
+            public,
+            dir,
+            redis: None,
+        }
+        .listening("the Pingora floor", patience)
+        .await
     }
 
     /// Waits until the proxy, which prints no ready line, accepts connections.
@@ -252,6 +285,41 @@ impl Gateway {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         }
         let _ = self.child.kill().await;
+        if let Some(mut redis) = self.redis.take() {
+            let _ = redis.kill().await;
+        }
+    }
+}
+
+/// A redis-server on a free loopback port, persistence off, answering PING.
+async fn redis(dir: &std::path::Path) -> Result<(Child, u16), String> {
+    let port = free_port()?.port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start redis-server (is it installed?): {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 7];
+            if s.write_all(b"PING\r\n").await.is_ok()
+                && s.read_exact(&mut buf).await.is_ok()
+                && &buf == b"+PONG\r\n"
+            {
+                return Ok((child, port));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("redis-server did not answer on port {port}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -42,13 +42,13 @@ pub(super) fn render(reports: &[Report]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<13} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "{:<14} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "phase", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
     );
     for r in reports {
         let _ = writeln!(
             out,
-            "{:<13} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+            "{:<14} {:>10.1} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7}",
             r.name,
             r.rate(),
             r.ms(50.0),
@@ -58,12 +58,22 @@ pub(super) fn render(reports: &[Report]) -> String {
             r.tally.errors,
         );
     }
-    if let [direct, rest @ ..] = reports {
-        for tollgate in rest.iter().filter(|_| direct.name == "direct") {
+    // Each phase against calling the replicas directly with the same request: predict
+    // phases against `direct-predict`, the others against `direct`.
+    let direct_of = |name: &str| {
+        let wanted = match name.ends_with("tg-predict") {
+            true => "direct-predict",
+            false => "direct",
+        };
+        reports.iter().find(|r| r.name == wanted)
+    };
+    for tollgate in reports.iter().filter(|r| !r.name.starts_with("direct")) {
+        if let Some(direct) = direct_of(tollgate.name) {
             let _ = writeln!(
                 out,
-                "{}/direct throughput {:.2}x; added latency p50 {:+.3} ms, p99 {:+.3} ms",
+                "{}/{} throughput {:.2}x; added latency p50 {:+.3} ms, p99 {:+.3} ms",
                 tollgate.name,
+                direct.name,
                 tollgate.rate() / direct.rate(),
                 tollgate.ms(50.0) - direct.ms(50.0),
                 tollgate.ms(99.0) - direct.ms(99.0),

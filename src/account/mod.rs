@@ -2,6 +2,7 @@
 //! queryable by key, model and time bucket.
 
 pub mod ledger;
+pub mod many;
 pub mod page;
 pub mod query;
 pub mod record;
@@ -39,6 +40,9 @@ pub struct Bill<'a> {
     pub status: u16,
     /// A deployed model's call.
     pub deployed: Option<&'a DeployedCall>,
+    /// An async submit: settled (charged) now, its one ledger record written when the request
+    /// ends (`async_queue::ledger_record`).
+    pub record_later: bool,
 }
 
 /// Which deployed model, deployment and environment a call reached (written by the predict
@@ -165,7 +169,7 @@ fn record(
     settled: &Settled,
     admitted: bool,
 ) -> Option<UsageRecord> {
-    if !bill.endpoint.is_billable() || !(admitted || outcome.sent) {
+    if bill.record_later || !bill.endpoint.is_billable() || !(admitted || outcome.sent) {
         return None;
     }
     let deployed = bill.deployed.map(|call| DeployedUse {
@@ -240,6 +244,7 @@ mod tests {
             stream,
             status,
             deployed: None,
+            record_later: false,
         };
         let outcome = Outcome {
             sent: true,

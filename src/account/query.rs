@@ -148,9 +148,6 @@ type Group<'a> = (i64, &'a Option<String>, &'a Option<String>);
 /// all is refused, saying how to narrow it. Only the page's buckets are summed, so a page
 /// costs memory for its own rows and the list of groups, whatever the report's size.
 pub fn run(path: &Path, q: &UsageQuery) -> Result<Page, String> {
-    let (from, to) = q.range()?;
-    let b = q.bucket.millis();
-    let buckets = ((to - from) / b) as u64;
     let conn = match path.exists() {
         true => Some(
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -158,6 +155,14 @@ pub fn run(path: &Path, q: &UsageQuery) -> Result<Page, String> {
         ),
         false => None,
     };
+    run_on(conn, q)
+}
+
+/// `run` on an open connection whose `usage` is the ledger (or several, `many`).
+pub fn run_on(conn: Option<Connection>, q: &UsageQuery) -> Result<Page, String> {
+    let (from, to) = q.range()?;
+    let b = q.bucket.millis();
+    let buckets = ((to - from) / b) as u64;
     // Enough groups to tell a report past the bound, and no more.
     let most = (MAX_ROWS / buckets.max(1)) as usize;
     let mut groups = match &conn {

@@ -121,10 +121,10 @@ pub(super) fn alert_settings(
             Some(url.clone())
         }
     };
-    let webhook_secret = match &a.webhook_secret_env {
-        None => None,
-        Some(var) => match std::env::var(var.get_ref()) {
-            Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+    let webhook_secrets = match &a.webhook_secret_env {
+        None => Vec::new(),
+        Some(var) => match std::env::var(var.get_ref()).map(|v| super::secrets_of(&v)) {
+            Ok(v) if !v.is_empty() => v,
             _ => {
                 return src.err(
                     var.span(),
@@ -136,6 +136,6 @@ pub(super) fn alert_settings(
     };
     Ok(AlertSettings {
         webhook_url,
-        webhook_secret,
+        webhook_secrets,
     })
 }

@@ -2,6 +2,8 @@
 //!
 //! One function, [`load`], serves startup, `tollgate check` and (later) reload.
 
+mod asynchronous;
+mod cluster;
 mod deployed;
 mod fleet;
 mod guard;
@@ -14,6 +16,8 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use asynchronous::{secrets_of, AsyncSettings};
+pub use cluster::{ClusterSettings, OnRedisDown};
 pub use deployed::{
     is_model_id, DeployedModel, Deployment, Wake, WakeAction, DEFAULT_PREDICT_PATH,
 };

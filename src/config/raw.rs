@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub alerts: RawAlerts,
+    #[serde(default, rename = "async")]
+    pub asynchronous: super::asynchronous::RawAsync,
     #[serde(default)]
     pub pools: Vec<RawPool>,
     #[serde(default)]
@@ -29,6 +31,7 @@ pub struct RawConfig {
     pub keys: Vec<RawKey>,
     #[serde(default)]
     pub deployed_models: Vec<super::deployed::RawDeployedModel>,
+    pub cluster: Option<super::cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]

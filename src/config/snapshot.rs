@@ -19,6 +19,8 @@ pub struct Snapshot {
     pub admin: AdminSettings,
     pub state: StateSettings,
     pub alerts: AlertSettings,
+    /// `[async]`: async predict's queue and result webhooks.
+    pub asynchronous: super::AsyncSettings,
     pub pools: Vec<Pool>,
     /// In file order, which is the catalog order.
     pub models: Vec<Arc<Model>>,
@@ -27,6 +29,8 @@ pub struct Snapshot {
     /// Models deployed on replicas of their own, in file order.
     pub deployed_models: Vec<Arc<super::DeployedModel>>,
     pub(super) deployed_index: HashMap<String, usize>,
+    /// `[cluster]`: limits and budgets shared through Redis; `None` counts in process.
+    pub cluster: Option<super::ClusterSettings>,
 }
 
 impl Snapshot {
@@ -107,7 +111,8 @@ pub struct StateSettings {
 pub struct AlertSettings {
     /// Budget alerts are POSTed here as JSON, signed with HMAC-SHA256 when a secret is set.
     pub webhook_url: Option<String>,
-    pub webhook_secret: Option<Secret>,
+    /// One or several (comma-separated in the variable, while rotating).
+    pub webhook_secrets: Vec<Secret>,
 }
 
 /// Optional request, token and concurrency limits (per key, or per model across keys).

@@ -113,6 +113,8 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let state = state(&raw.state, src)?;
 
     let alerts = alert_settings(src, &raw.alerts)?;
+    let asynchronous = super::asynchronous::async_settings(src, &raw.asynchronous)?;
+    let cluster = super::cluster::cluster(raw.cluster.as_ref(), src)?;
 
     let mut pools = Vec::with_capacity(raw.pools.len());
     let mut pool_index = HashMap::new();
@@ -180,12 +182,14 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
         admin,
         state,
         alerts,
+        asynchronous,
         pools,
         models,
         model_index,
         keys,
         deployed_models,
         deployed_index,
+        cluster,
     })
 }
 

@@ -6,6 +6,7 @@
 //! relayed) goes into one [`Outcome`], and nothing else of the request is touched: proxy.rs
 //! hands the outcome to accounting.
 
+mod call;
 pub mod h1;
 mod observe;
 mod pass;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+pub use call::{Answer, Call};
 use h1::{Conn, Head};
 pub use pass::{forwarded_fields, Pass, PassError};
 use pingora::connectors::TransportConnector;
@@ -251,6 +253,10 @@ impl Upstream {
                 if up.reusable() {
                     lease.replica().keep(up.into_stream());
                 }
+                // The replica is done with the request: its slot is free before the client
+                // reads the end, so the client's next request (the next turn of the same
+                // conversation, under `affinity`) never finds this one still counted.
+                drop(lease);
                 relay::deliver(session, header, tail).await
             }
         }

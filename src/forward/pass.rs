@@ -17,7 +17,7 @@ use super::h1::{Conn, Head};
 use super::{client_gone, failed_in, ForwardError, Outcome, Relayed, Upstream};
 use crate::body::{BodyError, Upload};
 use crate::config::{BodyPace, Pool};
-use crate::route::{Placement, PoolRoute};
+use crate::route::{Lease, Placement, PoolRoute};
 use crate::vocab;
 
 /// What to pass on.
@@ -155,7 +155,7 @@ impl Upstream {
             )
             .await?,
         );
-        let (mut up, lease, head) = loop {
+        let (up, lease, head) = loop {
             let Some(lease) = next.take() else {
                 return Err(ForwardError::Unreachable {
                     attempts: out.attempts.len() as u32,
@@ -202,12 +202,7 @@ impl Upstream {
         };
         out.first_byte = Some(p.started.elapsed());
         out.upstream_status = head.status.as_u16();
-        let relayed = relay(session, &p, &mut up, head, out).await?;
-        if up.reusable() {
-            lease.replica().keep(up.into_stream());
-        }
-        drop(lease);
-        Ok(relayed)
+        relay(session, &p, Answering { conn: up, lease }, head, out).await
     }
 }
 
@@ -302,13 +297,31 @@ async fn wait_head(
 
 /// The replica's answer as it arrives: its status and fields (hop-by-hop ones aside, and
 /// tollgate's request id added), then each piece of its body.
+/// The replica's connection and its slot, held until its answer is read to the end.
+struct Answering {
+    conn: Conn,
+    lease: Lease,
+}
+
+impl Answering {
+    /// The answer is read whole: the connection goes back to the replica's idle pool and the
+    /// slot is released, before the client gets the last bytes, so the client's next
+    /// request finds both free.
+    fn release(self) {
+        if self.conn.reusable() {
+            self.lease.replica().keep(self.conn.into_stream());
+        }
+    }
+}
+
 async fn relay(
     session: &mut Session,
     p: &Pass<'_>,
-    up: &mut Conn,
+    upstream: Answering,
     head: Head,
     out: &mut Outcome,
 ) -> Result<Relayed, PassError> {
+    let mut upstream = Some(upstream);
     let connection = connection_names(&head.headers);
     let mut fields = HeaderMap::with_capacity(head.headers.len() + 3);
     for (name, value) in &head.headers {
@@ -338,9 +351,12 @@ async fn relay(
         return Err(ForwardError::ClientGone.into());
     }
     if bodiless {
+        if let Some(u) = upstream.take() {
+            u.release();
+        }
         return Ok(Relayed::Complete);
     }
-    loop {
+    while let Some(up) = upstream.as_mut().map(|u| &mut u.conn) {
         // Biased: the end of an answer the client already has whole (its last bytes were
         // the Content-Length's) is not a departure, however soon the client then leaves.
         let read = tokio::select! {
@@ -362,15 +378,23 @@ async fn relay(
                 return Ok(Relayed::Cut);
             }
         };
-        let end = chunk.is_none();
+        let end = chunk.is_none() || up.complete();
         if let Some(c) = &chunk {
             out.bytes_out += c.len() as u64;
         }
-        if session.write_response_body(chunk, end).await.is_err() {
+        if end {
+            if let Some(u) = upstream.take() {
+                u.release();
+            }
+        }
+        if let Some(c) = chunk {
+            if session.write_response_body(Some(c), false).await.is_err() {
+                return Err(ForwardError::ClientGone.into());
+            }
+        }
+        if end && session.write_response_body(None, true).await.is_err() {
             return Err(ForwardError::ClientGone.into());
         }
-        if end {
-            return Ok(Relayed::Complete);
-        }
     }
+    Ok(Relayed::Complete)
 }

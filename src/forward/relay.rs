@@ -192,8 +192,9 @@ pub(super) enum Ending {
     /// Everything the client gets is written; the upstream connection is not reusable.
     Written(Relayed),
     /// The replica's answer is complete; this is what remains to send the client. It is sent
-    /// after the upstream connection is back in the pool, so the client's next request finds
-    /// it there instead of opening another.
+    /// after the upstream connection is back in the pool and the replica's slot is released,
+    /// so the client's next request finds both instead of opening another connection or
+    /// counting this request against the replica.
     Pending {
         /// For answers rendered whole: their header, not sent yet.
         header: Option<Box<ResponseHeader>>,

@@ -7,10 +7,14 @@
 //! choices may use the cap, and all of them are reserved. A request can therefore never
 //! generate more than its reservation, which is what keeps limits and budgets exact.
 
+use std::sync::Arc;
+
+use super::shared::Decision;
 use super::{
-    admit, admit_scoped, now_ms, rate_headers, view, Demand, LimitError, Registry, Ticket,
+    admit, admit_scoped, admit_within, now_ms, rate_headers, view, Counters, Demand, KeyLimits,
+    LimitError, Registry, Ticket,
 };
-use crate::config::{Key, Model};
+use crate::config::{Budget, Key, Limits, Model, OnRedisDown};
 use crate::vocab::TokenPrices;
 
 /// What a request asks of its limits, as the request stage understood it.
@@ -51,15 +55,7 @@ pub fn admit_request(
     ask: Ask,
 ) -> Result<Admission, Refusal> {
     let input = ask.input_tokens;
-    let mut cap = ask
-        .max_output
-        .unwrap_or(u64::from(model.default_max_tokens));
-    if let Some(max) = model.max_output_tokens {
-        cap = cap.min(u64::from(max));
-    }
-    if ask.max_output.is_none() {
-        cap = unasked_cap(cap, model, key, input, ask.choices);
-    }
+    let mut cap = output_cap(key, model, ask);
     // Every configured key and model has counters; nothing to reserve against otherwise.
     let (Some(key_counters), Some(model_counters)) =
         (registry.key(&key.id), registry.model(&model.slug))
@@ -103,6 +99,231 @@ pub fn admit_request(
         ticket: Some(ticket),
         headers,
     })
+}
+
+/// The cap the replica is sent, before any budget clamps it.
+fn output_cap(key: &Key, model: &Model, ask: Ask) -> u64 {
+    let mut cap = ask
+        .max_output
+        .unwrap_or(u64::from(model.default_max_tokens));
+    if let Some(max) = model.max_output_tokens {
+        cap = cap.min(u64::from(max));
+    }
+    if ask.max_output.is_none() {
+        cap = unasked_cap(cap, model, key, ask.input_tokens, ask.choices);
+    }
+    cap
+}
+
+/// `admit_request` in cluster mode: the reservation is made in Redis, across every node.
+/// Without `[cluster]` it is `admit_request` itself.
+pub async fn admit_request_shared(
+    registry: &Registry,
+    key: &Key,
+    model: &Model,
+    ask: Ask,
+) -> Result<Admission, Refusal> {
+    let Some(shared) = &registry.shared else {
+        return admit_request(registry, key, model, ask);
+    };
+    let cap = output_cap(key, model, ask);
+    let demand = Demand {
+        input_tokens: ask.input_tokens,
+        output_tokens: cap,
+        choices: ask.choices,
+        prices: model.token_prices,
+        per_request: 0,
+    };
+    let model_part = (!model.limits.is_empty()).then_some((&model.limits, &*model.slug));
+    let (Some(key_counters), Some(model_counters)) =
+        (registry.key(&key.id), registry.model(&model.slug))
+    else {
+        return admit_request(registry, key, model, ask);
+    };
+    let now = now_ms();
+    match shared.admit(key, model_part, demand, now).await {
+        Decision::Down(mode) => {
+            shared.note_fallback();
+            let model = (!model.limits.is_empty()).then_some((&model.limits, model_counters));
+            local_share(
+                registry,
+                mode,
+                key,
+                key_counters,
+                model,
+                demand,
+                ask.started_ms,
+            )
+            .map(|admission| Admission {
+                cap: admission
+                    .ticket
+                    .as_ref()
+                    .and_then(|t| t.clamped_output)
+                    .unwrap_or(cap),
+                ..admission
+            })
+        }
+        decision => from_redis(
+            key,
+            key_counters,
+            decision,
+            demand,
+            cap,
+            ask.started_ms,
+            now,
+        ),
+    }
+}
+
+/// `admit_call` in cluster mode (see `admit_request_shared`).
+pub async fn admit_call_shared(
+    registry: &Registry,
+    key: &Key,
+    price_nanos: u64,
+    started_ms: i64,
+) -> Result<Admission, Refusal> {
+    let (Some(shared), Some(key_counters)) = (&registry.shared, registry.key(&key.id)) else {
+        return admit_call(registry, key, price_nanos, started_ms);
+    };
+    let demand = Demand {
+        input_tokens: 0,
+        output_tokens: 0,
+        choices: 1,
+        prices: TokenPrices::default(),
+        per_request: price_nanos,
+    };
+    let now = now_ms();
+    match shared.admit(key, None, demand, now).await {
+        Decision::Down(mode) => {
+            shared.note_fallback();
+            local_share(registry, mode, key, key_counters, None, demand, started_ms).map(
+                |admission| Admission {
+                    cap: 0,
+                    ..admission
+                },
+            )
+        }
+        decision => from_redis(key, key_counters, decision, demand, 0, started_ms, now),
+    }
+}
+
+fn from_redis(
+    key: &Key,
+    key_counters: &Arc<Counters>,
+    decision: Decision,
+    mut demand: Demand,
+    mut cap: u64,
+    started_ms: i64,
+    now: i64,
+) -> Result<Admission, Refusal> {
+    match decision {
+        Decision::Admitted {
+            lease,
+            view,
+            clamped,
+        } => {
+            let mut headers = rate_headers(&view, now);
+            if let Some(n) = clamped {
+                cap = n;
+                demand.output_tokens = n;
+                headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+            }
+            let ticket = Ticket::shared(
+                key,
+                key_counters,
+                lease,
+                started_ms,
+                demand.tokens(),
+                demand.worst_nanos(),
+                clamped,
+            );
+            Ok(Admission {
+                cap,
+                ticket: Some(ticket),
+                headers,
+            })
+        }
+        Decision::Refused { err, view } => Err(Refusal {
+            err,
+            headers: rate_headers(&view, now),
+        }),
+        Decision::Down(_) => Err(Refusal {
+            err: LimitError::Unavailable,
+            headers: Vec::new(),
+        }),
+    }
+}
+
+/// Redis is down. `reject`: 503. `local`: this node's counters, against its share of each
+/// limit and of the budget (divided by `cluster.expected_nodes`), so that the nodes
+/// together stay within the limits while each counts alone.
+fn local_share(
+    registry: &Registry,
+    mode: OnRedisDown,
+    key: &Key,
+    key_counters: &Arc<Counters>,
+    model: Option<(&Limits, &Arc<Counters>)>,
+    demand: Demand,
+    started_ms: i64,
+) -> Result<Admission, Refusal> {
+    let OnRedisDown::Local = mode else {
+        return Err(Refusal {
+            err: LimitError::Unavailable,
+            headers: Vec::new(),
+        });
+    };
+    let n = registry
+        .shared
+        .as_ref()
+        .map_or(1, |s| s.settings().expected_nodes.get());
+    let limits = share(&key.limits, n);
+    let budget = key.budget.as_ref().map(|b| Budget {
+        nanos: b.nanos / n,
+        ..b.clone()
+    });
+    let model_limits = model.map(|(l, _)| share(l, n));
+    let model = model
+        .map(|(_, c)| c)
+        .and_then(|c| model_limits.as_ref().map(|l| (l, c)));
+    let own = KeyLimits {
+        limits: &limits,
+        budget: budget.as_ref(),
+    };
+    let now = now_ms();
+    let shown = Key {
+        limits,
+        budget: budget.clone(),
+        id: key.id.clone(),
+        models: crate::config::ModelAccess::All,
+        deployed: Vec::new(),
+    };
+    let (mut ticket, view_after) =
+        admit_within(own, key_counters, model, demand, now, registry.generation).map_err(
+            |err| Refusal {
+                err,
+                headers: rate_headers(&view(&shown, key_counters, now), now),
+            },
+        )?;
+    ticket.set_started_ms(started_ms);
+    let mut headers = rate_headers(&view_after, now);
+    if let Some(n) = ticket.clamped_output {
+        headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+    }
+    Ok(Admission {
+        cap: 0,
+        ticket: Some(ticket),
+        headers,
+    })
+}
+
+/// One node's share of `limits` among `n`: at least 1 of each, so nothing is shut off.
+fn share(limits: &Limits, n: u64) -> Limits {
+    let part = |v: Option<u64>| v.map(|v| (v / n).max(1));
+    Limits {
+        rpm: part(limits.rpm),
+        tpm: part(limits.tpm),
+        max_concurrent: part(limits.max_concurrent),
+    }
 }
 
 /// The output cap sent for a request that set none: `default` (the model's), lowered so
@@ -167,4 +388,26 @@ pub fn admit_call(
         ticket: Some(ticket),
         headers: rate_headers(&view_after, now),
     })
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn each_node_gets_its_share_and_never_nothing() {
+        let limits = Limits {
+            rpm: Some(100),
+            tpm: Some(2),
+            max_concurrent: None,
+        };
+        let part = share(&limits, 3);
+        assert_eq!(part.rpm, Some(33));
+        assert_eq!(
+            part.tpm,
+            Some(1),
+            "a limit below the node count still admits one"
+        );
+        assert_eq!(part.max_concurrent, None);
+    }
 }

@@ -7,13 +7,16 @@ mod counters;
 mod headers;
 mod metadata;
 pub mod period;
+pub mod shared;
 mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use admission::{admit_call, admit_request, Admission, Ask, Refusal};
+pub use admission::{
+    admit_call, admit_call_shared, admit_request, admit_request_shared, Admission, Ask, Refusal,
+};
 pub use counters::{Counters, Spend};
 pub use headers::rate_headers;
 pub use metadata::admit_metadata;
@@ -29,6 +32,9 @@ pub struct Registry {
     models: HashMap<String, Arc<Counters>>,
     /// Counts the configs: each reload's registry is one more than the one it replaces.
     pub generation: u64,
+    /// Cluster mode: the limits and budgets counted in Redis (`[cluster]`); the counters
+    /// above then serve only while Redis is down.
+    pub shared: Option<Arc<shared::Shared>>,
 }
 
 impl Registry {
@@ -52,6 +58,9 @@ impl Registry {
                 })
                 .collect(),
             generation: previous.map_or(0, |p| p.generation + 1),
+            shared: previous
+                .and_then(|p| p.shared.clone())
+                .inspect(|s| s.track(snapshot)),
         }
     }
 
@@ -109,6 +118,8 @@ pub enum LimitError {
         worst_nanos: u64,
         retry_after: Option<u64>,
     },
+    /// Cluster mode with `on_redis_down = "reject"`: Redis did not answer in time (503).
+    Unavailable,
 }
 
 /// What one request may use at most.
@@ -170,6 +181,9 @@ pub struct Ticket {
     /// `max_tokens` lowered to what the budget pays for, when clamping applied.
     pub clamped_output: Option<u64>,
     settled: bool,
+    /// Admitted by Redis (cluster mode): settled there. The key's counters then only add
+    /// the cost to this node's spend, which `on_redis_down = "local"` counts against.
+    lease: Option<shared::Lease>,
 }
 
 /// A budget threshold crossed by a settled request.
@@ -216,6 +230,28 @@ pub fn admit_scoped(
     key: &Key,
     key_counters: &Arc<Counters>,
     model: Option<(&Limits, &Arc<Counters>)>,
+    demand: Demand,
+    now_ms: i64,
+    generation: u64,
+) -> Result<(Ticket, RateView), LimitError> {
+    let own = KeyLimits {
+        limits: &key.limits,
+        budget: key.budget.as_ref(),
+    };
+    admit_within(own, key_counters, model, demand, now_ms, generation)
+}
+
+/// The limits and budget a key is admitted against: its own, or a share of them.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyLimits<'a> {
+    pub limits: &'a Limits,
+    pub budget: Option<&'a Budget>,
+}
+
+fn admit_within(
+    key: KeyLimits<'_>,
+    key_counters: &Arc<Counters>,
+    model: Option<(&Limits, &Arc<Counters>)>,
     mut demand: Demand,
     now_ms: i64,
     generation: u64,
@@ -225,12 +261,12 @@ pub fn admit_scoped(
     let model_counters = model.map(|m| m.1);
     let mut k = key_counters.lock();
     let mut m = model_counters.map(|c| c.lock());
-    check_requests(&key.limits, &mut k, Scope::Key, now)?;
+    check_requests(key.limits, &mut k, Scope::Key, now)?;
     if let Some(m) = m.as_deref_mut() {
         check_requests(model_limits, m, Scope::Model, now)?;
     }
     let mut clamped_output = None;
-    if let Some(b) = &key.budget {
+    if let Some(b) = key.budget {
         k.roll(b, now_ms, generation);
         let spend = k.spend;
         let committed = spend.spent.saturating_add(spend.reserved);
@@ -259,7 +295,7 @@ pub fn admit_scoped(
             }
         }
     }
-    check_tokens(&key.limits, &mut k, Scope::Key, now, demand.tokens())?;
+    check_tokens(key.limits, &mut k, Scope::Key, now, demand.tokens())?;
     if let Some(m) = m.as_deref_mut() {
         check_tokens(model_limits, m, Scope::Model, now, demand.tokens())?;
     }
@@ -270,20 +306,21 @@ pub fn admit_scoped(
         state.tokens.add(now, demand.tokens());
     }
     k.spend.reserved = k.spend.reserved.saturating_add(nanos);
-    let view = k.rate_view(&key.limits, now);
+    let view = k.rate_view(key.limits, now);
     drop(m);
     drop(k);
     Ok((
         Ticket {
             key: key_counters.clone(),
             model: model_counters.cloned(),
-            budget: key.budget.clone(),
+            budget: key.budget.cloned(),
             at_sec: now,
             started_ms: now_ms,
             tokens: demand.tokens(),
             nanos,
             clamped_output,
             settled: false,
+            lease: None,
         },
         view,
     ))
@@ -388,6 +425,9 @@ impl Ticket {
         now_ms: i64,
         handed: impl FnOnce(),
     ) -> Settlement {
+        if let Some(lease) = self.lease.take() {
+            return self.release_shared(lease, tokens, nanos, handed);
+        }
         let now = (now_ms / 1000).max(0) as u64;
         let mut crossed = Vec::new();
         let spend = {
@@ -430,6 +470,62 @@ impl Ticket {
             m.tokens.settle(now, self.at_sec, self.tokens, tokens);
         }
         Settlement { spend, crossed }
+    }
+}
+
+impl Ticket {
+    /// A ticket of a request Redis admitted.
+    pub(crate) fn shared(
+        key: &Key,
+        key_counters: &Arc<Counters>,
+        lease: shared::Lease,
+        started_ms: i64,
+        tokens: u64,
+        nanos: u64,
+        clamped_output: Option<u64>,
+    ) -> Ticket {
+        Ticket {
+            key: key_counters.clone(),
+            model: None,
+            budget: key.budget.clone(),
+            at_sec: (started_ms / 1000).max(0) as u64,
+            started_ms,
+            tokens,
+            nanos,
+            clamped_output,
+            settled: false,
+            lease: Some(lease),
+        }
+    }
+
+    /// Settles in Redis, off the request path, and adds the cost to this node's own spend
+    /// (what a fallback to local counting starts from). Thresholds crossed are reported by
+    /// the cluster (`Shared::on_crossed`), once across every node.
+    fn release_shared(
+        &mut self,
+        lease: shared::Lease,
+        tokens: u64,
+        nanos: u64,
+        handed: impl FnOnce(),
+    ) -> Settlement {
+        {
+            let mut k = self.key.lock();
+            handed();
+            k.catch_up(self.started_ms);
+            if self.started_ms >= k.spend.period_start {
+                k.spend.spent = k.spend.spent.saturating_add(nanos);
+            }
+            k.note_rebuild(self.started_ms, nanos, &[]);
+        }
+        let mut spend = lease.spend;
+        spend.spent = spend.spent.saturating_add(nanos);
+        spend.reserved = spend.reserved.saturating_sub(self.nanos);
+        let shared = lease.shared().clone();
+        shared.settle(lease, tokens, nanos, self.budget.as_ref(), self.started_ms);
+        Settlement {
+            spend,
+            crossed: Vec::new(),
+        }
     }
 }
 

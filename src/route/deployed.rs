@@ -32,14 +32,24 @@ pub enum Action<'a> {
     /// `sync/{route…}`: the path on the replica, from its `/`.
     Sync(&'a str),
     Wake,
+    /// `async_predict`: queue the body's `model_input` for a run later.
+    AsyncPredict,
+    /// `async_queue_status`, on a target or (production) on the model.
+    AsyncQueueStatus,
+    /// `/async_request/{id}`: status (GET) or cancel (DELETE).
+    AsyncRequest(&'a str),
+    /// `/async_request/{id}/output`: the kept output.
+    AsyncOutput(&'a str),
 }
 
 impl Action<'_> {
     /// The method the action takes; `None`: any.
     pub fn method(self) -> Option<&'static str> {
         match self {
-            Action::Predict | Action::Wake => Some("POST"),
+            Action::Predict | Action::Wake | Action::AsyncPredict => Some("POST"),
+            Action::AsyncQueueStatus | Action::AsyncOutput(_) => Some("GET"),
             Action::Sync(_) => None,
+            Action::AsyncRequest(_) => Some("GET, DELETE"),
         }
     }
 
@@ -49,6 +59,10 @@ impl Action<'_> {
             Action::Predict => "predict",
             Action::Sync(_) => "sync",
             Action::Wake => "wake",
+            Action::AsyncPredict => "async_predict",
+            Action::AsyncQueueStatus => "async_queue_status",
+            Action::AsyncRequest(_) => "async_request",
+            Action::AsyncOutput(_) => "async_output",
         }
     }
 }
@@ -84,6 +98,16 @@ fn parse(rest: &str) -> (Option<Target<'_>>, Option<Action<'_>>) {
     if rest == "/wake" {
         return (None, Some(Action::Wake));
     }
+    if rest == "/async_queue_status" {
+        return (None, Some(Action::AsyncQueueStatus));
+    }
+    if let Some((id, tail)) = named(rest, "/async_request/") {
+        return match tail {
+            "" => (None, Some(Action::AsyncRequest(id))),
+            "/output" => (None, Some(Action::AsyncOutput(id))),
+            _ => (None, None),
+        };
+    }
     let (target, tail) = if let Some(tail) = rest.strip_prefix("/production") {
         (Target::Environment("production"), tail)
     } else if let Some(tail) = rest.strip_prefix("/development") {
@@ -98,6 +122,8 @@ fn parse(rest: &str) -> (Option<Target<'_>>, Option<Action<'_>>) {
     let action = match tail {
         "/predict" => Some(Action::Predict),
         "/wake" => Some(Action::Wake),
+        "/async_predict" => Some(Action::AsyncPredict),
+        "/async_queue_status" => Some(Action::AsyncQueueStatus),
         "/sync" => Some(Action::Sync("/")),
         t => t
             .strip_prefix("/sync/")

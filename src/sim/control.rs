@@ -3,7 +3,9 @@
 //! byte of an answer, as when the server behind a port crashes and restarts.
 //!
 //! `POST /sim/health` with `{"healthy": false}` and `POST /sim/reset` with `{"on": true}` flip
-//! them; both answer the replica's switches as JSON. The control paths, `/health` and
+//! them; `POST /sim/predict` with `{"status": 503, "delay_ms": 200}` makes every predict wait
+//! that long and answer that status (`{"status": null, "delay_ms": 0}` turns it off; it
+//! answers, and `GET /sim/predict` reads, that switch alone); both answer the replica's switches as JSON. The control paths, `/health` and
 //! `/metrics` keep answering in reset mode, so a test can always switch it back off.
 //!
 //! A reset is decided per request, from its head, before anything is written. The
@@ -12,7 +14,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -26,6 +28,10 @@ use tokio::net::TcpStream;
 pub(crate) struct Switches {
     healthy: AtomicBool,
     reset: AtomicBool,
+    /// Every predict answers this status (0: its own).
+    predict_status: AtomicU16,
+    /// Every predict waits this long first.
+    predict_delay_ms: AtomicU64,
 }
 
 impl Default for Switches {
@@ -33,6 +39,8 @@ impl Default for Switches {
         Switches {
             healthy: AtomicBool::new(true),
             reset: AtomicBool::new(false),
+            predict_status: AtomicU16::new(0),
+            predict_delay_ms: AtomicU64::new(0),
         }
     }
 }
@@ -54,8 +62,28 @@ impl Switches {
         self.reset.store(on, Ordering::Relaxed);
     }
 
+    /// The status every predict answers, and how long it waits first.
+    pub(crate) fn predict_fault(&self) -> (Option<u16>, u64) {
+        let status = self.predict_status.load(Ordering::Relaxed);
+        (
+            (status != 0).then_some(status),
+            self.predict_delay_ms.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn set_predict_fault(&self, status: Option<u16>, delay_ms: u64) {
+        self.predict_status
+            .store(status.unwrap_or(0), Ordering::Relaxed);
+        self.predict_delay_ms.store(delay_ms, Ordering::Relaxed);
+    }
+
     fn state(&self) -> Value {
         json!({"healthy": self.healthy(), "reset": self.resetting()})
+    }
+
+    fn predict_state(&self) -> Value {
+        let (status, delay_ms) = self.predict_fault();
+        json!({"status": status, "delay_ms": delay_ms})
     }
 }
 
@@ -66,6 +94,30 @@ pub(crate) fn answer(
     path: &str,
     body: &[u8],
 ) -> (StatusCode, Value) {
+    if path == "/sim/predict" && method == Method::POST {
+        let v: Option<Value> = serde_json::from_slice(body).ok();
+        let status = v
+            .as_ref()
+            .and_then(|v| v.get("status"))
+            .and_then(Value::as_u64);
+        let delay = v
+            .as_ref()
+            .and_then(|v| v.get("delay_ms"))
+            .and_then(Value::as_u64);
+        return match (status.map(u16::try_from), v.is_some()) {
+            (Some(Err(_)), _) | (_, false) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "send {\"status\": 503 or null, \"delay_ms\": 0}"}),
+            ),
+            (s, true) => {
+                switches.set_predict_fault(s.and_then(Result::ok), delay.unwrap_or(0));
+                (StatusCode::OK, switches.predict_state())
+            }
+        };
+    }
+    if path == "/sim/predict" && method == Method::GET {
+        return (StatusCode::OK, switches.predict_state());
+    }
     let (field, set): (&str, fn(&Switches, bool)) = match path {
         "/sim/health" => ("healthy", Switches::set_healthy),
         "/sim/reset" => ("on", Switches::set_resetting),
@@ -212,5 +264,11 @@ mod tests {
         let get = answer(&s, &Method::GET, "/sim/health", b"");
         assert_eq!(get.1, json!({"healthy": false, "reset": true}));
         assert_eq!(answer(&s, &Method::PUT, "/sim/health", b"").0, 405);
+        let resp = post("/sim/predict", r#"{"status": 503, "delay_ms": 20}"#);
+        assert_eq!(resp.1, json!({"status": 503, "delay_ms": 20}));
+        assert_eq!(s.predict_fault(), (Some(503), 20));
+        assert_eq!(post("/sim/predict", r#"{"status": 70000}"#).0, 400);
+        assert_eq!(post("/sim/predict", r#"{"status": null}"#).0, 200);
+        assert_eq!(s.predict_fault(), (None, 0));
     }
 }

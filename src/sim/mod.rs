@@ -160,6 +160,12 @@ impl SimReplica {
     pub fn set_resetting(&self, on: bool) {
         self.shared.switches.set_resetting(on);
     }
+
+    /// Makes every predict wait `delay_ms`, then answer `status` (`None`: its own answer),
+    /// as `POST /sim/predict` does.
+    pub fn set_predict_fault(&self, status: Option<u16>, delay_ms: u64) {
+        self.shared.switches.set_predict_fault(status, delay_ms);
+    }
 }
 
 impl Drop for SimReplica {

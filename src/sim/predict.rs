@@ -71,7 +71,9 @@ pub(crate) async fn predict(req: Request<Incoming>) -> Result<Response<SimBody>,
             tokio::sync::mpsc::channel::<Result<Frame<Bytes>, super::service::BodyError>>(1);
         tokio::spawn(async move {
             for i in 0..n {
-                if i > 0 {
+                // No interval: chunks as fast as the connection takes them (a timer tick
+                // per chunk would pace the stream at the timer's resolution).
+                if i > 0 && !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
                 let frame = Frame::data(Bytes::from(format!("chunk {i}\n")));

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
@@ -115,7 +116,22 @@ pub(crate) async fn handle(
             Ok(resp)
         }
         (&Method::POST, "/v1/chat/completions") => chat(shared, req).await,
-        (&Method::POST, "/v1/models/model:predict") => super::predict::predict(req).await,
+        (&Method::POST, "/v1/models/model:predict") => {
+            shared.stats.prediction_received();
+            let (status, delay_ms) = shared.switches.predict_fault();
+            if delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            }
+            match status.and_then(|s| StatusCode::from_u16(s).ok()) {
+                Some(status) => Ok(error_response(
+                    status,
+                    "simulated predict failure",
+                    "SimError",
+                    None,
+                )),
+                None => super::predict::predict(req).await,
+            }
+        }
         (_, p) if p.starts_with("/echo/") => super::predict::echo(req).await,
         _ => Ok(error_response(
             StatusCode::NOT_FOUND,

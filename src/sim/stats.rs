@@ -23,6 +23,7 @@ pub struct SimStats {
     connections: AtomicU64,
     resets: AtomicU64,
     requests: AtomicU64,
+    predictions: AtomicU64,
     completed: AtomicU64,
     cancelled: AtomicU64,
     prompt_tokens: AtomicU64,
@@ -53,6 +54,11 @@ impl SimStats {
     /// Chat completion requests received.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Predict calls received (`POST /v1/models/model:predict`).
+    pub fn predictions(&self) -> u64 {
+        self.predictions.load(Ordering::Relaxed)
     }
 
     /// Chat completions generated to their end and handed to the connection.
@@ -146,6 +152,10 @@ impl SimStats {
 
     pub(crate) fn connection_reset(&self) {
         self.resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn prediction_received(&self) {
+        self.predictions.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn request_received(&self) {

@@ -205,10 +205,17 @@ async fn an_edited_config_file_is_reloaded_without_a_signal() {
             .pause(|| format!("the edit was picked up; stderr:\n{}", gw.stderr()))
             .await;
     }
-    let text = gw.metrics().await;
+    // Counted just after the new config is swapped in, so possibly after the answer above.
+    let text = gw
+        .metrics_until(|t| t.contains("tollgate_config_reloads_total{outcome=\"ok\"}"))
+        .await;
     assert!(
         text.contains("tollgate_config_reloads_total{outcome=\"ok\"} 1"),
         "{text}"
+    );
+    assert!(
+        !text.contains("tollgate_config_reloads_total{outcome=\"refused\"}"),
+        "the file was read once, whole: {text}"
     );
 }
 

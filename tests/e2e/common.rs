@@ -397,6 +397,11 @@ impl Gateway {
     }
 
     /// The ledger's SQLite file under the state directory, opened straight.
+    /// The state directory, which holds the ledger.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     pub fn ledger(&self) -> rusqlite::Connection {
         let db = self.dir.path().join("state").join("usage.sqlite");
         rusqlite::Connection::open(db).expect("the ledger opens")

@@ -458,7 +458,7 @@ async fn a_soft_budget_alerts_once_per_threshold_with_a_signed_webhook() {
             .unwrap();
         assert_eq!(
             sig,
-            tollgate::alerts::sign("s3cret", body),
+            tollgate::webhook::sign("s3cret", body),
             "the signature verifies"
         );
     }

@@ -4,16 +4,19 @@
 mod common;
 mod fakes;
 mod raw;
+mod redis;
 #[path = "../support/tiny_tokenizer.rs"]
 mod tiny_tokenizer;
 
 mod accounting;
 mod affinity;
 mod anthropic;
+mod async_predict;
 mod auth;
 mod body;
 mod catalog;
 mod cli;
+mod cluster;
 mod cut_config;
 mod echo;
 mod fleet;

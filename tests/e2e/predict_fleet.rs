@@ -1,6 +1,7 @@
 //! Deployed models with their fleet, limits and accounting: promotion by reload under load,
 //! key limits, per-call prices and ledger rows, wake, retries before the body, a client
-//! leaving, an aiohttp replica, and the demo's predict example.
+//! leaving, an aiohttp replica, the demo's predict example, session affinity, and an
+//! unreachable fleet.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -553,4 +554,79 @@ async fn a_wake_url_is_posted_the_model_and_deployment() {
         ) == Some(1.0)
     })
     .await;
+}
+
+/// `deployed_config` with production's pool replaced by `pool`, a whole `[[pools]]` table.
+fn with_prod_pool(prod: SocketAddr, dev: SocketAddr, pool: &str) -> String {
+    deployed_config(prod, dev, "").replacen(
+        &format!("[[pools]]\nname = \"prod\"\nreplicas = [\"{prod}\"]\n"),
+        pool,
+        1,
+    )
+}
+
+async fn replica_of(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), 200);
+    r.headers()["x-echo-host"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_session_keeps_its_replica_under_the_affinity_policy() {
+    let (a, b) = two_replicas().await;
+    let pool = format!(
+        "[[pools]]\nname = \"prod\"\nreplicas = [\"{}\", \"{}\"]\npolicy = \"affinity\"\n",
+        a.addr(),
+        b.addr()
+    );
+    let gw = Gateway::start(&with_prod_pool(a.addr(), b.addr(), &pool));
+    let mut homes = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let r = predict(&gw, "/production/predict")
+            .header("x-session-affinity", "conversation-7")
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        homes.insert(replica_of(r).await);
+    }
+    assert_eq!(homes.len(), 1, "one session, one replica: {homes:?}");
+    // Other sessions hash over both replicas: 32 of them all landing on one would take a
+    // replica owning almost all of the ring (at 70% of it, the chance is 1 in 90,000).
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..32 {
+        let r = predict(&gw, "/production/predict")
+            .header("x-session-affinity", format!("session-{i}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        seen.insert(replica_of(r).await);
+    }
+    assert_eq!(seen.len(), 2, "sessions spread over the replicas: {seen:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_fleet_is_502_in_the_predict_dialect() {
+    let dev = sim().await;
+    let dead = refused_addr();
+    let pool = format!(
+        "[[pools]]\nname = \"prod\"\nreplicas = [\"{dead}\"]\nhealth = {{ enabled = false }}\nejection = {{ enabled = false }}\n"
+    );
+    let gw = Gateway::start(&with_prod_pool(dead, dev.addr(), &pool));
+    let r = predict(&gw, "/production/predict")
+        .body("{\"x\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let e = error_of(r).await;
+    assert!(e.contains("Could not connect to a replica"), "{e}");
+    assert!(e.contains("Retry"), "says what to do: {e}");
+    // The other deployment of the same model is unaffected.
+    let r = predict(&gw, "/development/predict")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    replica_of(r).await;
 }

@@ -372,6 +372,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// The response is complete and nothing else arrived: the connection may carry another
     /// request.
+    /// The answer's body has been read to its end.
+    pub fn complete(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
     pub fn reusable(&self) -> bool {
         self.keep_alive && self.framing == Framing::Done && self.buf.is_empty()
     }

@@ -10,12 +10,15 @@
 //! arrives (`forward::pass`), so memory does not grow with what a client uploads. Errors are
 //! `{"error": "message"}` (`Dialect::Predict`); a replica's own answer passes unchanged.
 
+mod asynchronous;
+
 use std::sync::Arc;
 
 use pingora::proxy::Session;
 use tokio::time::Instant;
 
 use crate::account::DeployedCall;
+use crate::async_queue::AsyncQueue;
 use crate::config::{DeployedModel, Key, Policy};
 use crate::ctx::RequestCtx;
 use crate::error::GatewayError;
@@ -29,18 +32,21 @@ use crate::{auth, limits, respond, route};
 
 /// The deployed model a request names by its host or path, if any.
 pub fn addressed(req: &http::request::Parts) -> Option<Call<'_>> {
-    let host = req
-        .headers
+    deployed::address(host_of(req), req.uri.path())
+}
+
+fn host_of(req: &http::request::Parts) -> Option<&str> {
+    req.headers
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.host());
-    deployed::address(host, req.uri.path())
+        .or_else(|| req.uri.host())
 }
 
 /// Serves a request for a deployed model.
 pub async fn serve(
     upstream: &Upstream,
     waker: &Waker,
+    queue: Option<&AsyncQueue>,
     session: &mut Session,
     ctx: &mut RequestCtx,
     runtime: &Runtime,
@@ -63,11 +69,31 @@ pub async fn serve(
         }
         .into());
     };
-    if let Some(allow) = action.method().filter(|m| *m != req.method.as_str()) {
+    let method = req.method.as_str();
+    if let Some(allow) = action
+        .method()
+        .filter(|m| !m.split(", ").any(|m| m == method))
+    {
         return Err(GatewayError::MethodNotAllowed {
             path: req.uri.path().to_string(),
             allow,
         });
+    }
+    if let Action::AsyncPredict
+    | Action::AsyncQueueStatus
+    | Action::AsyncRequest(_)
+    | Action::AsyncOutput(_) = action
+    {
+        // Owned: the call borrows the request head, which the async route reads on.
+        let host = host_of(req).map(str::to_string);
+        let path = req.uri.path().to_string();
+        let Some((target, Some(action))) =
+            deployed::address(host.as_deref(), &path).map(|c| (c.target, c.action))
+        else {
+            unreachable!("the same head addressed this model above");
+        };
+        let at = (&*key, &model);
+        return asynchronous::serve(queue, session, ctx, runtime, at, (target, action)).await;
     }
     let resolved = deployed::resolve(&model, &key, call.target)?;
     let deployment = &model.deployments[resolved.deployment];
@@ -86,8 +112,9 @@ pub async fn serve(
             let _ = respond::send_json(session, 202, body, &ctx.request_id, &ctx.headers).await;
             return Ok(Relayed::Complete);
         }
+        _ => unreachable!("async actions are served above"),
     };
-    admit(ctx, runtime, &key, &model)?;
+    admit(ctx, runtime, &key, &model).await?;
     let req = session.req_header();
     let target = match req.uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -156,13 +183,15 @@ pub async fn serve(
 
 /// Stage "admit": the key's rpm and max_concurrent, and the call's price against its
 /// budget, reserved until it ends.
-fn admit(
+async fn admit(
     ctx: &mut RequestCtx,
     runtime: &Runtime,
     key: &Key,
     model: &DeployedModel,
 ) -> Result<(), GatewayError> {
-    match limits::admit_call(&runtime.limits, key, model.price_nanos, ctx.started_ms()) {
+    let admitted =
+        limits::admit_call_shared(&runtime.limits, key, model.price_nanos, ctx.started_ms()).await;
+    match admitted {
         Ok(admission) => {
             ctx.ticket = admission.ticket;
             ctx.headers = admission.headers;

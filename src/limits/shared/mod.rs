@@ -1,0 +1,464 @@
+//! Cluster mode: the limits and budgets of several nodes counted in one Redis. Admission is
+//! one atomic script per request (`lua.rs`), settlement one more, sent from a runtime of
+//! its own so no request waits for it. Concurrency slots are leases that this node renews in
+//! one round trip for all of them; a node that stops stops renewing, and its slots and
+//! reservations lapse after `cluster.lease_ttl_ms`.
+//!
+//! Whether Redis answers is one atomic flag, read by every admission: while it is down,
+//! nothing waits on Redis, and `probe` reconnects in the background.
+
+mod lua;
+mod reply;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use prometheus::{IntCounter, IntGauge};
+use redis::aio::MultiplexedConnection;
+use redis::{FromRedisValue, ScriptInvocation};
+
+use super::{period, Crossed, Demand, LimitError, RateView};
+use crate::config::{Budget, ClusterSettings, Key, Limits, OnRedisDown, Snapshot};
+
+pub use reply::Lease;
+
+/// The metrics cluster mode keeps, registered by `metrics`.
+pub struct ClusterMeters {
+    /// 1 while Redis answers, 0 while this node decides without it.
+    pub up: IntGauge,
+    /// Requests decided without Redis (counted locally, or refused).
+    pub fallback: IntCounter,
+}
+
+/// Each budget's current period as this node counts it: (key id, period start, spent,
+/// thresholds fired).
+pub type Seeds = Box<dyn Fn() -> Vec<(Arc<str>, i64, u64, Vec<f64>)> + Send + Sync>;
+
+/// Called with the budget thresholds a settlement crossed, once across the cluster.
+pub type OnCrossed = Box<dyn Fn(&str, Vec<Crossed>) + Send + Sync>;
+
+pub struct Shared {
+    settings: ClusterSettings,
+    client: redis::Client,
+    conn: ArcSwapOption<MultiplexedConnection>,
+    up: AtomicBool,
+    /// `<node id>:<random per start>:`: this process's leases, apart from an earlier run's.
+    lease_prefix: String,
+    seq: AtomicU64,
+    /// Leases of this node not settled yet: nothing to renew when 0.
+    live: AtomicI64,
+    /// The lease sets of every configured key and model (from the config in use).
+    lease_keys: ArcSwap<Vec<String>>,
+    scripts: Scripts,
+    meters: ClusterMeters,
+    handle: tokio::runtime::Handle,
+    on_crossed: OnceLock<OnCrossed>,
+    /// Wakes `probe` when a call finds Redis gone.
+    down: tokio::sync::Notify,
+}
+
+struct Scripts {
+    admit: redis::Script,
+    settle: redis::Script,
+    renew: redis::Script,
+    seed: redis::Script,
+}
+
+/// What Redis decided about a request.
+pub enum Decision {
+    Admitted {
+        lease: Lease,
+        view: RateView,
+        clamped: Option<u64>,
+    },
+    Refused {
+        err: LimitError,
+        view: RateView,
+    },
+    /// Redis did not answer in time: the node's `on_redis_down` decides.
+    Down(OnRedisDown),
+}
+
+impl Shared {
+    /// Starts the cluster runtime (one thread: the Redis connection, settlements, lease
+    /// renewals, reconnects) and waits for the first connect, up to a second. A node whose
+    /// Redis is down at start serves in its `on_redis_down` mode until it comes up.
+    pub fn start(settings: ClusterSettings, meters: ClusterMeters) -> Result<Arc<Shared>, String> {
+        let client = redis::Client::open(settings.redis_url.as_str())
+            .map_err(|_| "cluster.redis_url is not a Redis URL".to_string())?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("tollgate-cluster".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(std::future::pending::<()>());
+            })
+            .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+        let handle = rx
+            .recv()
+            .map_err(|_| "the cluster thread did not start".to_string())??;
+        meters.up.set(0);
+        let shared = Arc::new(Shared {
+            lease_prefix: format!("{}:{:016x}:", settings.node_id, rand::random::<u64>()),
+            settings,
+            client,
+            conn: ArcSwapOption::empty(),
+            up: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            live: AtomicI64::new(0),
+            lease_keys: ArcSwap::from_pointee(Vec::new()),
+            scripts: Scripts {
+                admit: lua::admit(),
+                settle: lua::settle(),
+                renew: lua::renew(),
+                seed: lua::seed(),
+            },
+            meters,
+            handle,
+            on_crossed: OnceLock::new(),
+            down: tokio::sync::Notify::new(),
+        });
+        Ok(shared)
+    }
+
+    /// Connects, and keeps connecting whenever Redis is lost: each connect first seeds the
+    /// budgets Redis holds nothing of from `seeds` (this node's spend of each budget's
+    /// period, from its ledger and what it settled since), then shares the limits. Waits up
+    /// to a second for the first connect.
+    pub fn begin(self: &Arc<Self>, seeds: Seeds) {
+        let (first, connected) = mpsc::channel();
+        self.handle.spawn(probe(self.clone(), seeds, first));
+        self.handle.spawn(renew(self.clone()));
+        let _ = connected.recv_timeout(Duration::from_secs(1));
+    }
+
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Where alerts of shared budgets go (set once, at start).
+    pub fn on_crossed(&self, hook: OnCrossed) {
+        let _ = self.on_crossed.set(hook);
+    }
+
+    /// Notes the keys and models of the config in use: whose leases renewals extend.
+    pub fn track(&self, snapshot: &Snapshot) {
+        let keys = snapshot
+            .keys()
+            .flat_map(|k| {
+                let p = key_prefix(&k.id);
+                [format!("{p}:ls"), format!("{p}:held")]
+            })
+            .chain(
+                snapshot
+                    .models
+                    .iter()
+                    .map(|m| format!("{}:ls", model_prefix(&m.slug))),
+            )
+            .collect();
+        self.lease_keys.store(Arc::new(keys));
+    }
+
+    /// Counts a request decided without Redis.
+    pub fn note_fallback(&self) {
+        self.meters.fallback.inc();
+    }
+
+    /// Checks every limit of the key (and the model's, if given) and the key's budget in
+    /// Redis, and reserves the request's worst case there if all pass: one round trip.
+    pub async fn admit(
+        self: &Arc<Self>,
+        key: &Key,
+        model: Option<(&Limits, &str)>,
+        demand: Demand,
+        now_ms: i64,
+    ) -> Decision {
+        if !self.is_up() {
+            return Decision::Down(self.settings.on_redis_down);
+        }
+        let lease_id = format!(
+            "{}{}",
+            self.lease_prefix,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let kp = key_prefix(&key.id);
+        let budget_hash = key
+            .budget
+            .as_ref()
+            .map(|b| budget_hash(&key.id, period::start(b.period, now_ms)));
+        let mp = model.map(|(_, slug)| model_prefix(slug));
+        let mut inv = self.scripts.admit.prepare_invoke();
+        inv.key(format!("{kp}:rq"))
+            .key(format!("{kp}:tk"))
+            .key(format!("{kp}:ls"))
+            .key(format!("{kp}:held"))
+            .key(
+                budget_hash
+                    .clone()
+                    .unwrap_or_else(|| format!("{kp}:b:none")),
+            );
+        let mpx = mp.clone().unwrap_or_else(|| format!("{kp}:none"));
+        inv.key(format!("{mpx}:rq"))
+            .key(format!("{mpx}:tk"))
+            .key(format!("{mpx}:ls"));
+        let ttl = self.settings.lease_ttl.as_millis() as u64;
+        inv.arg(&lease_id).arg(ttl);
+        limits_args(&mut inv, &key.limits);
+        inv.arg(u8::from(model.is_some()));
+        limits_args(&mut inv, model.map_or(&NONE, |m| m.0));
+        let b = key.budget.as_ref();
+        inv.arg(u8::from(b.is_some()))
+            .arg(b.map_or(0, |b| lua_int(b.nanos)))
+            .arg(u8::from(b.is_some_and(|b| b.enforce)))
+            .arg(u8::from(b.is_some_and(|b| b.clamp_max_tokens)))
+            .arg(lua_int(demand.input_tokens))
+            .arg(lua_int(demand.output_tokens))
+            .arg(demand.choices.max(1))
+            .arg(lua_int(demand.input_cost()))
+            .arg(lua_int(demand.prices.output))
+            .arg(super::MIN_CLAMPED_OUTPUT);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        let reply: Result<Vec<redis::Value>, ()> = self.call(&inv).await;
+        let decision = match reply {
+            Ok(values) => reply::admission(self, key, &values, now_ms, lease_id, mp, demand),
+            Err(()) => Decision::Down(self.settings.on_redis_down),
+        };
+        if !matches!(decision, Decision::Admitted { .. }) {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        decision
+    }
+
+    /// Replaces a lease's reservation with what its request used, off the request path.
+    /// Redis down: the lease lapses after its TTL, which releases its reservation; what it
+    /// cost is in this node's ledger.
+    pub(super) fn settle(
+        self: &Arc<Self>,
+        lease: Lease,
+        used_tokens: u64,
+        used_nanos: u64,
+        budget: Option<&Budget>,
+        started_ms: i64,
+    ) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+        if !self.is_up() {
+            return;
+        }
+        let kp = key_prefix(&lease.key_id);
+        let period_start = budget.map(|b| period::start(b.period, started_ms));
+        let budget = budget.map(|b| (b.nanos, b.alert_at.clone()));
+        let shared = self.clone();
+        self.handle.spawn(async move {
+            let mut inv = shared.scripts.settle.prepare_invoke();
+            let mpx = lease.model.clone().unwrap_or_else(|| format!("{kp}:none"));
+            inv.key(format!("{kp}:tk"))
+                .key(format!("{kp}:ls"))
+                .key(format!("{kp}:held"))
+                .key(
+                    period_start
+                        .map_or_else(|| format!("{kp}:b:none"), |s| budget_hash(&lease.key_id, s)),
+                )
+                .key(format!("{mpx}:tk"))
+                .key(format!("{mpx}:ls"));
+            inv.arg(&lease.id)
+                .arg(lease.at_sec)
+                .arg(lua_int(lease.tokens))
+                .arg(lua_int(used_tokens))
+                .arg(lua_int(used_nanos))
+                .arg(u8::from(lease.model.is_some()))
+                .arg(u8::from(budget.is_some()))
+                .arg(budget.as_ref().map_or(0, |b| lua_int(b.0)));
+            for t in budget.iter().flat_map(|b| &b.1) {
+                inv.arg(t.to_string());
+            }
+            let Ok(values) = shared.call::<Vec<redis::Value>>(&inv).await else {
+                return;
+            };
+            let (Some((nanos, _)), Some(start)) = (budget, period_start) else {
+                return;
+            };
+            let crossed = reply::crossed(&values, nanos, start);
+            if !crossed.is_empty() {
+                if let Some(hook) = shared.on_crossed.get() {
+                    hook(&lease.key_id, crossed);
+                }
+            }
+        });
+    }
+
+    /// Seeds each budget's current period where Redis holds none yet (`HSETNX`): the first
+    /// node to connect after Redis lost its data seeds it, the others find it there.
+    async fn seed(&self, conn: &mut MultiplexedConnection, seeds: &Seeds) -> bool {
+        let mut ok = true;
+        for (id, start, spent, fired) in seeds() {
+            let mut inv = self.scripts.seed.prepare_invoke();
+            inv.key(budget_hash(&id, start)).arg(lua_int(spent));
+            for t in fired {
+                inv.arg(t.to_string());
+            }
+            let r = tokio::time::timeout(Duration::from_secs(1), inv.invoke_async::<i64>(conn));
+            ok &= matches!(r.await, Ok(Ok(_)));
+        }
+        ok
+    }
+
+    async fn call<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, ()> {
+        let Some(conn) = self.conn.load_full() else {
+            self.mark_down();
+            return Err(());
+        };
+        let mut conn = (*conn).clone();
+        match tokio::time::timeout(self.settings.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if !is_connection_error(&e) => {
+                // A script error is a bug, not an outage: said, and decided as one.
+                tracing::error!(error = %e, "cluster script failed");
+                self.mark_down();
+                Err(())
+            }
+            _ => {
+                self.mark_down();
+                Err(())
+            }
+        }
+    }
+
+    fn mark_down(&self) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.meters.up.set(0);
+            self.conn.store(None);
+            tracing::warn!(
+                on_redis_down = mode_name(self.settings.on_redis_down),
+                "redis unreachable: limits are {} until it answers again",
+                match self.settings.on_redis_down {
+                    OnRedisDown::Reject => "refused (503 limits_unavailable)",
+                    OnRedisDown::Local => "counted on this node, divided by cluster.expected_nodes",
+                }
+            );
+            self.down.notify_one();
+        }
+    }
+}
+
+fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+fn mode_name(mode: OnRedisDown) -> &'static str {
+    match mode {
+        OnRedisDown::Reject => "reject",
+        OnRedisDown::Local => "local",
+    }
+}
+
+const NONE: Limits = Limits {
+    rpm: None,
+    tpm: None,
+    max_concurrent: None,
+};
+
+fn limits_args(inv: &mut ScriptInvocation<'_>, l: &Limits) {
+    inv.arg(l.rpm.map_or(0, lua_int))
+        .arg(l.tpm.map_or(0, lua_int))
+        .arg(l.max_concurrent.map_or(0, lua_int));
+}
+
+/// Lua counts in doubles: integers are exact up to 2^53 (9 million dollars in nano-dollars,
+/// 9·10^15 tokens). Larger values are held at that, which no real limit reaches.
+fn lua_int(v: u64) -> u64 {
+    v.min(1 << 53)
+}
+
+pub(super) fn key_prefix(id: &str) -> String {
+    format!("tollgate:k:{id}")
+}
+
+fn model_prefix(slug: &str) -> String {
+    format!("tollgate:m:{slug}")
+}
+
+fn budget_hash(id: &str, period_start: i64) -> String {
+    format!("tollgate:k:{id}:b:{period_start}")
+}
+
+/// Connects while Redis is down, every 200 ms, and says when it answers again.
+async fn probe(shared: Arc<Shared>, seeds: Seeds, first: mpsc::Sender<()>) {
+    let mut first = Some(first);
+    let mut said_down = false;
+    loop {
+        if !shared.is_up() {
+            let attempt = tokio::time::timeout(Duration::from_secs(1), async {
+                let mut conn = shared.client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut conn).await?;
+                Ok::<_, redis::RedisError>(conn)
+            })
+            .await;
+            match attempt {
+                Ok(Ok(mut conn)) => {
+                    if !shared.seed(&mut conn, &seeds).await {
+                        tracing::warn!(
+                            "budgets could not be seeded in Redis from this node's spend"
+                        );
+                    }
+                    shared.conn.store(Some(Arc::new(conn)));
+                    shared.up.store(true, Ordering::Release);
+                    shared.meters.up.set(1);
+                    tracing::info!(node_id = %shared.settings.node_id, "redis answers: limits and budgets are shared");
+                    said_down = false;
+                }
+                _ if !said_down && first.is_some() => {
+                    tracing::warn!(
+                        on_redis_down = mode_name(shared.settings.on_redis_down),
+                        "redis unreachable at start; retrying in the background"
+                    );
+                    said_down = true;
+                }
+                _ => {}
+            }
+            if let Some(tx) = first.take() {
+                let _ = tx.send(());
+            }
+        }
+        if shared.is_up() {
+            shared.down.notified().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Extends this node's leases every third of their TTL, all in one round trip.
+async fn renew(shared: Arc<Shared>) {
+    let ttl = shared.settings.lease_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !shared.is_up() || shared.live.load(Ordering::Relaxed) <= 0 {
+            continue;
+        }
+        let keys = shared.lease_keys.load_full();
+        let mut inv = shared.scripts.renew.prepare_invoke();
+        for k in keys.iter() {
+            inv.key(k);
+        }
+        inv.arg(&shared.lease_prefix).arg(ttl.as_millis() as u64);
+        let _ = shared.call::<i64>(&inv).await;
+    }
+}
