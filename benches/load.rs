@@ -14,6 +14,8 @@ mod floor;
 mod gateway;
 #[path = "load/report.rs"]
 mod report;
+#[path = "load/streams.rs"]
+mod streams;
 #[path = "../tests/support/tiny_tokenizer.rs"]
 mod tiny_tokenizer;
 
@@ -100,6 +102,16 @@ struct Params {
     /// as `<phase name>.callgrind.out`, for `callgrind_annotate`.
     #[arg(long, value_name = "DIR", requires = "instructions")]
     profiles: Option<std::path::PathBuf>,
+    /// Instead of load: hold N slow streams open through tollgate at once and report its
+    /// memory: idle, at the peak, and for `--settle` seconds after the streams ended.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "instructions")]
+    open_streams: Option<u32>,
+    /// Milliseconds between two tokens of the simulated replicas (0: as fast as they can).
+    #[arg(long, default_value_t = 0)]
+    token_delay_ms: u64,
+    /// With `--open-streams`: seconds to keep reading tollgate's memory after the streams end.
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    settle: Duration,
     /// Added by `cargo bench` to every target; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -204,12 +216,26 @@ async fn run(params: &Params) -> Result<(), String> {
     for _ in 0..params.replicas {
         let opts = SimOptions {
             default_max_tokens: params.tokens,
+            token_delay: Duration::from_millis(params.token_delay_ms),
             ..SimOptions::default()
         };
         replicas.push(SimReplica::start(opts).await.map_err(|e| e.to_string())?);
     }
     let addrs: Vec<SocketAddr> = replicas.iter().map(SimReplica::addr).collect();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    if let Some(n) = params.open_streams {
+        // The baseline build first, if given, then this one, one after the other.
+        let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
+        for (name, binary) in params
+            .baseline
+            .iter()
+            .map(|b| ("base", b))
+            .chain([("tollgate", &built)])
+        {
+            streams::open_streams(params, n, name, binary, &addrs).await?;
+        }
+        return Ok(());
+    }
     if let Some(n) = params.instructions {
         println!(
             "tollgate instructions (valgrind callgrind): {} replicas, one worker thread, {n} and \

@@ -53,3 +53,15 @@ need_sdk_venv() {
 target_dir() {
     echo "${CARGO_TARGET_DIR:-$PWD/target}"
 }
+
+# wrk and nginx for benches/nginx/run (benchmarks only: neither the tests nor CI need them).
+need_bench_tools() {
+    local missing=()
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "installing ${missing[*]} (needed by benches/nginx/run)…"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}

@@ -68,8 +68,12 @@ impl From<&OpenAiUsage> for Usage {
 /// The usage in an OpenAI JSON body or chunk, if it carries a non-null one. Only the object's
 /// own `usage` member counts; it alone is parsed, the rest of the body is stepped over.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    // Most stream chunks carry no usage at all: a substring search rejects them cheaply.
-    scan::find(json, b"\"usage\"")?;
+    // Most stream chunks carry no usage at all, or `"usage":null` (OpenAI's streams with
+    // `include_usage` put it on every chunk): a byte scan rejects them before the object's
+    // members are walked.
+    if !usage_object_somewhere(json) {
+        return None;
+    }
     let start = scan::top_level_value(json, b"usage")?;
     if json[start] != b'{' {
         return None;
@@ -79,6 +83,21 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
         .ok()
         .as_ref()
         .map(Usage::from)
+}
+
+/// Whether some `"usage":` member, at any depth, holds an object. Inside a JSON string a
+/// quote is escaped, so every unescaped `"usage"` followed by a colon is a member name; when
+/// none of them holds an object, the top-level one (if there is one) does not either.
+fn usage_object_somewhere(json: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(start) = scan::value_start(&json[from..], b"\"usage\"") {
+        let at = from + start;
+        if json.get(at) == Some(&b'{') {
+            return true;
+        }
+        from = at;
+    }
+    false
 }
 
 /// Output tokens of a whole `chat.completion` that reported no usage: the text it
@@ -193,5 +212,18 @@ mod tests {
         let without =
             br#"{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 999}"}}]}"#;
         assert_eq!(usage_of(without), None);
+    }
+
+    #[test]
+    fn a_null_usage_before_or_beside_a_nested_one_does_not_hide_the_top_level_one() {
+        // The first `"usage"` is nested and null; the top-level one still counts.
+        let body = br#"{"choices":[{"delta":{"content":"a"},"usage":null}],"usage" : {"prompt_tokens":3,"completion_tokens":2}}"#;
+        assert_eq!(usage_of(body).map(|u| (u.input, u.output)), Some((3, 2)));
+        // A nested object and a null top-level one: no usage.
+        let nested = br#"{"choices":[{"usage":{"prompt_tokens":9}}],"usage":null}"#;
+        assert_eq!(usage_of(nested), None);
+        // Every chunk of an OpenAI stream with include_usage.
+        let chunk = br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#;
+        assert_eq!(usage_of(chunk), None);
     }
 }

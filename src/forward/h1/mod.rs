@@ -43,6 +43,8 @@
 //! `Connection: close`, a body delimited by the close, or both Transfer-Encoding and
 //! Content-Length (§6.3 rule 3); when bytes past the end of the response were received.
 
+use std::future::Future;
+
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
@@ -346,12 +348,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn fill(&mut self) -> Result<usize, H1Error> {
-        self.buf.reserve(READ_CHUNK);
-        let n = self
-            .stream
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(|_| H1Error("read error"))?;
+        let n = std::future::poll_fn(|cx| {
+            self.buf.reserve(READ_CHUNK);
+            let read = std::pin::pin!(self.stream.read_buf(&mut self.buf)).poll(cx);
+            if read.is_pending() && self.buf.is_empty() {
+                // Nothing to read yet: wait without a read buffer, which comes back when
+                // bytes do. A stream idle between two tokens then holds no 16 KiB buffer.
+                self.buf = BytesMut::new();
+            }
+            read
+        })
+        .await
+        .map_err(|_| H1Error("read error"))?;
         self.heard |= n > 0;
         Ok(n)
     }
