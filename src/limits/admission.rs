@@ -15,7 +15,6 @@ use super::{
     LimitError, Registry, Ticket,
 };
 use crate::config::{Budget, Key, Limits, Model, OnRedisDown};
-use crate::vocab::TokenPrices;
 
 /// What a request asks of its limits, as the request stage understood it.
 #[derive(Debug, Clone, Copy)]
@@ -185,13 +184,7 @@ pub async fn admit_call_shared(
     let (Some(shared), Some(key_counters)) = (&registry.shared, registry.key(&key.id)) else {
         return admit_call(registry, key, price_nanos, started_ms);
     };
-    let demand = Demand {
-        input_tokens: 0,
-        output_tokens: 0,
-        choices: 1,
-        prices: TokenPrices::default(),
-        per_request: price_nanos,
-    };
+    let demand = Demand::call(price_nanos);
     let now = now_ms();
     match shared.admit(key, None, demand, now).await {
         Decision::Down(mode) => {
@@ -367,13 +360,7 @@ pub fn admit_call(
             headers: Vec::new(),
         });
     };
-    let demand = Demand {
-        input_tokens: 0,
-        output_tokens: 0,
-        choices: 1,
-        prices: TokenPrices::default(),
-        per_request: price_nanos,
-    };
+    let demand = Demand::call(price_nanos);
     let now = now_ms();
     let (mut ticket, view_after) =
         admit_scoped(key, key_counters, None, demand, now, registry.generation).map_err(|err| {

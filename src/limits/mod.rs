@@ -136,6 +136,17 @@ pub struct Demand {
 }
 
 impl Demand {
+    /// A deployed model's call: no tokens, its price per call.
+    pub fn call(price_nanos: u64) -> Demand {
+        Demand {
+            input_tokens: 0,
+            output_tokens: 0,
+            choices: 1,
+            prices: TokenPrices::default(),
+            per_request: price_nanos,
+        }
+    }
+
     fn output_total(&self) -> u64 {
         self.output_tokens.saturating_mul(self.choices.max(1))
     }
