@@ -228,6 +228,7 @@ impl Gateway {
             started: ctx.started,
             own_fields: &ctx.headers,
             inter_token: runtime.meters.model(&model.slug).map(|m| m.itl.clone()),
+            ticket: ctx.ticket.as_mut(),
         };
         let relayed = self
             .upstream

@@ -29,6 +29,7 @@ use relay::Ending;
 use tokio::time::{timeout_at, Instant};
 
 use crate::config::Pool;
+use crate::limits::Ticket;
 use crate::route::{Lease, NoRoom, Placement, PoolRoute, Replica};
 use crate::translate::ResponsePlan;
 use crate::vocab::{Problem, Usage};
@@ -70,6 +71,9 @@ pub struct Exchange<'a> {
     pub own_fields: &'a [(&'static str, String)],
     /// Observes the gaps between streamed tokens.
     pub inter_token: Option<Histogram>,
+    /// The request's reservation: its concurrency slot is freed as soon as the replica's
+    /// answer is complete.
+    pub ticket: Option<&'a mut Ticket>,
 }
 
 /// Everything the exchange learned. `forward` writes it as it goes, so that a request cut in
@@ -162,7 +166,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         session: &mut Session,
-        ex: Exchange<'_>,
+        mut ex: Exchange<'_>,
         out: &mut Outcome,
     ) -> Result<Relayed, ForwardError> {
         let deadline = Instant::now() + ex.pool.timeouts.total;
@@ -255,8 +259,12 @@ impl Upstream {
                 }
                 // The replica is done with the request: its slot is free before the client
                 // reads the end, so the client's next request (the next turn of the same
-                // conversation, under `affinity`) never finds this one still counted.
+                // conversation, under `affinity`) never finds this one still counted; the
+                // same for the key's `max_concurrent`.
                 drop(lease);
+                if let Some(ticket) = ex.ticket.as_deref_mut() {
+                    ticket.free_slot();
+                }
                 relay::deliver(session, header, tail).await
             }
         }

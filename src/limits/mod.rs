@@ -192,6 +192,9 @@ pub struct Ticket {
     /// `max_tokens` lowered to what the budget pays for, when clamping applied.
     pub clamped_output: Option<u64>,
     settled: bool,
+    /// The request still counts in the key's and the model's `max_concurrent`: until
+    /// `free_slot`, or its settlement.
+    slot: bool,
     /// Admitted by Redis (cluster mode): settled there. The key's counters then only add
     /// the cost to this node's spend, which `on_redis_down = "local"` counts against.
     lease: Option<shared::Lease>,
@@ -331,6 +334,7 @@ fn admit_within(
             nanos,
             clamped_output,
             settled: false,
+            slot: true,
             lease: None,
         },
         view,
@@ -424,6 +428,25 @@ impl Ticket {
         self.release(tokens, nanos, now_ms, handed)
     }
 
+    /// The replica has answered in full: the request no longer counts against
+    /// `max_concurrent`, though its cost is settled only once the client has the answer.
+    /// Freed before the answer's last bytes are written, so a client sending requests one
+    /// after the other never finds its previous one still counted. (Cluster mode frees the
+    /// slot at settlement.)
+    pub fn free_slot(&mut self) {
+        if !self.slot || self.lease.is_some() {
+            return;
+        }
+        self.slot = false;
+        let mut k = self.key.lock();
+        k.inflight = k.inflight.saturating_sub(1);
+        drop(k);
+        if let Some(model) = &self.model {
+            let mut m = model.lock();
+            m.inflight = m.inflight.saturating_sub(1);
+        }
+    }
+
     /// The request's period is the one it started in (by default, its admission).
     pub fn set_started_ms(&mut self, started_ms: i64) {
         self.started_ms = started_ms;
@@ -444,7 +467,9 @@ impl Ticket {
         let spend = {
             let mut k = self.key.lock();
             handed();
-            k.inflight = k.inflight.saturating_sub(1);
+            if self.slot {
+                k.inflight = k.inflight.saturating_sub(1);
+            }
             k.tokens.settle(now, self.at_sec, self.tokens, tokens);
             k.spend.reserved = k.spend.reserved.saturating_sub(self.nanos);
             // Spend belongs to the period the request started in, as in the ledger: the one
@@ -477,7 +502,9 @@ impl Ticket {
         };
         if let Some(model) = &self.model {
             let mut m = model.lock();
-            m.inflight = m.inflight.saturating_sub(1);
+            if self.slot {
+                m.inflight = m.inflight.saturating_sub(1);
+            }
             m.tokens.settle(now, self.at_sec, self.tokens, tokens);
         }
         Settlement { spend, crossed }
@@ -505,6 +532,7 @@ impl Ticket {
             nanos,
             clamped_output,
             settled: false,
+            slot: true,
             lease: Some(lease),
         }
     }

@@ -219,6 +219,35 @@ fn concurrency_is_per_key_and_per_model() {
 }
 
 #[test]
+fn a_freed_slot_admits_the_next_request_and_is_not_freed_twice() {
+    let (key, model, r) = setup("max_concurrent = 1", "limits = { max_concurrent = 1 }");
+    let d = demand(&model, 1, 1);
+    let mut first = try_admit(&key, &model, &r, d, NOW).unwrap().0;
+    assert!(
+        try_admit(&key, &model, &r, d, NOW).is_err(),
+        "one at a time"
+    );
+    // The replica has answered: the next request is admitted before the first settles.
+    first.free_slot();
+    first.free_slot();
+    let second = try_admit(&key, &model, &r, d, NOW).unwrap().0;
+    let _ = first.settle(2, 0, NOW);
+    assert_eq!(
+        r.key("k").unwrap().inflight(),
+        1,
+        "settling frees nothing more"
+    );
+    assert_eq!(r.model("m").unwrap().inflight(), 1);
+    assert!(
+        try_admit(&key, &model, &r, d, NOW).is_err(),
+        "the second still runs"
+    );
+    drop(second);
+    assert_eq!(r.key("k").unwrap().inflight(), 0);
+    assert!(try_admit(&key, &model, &r, d, NOW).is_ok());
+}
+
+#[test]
 fn each_alert_threshold_crosses_once_per_period() {
     let (key, model, r) = setup(
         "budget = { usd = 0.01, period = \"daily\", enforce = false, alert_at = [0.5, 1.0] }",
