@@ -17,6 +17,7 @@ use super::h1::{Conn, Head};
 use super::{client_gone, failed_in, ForwardError, Outcome, Relayed, Upstream};
 use crate::body::{BodyError, Upload};
 use crate::config::{BodyPace, Pool};
+use crate::limits::Ticket;
 use crate::route::{Lease, Placement, PoolRoute};
 use crate::vocab;
 
@@ -42,6 +43,8 @@ pub struct Pass<'a> {
     pub pace: BodyPace,
     /// tollgate's own response fields (rate-limit headers), last on the client's header.
     pub own_fields: &'a [(&'static str, String)],
+    /// The call's reservation: its concurrency slot is freed with the replica's.
+    pub ticket: Option<&'a mut Ticket>,
 }
 
 /// Why a pass-through failed before its answer was complete.
@@ -138,7 +141,7 @@ impl Upstream {
     pub async fn pass(
         &self,
         session: &mut Session,
-        p: Pass<'_>,
+        mut p: Pass<'_>,
         out: &mut Outcome,
     ) -> Result<Relayed, PassError> {
         let mut upload = Upload::start(session, p.max_body, &p.pace)
@@ -202,7 +205,13 @@ impl Upstream {
         };
         out.first_byte = Some(p.started.elapsed());
         out.upstream_status = head.status.as_u16();
-        relay(session, &p, Answering { conn: up, lease }, head, out).await
+        let ticket = p.ticket.take();
+        let answering = Answering {
+            conn: up,
+            lease,
+            ticket,
+        };
+        relay(session, &p, answering, head, out).await
     }
 }
 
@@ -295,29 +304,35 @@ async fn wait_head(
     }
 }
 
-/// The replica's answer as it arrives: its status and fields (hop-by-hop ones aside, and
-/// tollgate's request id added), then each piece of its body.
-/// The replica's connection and its slot, held until its answer is read to the end.
-struct Answering {
+/// The replica's connection, its slot and the call's reservation, held until the answer is
+/// read to the end.
+struct Answering<'t> {
     conn: Conn,
     lease: Lease,
+    ticket: Option<&'t mut Ticket>,
 }
 
-impl Answering {
-    /// The answer is read whole: the connection goes back to the replica's idle pool and the
-    /// slot is released, before the client gets the last bytes, so the client's next
-    /// request finds both free.
+impl Answering<'_> {
+    /// The answer is read whole: the connection goes back to the replica's idle pool and
+    /// the replica's and the key's slots are released, before the client gets the last
+    /// bytes, so the client's next request finds them free.
     fn release(self) {
         if self.conn.reusable() {
             self.lease.replica().keep(self.conn.into_stream());
         }
+        drop(self.lease);
+        if let Some(ticket) = self.ticket {
+            ticket.free_slot();
+        }
     }
 }
 
+/// The replica's answer as it arrives: its status and fields (hop-by-hop ones aside, and
+/// tollgate's request id added), then each piece of its body.
 async fn relay(
     session: &mut Session,
     p: &Pass<'_>,
-    upstream: Answering,
+    upstream: Answering<'_>,
     head: Head,
     out: &mut Outcome,
 ) -> Result<Relayed, PassError> {

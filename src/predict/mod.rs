@@ -155,6 +155,7 @@ pub async fn serve(
         max_body: snapshot.server.max_body_bytes,
         pace: snapshot.server.body_pace,
         own_fields: &ctx.headers,
+        ticket: ctx.ticket.as_mut(),
     };
     let relayed = upstream.pass(session, pass, &mut ctx.outcome).await;
     ctx.status = ctx.outcome.status;
