@@ -2,6 +2,7 @@
 //! The serde mirror (`Raw…`) and the validated form side by side, since each raw table maps
 //! to one frozen struct.
 
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -280,6 +281,34 @@ fn count(src: &Source, v: &Spanned<u32>, path: String) -> Result<NonZeroU32, Con
     match NonZeroU32::new(*v.get_ref()) {
         Some(n) => Ok(n),
         None => src.err(v.span(), path, "must be at least 1".into()),
+    }
+}
+
+/// A replica's `host:port`, its name resolved once, at load.
+pub(super) fn replica_addr(s: &str) -> Result<SocketAddr, String> {
+    let addr = resolve(s)?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "{s:?} has port 0; name the port the replica serves on"
+        ));
+    }
+    Ok(addr)
+}
+
+fn resolve(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bad = || format!("{s:?} is not host:port (e.g. \"10.0.0.7:8000\")");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{host:?} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {host:?}: {e}")),
     }
 }
 

@@ -7,6 +7,7 @@ mod cluster;
 mod deployed;
 mod fleet;
 mod guard;
+mod keys;
 mod limits;
 mod raw;
 mod snapshot;
@@ -23,10 +24,11 @@ pub use deployed::{
 };
 pub use fleet::{Ejection, HealthCheck, Policy, QueueSettings};
 pub use guard::dropped_protections;
+pub use keys::key_id;
 pub use raw::{DEFAULT_ADMIN_LISTEN, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STATE_DIR};
 pub use snapshot::*;
 pub use tokenizer::{PromptRules, Tokenizer};
-pub use validate::{key_id, FEATURES, MODALITIES};
+pub use validate::{FEATURES, MODALITIES};
 
 /// Why a config was refused: where (file, line, TOML path) and what to change.
 #[derive(Debug)]

@@ -1,7 +1,7 @@
 //! Raw TOML → `Snapshot`: cross references, units and ranges, each error naming its TOML path.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use std::ops::Range;
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::fleet::{fleet, RawFleet};
-use super::limits::{alert_settings, budget, limits};
-use super::raw::{RawConfig, RawKey, RawModel, RawPool, RawState, RawTimeouts};
+use super::limits::{alert_settings, limits};
+use super::raw::{RawConfig, RawModel, RawPool, RawState, RawTimeouts};
 use super::snapshot::*;
 use super::tokenizer::{PromptRules, Tokenizer};
 use super::ConfigError;
@@ -159,7 +159,7 @@ pub(super) fn validate(raw: RawConfig, src: &Source) -> Result<Snapshot, ConfigE
     let mut ids = HashSet::new();
     for (i, k) in raw.keys.iter().enumerate() {
         let path = format!("keys[{i}]");
-        let (digest, key) = key(src, k, &path, &models, &deployed_models)?;
+        let (digest, key) = super::keys::key(src, k, &path, &models, &deployed_models)?;
         if !ids.insert(key.id.clone()) {
             return src.err(
                 k.id.span(),
@@ -264,7 +264,8 @@ fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
     let mut replicas = Vec::with_capacity(p.replicas.len());
     for (j, r) in p.replicas.iter().enumerate() {
         let rpath = format!("{path}.replicas[{j}]");
-        let addr = replica_addr(r.get_ref()).or_else(|m| src.err(r.span(), rpath.clone(), m))?;
+        let addr = super::fleet::replica_addr(r.get_ref())
+            .or_else(|m| src.err(r.span(), rpath.clone(), m))?;
         if replicas.contains(&addr) {
             return src.err(
                 r.span(),
@@ -332,33 +333,6 @@ fn pool(src: &Source, p: &RawPool, path: &str) -> Result<Pool, ConfigError> {
             path,
         )?,
     })
-}
-
-fn replica_addr(s: &str) -> Result<SocketAddr, String> {
-    let addr = resolve(s)?;
-    if addr.port() == 0 {
-        return Err(format!(
-            "{s:?} has port 0; name the port the replica serves on"
-        ));
-    }
-    Ok(addr)
-}
-
-fn resolve(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    let bad = || format!("{s:?} is not host:port (e.g. \"10.0.0.7:8000\")");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(bad());
-    }
-    match s.to_socket_addrs() {
-        Ok(mut addrs) => addrs
-            .next()
-            .ok_or_else(|| format!("{host:?} resolves to no address")),
-        Err(e) => Err(format!("cannot resolve {host:?}: {e}")),
-    }
 }
 
 fn timeouts(src: &Source, t: &RawTimeouts, path: &str) -> Result<Timeouts, ConfigError> {
@@ -600,142 +574,6 @@ fn vocabulary(
                 )
             }
         }
-    }
-    Ok(out)
-}
-
-/// A key id as the config accepts it: it names the key in metrics, logs and the ledger.
-pub fn key_id(id: &str) -> Result<(), String> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    match ok {
-        true => Ok(()),
-        false => Err(format!(
-            "{id:?} is not a valid key id: use 1-64 characters from A-Z a-z 0-9 . _ -"
-        )),
-    }
-}
-
-fn key(
-    src: &Source,
-    k: &RawKey,
-    path: &str,
-    models: &[Arc<Model>],
-    deployed_models: &[Arc<super::DeployedModel>],
-) -> Result<([u8; 32], Key), ConfigError> {
-    let id = k.id.get_ref().clone();
-    if let Err(e) = key_id(&id) {
-        return src.err(k.id.span(), format!("{path}.id"), e);
-    }
-    let mut digest = [0u8; 32];
-    if hex::decode_to_slice(k.sha256.get_ref().trim(), &mut digest).is_err() {
-        return src.err(
-            k.sha256.span(),
-            format!("{path}.sha256"),
-            "must be the 64 hex digits of the key's SHA-256, as printed by `tollgate key new`"
-                .into(),
-        );
-    }
-    let deployed = deployed_access(src, k, path, deployed_models)?;
-    let empty = Spanned::new(0..0, Vec::new());
-    let models_list = k.models.as_ref().unwrap_or(&empty);
-    let list = models_list.get_ref();
-    if list.is_empty() && deployed.is_empty() {
-        let span = k.models.as_ref().map_or(k.id.span(), |m| m.span());
-        return src.err(
-            span,
-            format!("{path}.models"),
-            "lists no model; use [\"*\"] for every model, or deployed_models = [\"<id>\"]".into(),
-        );
-    }
-    let mut patterns = Vec::with_capacity(list.len());
-    let mut all = false;
-    for (i, p) in list.iter().enumerate() {
-        let s = p.get_ref();
-        let pattern = if s == "*" {
-            all = true;
-            continue;
-        } else if let Some(prefix) = s.strip_suffix('*') {
-            ModelPattern::Prefix(prefix.to_string())
-        } else {
-            ModelPattern::Exact(s.clone())
-        };
-        if !models.iter().any(|m| pattern.matches(&m.slug)) {
-            return src.err(
-                p.span(),
-                format!("{path}.models[{i}]"),
-                format!("{s:?} matches no model in [[models]]; check the slug"),
-            );
-        }
-        patterns.push(pattern);
-    }
-    let models = if all {
-        ModelAccess::All
-    } else {
-        ModelAccess::Only(patterns)
-    };
-    let limits = limits(src, &k.rpm, &k.tpm, &k.max_concurrent, path)?;
-    let budget = match &k.budget {
-        None => None,
-        Some(b) => Some(budget(src, b, &format!("{path}.budget"))?),
-    };
-    Ok((
-        digest,
-        Key {
-            id: id.into(),
-            models,
-            deployed,
-            limits,
-            budget,
-        },
-    ))
-}
-
-/// A key's `deployed_models`: `"{id}"` or `"{id}/{environment}"`, each naming a deployed
-/// model (and one of its environments).
-fn deployed_access(
-    src: &Source,
-    k: &RawKey,
-    path: &str,
-    deployed: &[Arc<super::DeployedModel>],
-) -> Result<Vec<(String, Option<String>)>, ConfigError> {
-    let Some(list) = &k.deployed_models else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::with_capacity(list.get_ref().len());
-    for (i, item) in list.get_ref().iter().enumerate() {
-        let s = item.get_ref();
-        let (id, env) = match s.split_once('/') {
-            Some((id, env)) => (id, Some(env)),
-            None => (s.as_str(), None),
-        };
-        let at = format!("{path}.deployed_models[{i}]");
-        let Some(model) = deployed.iter().find(|m| &*m.id == id) else {
-            return src.err(
-                item.span(),
-                at,
-                format!("{id:?} is no id in [[deployed_models]]; check the id"),
-            );
-        };
-        if let Some(env) = env.filter(|e| !model.environments.contains_key(*e)) {
-            return src.err(
-                item.span(),
-                at,
-                format!(
-                    "deployed model {id:?} has no environment {env:?} (it has: {})",
-                    model
-                        .environments
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            );
-        }
-        out.push((id.to_string(), env.map(str::to_string)));
     }
     Ok(out)
 }
