@@ -52,6 +52,21 @@ pub enum ForwardError {
     NoCapacity { pool: String, waited_ms: u64 },
 }
 
+/// The replica's answer is read whole, and the client is yet to get its end: the connection
+/// goes back to the replica's idle pool if it can carry another request, and the request's
+/// slots (the replica's in-flight count, and the key's and model's `max_concurrent`) are
+/// freed now, so the client's next request (the next turn of the same conversation, under
+/// `affinity`) never finds this one still counted.
+fn answered(up: Conn, lease: Lease, ticket: Option<&mut Ticket>) {
+    if up.reusable() {
+        lease.replica().keep(up.into_stream());
+    }
+    drop(lease);
+    if let Some(ticket) = ticket {
+        ticket.free_slot();
+    }
+}
+
 /// What to send: the request is complete in memory, so it can be retried on another replica.
 pub struct Exchange<'a> {
     pub pool: &'a Pool,
@@ -254,17 +269,7 @@ impl Upstream {
         match ending.await? {
             Ending::Written(relayed) => Ok(relayed),
             Ending::Pending { header, tail } => {
-                if up.reusable() {
-                    lease.replica().keep(up.into_stream());
-                }
-                // The replica is done with the request: its slot is free before the client
-                // reads the end, so the client's next request (the next turn of the same
-                // conversation, under `affinity`) never finds this one still counted; the
-                // same for the key's `max_concurrent`.
-                drop(lease);
-                if let Some(ticket) = ex.ticket.as_deref_mut() {
-                    ticket.free_slot();
-                }
+                answered(up, lease, ex.ticket.as_deref_mut());
                 relay::deliver(session, header, tail).await
             }
         }

@@ -313,17 +313,9 @@ struct Answering<'t> {
 }
 
 impl Answering<'_> {
-    /// The answer is read whole: the connection goes back to the replica's idle pool and
-    /// the replica's and the key's slots are released, before the client gets the last
-    /// bytes, so the client's next request finds them free.
+    /// The answer is read whole, before its last bytes are written (see `answered`).
     fn release(self) {
-        if self.conn.reusable() {
-            self.lease.replica().keep(self.conn.into_stream());
-        }
-        drop(self.lease);
-        if let Some(ticket) = self.ticket {
-            ticket.free_slot();
-        }
+        super::answered(self.conn, self.lease, self.ticket);
     }
 }
 

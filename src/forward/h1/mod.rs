@@ -370,13 +370,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         !self.heard
     }
 
-    /// The response is complete and nothing else arrived: the connection may carry another
-    /// request.
     /// The answer's body has been read to its end.
     pub fn complete(&self) -> bool {
         self.framing == Framing::Done
     }
 
+    /// The response is complete and nothing else arrived: the connection may carry another
+    /// request.
     pub fn reusable(&self) -> bool {
         self.keep_alive && self.framing == Framing::Done && self.buf.is_empty()
     }
