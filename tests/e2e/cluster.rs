@@ -102,22 +102,20 @@ async fn ledgers(nodes: &[Gateway], admitted: u64) -> (u64, u64) {
     }
 }
 
-fn slow_sim() -> SimOptions {
-    SimOptions {
-        ttft: Duration::from_millis(1500),
+/// A replica that waits `ttft` before its first token, so requests overlap.
+async fn slow_sim(ttft: Duration) -> SimReplica {
+    SimReplica::start(SimOptions {
+        ttft,
         ..SimOptions::default()
-    }
+    })
+    .await
+    .expect("sim")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_budget_shared_by_three_nodes_is_never_passed() {
     let redis = Redis::start();
-    let sim = SimReplica::start(SimOptions {
-        ttft: Duration::from_millis(300),
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
+    let sim = slow_sim(Duration::from_millis(300)).await;
     // ask(100) reserves 81 × 500 + 100 × 1500 = 190,500 nano-dollars: the budget pays for
     // exactly 10 worst cases.
     let budget_nanos = 10 * 190_500u64;
@@ -177,7 +175,7 @@ async fn rpm_shared_by_three_nodes_admits_exactly_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_concurrent_shared_by_three_nodes_is_never_passed() {
     let redis = Redis::start();
-    let sim = SimReplica::start(slow_sim()).await.expect("sim");
+    let sim = slow_sim(Duration::from_millis(1500)).await;
     let stats = sim.stats();
     let gws = nodes(&redis, &sim, "max_concurrent = 5", "reject");
     let watch = {
@@ -441,12 +439,7 @@ async fn a_redis_that_lost_its_data_is_seeded_from_the_ledger() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_running_request_keeps_its_slot_and_a_dead_node_frees_it_within_the_ttl() {
     let redis = Redis::start();
-    let sim = SimReplica::start(SimOptions {
-        ttft: Duration::from_secs(6),
-        ..SimOptions::default()
-    })
-    .await
-    .expect("sim");
+    let sim = slow_sim(Duration::from_secs(6)).await;
     let stats = sim.stats();
     let config = |n| {
         format!(
