@@ -9,7 +9,7 @@
 //! - `tollgate:k:<key id>:b:<period start ms>`: hash `spent`, `reserved` (nano-dollars) and
 //!   `alert:<threshold>` once that threshold fired in the period.
 
-/// Shared helpers: window sums, waits, lease purges.
+/// Shared helpers: the clock, window sums, waits.
 const PRELUDE: &str = r#"
 -- Integers as Redis reads them: Lua's own tostring turns large ones into exponents.
 local function int(x) return string.format('%d', x) end
@@ -47,153 +47,227 @@ local function until_empty(slots, now)
   end
   return 0
 end
--- Drops expired leases; a key's also give back the budget reservations they held.
-local function purge(leases, held, now_ms)
-  local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', now_ms)
-  if #dead == 0 then return end
-  for _, id in ipairs(dead) do
-    if held then
-      local v = redis.call('HGET', held, id)
-      if v then
-        local nanos, budget = string.match(v, '^(%d+)|(.+)$')
-        if nanos then redis.call('HINCRBY', budget, 'reserved', '-' .. nanos) end
-        redis.call('HDEL', held, id)
+"#;
+
+/// One batch of admissions and settlements, applied in order as if each were a script of its
+/// own: reads (window sums, lease counts, budget totals) are made once per batch and kept in
+/// tables, and the writes they add up to are made once at the end.
+///
+/// ARGV[1] is the lease TTL in ms; then one operation after another, each a tag and its
+/// arguments, its keys taken in turn from KEYS. The reply is one string: each operation's
+/// values joined by `,`, the operations by `;` (one string costs the client far less to
+/// read than an array of numbers per operation).
+///
+/// `a` (admit). KEYS: key rq, tk, ls, held, budget hash; model rq, tk, ls. ARGV: lease; key
+/// rpm, tpm, max_concurrent; has model, model rpm, tpm, max_concurrent; has budget, budget
+/// nanos, enforce, clamp; input tokens, output cap, choices, input cost, output price, fewest
+/// clamped tokens. 0 is "no limit". Replies `{1, clamped cap or -1, key requests, key
+/// tokens, key tokens' seconds to empty, spent, reserved}` or `{0, code, scope, limit, retry
+/// after, need, committed, key requests, seconds to empty, key tokens, seconds to empty}`;
+/// codes: 1 requests, 2 tokens, 3 concurrency, 4 too large, 5 budget. Scope 1 is the key, 2
+/// the model.
+///
+/// `s` (settle). KEYS: key tk, ls, held, budget hash of the period the request started in;
+/// model tk, ls. ARGV: lease, second admitted, tokens reserved, tokens used, nano-dollars
+/// used, has model, has budget, budget nanos, number of alert thresholds, the thresholds.
+/// Replies `{spent, reserved, thresholds crossed now…}`; each threshold fires once per
+/// period across the cluster (`HSETNX`).
+const STEP_BODY: &str = r#"
+local now, now_ms = clock()
+local ttl = tonumber(ARGV[1])
+local wins, adds, cards, buds, touched = {}, {}, {}, {}, {}
+
+local function win(key)
+  local w = wins[key]
+  if not w then
+    local slots, total = window(key, now)
+    w = {slots = slots, total = total}
+    wins[key] = w
+  end
+  return w
+end
+local function add(key, sec, n)
+  if n == 0 then return end
+  local w = win(key)
+  w.slots[sec] = (w.slots[sec] or 0) + n
+  w.total = w.total + n
+  local a = adds[key]
+  if not a then a = {}; adds[key] = a end
+  a[sec] = (a[sec] or 0) + n
+end
+local function bud(h)
+  local b = buds[h]
+  if not b then
+    local v = redis.call('HMGET', h, 'spent', 'reserved')
+    b = {spent = tonumber(v[1] or 0), reserved = tonumber(v[2] or 0), dspent = 0, dres = 0}
+    buds[h] = b
+  end
+  return b
+end
+-- Leases in a set, once its expired ones are dropped; a key's give back the budget
+-- reservations they held.
+local function leases(ls, held)
+  local c = cards[ls]
+  if c then return c end
+  local dead = redis.call('ZRANGEBYSCORE', ls, '-inf', now_ms)
+  if #dead > 0 then
+    for _, id in ipairs(dead) do
+      if held then
+        local v = redis.call('HGET', held, id)
+        if v then
+          local nanos, budget = string.match(v, '^(%d+)|(.+)$')
+          if nanos then
+            local b = bud(budget)
+            b.dres = b.dres - tonumber(nanos)
+          end
+          redis.call('HDEL', held, id)
+        end
+      end
+    end
+    redis.call('ZREMRANGEBYSCORE', ls, '-inf', now_ms)
+  end
+  c = redis.call('ZCARD', ls)
+  cards[ls] = c
+  return c
+end
+
+local function admit(K, A)
+  local lim = {
+    {rpm = tonumber(A[2]), tpm = tonumber(A[3]), cc = tonumber(A[4]), rq = K[1], tk = K[2], ls = K[3], held = K[4]},
+  }
+  if A[5] == '1' then
+    lim[2] = {rpm = tonumber(A[6]), tpm = tonumber(A[7]), cc = tonumber(A[8]), rq = K[6], tk = K[7], ls = K[8]}
+  end
+  local has_budget, budget, enforce, clamp = A[9] == '1', tonumber(A[10]), A[11] == '1', A[12] == '1'
+  local input, output, choices = tonumber(A[13]), tonumber(A[14]), tonumber(A[15])
+  local input_cost, out_price, min_clamp = tonumber(A[16]), tonumber(A[17]), tonumber(A[18])
+  for _, l in ipairs(lim) do
+    l.n = leases(l.ls, l.held)
+    l.r = win(l.rq)
+    l.t = win(l.tk)
+  end
+  local k = lim[1]
+  local function refuse(code, scope, limit, retry, need, committed)
+    return {0, code, scope, int(limit), retry, int(need), int(committed),
+      int(k.r.total), until_empty(k.r.slots, now), int(k.t.total), until_empty(k.t.slots, now)}
+  end
+  for scope, l in ipairs(lim) do
+    if l.cc > 0 and l.n >= l.cc then
+      return refuse(3, scope, l.cc, 1, 0, 0)
+    end
+    if l.rpm > 0 then
+      local w = wait_for(l.r.slots, l.r.total, now, 1, l.rpm)
+      if w >= 1 then return refuse(1, scope, l.rpm, w, 1, 0) end
+    end
+  end
+  local b, clamped = nil, -1
+  if has_budget then
+    b = bud(K[5])
+    local reserved = math.max(b.reserved + b.dres, 0)
+    local committed = b.spent + b.dspent + reserved
+    local available = math.max(budget - committed, 0)
+    local worst = input_cost + output * choices * out_price
+    if enforce and worst > available then
+      local affordable = output
+      if out_price > 0 then
+        affordable = math.floor(math.max(available - input_cost, 0) / (out_price * math.max(choices, 1)))
+      end
+      if clamp and input_cost < available and affordable >= math.min(min_clamp, output) then
+        output = math.min(affordable, output)
+        clamped = output
+      else
+        return refuse(5, 1, budget, 0, worst, committed)
       end
     end
   end
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
-end
-"#;
-
-/// KEYS: key rq, tk, ls, held, budget hash; model rq, tk, ls.
-/// ARGV: lease, ttl ms; key rpm, tpm, max_concurrent; has model, model rpm, tpm,
-/// max_concurrent; has budget, budget nanos, enforce, clamp; input tokens, output cap,
-/// choices, input cost, output price, fewest clamped tokens. 0 is "no limit".
-///
-/// Returns `{1, clamped cap or -1, key requests, key tokens, key tokens' seconds to empty,
-/// spent, reserved}` or `{0, code, scope, limit, retry after, need, committed, key
-/// requests, seconds to empty, key tokens, seconds to empty}`; codes: 1 requests, 2 tokens,
-/// 3 concurrency, 4 too large, 5 budget. Scope 1 is the key, 2 the model.
-const ADMIT_BODY: &str = r#"
-local now, now_ms = clock()
-local lease, ttl = ARGV[1], tonumber(ARGV[2])
-local lim = {
-  {rpm = tonumber(ARGV[3]), tpm = tonumber(ARGV[4]), cc = tonumber(ARGV[5]), rq = KEYS[1], tk = KEYS[2], ls = KEYS[3]},
-}
-if ARGV[6] == '1' then
-  lim[2] = {rpm = tonumber(ARGV[7]), tpm = tonumber(ARGV[8]), cc = tonumber(ARGV[9]), rq = KEYS[6], tk = KEYS[7], ls = KEYS[8]}
-end
-local has_budget, budget, enforce, clamp = ARGV[10] == '1', tonumber(ARGV[11]), ARGV[12] == '1', ARGV[13] == '1'
-local input, output, choices = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
-local input_cost, out_price, min_clamp = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19])
-
-purge(KEYS[3], KEYS[4], now_ms)
-if lim[2] then purge(lim[2].ls, nil, now_ms) end
-for _, l in ipairs(lim) do
-  l.rslots, l.rtotal = window(l.rq, now)
-  l.tslots, l.ttotal = window(l.tk, now)
-end
-local k = lim[1]
-local function refuse(code, scope, limit, retry, need, committed)
-  return {0, code, scope, limit, retry, need, committed,
-    k.rtotal, until_empty(k.rslots, now), k.ttotal, until_empty(k.tslots, now)}
-end
-for scope, l in ipairs(lim) do
-  if l.cc > 0 and redis.call('ZCARD', l.ls) >= l.cc then
-    return refuse(3, scope, l.cc, 1, 0, 0)
-  end
-  if l.rpm > 0 then
-    local w = wait_for(l.rslots, l.rtotal, now, 1, l.rpm)
-    if w >= 1 then return refuse(1, scope, l.rpm, w, 1, 0) end
-  end
-end
-local spent, reserved, clamped = 0, 0, -1
-if has_budget then
-  local b = redis.call('HMGET', KEYS[5], 'spent', 'reserved')
-  spent, reserved = tonumber(b[1] or 0), tonumber(b[2] or 0)
-  if reserved < 0 then reserved = 0 end
-  local committed = spent + reserved
-  local available = math.max(budget - committed, 0)
-  local worst = input_cost + output * choices * out_price
-  if enforce and worst > available then
-    local affordable = output
-    if out_price > 0 then
-      affordable = math.floor(math.max(available - input_cost, 0) / (out_price * math.max(choices, 1)))
-    end
-    if clamp and input_cost < available and affordable >= math.min(min_clamp, output) then
-      output = math.min(affordable, output)
-      clamped = output
-    else
-      return refuse(5, 1, budget, 0, worst, committed)
+  local tokens = input + output * math.max(choices, 1)
+  for scope, l in ipairs(lim) do
+    if l.tpm > 0 then
+      local w = wait_for(l.t.slots, l.t.total, now, tokens, l.tpm)
+      if w < 0 then return refuse(4, scope, l.tpm, 0, tokens, 0) end
+      if w > 0 then return refuse(2, scope, l.tpm, w, tokens, 0) end
     end
   end
-end
-local tokens = input + output * math.max(choices, 1)
-for scope, l in ipairs(lim) do
-  if l.tpm > 0 then
-    local w = wait_for(l.tslots, l.ttotal, now, tokens, l.tpm)
-    if w < 0 then return refuse(4, scope, l.tpm, 0, tokens, 0) end
-    if w > 0 then return refuse(2, scope, l.tpm, w, tokens, 0) end
+  local nanos = input_cost + output * math.max(choices, 1) * out_price
+  for _, l in ipairs(lim) do
+    add(l.rq, now, 1)
+    add(l.tk, now, tokens)
+    redis.call('ZADD', l.ls, int(now_ms + ttl), A[1])
+    cards[l.ls] = l.n + 1
+    touched[l.ls] = true
   end
+  local spent, reserved = 0, 0
+  if b then
+    redis.call('HSET', K[4], A[1], int(nanos) .. '|' .. K[5])
+    touched[K[4]] = true
+    b.dres = b.dres + nanos
+    spent, reserved = b.spent + b.dspent, b.reserved + b.dres
+  end
+  return {1, int(clamped), int(k.r.total), int(k.t.total), 60, int(spent), int(reserved)}
 end
-local nanos = input_cost + output * math.max(choices, 1) * out_price
-for _, l in ipairs(lim) do
-  redis.call('HINCRBY', l.rq, int(now), 1)
-  redis.call('HINCRBY', l.tk, int(now), int(tokens))
-  redis.call('PEXPIRE', l.rq, 61000)
-  redis.call('PEXPIRE', l.tk, 61000)
-  redis.call('ZADD', l.ls, int(now_ms + ttl), lease)
-  redis.call('PEXPIRE', l.ls, ttl * 3)
-end
-if has_budget then
-  redis.call('HSET', KEYS[4], lease, int(nanos) .. '|' .. KEYS[5])
-  redis.call('PEXPIRE', KEYS[4], ttl * 3)
-  reserved = redis.call('HINCRBY', KEYS[5], 'reserved', int(nanos))
-end
-return {1, clamped, k.rtotal + 1, k.ttotal + tokens, 60, spent, reserved}
-"#;
 
-/// KEYS: key tk, ls, held, budget hash of the period the request started in; model tk, ls.
-/// ARGV: lease, second admitted, tokens reserved, tokens used, nano-dollars used, has model,
-/// has budget, budget nanos, then the alert thresholds.
-/// Returns `{spent, reserved, thresholds crossed now…}`; each threshold fires once per
-/// period across the cluster (`HSETNX`).
-const SETTLE_BODY: &str = r#"
-local now = clock()
-local lease, at = ARGV[1], tonumber(ARGV[2])
-local reserved_tokens, used_tokens, used = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local held = redis.call('HGET', KEYS[3], lease)
-if held then
-  local nanos, budget = string.match(held, '^(%d+)|(.+)$')
-  if nanos then redis.call('HINCRBY', budget, 'reserved', '-' .. nanos) end
-  redis.call('HDEL', KEYS[3], lease)
-end
-local function settle_tokens(tk)
-  if at > now - 60 then
-    local v = tonumber(redis.call('HGET', tk, ARGV[2]) or 0)
-    redis.call('HSET', tk, ARGV[2], int(math.max(v - reserved_tokens, 0) + used_tokens))
+local function settle(K, A)
+  local lease, at = A[1], tonumber(A[2])
+  local reserved_tokens, used_tokens, used = tonumber(A[3]), tonumber(A[4]), tonumber(A[5])
+  local held = redis.call('HGET', K[3], lease)
+  if held then
+    local nanos, budget = string.match(held, '^(%d+)|(.+)$')
+    if nanos then
+      local b = bud(budget)
+      b.dres = b.dres - tonumber(nanos)
+    end
+    redis.call('HDEL', K[3], lease)
   end
-end
-redis.call('ZREM', KEYS[2], lease)
-settle_tokens(KEYS[1])
-if ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[6], lease)
-  settle_tokens(KEYS[5])
-end
-local out = {0, 0}
-if ARGV[7] == '1' then
-  local spent = redis.call('HINCRBY', KEYS[4], 'spent', ARGV[5])
-  local reserved = tonumber(redis.call('HGET', KEYS[4], 'reserved') or 0)
-  out = {spent, reserved}
-  local budget = tonumber(ARGV[8])
-  for i = 9, #ARGV do
-    local t = tonumber(ARGV[i])
-    if spent >= t * budget and redis.call('HSETNX', KEYS[4], 'alert:' .. ARGV[i], 1) == 1 then
-      table.insert(out, ARGV[i])
+  local function settle_in(ls, tk)
+    if redis.call('ZREM', ls, lease) == 1 and cards[ls] then cards[ls] = cards[ls] - 1 end
+    if at > now - 60 then
+      local v = win(tk).slots[at] or 0
+      add(tk, at, math.max(v - reserved_tokens, 0) + used_tokens - v)
     end
   end
+  settle_in(K[2], K[1])
+  if A[6] == '1' then settle_in(K[6], K[5]) end
+  if A[7] ~= '1' then return {0, 0} end
+  local b = bud(K[4])
+  b.dspent = b.dspent + used
+  local spent = b.spent + b.dspent
+  local out = {int(spent), int(b.reserved + b.dres)}
+  local budget = tonumber(A[8])
+  for i = 10, 9 + tonumber(A[9]) do
+    local t = tonumber(A[i])
+    if spent >= t * budget and redis.call('HSETNX', K[4], 'alert:' .. A[i], 1) == 1 then
+      table.insert(out, A[i])
+    end
+  end
+  return out
 end
-return out
+
+local replies = {}
+local i, k = 2, 1
+while i <= #ARGV do
+  local tag = ARGV[i]
+  if tag == 'a' then
+    table.insert(replies, table.concat(admit({unpack(KEYS, k, k + 7)}, {unpack(ARGV, i + 1, i + 18)}), ','))
+    i, k = i + 19, k + 8
+  else
+    local n = 10 + tonumber(ARGV[i + 9])
+    table.insert(replies, table.concat(settle({unpack(KEYS, k, k + 5)}, {unpack(ARGV, i + 1, i + n - 1)}), ','))
+    i, k = i + n, k + 6
+  end
+end
+
+for key, a in pairs(adds) do
+  for sec, n in pairs(a) do
+    if n ~= 0 then redis.call('HINCRBY', key, int(sec), int(n)) end
+  end
+  redis.call('PEXPIRE', key, 61000)
+end
+for h, b in pairs(buds) do
+  if b.dres ~= 0 then redis.call('HINCRBY', h, 'reserved', int(b.dres)) end
+  if b.dspent ~= 0 then redis.call('HINCRBY', h, 'spent', int(b.dspent)) end
+end
+for key in pairs(touched) do redis.call('PEXPIRE', key, ttl * 3) end
+return table.concat(replies, ';')
 "#;
 
 /// KEYS: lease sets and held hashes this node may have leases in. ARGV: this node's lease
@@ -224,12 +298,8 @@ for i = 2, #ARGV do redis.call('HSET', KEYS[1], 'alert:' .. ARGV[i], 1) end
 return 1
 "#;
 
-pub fn admit() -> redis::Script {
-    redis::Script::new(&format!("{PRELUDE}{ADMIT_BODY}"))
-}
-
-pub fn settle() -> redis::Script {
-    redis::Script::new(&format!("{PRELUDE}{SETTLE_BODY}"))
+pub fn step() -> redis::Script {
+    redis::Script::new(&format!("{PRELUDE}{STEP_BODY}"))
 }
 
 pub fn renew() -> redis::Script {

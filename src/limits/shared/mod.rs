@@ -1,15 +1,20 @@
-//! Cluster mode: the limits and budgets of several nodes counted in one Redis. Admission is
-//! one atomic script per request (`lua.rs`), settlement one more, sent from a runtime of
-//! its own so no request waits for it. Concurrency slots are leases that this node renews in
-//! one round trip for all of them; a node that stops stops renewing, and its slots and
-//! reservations lapse after `cluster.lease_ttl_ms`.
+//! Cluster mode: the limits and budgets of several nodes counted in one Redis. A request's
+//! admission checks every limit and reserves in one atomic script, and its settlement gives
+//! back what it did not use; both travel in batches, one script call for every operation
+//! queued on a worker thread while the previous call was out (`lane.rs`, `lua.rs`), so a
+//! request alone waits one round trip and a loaded node shares each round trip among many.
+//! Concurrency slots are leases that this node renews in one round trip for all of them; a
+//! node that stops stops renewing, and its slots and reservations lapse after
+//! `cluster.lease_ttl_ms`.
 //!
 //! Whether Redis answers is one atomic flag, read by every admission: while it is down,
 //! nothing waits on Redis, and `probe` reconnects in the background.
 
+mod lane;
 mod lua;
 mod reply;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
@@ -44,6 +49,8 @@ pub struct Shared {
     client: redis::Client,
     conn: ArcSwapOption<MultiplexedConnection>,
     up: AtomicBool,
+    /// Counts the times Redis came back: a lane whose connection is older makes a new one.
+    epoch: AtomicU64,
     /// `<node id>:<random per start>:`: this process's leases, apart from an earlier run's.
     lease_prefix: String,
     seq: AtomicU64,
@@ -51,17 +58,67 @@ pub struct Shared {
     live: AtomicI64,
     /// The lease sets of every configured key and model (from the config in use).
     lease_keys: ArcSwap<Vec<String>>,
+    /// The Redis key names of every configured key and model, made once per config.
+    names: ArcSwap<Names>,
     scripts: Scripts,
     meters: ClusterMeters,
     handle: tokio::runtime::Handle,
     on_crossed: OnceLock<OnCrossed>,
     /// Wakes `probe` when a call finds Redis gone.
     down: tokio::sync::Notify,
+    lanes: lane::Lanes,
+}
+
+/// The Redis keys of one API key: its windows, lease set, held reservations, and the
+/// stand-ins the script is given where there is no budget or no model.
+pub(super) struct KeyNames {
+    rq: String,
+    tk: String,
+    ls: String,
+    held: String,
+    no_budget: String,
+    no_model: ModelNames,
+}
+
+impl KeyNames {
+    fn of(id: &str) -> KeyNames {
+        let p = key_prefix(id);
+        KeyNames {
+            rq: format!("{p}:rq"),
+            tk: format!("{p}:tk"),
+            ls: format!("{p}:ls"),
+            held: format!("{p}:held"),
+            no_budget: format!("{p}:b:none"),
+            no_model: ModelNames::with_prefix(&format!("{p}:none")),
+        }
+    }
+}
+
+/// The Redis keys of one model's limits.
+pub(super) struct ModelNames {
+    rq: String,
+    tk: String,
+    ls: String,
+}
+
+impl ModelNames {
+    fn with_prefix(p: &str) -> ModelNames {
+        ModelNames {
+            rq: format!("{p}:rq"),
+            tk: format!("{p}:tk"),
+            ls: format!("{p}:ls"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Names {
+    keys: HashMap<Arc<str>, Arc<KeyNames>>,
+    models: HashMap<String, Arc<ModelNames>>,
 }
 
 struct Scripts {
-    admit: redis::Script,
-    settle: redis::Script,
+    step: redis::Script,
     renew: redis::Script,
     seed: redis::Script,
 }
@@ -116,12 +173,13 @@ impl Shared {
             client,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             live: AtomicI64::new(0),
             lease_keys: ArcSwap::from_pointee(Vec::new()),
+            names: ArcSwap::from_pointee(Names::default()),
             scripts: Scripts {
-                admit: lua::admit(),
-                settle: lua::settle(),
+                step: lua::step(),
                 renew: lua::renew(),
                 seed: lua::seed(),
             },
@@ -129,6 +187,7 @@ impl Shared {
             handle,
             on_crossed: OnceLock::new(),
             down: tokio::sync::Notify::new(),
+            lanes: lane::Lanes::new(),
         });
         Ok(shared)
     }
@@ -173,6 +232,20 @@ impl Shared {
             )
             .collect();
         self.lease_keys.store(Arc::new(keys));
+        self.names.store(Arc::new(Names {
+            keys: snapshot
+                .keys()
+                .map(|k| (k.id.clone(), Arc::new(KeyNames::of(&k.id))))
+                .collect(),
+            models: snapshot
+                .models
+                .iter()
+                .map(|m| {
+                    let names = ModelNames::with_prefix(&model_prefix(&m.slug));
+                    (m.slug.to_string(), Arc::new(names))
+                })
+                .collect(),
+        }));
     }
 
     /// Counts a request decided without Redis.
@@ -197,47 +270,70 @@ impl Shared {
             self.lease_prefix,
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
-        let kp = key_prefix(&key.id);
-        let budget_hash = key
+        let known = self.names.load();
+        let names = known
+            .keys
+            .get(&key.id)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(KeyNames::of(&key.id)));
+        let model_names = model.map(|(_, slug)| {
+            known
+                .models
+                .get(slug)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(ModelNames::with_prefix(&model_prefix(slug))))
+        });
+        drop(known);
+        let budget = key
             .budget
             .as_ref()
             .map(|b| budget_hash(&key.id, period::start(b.period, now_ms)));
-        let mp = model.map(|(_, slug)| model_prefix(slug));
-        let mut inv = self.scripts.admit.prepare_invoke();
-        inv.key(format!("{kp}:rq"))
-            .key(format!("{kp}:tk"))
-            .key(format!("{kp}:ls"))
-            .key(format!("{kp}:held"))
-            .key(
-                budget_hash
-                    .clone()
-                    .unwrap_or_else(|| format!("{kp}:b:none")),
-            );
-        let mpx = mp.clone().unwrap_or_else(|| format!("{kp}:none"));
-        inv.key(format!("{mpx}:rq"))
-            .key(format!("{mpx}:tk"))
-            .key(format!("{mpx}:ls"));
-        let ttl = self.settings.lease_ttl.as_millis() as u64;
-        inv.arg(&lease_id).arg(ttl);
-        limits_args(&mut inv, &key.limits);
-        inv.arg(u8::from(model.is_some()));
-        limits_args(&mut inv, model.map_or(&NONE, |m| m.0));
+        let (k, m) = (&key.limits, model.map_or(&NONE, |m| m.0));
         let b = key.budget.as_ref();
-        inv.arg(u8::from(b.is_some()))
-            .arg(b.map_or(0, |b| lua_int(b.nanos)))
-            .arg(u8::from(b.is_some_and(|b| b.enforce)))
-            .arg(u8::from(b.is_some_and(|b| b.clamp_max_tokens)))
-            .arg(lua_int(demand.input_tokens))
-            .arg(lua_int(demand.output_tokens))
-            .arg(demand.choices.max(1))
-            .arg(lua_int(demand.input_cost()))
-            .arg(lua_int(demand.prices.output))
-            .arg(super::MIN_CLAMPED_OUTPUT);
+        let nums = [
+            k.rpm.map_or(0, lua_int),
+            k.tpm.map_or(0, lua_int),
+            k.max_concurrent.map_or(0, lua_int),
+            u64::from(model.is_some()),
+            m.rpm.map_or(0, lua_int),
+            m.tpm.map_or(0, lua_int),
+            m.max_concurrent.map_or(0, lua_int),
+            u64::from(b.is_some()),
+            b.map_or(0, |b| lua_int(b.nanos)),
+            u64::from(b.is_some_and(|b| b.enforce)),
+            u64::from(b.is_some_and(|b| b.clamp_max_tokens)),
+            lua_int(demand.input_tokens),
+            lua_int(demand.output_tokens),
+            demand.choices.max(1),
+            lua_int(demand.input_cost()),
+            lua_int(demand.prices.output),
+            super::MIN_CLAMPED_OUTPUT,
+        ];
         self.live.fetch_add(1, Ordering::Relaxed);
-        let reply: Result<Vec<redis::Value>, ()> = self.call(&inv).await;
-        let decision = match reply {
-            Ok(values) => reply::admission(self, key, &values, now_ms, lease_id, mp, demand),
-            Err(()) => Decision::Down(self.settings.on_redis_down),
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lane::send(
+            self,
+            lane::Op::Admit {
+                names: names.clone(),
+                model: model_names.clone(),
+                budget,
+                lease: lease_id.clone(),
+                nums,
+                reply: tx,
+            },
+        );
+        let decision = match rx.await {
+            Ok(answer) => reply::admission(
+                self,
+                key,
+                &reply::Fields::of(&answer),
+                now_ms,
+                lease_id,
+                names,
+                model_names,
+                demand,
+            ),
+            Err(_) => Decision::Down(self.settings.on_redis_down),
         };
         if !matches!(decision, Decision::Admitted { .. }) {
             self.live.fetch_sub(1, Ordering::Relaxed);
@@ -245,9 +341,9 @@ impl Shared {
         decision
     }
 
-    /// Replaces a lease's reservation with what its request used, off the request path.
-    /// Redis down: the lease lapses after its TTL, which releases its reservation; what it
-    /// cost is in this node's ledger.
+    /// Replaces a lease's reservation with what its request used, off the request path: it
+    /// rides with the next batch of this thread's lane. Redis down: the lease lapses after
+    /// its TTL, which releases its reservation; what it cost is in this node's ledger.
     pub(super) fn settle(
         self: &Arc<Self>,
         lease: Lease,
@@ -260,46 +356,37 @@ impl Shared {
         if !self.is_up() {
             return;
         }
-        let kp = key_prefix(&lease.key_id);
         let period_start = budget.map(|b| period::start(b.period, started_ms));
-        let budget = budget.map(|b| (b.nanos, b.alert_at.clone()));
-        let shared = self.clone();
-        self.handle.spawn(async move {
-            let mut inv = shared.scripts.settle.prepare_invoke();
-            let mpx = lease.model.clone().unwrap_or_else(|| format!("{kp}:none"));
-            inv.key(format!("{kp}:tk"))
-                .key(format!("{kp}:ls"))
-                .key(format!("{kp}:held"))
-                .key(
-                    period_start
-                        .map_or_else(|| format!("{kp}:b:none"), |s| budget_hash(&lease.key_id, s)),
-                )
-                .key(format!("{mpx}:tk"))
-                .key(format!("{mpx}:ls"));
-            inv.arg(&lease.id)
-                .arg(lease.at_sec)
-                .arg(lua_int(lease.tokens))
-                .arg(lua_int(used_tokens))
-                .arg(lua_int(used_nanos))
-                .arg(u8::from(lease.model.is_some()))
-                .arg(u8::from(budget.is_some()))
-                .arg(budget.as_ref().map_or(0, |b| lua_int(b.0)));
-            for t in budget.iter().flat_map(|b| &b.1) {
-                inv.arg(t.to_string());
-            }
-            let Ok(values) = shared.call::<Vec<redis::Value>>(&inv).await else {
-                return;
-            };
-            let (Some((nanos, _)), Some(start)) = (budget, period_start) else {
-                return;
-            };
-            let crossed = reply::crossed(&values, nanos, start);
-            if !crossed.is_empty() {
-                if let Some(hook) = shared.on_crossed.get() {
-                    hook(&lease.key_id, crossed);
-                }
-            }
-        });
+        let budget_hash = period_start.map(|s| budget_hash(&lease.key_id, s));
+        let nums = [
+            lease.at_sec,
+            lua_int(lease.tokens),
+            lua_int(used_tokens),
+            lua_int(used_nanos),
+            u64::from(lease.model.is_some()),
+            u64::from(budget.is_some()),
+            budget.map_or(0, |b| lua_int(b.nanos)),
+        ];
+        let thresholds = budget
+            .iter()
+            .flat_map(|b| &b.alert_at)
+            .map(|t| t.to_string())
+            .collect();
+        let alerts = budget
+            .zip(period_start)
+            .map(|(b, start)| (lease.key_id.clone(), b.nanos, start));
+        lane::send(
+            self,
+            lane::Op::Settle {
+                names: lease.names,
+                model: lease.model,
+                budget: budget_hash,
+                lease: lease.id,
+                nums,
+                thresholds,
+                alerts,
+            },
+        );
     }
 
     /// Seeds each budget's current period where Redis holds none yet (`HSETNX`): the first
@@ -318,13 +405,22 @@ impl Shared {
         ok
     }
 
+    /// Runs a script on the cluster thread's connection (renewals).
     async fn call<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, ()> {
         let Some(conn) = self.conn.load_full() else {
             self.mark_down();
             return Err(());
         };
-        let mut conn = (*conn).clone();
-        match tokio::time::timeout(self.settings.timeout, inv.invoke_async(&mut conn)).await {
+        self.invoke(&mut (*conn).clone(), inv).await
+    }
+
+    /// Runs a script within `cluster.timeout_ms`; Redis is marked down if it fails.
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        inv: &ScriptInvocation<'_>,
+    ) -> Result<T, ()> {
+        match tokio::time::timeout(self.settings.timeout, inv.invoke_async(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if !is_connection_error(&e) => {
                 // A script error is a bug, not an outage: said, and decided as one.
@@ -373,12 +469,6 @@ const NONE: Limits = Limits {
     max_concurrent: None,
 };
 
-fn limits_args(inv: &mut ScriptInvocation<'_>, l: &Limits) {
-    inv.arg(l.rpm.map_or(0, lua_int))
-        .arg(l.tpm.map_or(0, lua_int))
-        .arg(l.max_concurrent.map_or(0, lua_int));
-}
-
 /// Lua counts in doubles: integers are exact up to 2^53 (9 million dollars in nano-dollars,
 /// 9·10^15 tokens). Larger values are held at that, which no real limit reaches.
 fn lua_int(v: u64) -> u64 {
@@ -417,6 +507,7 @@ async fn probe(shared: Arc<Shared>, seeds: Seeds, first: mpsc::Sender<()>) {
                         );
                     }
                     shared.conn.store(Some(Arc::new(conn)));
+                    shared.epoch.fetch_add(1, Ordering::AcqRel);
                     shared.up.store(true, Ordering::Release);
                     shared.meters.up.set(1);
                     tracing::info!(node_id = %shared.settings.node_id, "redis answers: limits and budgets are shared");

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use redis::Value;
-
-use super::{Decision, Shared};
+use super::{Decision, ModelNames, Shared};
 use crate::config::Key;
 use crate::limits::{Crossed, Demand, LimitError, LimitKind, RateView, Scope, Spend};
 
@@ -13,8 +11,9 @@ use crate::limits::{Crossed, Demand, LimitError, LimitKind, RateView, Scope, Spe
 pub struct Lease {
     pub(super) id: String,
     pub(super) key_id: Arc<str>,
-    /// The model's key prefix, when its limits were counted too.
-    pub(super) model: Option<String>,
+    pub(super) names: Arc<super::KeyNames>,
+    /// The model's names, when its limits were counted too.
+    pub(super) model: Option<Arc<ModelNames>>,
     /// The second (Redis's clock) its tokens were counted in.
     pub(super) at_sec: u64,
     /// Tokens reserved.
@@ -30,51 +29,53 @@ impl Lease {
     }
 }
 
-fn int(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::Int(n)) => (*n).max(0) as u64,
-        Some(Value::BulkString(b)) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0),
-        _ => 0,
+/// One operation's answer: its values, as the script joined them with `,`.
+pub(super) struct Fields<'a>(Vec<&'a str>);
+
+impl<'a> Fields<'a> {
+    pub fn of(answer: &'a str) -> Fields<'a> {
+        Fields(answer.split(',').collect())
+    }
+
+    fn signed(&self, at: usize) -> i64 {
+        self.0.get(at).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    fn int(&self, at: usize) -> u64 {
+        self.signed(at).max(0) as u64
     }
 }
 
-fn signed(v: Option<&Value>) -> i64 {
-    match v {
-        Some(Value::Int(n)) => *n,
-        _ => 0,
-    }
-}
-
+#[allow(clippy::too_many_arguments)]
 pub(super) fn admission(
     shared: &Arc<Shared>,
     key: &Key,
-    v: &[Value],
+    v: &Fields,
     now_ms: i64,
     lease_id: String,
-    model: Option<String>,
+    names: Arc<super::KeyNames>,
+    model: Option<Arc<ModelNames>>,
     demand: Demand,
 ) -> Decision {
     let now_sec = (now_ms / 1000).max(0) as u64;
-    if int(v.first()) == 1 {
-        let clamped = u64::try_from(signed(v.get(1))).ok();
+    if v.int(0) == 1 {
+        let clamped = u64::try_from(v.signed(1)).ok();
         let output = clamped.unwrap_or(demand.output_tokens);
         let tokens = demand
             .input_tokens
             .saturating_add(output.saturating_mul(demand.choices.max(1)));
-        let view = view(key, int(v.get(2)), 60, int(v.get(3)), int(v.get(4)));
+        let view = view(key, v.int(2), 60, v.int(3), v.int(4));
         return Decision::Admitted {
             lease: Lease {
                 id: lease_id,
                 key_id: key.id.clone(),
+                names,
                 model,
                 at_sec: now_sec,
                 tokens,
                 spend: Spend {
-                    spent: int(v.get(5)),
-                    reserved: int(v.get(6)),
+                    spent: v.int(5),
+                    reserved: v.int(6),
                     ..Spend::default()
                 },
                 shared: shared.clone(),
@@ -83,20 +84,20 @@ pub(super) fn admission(
             clamped,
         };
     }
-    let scope = if int(v.get(2)) == 2 {
+    let scope = if v.int(2) == 2 {
         Scope::Model
     } else {
         Scope::Key
     };
     let (limit, retry_after, need, committed) =
-        (int(v.get(3)), int(v.get(4)), int(v.get(5)), int(v.get(6)));
+        (v.int(3), v.int(4), v.int(5), v.int(6));
     let limited = |kind| LimitError::Limited {
         kind,
         scope,
         limit,
         retry_after: retry_after.max(1),
     };
-    let err = match int(v.get(1)) {
+    let err = match v.int(1) {
         1 => limited(LimitKind::Requests),
         2 => limited(LimitKind::Tokens),
         3 => limited(LimitKind::Concurrency),
@@ -113,10 +114,10 @@ pub(super) fn admission(
     };
     let view = view(
         key,
-        int(v.get(7)),
-        int(v.get(8)),
-        int(v.get(9)),
-        int(v.get(10)),
+        v.int(7),
+        v.int(8),
+        v.int(9),
+        v.int(10),
     );
     Decision::Refused { err, view }
 }
@@ -135,15 +136,13 @@ fn view(key: &Key, requests: u64, requests_reset: u64, tokens: u64, tokens_reset
     }
 }
 
-/// The thresholds in a settlement's reply: `{spent, reserved, threshold…}`.
-pub(super) fn crossed(v: &[Value], budget_nanos: u64, period_start: i64) -> Vec<Crossed> {
-    let spent = int(v.first());
-    v.iter()
-        .skip(2)
-        .filter_map(|t| match t {
-            Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse::<f64>().ok(),
-            _ => None,
-        })
+/// The thresholds in a settlement's answer: `spent,reserved,threshold…`.
+pub(super) fn crossed(answer: &str, budget_nanos: u64, period_start: i64) -> Vec<Crossed> {
+    let mut fields = answer.split(',');
+    let spent = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    fields
+        .skip(1)
+        .filter_map(|t| t.parse::<f64>().ok())
         .map(|threshold| Crossed {
             threshold,
             spent_nanos: spent,

@@ -1,0 +1,217 @@
+//! The way admissions and settlements reach Redis: a lane per worker thread, one task that
+//! owns a connection and sends whatever has queued as one script call (`lua::step`), then
+//! the next batch once that one is answered. An idle lane sends a request at once, so one
+//! request alone waits one round trip; under load, every request that arrived during a round
+//! trip shares the next, and Redis runs one script for all of them.
+//!
+//! The lane's task and its connection live on the runtime of the thread that first used it:
+//! a worker waiting for its answer is woken by its own runtime's reactor, not by another
+//! thread.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{reply, KeyNames, ModelNames, Shared};
+
+/// Operations one script call carries at most.
+const MOST: usize = 64;
+
+/// One operation of a batch: its keys and arguments as `lua::STEP_BODY` reads them.
+pub(super) enum Op {
+    Admit {
+        names: Arc<KeyNames>,
+        model: Option<Arc<ModelNames>>,
+        /// The budget's hash for the current period, if the key has a budget.
+        budget: Option<String>,
+        lease: String,
+        nums: [u64; 17],
+        reply: oneshot::Sender<String>,
+    },
+    Settle {
+        names: Arc<KeyNames>,
+        model: Option<Arc<ModelNames>>,
+        /// The budget's hash for the period the request started in.
+        budget: Option<String>,
+        lease: String,
+        nums: [u64; 7],
+        thresholds: Vec<String>,
+        /// The key and the budget (nanos, period start) whose alerts the answer may fire.
+        alerts: Option<(Arc<str>, u64, i64)>,
+    },
+}
+
+/// Sets apart the lanes of two `Shared` in one process (tests start several).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static LANES: RefCell<Vec<(u64, mpsc::UnboundedSender<Op>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where a `Shared` keeps what its lanes need.
+pub(super) struct Lanes {
+    id: u64,
+    /// The lane of threads without a runtime, on the cluster thread.
+    outside: OnceLock<mpsc::UnboundedSender<Op>>,
+}
+
+impl Lanes {
+    pub fn new() -> Lanes {
+        Lanes {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            outside: OnceLock::new(),
+        }
+    }
+}
+
+/// Queues `op` on this thread's lane, starting the lane on first use (or again, if the
+/// runtime it ran on is gone).
+pub(super) fn send(shared: &Arc<Shared>, op: Op) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        let tx = shared.lanes.outside.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            shared.handle.spawn(run(shared.clone(), rx));
+            tx
+        });
+        let _ = tx.send(op);
+        return;
+    };
+    let id = shared.lanes.id;
+    LANES.with(|lanes| {
+        let mut lanes = lanes.borrow_mut();
+        let op = match lanes.iter().position(|(lane, _)| *lane == id) {
+            Some(at) => match lanes[at].1.send(op) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(op)) => {
+                    lanes.swap_remove(at);
+                    op
+                }
+            },
+            None => op,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        rt.spawn(run(shared.clone(), rx));
+        let _ = tx.send(op);
+        lanes.push((id, tx));
+    });
+}
+
+async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut conn = None;
+    let mut ops = Vec::with_capacity(MOST);
+    while rx.recv_many(&mut ops, MOST).await > 0 {
+        step(&shared, &mut conn, &mut ops).await;
+        ops.clear();
+    }
+}
+
+/// Sends one batch and hands out the answers. An operation left unanswered (Redis down or
+/// late) drops its reply sender, which its admission reads as Redis being down.
+async fn step(
+    shared: &Arc<Shared>,
+    conn: &mut Option<(u64, MultiplexedConnection)>,
+    ops: &mut Vec<Op>,
+) {
+    if !shared.is_up() {
+        *conn = None;
+        return;
+    }
+    // A connection made before Redis last went away is not used again.
+    let epoch = shared.epoch.load(Ordering::Acquire);
+    if conn.as_ref().is_none_or(|(made, _)| *made != epoch) {
+        let wait = shared.settings.timeout.max(Duration::from_millis(250));
+        match tokio::time::timeout(wait, shared.client.get_multiplexed_async_connection()).await {
+            Ok(Ok(c)) => *conn = Some((epoch, c)),
+            _ => {
+                shared.mark_down();
+                return;
+            }
+        }
+    }
+    let Some((_, c)) = conn.as_mut() else {
+        return;
+    };
+    let mut inv = shared.scripts.step.prepare_invoke();
+    inv.arg(shared.settings.lease_ttl.as_millis() as u64);
+    for op in ops.iter() {
+        match op {
+            Op::Admit {
+                names,
+                model,
+                budget,
+                lease,
+                nums,
+                ..
+            } => {
+                let m = model.as_deref().unwrap_or(&names.no_model);
+                inv.key(&names.rq)
+                    .key(&names.tk)
+                    .key(&names.ls)
+                    .key(&names.held)
+                    .key(budget.as_ref().unwrap_or(&names.no_budget))
+                    .key(&m.rq)
+                    .key(&m.tk)
+                    .key(&m.ls);
+                inv.arg("a").arg(lease);
+                for n in nums {
+                    inv.arg(*n);
+                }
+            }
+            Op::Settle {
+                names,
+                model,
+                budget,
+                lease,
+                nums,
+                thresholds,
+                ..
+            } => {
+                let m = model.as_deref().unwrap_or(&names.no_model);
+                inv.key(&names.tk)
+                    .key(&names.ls)
+                    .key(&names.held)
+                    .key(budget.as_ref().unwrap_or(&names.no_budget))
+                    .key(&m.tk)
+                    .key(&m.ls);
+                inv.arg("s").arg(lease);
+                for n in nums {
+                    inv.arg(*n);
+                }
+                inv.arg(thresholds.len());
+                for t in thresholds {
+                    inv.arg(t);
+                }
+            }
+        }
+    }
+    let answers = match shared.invoke::<String>(c, &inv).await {
+        Ok(answers) => answers,
+        Err(()) => {
+            *conn = None;
+            return;
+        }
+    };
+    for (op, answer) in ops.drain(..).zip(answers.split(';')) {
+        match op {
+            Op::Admit { reply, .. } => {
+                let _ = reply.send(answer.to_string());
+            }
+            Op::Settle {
+                alerts: Some((key_id, nanos, start)),
+                ..
+            } => {
+                let crossed = reply::crossed(answer, nanos, start);
+                if !crossed.is_empty() {
+                    if let Some(hook) = shared.on_crossed.get() {
+                        hook(&key_id, crossed);
+                    }
+                }
+            }
+            Op::Settle { .. } => {}
+        }
+    }
+}
