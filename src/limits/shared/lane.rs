@@ -124,7 +124,13 @@ async fn step(
     let epoch = shared.epoch.load(Ordering::Acquire);
     if conn.as_ref().is_none_or(|(made, _)| *made != epoch) {
         let wait = shared.settings.timeout.max(Duration::from_millis(250));
-        match tokio::time::timeout(wait, shared.client.get_multiplexed_async_connection()).await {
+        // The call's own timeout (`cluster.timeout_ms`) bounds each answer; the connection's
+        // second timer per call would only cost.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let connect = shared
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(wait, connect).await {
             Ok(Ok(c)) => *conn = Some((epoch, c)),
             _ => {
                 shared.mark_down();
@@ -135,60 +141,7 @@ async fn step(
     let Some((_, c)) = conn.as_mut() else {
         return;
     };
-    let mut inv = shared.scripts.step.prepare_invoke();
-    inv.arg(shared.settings.lease_ttl.as_millis() as u64);
-    for op in ops.iter() {
-        match op {
-            Op::Admit {
-                names,
-                model,
-                budget,
-                lease,
-                nums,
-                ..
-            } => {
-                let m = model.as_deref().unwrap_or(&names.no_model);
-                inv.key(&names.rq)
-                    .key(&names.tk)
-                    .key(&names.ls)
-                    .key(&names.held)
-                    .key(budget.as_ref().unwrap_or(&names.no_budget))
-                    .key(&m.rq)
-                    .key(&m.tk)
-                    .key(&m.ls);
-                inv.arg("a").arg(lease);
-                for n in nums {
-                    inv.arg(*n);
-                }
-            }
-            Op::Settle {
-                names,
-                model,
-                budget,
-                lease,
-                nums,
-                thresholds,
-                ..
-            } => {
-                let m = model.as_deref().unwrap_or(&names.no_model);
-                inv.key(&names.tk)
-                    .key(&names.ls)
-                    .key(&names.held)
-                    .key(budget.as_ref().unwrap_or(&names.no_budget))
-                    .key(&m.tk)
-                    .key(&m.ls);
-                inv.arg("s").arg(lease);
-                for n in nums {
-                    inv.arg(*n);
-                }
-                inv.arg(thresholds.len());
-                for t in thresholds {
-                    inv.arg(t);
-                }
-            }
-        }
-    }
-    let answers = match shared.invoke::<String>(c, &inv).await {
+    let answers = match shared.step(c, &command(shared, ops)).await {
         Ok(answers) => answers,
         Err(()) => {
             *conn = None;
@@ -214,4 +167,81 @@ async fn step(
             Op::Settle { .. } => {}
         }
     }
+}
+
+/// The batch as one `EVALSHA`, built in one buffer: every operation's keys, then the lease
+/// TTL and every operation's arguments.
+fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
+    let keys: usize = ops
+        .iter()
+        .map(|op| match op {
+            Op::Admit { .. } => 8,
+            Op::Settle { .. } => 6,
+        })
+        .sum();
+    let mut cmd = redis::Cmd::with_capacity(3 + keys * 2 + ops.len() * 20, 64 * keys);
+    cmd.arg("EVALSHA")
+        .arg(shared.scripts.step.get_hash())
+        .arg(keys);
+    for op in ops {
+        match op {
+            Op::Admit {
+                names,
+                model,
+                budget,
+                ..
+            } => {
+                let m = model.as_deref().unwrap_or(&names.no_model);
+                cmd.arg(&names.rq)
+                    .arg(&names.tk)
+                    .arg(&names.ls)
+                    .arg(&names.held)
+                    .arg(budget.as_ref().unwrap_or(&names.no_budget))
+                    .arg(&m.rq)
+                    .arg(&m.tk)
+                    .arg(&m.ls);
+            }
+            Op::Settle {
+                names,
+                model,
+                budget,
+                ..
+            } => {
+                let m = model.as_deref().unwrap_or(&names.no_model);
+                cmd.arg(&names.tk)
+                    .arg(&names.ls)
+                    .arg(&names.held)
+                    .arg(budget.as_ref().unwrap_or(&names.no_budget))
+                    .arg(&m.tk)
+                    .arg(&m.ls);
+            }
+        }
+    }
+    cmd.arg(shared.settings.lease_ttl.as_millis() as u64);
+    for op in ops {
+        match op {
+            Op::Admit { lease, nums, .. } => {
+                cmd.arg("a").arg(lease);
+                for n in nums {
+                    cmd.arg(*n);
+                }
+            }
+            Op::Settle {
+                lease,
+                nums,
+                thresholds,
+                ..
+            } => {
+                cmd.arg("s").arg(lease);
+                for n in nums {
+                    cmd.arg(*n);
+                }
+                cmd.arg(thresholds.len());
+                for t in thresholds {
+                    cmd.arg(t);
+                }
+            }
+        }
+    }
+    cmd
 }

@@ -414,13 +414,38 @@ impl Shared {
         self.invoke(&mut (*conn).clone(), inv).await
     }
 
+    /// Runs a batch (`lane::command`) within `cluster.timeout_ms`, loading the script first
+    /// where Redis does not hold it (a restarted Redis answers NOSCRIPT).
+    async fn step(&self, conn: &mut MultiplexedConnection, cmd: &redis::Cmd) -> Result<String, ()> {
+        let run = async {
+            match cmd.query_async::<String>(conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.scripts.step.prepare_invoke().load_async(conn).await?;
+                    cmd.query_async::<String>(conn).await
+                }
+                answer => answer,
+            }
+        };
+        self.decide(tokio::time::timeout(self.settings.timeout, run).await)
+    }
+
     /// Runs a script within `cluster.timeout_ms`; Redis is marked down if it fails.
     async fn invoke<T: FromRedisValue>(
         &self,
         conn: &mut MultiplexedConnection,
         inv: &ScriptInvocation<'_>,
     ) -> Result<T, ()> {
-        match tokio::time::timeout(self.settings.timeout, inv.invoke_async(conn)).await {
+        self.decide(tokio::time::timeout(self.settings.timeout, inv.invoke_async(conn)).await)
+    }
+
+    /// A call's outcome: its answer, or Redis marked down.
+    fn decide<T>(
+        &self,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, ()> {
+        match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) if !is_connection_error(&e) => {
                 // A script error is a bug, not an outage: said, and decided as one.

@@ -89,8 +89,7 @@ pub(super) fn admission(
     } else {
         Scope::Key
     };
-    let (limit, retry_after, need, committed) =
-        (v.int(3), v.int(4), v.int(5), v.int(6));
+    let (limit, retry_after, need, committed) = (v.int(3), v.int(4), v.int(5), v.int(6));
     let limited = |kind| LimitError::Limited {
         kind,
         scope,
@@ -112,13 +111,7 @@ pub(super) fn admission(
             }),
         },
     };
-    let view = view(
-        key,
-        v.int(7),
-        v.int(8),
-        v.int(9),
-        v.int(10),
-    );
+    let view = view(key, v.int(7), v.int(8), v.int(9), v.int(10));
     Decision::Refused { err, view }
 }
 
