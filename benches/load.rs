@@ -8,6 +8,7 @@
 mod client;
 #[path = "load/cpu.rs"]
 mod cpu;
+use cpu::Watched;
 #[path = "load/floor.rs"]
 mod floor;
 #[path = "load/gateway.rs"]
@@ -269,7 +270,7 @@ async fn run(params: &Params) -> Result<(), String> {
                 &replicas,
                 &addrs,
                 None,
-                None,
+                Watched::default(),
             )
             .await,
         );
@@ -283,7 +284,7 @@ async fn run(params: &Params) -> Result<(), String> {
                     &replicas,
                     &addrs,
                     None,
-                    None,
+                    Watched::default(),
                 )
                 .await,
             );
@@ -331,7 +332,10 @@ async fn run(params: &Params) -> Result<(), String> {
             &replicas,
             &[gateway.public],
             Some(auth),
-            gateway.child.id(),
+            Watched {
+                tollgate: gateway.child.id(),
+                redis: gateway.redis.as_ref().and_then(|r| r.id()),
+            },
         )
         .await;
         let log = gateway.stderr();

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tollgate::sim::SimReplica;
 use tollgate::sim::SimStats;
 
-use super::cpu::sample_cpu;
+use super::cpu::{sample_cpu, Watched};
 use super::report::Report;
 use super::Params;
 use super::Variant;
@@ -199,7 +199,7 @@ pub(super) async fn measure(
     replicas: &[SimReplica],
     targets: &[SocketAddr],
     auth: Option<HeaderValue>,
-    tollgate_pid: Option<u32>,
+    watched: Watched,
 ) -> Report {
     let upstream =
         |count: fn(&SimStats) -> u64| -> u64 { replicas.iter().map(|r| count(&r.stats())).sum() };
@@ -209,7 +209,7 @@ pub(super) async fn measure(
 
     let measure_from = Instant::now() + params.warmup;
     let end = measure_from + params.duration;
-    let cpu = tokio::spawn(sample_cpu(measure_from, end, tollgate_pid));
+    let cpu = tokio::spawn(sample_cpu(measure_from, end, watched));
     let mut tasks = JoinSet::new();
     let payload = Payload::new(params, variant, auth.is_some());
     for i in 0..usize::from(params.connections) {

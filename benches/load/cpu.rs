@@ -4,16 +4,21 @@ use tokio::time::sleep_until;
 use tokio::time::Instant;
 
 /// CPU seconds from `/proc` (Linux): this process (load generator and replicas), tollgate,
-/// and every core of the machine, so that other work on a shared box shows up.
+/// the `cluster` variant's redis-server, and every core of the machine, so that other work
+/// on a shared box shows up.
 #[derive(Clone, Copy)]
 pub(super) struct Cpu {
     pub(super) own: f64,
     pub(super) tollgate: f64,
+    pub(super) redis: f64,
     pub(super) machine: f64,
 }
 
 impl Cpu {
-    pub(super) fn now(tollgate: Option<u32>) -> Option<Cpu> {
+    pub(super) fn now(tollgate: Option<u32>, redis: Option<u32>) -> Option<Cpu> {
+        let redis = redis
+            .and_then(|pid| process_ticks(&pid.to_string()))
+            .unwrap_or(0);
         let tollgate = match tollgate {
             // With its children: nginx works in worker processes.
             Some(pid) => {
@@ -41,26 +46,30 @@ impl Cpu {
         Some(Cpu {
             own: secs(process_ticks("self")?),
             tollgate: secs(tollgate),
+            redis: secs(redis),
             machine: secs(busy),
         })
     }
 }
 
+/// The processes whose CPU a phase reports apart from the rest of the machine.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Watched {
+    pub(super) tollgate: Option<u32>,
+    pub(super) redis: Option<u32>,
+}
+
 /// CPU spent between `from` and `to`.
-pub(super) async fn sample_cpu(from: Instant, to: Instant, tollgate: Option<u32>) -> Option<Cpu> {
+pub(super) async fn sample_cpu(from: Instant, to: Instant, watched: Watched) -> Option<Cpu> {
     sleep_until(from).await;
-    let a = Cpu::now(tollgate)?;
+    let a = Cpu::now(watched.tollgate, watched.redis)?;
     sleep_until(to).await;
-    let b = Cpu::now(tollgate)?;
-    let (own, tollgate, machine) = (
-        b.own - a.own,
-        b.tollgate - a.tollgate,
-        b.machine - a.machine,
-    );
+    let b = Cpu::now(watched.tollgate, watched.redis)?;
     Some(Cpu {
-        own,
-        tollgate,
-        machine,
+        own: b.own - a.own,
+        tollgate: b.tollgate - a.tollgate,
+        redis: b.redis - a.redis,
+        machine: b.machine - a.machine,
     })
 }
 

@@ -111,7 +111,7 @@ pub(super) fn render(reports: &[Report]) -> String {
         if let Some(cpu) = r.cpu {
             let secs = r.measured.as_secs_f64();
             let per_req = 1e6 / r.tally.latencies.len().max(1) as f64;
-            let others = (cpu.machine - cpu.own - cpu.tollgate).max(0.0);
+            let others = (cpu.machine - cpu.own - cpu.tollgate - cpu.redis).max(0.0);
             let _ = write!(
                 line,
                 "\n{}: cores busy: harness+replicas {:.2}, tollgate {:.2}, other processes {:.2}; \
@@ -123,6 +123,14 @@ pub(super) fn render(reports: &[Report]) -> String {
                 cpu.own * per_req,
                 cpu.tollgate * per_req,
             );
+            if cpu.redis > 0.0 {
+                let _ = write!(
+                    line,
+                    "; redis-server {:.2} cores, {:.0} us per request",
+                    cpu.redis / secs,
+                    cpu.redis * per_req
+                );
+            }
         }
         let _ = writeln!(out, "{line}");
         if let Some(e) = &r.tally.first_error {
