@@ -555,3 +555,41 @@ async fn a_models_rpm_and_a_keys_tpm_hold_across_three_nodes() {
         "three nodes used {used} tokens of 970 in one minute"
     );
 }
+
+/// The shared request window forgets what is older than a minute, whether Redis holds it as
+/// seconds alone (written by an older node) or with the running total the nodes keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_shared_request_window_forgets_what_is_older_than_a_minute() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        cluster(&redis, 0, "reject", 2000),
+        config_with(&sim, "rpm = 100")
+    ));
+    connected(std::slice::from_ref(&gw)).await;
+    let remaining = || async {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&ask(16))
+            .send()
+            .await
+            .expect("answer");
+        assert_eq!(r.status(), 200);
+        r.headers()["x-ratelimit-remaining-requests"]
+            .to_str()
+            .expect("a number")
+            .to_string()
+    };
+    let window = "tollgate:k:team-a:rq";
+    let now = redis.now_secs();
+    let ago = |s: i64| (now - s).to_string();
+    // 50 requests 70 s ago, 7 requests 30 s ago: the 7 and this one count.
+    redis.command(&["HSET", window, &ago(70), "50", &ago(30), "7"]);
+    assert_eq!(remaining().await, "92");
+    // Five more, counted 61 s before `now` into a total last brought up to date 2 s ago:
+    // they have left the window by the time of the next request.
+    redis.command(&["HSET", window, &ago(61), "5", "t", "13", "l", &ago(2)]);
+    assert_eq!(remaining().await, "91");
+}

@@ -3,33 +3,20 @@
 //! node's. Time is Redis's own (`TIME`): every node reads one clock for windows and leases.
 //!
 //! Key layout (`{p}` = `tollgate:k:<key id>` or `tollgate:m:<model slug>`):
-//! - `{p}:rq`, `{p}:tk`: hashes of second → requests, tokens: a 60-second sliding window.
+//! - `{p}:rq`, `{p}:tk`: hashes of second → requests, tokens: a 60-second sliding window,
+//!   with `t`, the window's total, and `l`, the second that total was brought up to.
 //! - `{p}:ls`: sorted set of leases (request id → expiry in ms): requests in flight.
 //! - `{p}:held` (keys only): lease → `"<nanos>|<budget hash>"`, the reservation it holds.
 //! - `tollgate:k:<key id>:b:<period start ms>`: hash `spent`, `reserved` (nano-dollars) and
 //!   `alert:<threshold>` once that threshold fired in the period.
 
-/// Shared helpers: the clock, window sums, waits.
+/// Shared helpers: the clock, waits.
 const PRELUDE: &str = r#"
 -- Integers as Redis reads them: Lua's own tostring turns large ones into exponents.
 local function int(x) return string.format('%d', x) end
 local function clock()
   local t = redis.call('TIME')
   return tonumber(t[1]), tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function window(key, now)
-  local raw = redis.call('HGETALL', key)
-  local slots, total = {}, 0
-  for i = 1, #raw, 2 do
-    local s, n = tonumber(raw[i]), tonumber(raw[i + 1])
-    if s <= now - 60 then
-      redis.call('HDEL', key, raw[i])
-    else
-      slots[s] = (slots[s] or 0) + n
-      total = total + n
-    end
-  end
-  return slots, total
 end
 -- Seconds until `need` more fits under `limit`; -1 if it never can.
 local function wait_for(slots, total, now, need, limit)
@@ -62,7 +49,8 @@ end
 /// rpm, tpm, max_concurrent; has model, model rpm, tpm, max_concurrent; has budget, budget
 /// nanos, enforce, clamp; input tokens, output cap, choices, input cost, output price, fewest
 /// clamped tokens. 0 is "no limit". Replies `{1, clamped cap or -1, key requests, key
-/// tokens, key tokens' seconds to empty, spent, reserved}` or `{0, code, scope, limit, retry
+/// tokens, key tokens' seconds to empty, spent, reserved, the second its tokens were counted
+/// in}` or `{0, code, scope, limit, retry
 /// after, need, committed, key requests, seconds to empty, key tokens, seconds to empty}`;
 /// codes: 1 requests, 2 tokens, 3 concurrency, 4 too large, 5 budget. Scope 1 is the key, 2
 /// the model.
@@ -77,23 +65,79 @@ local now, now_ms = clock()
 local ttl = tonumber(ARGV[1])
 local wins, adds, cards, buds, touched = {}, {}, {}, {}, {}
 
+-- A window (`p:rq`, `p:tk`) keeps its own total: field `t` is the sum of the seconds not
+-- older than a minute at second `l`, so that a read costs one HMGET, plus one field more
+-- each time the clock moves on a second. The seconds themselves are only all read to tell a
+-- refused request when it may retry.
 local function win(key)
   local w = wins[key]
-  if not w then
-    local slots, total = window(key, now)
-    w = {slots = slots, total = total}
-    wins[key] = w
+  if w then return w end
+  local v = redis.call('HMGET', key, 't', 'l')
+  local total, last = tonumber(v[1]), tonumber(v[2])
+  if not total or not last or now - last >= 60 then
+    -- New, idle for a minute, or written without a total: summed from its seconds.
+    total = 0
+    local raw = redis.call('HGETALL', key)
+    for i = 1, #raw, 2 do
+      local sec = tonumber(raw[i])
+      if sec then
+        if sec <= now - 60 then
+          redis.call('HDEL', key, raw[i])
+        else
+          total = total + tonumber(raw[i + 1])
+        end
+      end
+    end
+  elseif last < now then
+    local gone = {}
+    for sec = last - 59, now - 60 do table.insert(gone, int(sec)) end
+    local counts = redis.call('HMGET', key, unpack(gone))
+    for i = 1, #gone do total = total - (tonumber(counts[i]) or 0) end
+    redis.call('HDEL', key, unpack(gone))
   end
+  w = {total = total, known = {}}
+  wins[key] = w
   return w
+end
+-- One second's count, with what this batch added to it.
+local function count(key, sec)
+  local w = win(key)
+  if w.known[sec] == nil then
+    local a = adds[key]
+    w.known[sec] = (tonumber(redis.call('HGET', key, int(sec))) or 0) + (a and a[sec] or 0)
+  end
+  return w.known[sec]
+end
+-- Every second of the window (for a refusal's retry-after).
+local function slots(key)
+  local w = win(key)
+  if w.all then return w.all end
+  local all = {}
+  local raw = redis.call('HGETALL', key)
+  for i = 1, #raw, 2 do
+    local sec = tonumber(raw[i])
+    if sec and sec > now - 60 then all[sec] = tonumber(raw[i + 1]) end
+  end
+  for sec, n in pairs(adds[key] or {}) do all[sec] = (all[sec] or 0) + n end
+  w.all = all
+  return all
 end
 local function add(key, sec, n)
   if n == 0 then return end
   local w = win(key)
-  w.slots[sec] = (w.slots[sec] or 0) + n
   w.total = w.total + n
+  if w.known[sec] ~= nil then w.known[sec] = w.known[sec] + n end
+  if w.all then w.all[sec] = (w.all[sec] or 0) + n end
   local a = adds[key]
   if not a then a = {}; adds[key] = a end
   a[sec] = (a[sec] or 0) + n
+end
+-- Seconds until `need` more fits under `limit` in the window at `key`; -1 if it never can.
+local function wait(key, need, limit)
+  if need > limit then return -1 end
+  local w = win(key)
+  if w.total + need <= limit then return 0 end
+  return wait_for(slots(key), w.total, now, need, limit)
 end
 local function bud(h)
   local b = buds[h]
@@ -149,14 +193,14 @@ local function admit(K, A)
   local k = lim[1]
   local function refuse(code, scope, limit, retry, need, committed)
     return {0, code, scope, int(limit), retry, int(need), int(committed),
-      int(k.r.total), until_empty(k.r.slots, now), int(k.t.total), until_empty(k.t.slots, now)}
+      int(k.r.total), until_empty(slots(k.rq), now), int(k.t.total), until_empty(slots(k.tk), now)}
   end
   for scope, l in ipairs(lim) do
     if l.cc > 0 and l.n >= l.cc then
       return refuse(3, scope, l.cc, 1, 0, 0)
     end
     if l.rpm > 0 then
-      local w = wait_for(l.r.slots, l.r.total, now, 1, l.rpm)
+      local w = wait(l.rq, 1, l.rpm)
       if w >= 1 then return refuse(1, scope, l.rpm, w, 1, 0) end
     end
   end
@@ -183,7 +227,7 @@ local function admit(K, A)
   local tokens = input + output * math.max(choices, 1)
   for scope, l in ipairs(lim) do
     if l.tpm > 0 then
-      local w = wait_for(l.t.slots, l.t.total, now, tokens, l.tpm)
+      local w = wait(l.tk, tokens, l.tpm)
       if w < 0 then return refuse(4, scope, l.tpm, 0, tokens, 0) end
       if w > 0 then return refuse(2, scope, l.tpm, w, tokens, 0) end
     end
@@ -203,7 +247,7 @@ local function admit(K, A)
     b.dres = b.dres + nanos
     spent, reserved = b.spent + b.dspent, b.reserved + b.dres
   end
-  return {1, int(clamped), int(k.r.total), int(k.t.total), 60, int(spent), int(reserved)}
+  return {1, int(clamped), int(k.r.total), int(k.t.total), 60, int(spent), int(reserved), int(now)}
 end
 
 local function settle(K, A)
@@ -221,7 +265,7 @@ local function settle(K, A)
   local function settle_in(ls, tk)
     if redis.call('ZREM', ls, lease) == 1 and cards[ls] then cards[ls] = cards[ls] - 1 end
     if at > now - 60 then
-      local v = win(tk).slots[at] or 0
+      local v = count(tk, at)
       add(tk, at, math.max(v - reserved_tokens, 0) + used_tokens - v)
     end
   end
@@ -260,6 +304,9 @@ for key, a in pairs(adds) do
   for sec, n in pairs(a) do
     if n ~= 0 then redis.call('HINCRBY', key, int(sec), int(n)) end
   end
+end
+for key, w in pairs(wins) do
+  redis.call('HSET', key, 't', int(w.total), 'l', int(now))
   redis.call('PEXPIRE', key, 61000)
 end
 for h, b in pairs(buds) do

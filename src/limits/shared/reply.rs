@@ -71,7 +71,8 @@ pub(super) fn admission(
                 key_id: key.id.clone(),
                 names,
                 model,
-                at_sec: now_sec,
+                // Redis's second, the one the settlement has to correct.
+                at_sec: if v.0.len() > 7 { v.int(7) } else { now_sec },
                 tokens,
                 spend: Spend {
                     spent: v.int(5),
