@@ -10,7 +10,7 @@ use crate::config::{Key, Model};
 use crate::forward::Outcome;
 use crate::limits::{Settlement, Ticket};
 use crate::runtime::Runtime;
-use crate::vocab::Endpoint;
+use crate::vocab::{Endpoint, OwnFields};
 
 pub struct RequestCtx {
     /// new_ctx → logging.
@@ -39,7 +39,7 @@ pub struct RequestCtx {
     /// admit → account: the most output the replica may generate (its cap times the choices).
     pub output_cap: u64,
     /// admit → every response header: rate-limit headers and notices.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: OwnFields,
     /// forward → account, metrics, logging: what the exchange with the replicas did.
     pub outcome: Outcome,
     /// predict (target resolved) → account, metrics, logging: the deployed model, deployment

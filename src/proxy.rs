@@ -391,8 +391,8 @@ fn place(
     upstream_body: &[u8],
 ) -> Placement {
     if let Some(id) = &session {
-        if let Ok(text) = id.to_str() {
-            ctx.headers.push(("x-session-affinity", text.to_string()));
+        if id.to_str().is_ok() {
+            ctx.headers.push((route::SESSION_HEADER, id.clone()));
         }
     }
     if pool.fleet.policy != Policy::Affinity {
@@ -509,10 +509,11 @@ async fn reject(session: &mut Session, ctx: &mut RequestCtx, err: &GatewayError)
         return;
     }
     if let Some(secs) = err.retry_after() {
-        ctx.headers.push(("retry-after", secs.to_string()));
+        ctx.headers.push((http::header::RETRY_AFTER, secs.into()));
     }
     if let GatewayError::MethodNotAllowed { allow, .. } = err {
-        ctx.headers.push(("allow", (*allow).to_string()));
+        ctx.headers
+            .push((http::header::ALLOW, http::HeaderValue::from_static(allow)));
     }
     let body = respond::error_body(ctx.endpoint.dialect(session.req_header()), err);
     let _ = respond::send_json(session, ctx.status, body, &ctx.request_id, &ctx.headers).await;

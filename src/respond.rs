@@ -1,7 +1,7 @@
 //! Responses tollgate writes itself: errors in the client's dialect and direct JSON answers.
 
 use bytes::Bytes;
-use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::StatusCode;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
@@ -21,11 +21,11 @@ pub async fn send_json(
     status: u16,
     body: Bytes,
     request_id: &str,
-    extra: &[(&'static str, String)],
+    extra: &[(HeaderName, HeaderValue)],
 ) -> pingora::Result<()> {
     let status = StatusCode::from_u16(status)
         .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "invalid status"))?;
-    let mut fields = HeaderMap::with_capacity(4 + extra.len());
+    let mut fields = HeaderMap::with_capacity(2 + extra.len() + vocab::ID_FIELDS);
     fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     fields.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     vocab::add_own_fields(&mut fields, request_id, extra)?;

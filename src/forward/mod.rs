@@ -83,7 +83,7 @@ pub struct Exchange<'a> {
     pub started: std::time::Instant,
     /// tollgate's own response fields (rate-limit headers, notices), last on the client's
     /// response header.
-    pub own_fields: &'a [(&'static str, String)],
+    pub own_fields: &'a [(http::HeaderName, http::HeaderValue)],
     /// Observes the gaps between streamed tokens.
     pub inter_token: Option<Histogram>,
     /// The request's reservation: its concurrency slot is freed as soon as the replica's

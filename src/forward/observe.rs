@@ -63,12 +63,12 @@ impl Observed {
 /// `reasoning` or tool-call `arguments` string.
 pub fn carries_output(data: &[u8]) -> bool {
     [
-        &b"\"content\""[..],
-        b"\"reasoning_content\"",
-        b"\"reasoning\"",
-        b"\"arguments\"",
+        &scan::CONTENT,
+        &scan::REASONING_CONTENT,
+        &scan::REASONING,
+        &scan::ARGUMENTS,
     ]
-    .iter()
+    .into_iter()
     .any(|key| scan::has_nonempty_string(data, key))
 }
 

@@ -42,7 +42,7 @@ pub struct Pass<'a> {
     pub max_body: u64,
     pub pace: BodyPace,
     /// tollgate's own response fields (rate-limit headers), last on the client's header.
-    pub own_fields: &'a [(&'static str, String)],
+    pub own_fields: &'a [(HeaderName, HeaderValue)],
     /// The call's reservation: its concurrency slot is freed with the replica's.
     pub ticket: Option<&'a mut Ticket>,
 }
@@ -330,7 +330,8 @@ async fn relay(
 ) -> Result<Relayed, PassError> {
     let mut upstream = Some(upstream);
     let connection = connection_names(&head.headers);
-    let mut fields = HeaderMap::with_capacity(head.headers.len() + 3);
+    let mut fields =
+        HeaderMap::with_capacity(head.headers.len() + 1 + p.own_fields.len() + vocab::ID_FIELDS);
     for (name, value) in &head.headers {
         if !hop_by_hop(name, &connection) {
             fields.append(name.clone(), value.clone());

@@ -263,7 +263,10 @@ fn response_header(
     ex: &Exchange<'_>,
     framing: Framing,
 ) -> pingora::Result<ResponseHeader> {
-    let mut out = HeaderMap::with_capacity(FROM_REPLICA.len() + 1 + ex.own_fields.len());
+    // The replica's fields, the framing, tollgate's own and the request id under two names:
+    // sized for all of them, so the map never grows while it is filled.
+    let capacity = FROM_REPLICA.len() + 1 + ex.own_fields.len() + vocab::ID_FIELDS;
+    let mut out = HeaderMap::with_capacity(capacity);
     for name in FROM_REPLICA {
         // `remove` takes the field's first value: one content type, one retry-after.
         if let Some(value) = upstream.headers.remove(&name) {

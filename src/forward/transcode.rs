@@ -247,7 +247,7 @@ fn relay_openai_event(
 
 /// The final chunk vLLM and SGLang send for `include_usage`: no choices, only usage.
 fn is_usage_only(data: &[u8]) -> bool {
-    scan::is_empty_array(data, b"\"choices\"") && usage::usage_of(data).is_some()
+    scan::is_empty_array(data, &scan::CHOICES) && usage::usage_of(data).is_some()
 }
 
 /// Replaces the top-level `"model": "<served name>"` with the client's model name.
@@ -268,7 +268,7 @@ impl Rename {
 
     /// The JSON with its first `"model"` key's value renamed, or `None` when it is not there.
     fn apply(&self, json: &[u8]) -> Option<Vec<u8>> {
-        let i = scan::value_start(json, b"\"model\"")?;
+        let i = scan::value_start(json, &scan::MODEL)?;
         if !json[i..].starts_with(&self.from) {
             return None;
         }

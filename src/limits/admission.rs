@@ -9,12 +9,18 @@
 
 use std::sync::Arc;
 
+use http::header::{HeaderName, HeaderValue};
+
 use super::shared::Decision;
 use super::{
     admit, admit_scoped, admit_within, now_ms, rate_headers, view, Counters, Demand, KeyLimits,
     LimitError, Registry, Ticket,
 };
 use crate::config::{Budget, Key, Limits, Model, OnRedisDown};
+use crate::vocab::OwnFields;
+
+/// The output cap a budget lowered the request's to.
+const MAX_TOKENS_CLAMPED: HeaderName = HeaderName::from_static("x-tollgate-max-tokens-clamped");
 
 /// What a request asks of its limits, as the request stage understood it.
 #[derive(Debug, Clone, Copy)]
@@ -36,13 +42,13 @@ pub struct Admission {
     /// The reservation, settled when the request ends; `None` when nothing is counted.
     pub ticket: Option<Ticket>,
     /// Rate-limit headers and notices for the response.
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: OwnFields,
 }
 
 /// A refused request: why, and the rate-limit headers its error answer carries.
 pub struct Refusal {
     pub err: LimitError,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: OwnFields,
 }
 
 /// Settles the output cap and reserves the request's worst case against the key's and the
@@ -91,7 +97,7 @@ pub fn admit_request(
     let mut headers = rate_headers(&view_after, now);
     if let Some(n) = ticket.clamped_output {
         cap = n;
-        headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+        headers.push((MAX_TOKENS_CLAMPED, HeaderValue::from(n)));
     }
     Ok(Admission {
         cap,
@@ -219,7 +225,7 @@ fn from_redis(
             if let Some(n) = clamped {
                 cap = n;
                 demand.output_tokens = n;
-                headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+                headers.push((MAX_TOKENS_CLAMPED, HeaderValue::from(n)));
             }
             let ticket = Ticket::shared(
                 key,
@@ -300,7 +306,7 @@ fn local_share(
     ticket.set_started_ms(started_ms);
     let mut headers = rate_headers(&view_after, now);
     if let Some(n) = ticket.clamped_output {
-        headers.push(("x-tollgate-max-tokens-clamped", n.to_string()));
+        headers.push((MAX_TOKENS_CLAMPED, HeaderValue::from(n)));
     }
     Ok(Admission {
         cap: 0,

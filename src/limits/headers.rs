@@ -1,73 +1,137 @@
 //! Rate-limit headers in both dialects, from the key's windows as the next request sees them.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, Timelike};
+use http::header::{HeaderName, HeaderValue};
 
 use super::RateView;
+use crate::vocab::OwnFields;
+
+/// The names of one window's fields: OpenAI's limit, remaining and reset, then Anthropic's.
+type Names = [HeaderName; 6];
+
+const REQUESTS: Names = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-requests-reset"),
+];
+
+const TOKENS: Names = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-reset"),
+];
 
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` (OpenAI; reset as a duration) and
 /// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (reset as RFC 3339).
-pub fn rate_headers(view: &RateView, now_ms: i64) -> Vec<(&'static str, String)> {
+///
+/// Every response of a limited key carries them, so they are built straight into header
+/// values: the names are constants, and a number both dialects share is rendered once.
+pub fn rate_headers(view: &RateView, now_ms: i64) -> OwnFields {
     // Most keys have no limits: no allocation for them.
     let mut out = Vec::new();
-    let kinds = [
-        (
-            view.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-            [
-                "anthropic-ratelimit-requests-limit",
-                "anthropic-ratelimit-requests-remaining",
-                "anthropic-ratelimit-requests-reset",
-            ],
-        ),
-        (
-            view.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-            [
-                "anthropic-ratelimit-tokens-limit",
-                "anthropic-ratelimit-tokens-remaining",
-                "anthropic-ratelimit-tokens-reset",
-            ],
-        ),
-    ];
-    for (values, openai, anthropic) in kinds {
+    for (values, names) in [(view.requests, &REQUESTS), (view.tokens, &TOKENS)] {
         let Some((limit, remaining, reset)) = values else {
             continue;
         };
+        let limit = HeaderValue::from(limit);
+        let remaining = HeaderValue::from(remaining);
+        let [openai_limit, openai_remaining, openai_reset, limit_name, remaining_name, reset_name] =
+            names.clone();
         out.reserve(6);
-        out.push((openai[0], limit.to_string()));
-        out.push((openai[1], remaining.to_string()));
-        out.push((openai[2], duration(reset)));
-        out.push((anthropic[0], limit.to_string()));
-        out.push((anthropic[1], remaining.to_string()));
-        out.push((anthropic[2], rfc3339(now_ms + reset as i64 * 1000)));
+        out.push((openai_limit, limit.clone()));
+        out.push((openai_remaining, remaining.clone()));
+        out.push((openai_reset, duration(reset)));
+        out.push((limit_name, limit));
+        out.push((remaining_name, remaining));
+        out.push((reset_name, rfc3339(now_ms + reset as i64 * 1000)));
     }
     out
 }
 
 /// `59s`, `1m0s`: the form OpenAI uses for resets.
-fn duration(secs: u64) -> String {
-    match secs {
-        0..=59 => format!("{secs}s"),
-        _ => format!("{}m{}s", secs / 60, secs % 60),
+fn duration(secs: u64) -> HeaderValue {
+    let mut text = Text::default();
+    if secs >= 60 {
+        text.number(secs / 60);
+        text.push(b'm');
     }
+    text.number(secs % 60);
+    text.push(b's');
+    text.value()
 }
 
-fn rfc3339(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
-        .unwrap_or_default()
+/// `2026-11-18T11:07:40Z`, as `to_rfc3339_opts(SecondsFormat::Secs, true)` writes it for
+/// the years 0 to 9999 (chrono's own rendering outside them).
+fn rfc3339(ms: i64) -> HeaderValue {
+    let Some(t) = DateTime::from_timestamp_millis(ms) else {
+        return HeaderValue::from_static("");
+    };
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        let text = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        return HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(""));
+    }
+    let mut text = Text::default();
+    text.digits(year as u32, 4);
+    text.push(b'-');
+    text.digits(t.month(), 2);
+    text.push(b'-');
+    text.digits(t.day(), 2);
+    text.push(b'T');
+    text.digits(t.hour(), 2);
+    text.push(b':');
+    text.digits(t.minute(), 2);
+    text.push(b':');
+    text.digits(t.second(), 2);
+    text.push(b'Z');
+    text.value()
+}
+
+/// A short ASCII field value written on the stack.
+#[derive(Default)]
+struct Text {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Text {
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn number(&mut self, n: u64) {
+        let mut digits = itoa::Buffer::new();
+        for &b in digits.format(n).as_bytes() {
+            self.push(b);
+        }
+    }
+
+    /// `n` in exactly `width` digits, zero-padded.
+    fn digits(&mut self, mut n: u32, width: usize) {
+        for i in (0..width).rev() {
+            self.buf[self.len + i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        self.len += width;
+    }
+
+    fn value(&self) -> HeaderValue {
+        // Digits and ASCII letters only: always a valid field value.
+        HeaderValue::from_bytes(&self.buf[..self.len]).unwrap_or(HeaderValue::from_static(""))
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use chrono::{SecondsFormat, Utc};
+
     use super::*;
 
     #[test]
@@ -77,7 +141,11 @@ mod tests {
             tokens: None,
         };
         let h = rate_headers(&view, 1_795_000_000_000);
-        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| {
+            h.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_str().unwrap_or("?"))
+        };
         assert_eq!(get("x-ratelimit-limit-requests"), Some("60"));
         assert_eq!(get("x-ratelimit-remaining-requests"), Some("59"));
         assert_eq!(get("x-ratelimit-reset-requests"), Some("1m0s"));
@@ -87,5 +155,32 @@ mod tests {
             Some("2026-11-18T11:07:40Z")
         );
         assert_eq!(get("x-ratelimit-limit-tokens"), None);
+    }
+
+    #[test]
+    fn resets_read_as_before() {
+        for (secs, text) in [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m0s"),
+            (61, "1m1s"),
+            (3725, "62m5s"),
+        ] {
+            assert_eq!(duration(secs), text);
+        }
+        for ms in [
+            -1000,
+            0,
+            999,
+            1_795_000_000_000,
+            951_782_400_000,
+            253_402_300_799_000,
+            253_402_300_800_000,
+        ] {
+            let chrono = DateTime::<Utc>::from_timestamp_millis(ms)
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            assert_eq!(rfc3339(ms), chrono.as_str(), "{ms}");
+        }
     }
 }

@@ -43,12 +43,15 @@ pub enum RouteError {
     SessionTooLong { len: usize },
 }
 
+/// The field a client names its session in; echoed on the answer.
+pub const SESSION_HEADER: http::HeaderName = http::HeaderName::from_static("x-session-affinity");
+
 /// The longest `x-session-affinity` id accepted.
 pub const MAX_SESSION_ID: usize = 256;
 
 /// The session id a request names in `x-session-affinity`, if any (empty counts as none).
 pub fn session_id(headers: &http::HeaderMap) -> Result<Option<&http::HeaderValue>, RouteError> {
-    match headers.get("x-session-affinity") {
+    match headers.get(&SESSION_HEADER) {
         Some(v) if v.len() > MAX_SESSION_ID => Err(RouteError::SessionTooLong { len: v.len() }),
         Some(v) if !v.is_empty() => Ok(Some(v)),
         _ => Ok(None),

@@ -1,17 +1,48 @@
 //! Byte scans over JSON text, for the hot path where parsing every stream chunk would cost
 //! more than the chunk is worth. They find; they never validate.
 
-/// Position of `needle` in `haystack`.
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
+
+/// A member name to look for, with its quotes (`b"\"usage\""`), and its substring searcher
+/// built once. Building a searcher costs more than running it over a stream chunk of a few
+/// hundred bytes, and every chunk is searched for several names.
+pub struct Key {
+    finder: Finder<'static>,
+}
+
+impl Key {
+    pub fn new(quoted: &'static [u8]) -> Self {
+        Key {
+            finder: Finder::new(quoted),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.finder.needle().len()
+    }
+}
+
+/// The names the relay looks for in every stream chunk.
+pub static USAGE: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"usage\""));
+pub static CHOICES: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"choices\""));
+pub static MODEL: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"model\""));
+pub static CONTENT: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"content\""));
+pub static REASONING_CONTENT: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"reasoning_content\""));
+pub static REASONING: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"reasoning\""));
+pub static ARGUMENTS: LazyLock<Key> = LazyLock::new(|| Key::new(b"\"arguments\""));
+
+/// Position of `key` in `haystack`.
+pub fn find(haystack: &[u8], key: &Key) -> Option<usize> {
+    if key.len() == 0 {
         return None;
     }
-    memchr::memmem::find(haystack, needle)
+    key.finder.find(haystack)
 }
 
 /// Where the value of the first `"key":` starts (whitespace around the colon skipped).
-/// `key` is given with its quotes, e.g. `b"\"usage\""`.
-pub fn value_start(json: &[u8], key: &[u8]) -> Option<usize> {
+pub fn value_start(json: &[u8], key: &Key) -> Option<usize> {
     let mut from = 0;
     while let Some(pos) = find(&json[from..], key) {
         let mut i = from + pos + key.len();
@@ -121,7 +152,7 @@ fn leading_ws(s: &[u8]) -> usize {
 }
 
 /// Whether the first `"key":` holds a non-empty string.
-pub fn has_nonempty_string(json: &[u8], key: &[u8]) -> bool {
+pub fn has_nonempty_string(json: &[u8], key: &Key) -> bool {
     let mut from = 0;
     while let Some(start) = value_start(&json[from..], key) {
         let i = from + start;
@@ -134,7 +165,7 @@ pub fn has_nonempty_string(json: &[u8], key: &[u8]) -> bool {
 }
 
 /// Whether the first `"key":` holds an empty array.
-pub fn is_empty_array(json: &[u8], key: &[u8]) -> bool {
+pub fn is_empty_array(json: &[u8], key: &Key) -> bool {
     value_start(json, key).is_some_and(|i| {
         json.get(i) == Some(&b'[') && json.get(i + 1 + leading_ws(&json[i + 1..])) == Some(&b']')
     })
@@ -146,19 +177,20 @@ mod tests {
 
     #[test]
     fn a_key_at_the_very_end_holds_no_array() {
-        assert!(!is_empty_array(br#"{"choices":"#, b"\"choices\""));
-        assert!(!is_empty_array(br#"{"choices": "#, b"\"choices\""));
+        assert!(!is_empty_array(br#"{"choices":"#, &CHOICES));
+        assert!(!is_empty_array(br#"{"choices": "#, &CHOICES));
     }
 
     #[test]
     fn values_are_found_through_whitespace() {
         let j = br#"{"a" : [ ], "b":"x", "c":""}"#;
-        assert!(is_empty_array(j, b"\"a\""));
-        assert!(has_nonempty_string(j, b"\"b\""));
-        assert!(!has_nonempty_string(j, b"\"c\""));
-        assert_eq!(value_start(br#"{"usage":null}"#, b"\"usage\""), Some(9));
-        assert_eq!(value_start(b"\"usage\"", b"\"usage\""), None);
-        assert_eq!(find(b"", b"x"), None);
+        assert!(is_empty_array(j, &Key::new(b"\"a\"")));
+        assert!(has_nonempty_string(j, &Key::new(b"\"b\"")));
+        assert!(!has_nonempty_string(j, &Key::new(b"\"c\"")));
+        assert_eq!(value_start(br#"{"usage":null}"#, &USAGE), Some(9));
+        assert_eq!(value_start(b"\"usage\"", &USAGE), None);
+        assert_eq!(find(b"", &Key::new(b"x")), None);
+        assert_eq!(find(b"abc", &Key::new(b"")), None);
     }
 
     #[test]

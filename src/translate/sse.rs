@@ -194,12 +194,13 @@ impl SseFramer {
                     self.data.push('\n');
                 }
                 self.has_data = true;
-                self.data.push_str(&String::from_utf8_lossy(value));
+                push_lossy(&mut self.data, value);
             }
             b"event" => {
                 self.event_bytes += value.len();
-                let value = String::from_utf8_lossy(value).into_owned();
-                self.event = (!value.is_empty()).then_some(value);
+                let mut name = String::new();
+                push_lossy(&mut name, value);
+                self.event = (!name.is_empty()).then_some(name);
             }
             _ => {}
         }
@@ -226,6 +227,16 @@ impl SseFramer {
         self.data = String::new();
         self.event = None;
         SseError::TooLarge { limit: self.limit }
+    }
+}
+
+/// Appends `bytes` decoded as UTF-8, each invalid sequence replaced by U+FFFD. Valid text, as
+/// every engine sends, takes the fast validation; `from_utf8_lossy` walks it chunk by chunk,
+/// several times slower, and is left for the rare line that needs a replacement.
+fn push_lossy(out: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => out.push_str(text),
+        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
     }
 }
 

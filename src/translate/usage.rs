@@ -90,7 +90,7 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
 /// none of them holds an object, the top-level one (if there is one) does not either.
 fn usage_object_somewhere(json: &[u8]) -> bool {
     let mut from = 0;
-    while let Some(start) = scan::value_start(&json[from..], b"\"usage\"") {
+    while let Some(start) = scan::value_start(&json[from..], &scan::USAGE) {
         let at = from + start;
         if json.get(at) == Some(&b'{') {
             return true;

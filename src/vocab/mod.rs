@@ -12,7 +12,7 @@ mod problem;
 mod usage;
 
 pub use endpoint::{Dialect, Endpoint};
-pub use header::{add_own_fields, client_header};
+pub use header::{add_own_fields, client_header, OwnFields, ID_FIELDS};
 pub use ids::{message_id, request_id};
 pub use price::{micros, TokenPrices};
 pub use problem::{echo, Problem, ECHO_MAX_BYTES};
