@@ -15,6 +15,7 @@ use crate::account::page::PAGE_ROWS;
 use crate::account::query::{self, Bucket, UsageQuery, UsageRow};
 use crate::account::Ledger;
 use crate::metrics::Metrics;
+use crate::reclaim::release_freed_memory;
 use crate::reload::Reloader;
 use crate::runtime::Runtime;
 use crate::vocab::echo;
@@ -258,16 +259,6 @@ impl ServeHttp for Admin {
             .body(body)
             .unwrap_or_else(|_| Response::new(Vec::new()))
     }
-}
-
-/// Hands the memory this thread has freed back to the OS now. mimalloc, the global
-/// allocator (main.rs), returns a thread's freed pages only a while after they were freed,
-/// and only when that thread allocates again: a blocking-pool thread that built a page of a
-/// usage report and then idles would keep its memory for as long as it lives.
-fn release_freed_memory() {
-    // SAFETY: `mi_collect` takes a flag and no pointers, and may be called from any thread
-    // at any time; where mimalloc is not the allocator, it finds nothing to collect.
-    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// The one method an admin URL answers, if it is one.

@@ -1,5 +1,5 @@
-//! Client connections: the deadline for each request head, and the keep-alive loop that hands
-//! each request on a connection to the proxy.
+//! Client connections: the deadline for each request head, and the keep-alive loop that takes
+//! each request on a connection through the proxy's hooks.
 //!
 //! Pingora bounds each read of a request head (60 s), not the head: a client that sends one
 //! header line every few seconds keeps its connection, and a task, for as long as it likes.
@@ -18,46 +18,69 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use bytes::BytesMut;
+use pingora::apps::ServerApp;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
 };
+use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
-use prometheus::IntCounter;
+use pingora::ErrorType;
+use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::reclaim;
 use crate::runtime::Runtime;
 
 /// How long a kept-alive connection may wait for its next request: the 60 s Pingora gives a
 /// connection's first request, for every later one too (Pingora waits for those without end).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
-/// The public listener's application: Pingora's HTTP/1 keep-alive loop around `app` (the
-/// proxy), with each connection's stream under a [`HeadClock`]. The listener is plain TCP and
-/// HTTP/1 only: no TLS, no h2c.
-pub struct Clients<A> {
-    app: Arc<A>,
+/// The public listener's application: the HTTP/1 keep-alive loop, and each request on it
+/// taken through the proxy's hooks (`proxy`, tollgate's one `ProxyHttp`), with each
+/// connection's stream under a [`HeadClock`]. The listener is plain TCP and HTTP/1 only: no
+/// TLS, no h2c.
+///
+/// The loop is tollgate's, not Pingora's `HttpProxy`: every request is answered in
+/// `request_filter` (`forward` drives the replica exchange itself), so of Pingora's request
+/// path only the head read, the hooks and the end of the request are used. Pingora's path
+/// also holds, for as long as a request lasts, one future sized for all it could do (the
+/// cache, its upstream exchange, retries): 14.5 KiB per open stream (benches/README.md). This
+/// one holds the hooks' state and little else.
+pub struct Clients<P> {
+    proxy: P,
     runtime: Arc<ArcSwap<Runtime>>,
     /// `tollgate_client_timeouts_total{phase="head"}`.
     head_timeouts: IntCounter,
+    /// `tollgate_requests_in_flight`, which [`reclaim::watch`] follows.
+    in_flight: IntGauge,
+    /// Starts that watch with the first connection, on the runtime that serves clients.
+    reclaim: Once,
 }
 
-impl<A> Clients<A> {
-    pub fn new(app: A, runtime: Arc<ArcSwap<Runtime>>, head_timeouts: IntCounter) -> Self {
+impl<P> Clients<P> {
+    pub fn new(
+        proxy: P,
+        runtime: Arc<ArcSwap<Runtime>>,
+        head_timeouts: IntCounter,
+        in_flight: IntGauge,
+    ) -> Self {
         Clients {
-            app: Arc::new(app),
+            proxy,
             runtime,
             head_timeouts,
+            in_flight,
+            reclaim: Once::new(),
         }
     }
 
@@ -68,39 +91,147 @@ impl<A> Clients<A> {
     }
 }
 
+/// What a connection carries from one request to the next: the bytes of the next request
+/// already read (a pipelining client's), and whether pipelining was on.
+#[derive(Default)]
+struct Carried {
+    prefix: Option<BytesMut>,
+    pipelining: bool,
+}
+
 #[async_trait]
-impl<A> ServerApp for Clients<A>
+impl<P> ServerApp for Clients<P>
 where
-    A: HttpServerApp + Send + Sync + 'static,
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
 {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let clock = HeadClock::new(stream, self.head_timeout(), self.head_timeouts.clone());
-        let mut session = ServerSession::new_http1(Box::new(clock));
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        } else {
-            session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
-        }
+        self.reclaim.call_once(|| {
+            tokio::spawn(reclaim::watch(self.in_flight.clone()));
+        });
+        let mut clock = Box::new(HeadClock::new(
+            stream,
+            self.head_timeout(),
+            self.head_timeouts.clone(),
+        ));
+        let mut carried = Carried::default();
         loop {
-            let reused = self.app.process_new_http(session, shutdown).await?;
-            let (stream, settings) = reused.consume();
+            let (stream, next) = self.serve(clock, carried, shutdown).await?;
             // Always a `HeadClock`: every session of this loop is built on one.
-            let mut clock = stream.into_any().downcast::<HeadClock>().ok()?;
+            clock = stream.into_any().downcast::<HeadClock>().ok()?;
             clock.next_request(self.head_timeout());
-            session = ServerSession::new_http1(clock);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+            carried = next;
         }
     }
+}
 
-    async fn cleanup(&self) {
-        self.app.http_cleanup().await;
+impl<P> Clients<P>
+where
+    P: ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
+    /// One request of the connection, in the order Pingora's proxy runs it: read the head
+    /// (or stop waiting for it at shutdown), the early filter and the request filter, which
+    /// answer it, `fail_to_proxy` if they failed, `logging`, then the end of the request.
+    /// Returns the connection when it can carry another request.
+    async fn serve(
+        &self,
+        clock: Box<HeadClock>,
+        carried: Carried,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(Stream, Carried)> {
+        let mut session = Session::new_h1(clock);
+        let downstream = &mut session.downstream_session;
+        if let Some(prefix) = carried.prefix {
+            downstream.set_pipelined_prefix(prefix);
+        }
+        downstream.set_pipelining_enabled(carried.pipelining);
+        let stopping = *shutdown.borrow();
+        downstream.set_keepalive((!stopping).then_some(KEEPALIVE_IDLE.as_secs()));
+        // Boxed, as is the end of the request below: their states are larger than what the
+        // request holds while it streams, and are needed only before and after.
+        if !Box::pin(read_head(downstream, shutdown)).await {
+            return None;
+        }
+
+        let mut ctx = self.proxy.new_ctx();
+        let served = match self
+            .proxy
+            .early_request_filter(&mut session, &mut ctx)
+            .await
+        {
+            Ok(()) => self.proxy.request_filter(&mut session, &mut ctx).await,
+            Err(e) => Err(e),
+        };
+        let reuse = match served {
+            // `request_filter` answers every request (`Ok(false)` is never returned).
+            Ok(_) => {
+                self.proxy.logging(&mut session, None, &mut ctx).await;
+                true
+            }
+            Err(e) => {
+                let failed = self.proxy.fail_to_proxy(&mut session, &e, &mut ctx).await;
+                tracing::warn!(
+                    error = %e,
+                    status = failed.error_code,
+                    request = %self.proxy.request_summary(&session, &ctx),
+                    "request failed"
+                );
+                self.proxy.logging(&mut session, Some(&e), &mut ctx).await;
+                failed.can_reuse_downstream
+            }
+        };
+        let pipelining = session.downstream_session.pipelining_enabled();
+        let reusable = match reuse {
+            true => Box::pin(session.downstream_session.finish())
+                .await
+                .ok()
+                .flatten(),
+            false => None,
+        };
+        drop(ctx);
+        let (stream, prefix) = reusable?.into_parts();
+        Some((stream, Carried { prefix, pipelining }))
+    }
+}
+
+/// Reads a request head; false if there is none to serve: the connection closed or broke,
+/// the head was refused (400, or 405 for CONNECT), or the server is shutting down.
+async fn read_head(downstream: &mut ServerSession, shutdown: &ShutdownWatch) -> bool {
+    let read = tokio::select! {
+        // A request already read is served, shutdown or not.
+        biased;
+        read = downstream.read_request() => read,
+        () = stopping_of(shutdown.clone()) => return false,
+    };
+    match read {
+        Ok(true) => {}
+        Ok(false) => return false,
+        Err(e) => {
+            if *e.etype() == ErrorType::InvalidHTTPHeader {
+                let _ = downstream.respond_error(400).await;
+            }
+            downstream.shutdown().await;
+            return false;
+        }
+    }
+    // CONNECT changes how a message is framed; a proxy of model requests has no use for it.
+    if downstream.req_header().method == http::Method::CONNECT {
+        let _ = downstream.respond_error(405).await;
+        downstream.shutdown().await;
+        return false;
+    }
+    true
+}
+
+/// Resolves once the server is shutting down; never if it cannot tell.
+async fn stopping_of(mut shutdown: ShutdownWatch) {
+    if shutdown.wait_for(|stopping| *stopping).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -14,7 +14,8 @@
 //!   [`route`], [`media`], [`forward`], [`account`], [`metrics`], [`alerts`]. A stage takes values and
 //!   returns values; none knows the request context or writes a response of its own;
 //! - orchestration: [`proxy`] (the table of contents: one line per stage), [`ctx`],
-//!   [`error`], [`respond`], [`access_log`], [`conn`] (client connections), [`runtime`],
+//!   [`error`], [`respond`], [`access_log`], [`conn`] (client connections), [`reclaim`] (freed
+//!   memory back to the OS after a burst), [`runtime`],
 //!   [`reload`], [`admin`], [`server`], [`demo`], [`logs`].
 //!
 //! [`sim`] is the simulated GPU replica, on its own. ARCHITECTURE.md at the repository root
@@ -41,6 +42,7 @@ pub mod media;
 pub mod metrics;
 pub mod predict;
 pub mod proxy;
+pub mod reclaim;
 pub mod reload;
 pub mod respond;
 pub mod route;

@@ -12,9 +12,10 @@
 //! Before it, `early_request_filter` only stops the request head's deadline (conn.rs): the
 //! head is in. Each stage is one line below, in that order; `RequestCtx` (ctx.rs) says which
 //! stage writes each piece of per-request state and which read it. Every request is answered
-//! inside `request_filter`, which returns `Ok(true)`: Pingora's own upstream loop is never
-//! entered, because it routes before reading the body, and the Model API routes on a field of
-//! the body (ARCHITECTURE.md, "Why tollgate drives the exchange itself"). `logging` runs
+//! inside `request_filter`, which returns `Ok(true)`; the hooks are run by tollgate's request
+//! loop (conn.rs), not Pingora's proxy, whose upstream phase routes before reading the body,
+//! and the Model API routes on a field of the body (ARCHITECTURE.md, "Why tollgate drives the
+//! exchange itself"). `logging` runs
 //! exactly once per request, however it ended; a request whose task is dropped before it (a
 //! shutdown past the grace period) is ended by `Ctx`'s `Drop` instead.
 
@@ -24,7 +25,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -80,12 +80,6 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx(RequestCtx::new(self.ledger.clone()))
-    }
-
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
-        // None. Pingora's default adds a response compression module, disabled, whose hooks
-        // would still run (and allocate) on every request; tollgate relays responses as the
-        // replica encoded them.
     }
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {

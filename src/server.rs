@@ -49,7 +49,6 @@ pub fn run(
         admin: admin.0,
     };
 
-    let conf = Arc::new(server_conf(&snapshot));
     let mut server = Server::new_with_opt_and_conf(None, server_conf(&snapshot));
     server.bootstrap();
 
@@ -110,7 +109,7 @@ pub fn run(
             (admin.0.to_string(), admin.1),
         ],
     });
-    // Pingora's proxy, under tollgate's keep-alive loop: each request head has a deadline.
+    // The gateway's hooks, run by tollgate's keep-alive loop: each request head has a deadline.
     let gateway = Gateway::new(
         runtime.clone(),
         metrics.clone(),
@@ -120,9 +119,10 @@ pub fn run(
     let mut proxy = ListeningService::new(
         "tollgate".into(),
         Clients::new(
-            pingora::proxy::http_proxy(&conf, gateway),
+            gateway,
             runtime.clone(),
             metrics.client_timeouts("head"),
+            metrics.inflight.clone(),
         ),
     );
     // No read buffer under Pingora's own: it reads a request head into a buffer of its own

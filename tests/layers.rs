@@ -39,6 +39,7 @@ const RANKS: &[(&str, u32)] = &[
     // Async predict's dispatcher: reads the runtime, runs queued requests off any request.
     ("dispatch", 21),
     ("ctx", 21),
+    ("reclaim", 21),
     ("access_log", 22),
     ("conn", 22),
     // The deployed-model surface, beside the Model API's stages in proxy.rs.
