@@ -582,14 +582,15 @@ async fn the_shared_request_window_forgets_what_is_older_than_a_minute() {
             .expect("a number")
             .to_string()
     };
-    let window = "tollgate:k:team-a:rq";
+    let window = "tollgate:k:team-a:w";
     let now = redis.now_secs();
-    let ago = |s: i64| (now - s).to_string();
+    let ago = |s: i64| format!("r{}", now - s);
     // 50 requests 70 s ago, 7 requests 30 s ago: the 7 and this one count.
     redis.command(&["HSET", window, &ago(70), "50", &ago(30), "7"]);
     assert_eq!(remaining().await, "92");
     // Five more, counted 61 s before `now` into a total last brought up to date 2 s ago:
     // they have left the window by the time of the next request.
-    redis.command(&["HSET", window, &ago(61), "5", "t", "13", "l", &ago(2)]);
+    let two_ago = (now - 2).to_string();
+    redis.command(&["HSET", window, &ago(61), "5", "rt", "13", "l", &two_ago]);
     assert_eq!(remaining().await, "91");
 }

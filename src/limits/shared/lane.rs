@@ -172,13 +172,7 @@ async fn step(
 /// The batch as one `EVALSHA`, built in one buffer: every operation's keys, then the lease
 /// TTL and every operation's arguments.
 fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
-    let keys: usize = ops
-        .iter()
-        .map(|op| match op {
-            Op::Admit { .. } => 8,
-            Op::Settle { .. } => 6,
-        })
-        .sum();
+    let keys = ops.len() * 5;
     let mut cmd = redis::Cmd::with_capacity(3 + keys * 2 + ops.len() * 20, 64 * keys);
     cmd.arg("EVALSHA")
         .arg(shared.scripts.step.get_hash())
@@ -192,13 +186,10 @@ fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
                 ..
             } => {
                 let m = model.as_deref().unwrap_or(&names.no_model);
-                cmd.arg(&names.rq)
-                    .arg(&names.tk)
+                cmd.arg(&names.w)
                     .arg(&names.ls)
-                    .arg(&names.held)
                     .arg(budget.as_ref().unwrap_or(&names.no_budget))
-                    .arg(&m.rq)
-                    .arg(&m.tk)
+                    .arg(&m.w)
                     .arg(&m.ls);
             }
             Op::Settle {
@@ -208,11 +199,10 @@ fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
                 ..
             } => {
                 let m = model.as_deref().unwrap_or(&names.no_model);
-                cmd.arg(&names.tk)
+                cmd.arg(&names.w)
                     .arg(&names.ls)
-                    .arg(&names.held)
                     .arg(budget.as_ref().unwrap_or(&names.no_budget))
-                    .arg(&m.tk)
+                    .arg(&m.w)
                     .arg(&m.ls);
             }
         }

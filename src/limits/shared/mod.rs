@@ -69,13 +69,11 @@ pub struct Shared {
     lanes: lane::Lanes,
 }
 
-/// The Redis keys of one API key: its windows, lease set, held reservations, and the
-/// stand-ins the script is given where there is no budget or no model.
+/// The Redis keys of one API key: its window and lease set, and the stand-ins the script is
+/// given where there is no budget or no model.
 pub(super) struct KeyNames {
-    rq: String,
-    tk: String,
+    w: String,
     ls: String,
-    held: String,
     no_budget: String,
     no_model: ModelNames,
 }
@@ -84,10 +82,8 @@ impl KeyNames {
     fn of(id: &str) -> KeyNames {
         let p = key_prefix(id);
         KeyNames {
-            rq: format!("{p}:rq"),
-            tk: format!("{p}:tk"),
+            w: format!("{p}:w"),
             ls: format!("{p}:ls"),
-            held: format!("{p}:held"),
             no_budget: format!("{p}:b:none"),
             no_model: ModelNames::with_prefix(&format!("{p}:none")),
         }
@@ -96,16 +92,14 @@ impl KeyNames {
 
 /// The Redis keys of one model's limits.
 pub(super) struct ModelNames {
-    rq: String,
-    tk: String,
+    w: String,
     ls: String,
 }
 
 impl ModelNames {
     fn with_prefix(p: &str) -> ModelNames {
         ModelNames {
-            rq: format!("{p}:rq"),
-            tk: format!("{p}:tk"),
+            w: format!("{p}:w"),
             ls: format!("{p}:ls"),
         }
     }
@@ -222,7 +216,7 @@ impl Shared {
             .keys()
             .flat_map(|k| {
                 let p = key_prefix(&k.id);
-                [format!("{p}:ls"), format!("{p}:held")]
+                [format!("{p}:ls")]
             })
             .chain(
                 snapshot
@@ -316,23 +310,31 @@ impl Shared {
             lane::Op::Admit {
                 names: names.clone(),
                 model: model_names.clone(),
-                budget,
+                budget: budget.clone(),
                 lease: lease_id.clone(),
                 nums,
                 reply: tx,
             },
         );
         let decision = match rx.await {
-            Ok(answer) => reply::admission(
-                self,
-                key,
-                &reply::Fields::of(&answer),
-                now_ms,
-                lease_id,
-                names,
-                model_names,
-                demand,
-            ),
+            Ok(answer) => {
+                let fields = reply::Fields::of(&answer);
+                // As the lease sets hold it: with the reservation, for a lapse to give back.
+                let lease = match &budget {
+                    Some(hash) => format!("{lease_id}|{}|{hash}", fields.nanos()),
+                    None => lease_id,
+                };
+                reply::admission(
+                    self,
+                    key,
+                    &fields,
+                    now_ms,
+                    lease,
+                    names,
+                    model_names,
+                    demand,
+                )
+            }
             Err(_) => Decision::Down(self.settings.on_redis_down),
         };
         if !matches!(decision, Decision::Admitted { .. }) {

@@ -44,6 +44,11 @@ impl<'a> Fields<'a> {
     fn int(&self, at: usize) -> u64 {
         self.signed(at).max(0) as u64
     }
+
+    /// An admission's reservation, in nano-dollars.
+    pub fn nanos(&self) -> u64 {
+        self.int(8)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
