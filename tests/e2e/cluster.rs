@@ -32,6 +32,23 @@ fn nodes(redis: &Redis, sim: &SimReplica, key_extra: &str, on_down: &str) -> Vec
         .collect()
 }
 
+/// One node (`node-0`) in front of `sim`, team-a's entry given `key_extra`, connected.
+async fn one_node(
+    redis: &Redis,
+    sim: &SimReplica,
+    on_down: &str,
+    timeout_ms: u64,
+    key_extra: &str,
+) -> Gateway {
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        cluster(redis, 0, on_down, timeout_ms),
+        config_with(sim, key_extra)
+    ));
+    connected(std::slice::from_ref(&gw)).await;
+    gw
+}
+
 /// Waits until every node has its connection to Redis (a node starts without it when Redis
 /// is slow to answer, and connects in the background).
 async fn connected(nodes: &[Gateway]) {
@@ -270,12 +287,7 @@ async fn redis_up(gw: &Gateway) -> Option<f64> {
 async fn survives_redis_restart(on_down: &str) -> (Vec<(u16, String)>, Gateway) {
     let mut redis = Redis::start();
     let sim = sim().await;
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        cluster(&redis, 0, on_down, 200),
-        config_with(&sim, "rpm = 100000")
-    ));
-    connected(std::slice::from_ref(&gw)).await;
+    let gw = one_node(&redis, &sim, on_down, 200, "rpm = 100000").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let running = load(&gw, stop.clone());
     assert_eq!(one(&gw).await.0, 200);
@@ -407,14 +419,10 @@ async fn a_redis_that_lost_its_data_is_seeded_from_the_ledger() {
     let sim = sim().await;
     // ask(4) reserves 81 × 500 + 4 × 1500 = 46,500 and costs 9,000 nano-dollars: two fit
     // a budget of 60,000, a third does not (18,000 + 46,500).
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        cluster(&redis, 0, "reject", 2000),
-        config_with(&sim, "budget = { usd = 0.00006, period = \"daily\" }")
-    ));
+    let budget = "budget = { usd = 0.00006, period = \"daily\" }";
+    let gw = one_node(&redis, &sim, "reject", 2000, budget).await;
     // The first request's settlement reaches Redis just after its answer: until then its
     // worst case still holds the budget, and the second waits for it.
-    connected(std::slice::from_ref(&gw)).await;
     let deadline = Deadline::after(Duration::from_secs(10));
     let mut admitted = 0;
     while admitted < 2 {
@@ -562,12 +570,7 @@ async fn a_models_rpm_and_a_keys_tpm_hold_across_three_nodes() {
 async fn the_shared_request_window_forgets_what_is_older_than_a_minute() {
     let redis = Redis::start();
     let sim = sim().await;
-    let gw = Gateway::start(&format!(
-        "{}{}",
-        cluster(&redis, 0, "reject", 2000),
-        config_with(&sim, "rpm = 100")
-    ));
-    connected(std::slice::from_ref(&gw)).await;
+    let gw = one_node(&redis, &sim, "reject", 2000, "rpm = 100").await;
     let remaining = || async {
         let r = client()
             .post(gw.url("/v1/chat/completions"))

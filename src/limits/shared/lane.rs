@@ -45,6 +45,26 @@ pub(super) enum Op {
     },
 }
 
+impl Op {
+    /// The key, the model and the budget hash whose Redis keys the operation reads.
+    fn scope(&self) -> (&KeyNames, Option<&ModelNames>, Option<&String>) {
+        match self {
+            Op::Admit {
+                names,
+                model,
+                budget,
+                ..
+            }
+            | Op::Settle {
+                names,
+                model,
+                budget,
+                ..
+            } => (names, model.as_deref(), budget.as_ref()),
+        }
+    }
+}
+
 /// Sets apart the lanes of two `Shared` in one process (tests start several).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -178,34 +198,13 @@ fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
         .arg(shared.scripts.step.get_hash())
         .arg(keys);
     for op in ops {
-        match op {
-            Op::Admit {
-                names,
-                model,
-                budget,
-                ..
-            } => {
-                let m = model.as_deref().unwrap_or(&names.no_model);
-                cmd.arg(&names.w)
-                    .arg(&names.ls)
-                    .arg(budget.as_ref().unwrap_or(&names.no_budget))
-                    .arg(&m.w)
-                    .arg(&m.ls);
-            }
-            Op::Settle {
-                names,
-                model,
-                budget,
-                ..
-            } => {
-                let m = model.as_deref().unwrap_or(&names.no_model);
-                cmd.arg(&names.w)
-                    .arg(&names.ls)
-                    .arg(budget.as_ref().unwrap_or(&names.no_budget))
-                    .arg(&m.w)
-                    .arg(&m.ls);
-            }
-        }
+        let (names, model, budget) = op.scope();
+        let m = model.unwrap_or(&names.no_model);
+        cmd.arg(&names.w)
+            .arg(&names.ls)
+            .arg(budget.unwrap_or(&names.no_budget))
+            .arg(&m.w)
+            .arg(&m.ls);
     }
     cmd.arg(shared.settings.lease_ttl.as_millis() as u64);
     for op in ops {
