@@ -9,8 +9,11 @@
 //! thread.
 
 use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -123,22 +126,58 @@ pub(super) fn send(shared: &Arc<Shared>, op: Op) {
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Op>) {
     let mut conn = None;
     let mut ops = Vec::with_capacity(MOST);
-    while rx.recv_many(&mut ops, MOST).await > 0 {
-        step(&shared, &mut conn, &mut ops).await;
+    // A batch of settlements only, still out. Nothing waits for its answer but its alerts,
+    // so the next batch is sent behind it on the same connection rather than after it:
+    // Redis runs them in the order sent, and an admission does not wait a round trip more.
+    let mut behind: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    loop {
+        let got = match behind.as_mut() {
+            Some(out) => tokio::select! {
+                biased;
+                () = out => {
+                    behind = None;
+                    continue;
+                }
+                got = rx.recv_many(&mut ops, MOST) => got,
+            },
+            None => rx.recv_many(&mut ops, MOST).await,
+        };
+        if got == 0 {
+            if let Some(out) = behind {
+                out.await;
+            }
+            return;
+        }
+        let settlements = ops.iter().all(|op| matches!(op, Op::Settle { .. }));
+        match connection(&shared, &mut conn).await {
+            None => {}
+            Some(c) if settlements && behind.is_none() => {
+                let batch = std::mem::replace(&mut ops, Vec::with_capacity(MOST));
+                let mut out: Pin<Box<dyn Future<Output = ()> + Send>> =
+                    Box::pin(step(shared.clone(), c.clone(), batch));
+                // Polled once here, so that its command is queued before any later one.
+                if std::future::poll_fn(|cx| Poll::Ready(out.as_mut().poll(cx)))
+                    .await
+                    .is_pending()
+                {
+                    behind = Some(out);
+                }
+            }
+            Some(c) => step(shared.clone(), c.clone(), std::mem::take(&mut ops)).await,
+        }
         ops.clear();
     }
 }
 
-/// Sends one batch and hands out the answers. An operation left unanswered (Redis down or
-/// late) drops its reply sender, which its admission reads as Redis being down.
-async fn step(
-    shared: &Arc<Shared>,
-    conn: &mut Option<(u64, MultiplexedConnection)>,
-    ops: &mut Vec<Op>,
-) {
+/// The lane's connection, made again when Redis has been away since it was made; `None`
+/// while Redis is down.
+async fn connection<'c>(
+    shared: &Shared,
+    conn: &'c mut Option<(u64, MultiplexedConnection)>,
+) -> Option<&'c mut MultiplexedConnection> {
     if !shared.is_up() {
         *conn = None;
-        return;
+        return None;
     }
     // A connection made before Redis last went away is not used again.
     let epoch = shared.epoch.load(Ordering::Acquire);
@@ -154,21 +193,21 @@ async fn step(
             Ok(Ok(c)) => *conn = Some((epoch, c)),
             _ => {
                 shared.mark_down();
-                return;
+                return None;
             }
         }
     }
-    let Some((_, c)) = conn.as_mut() else {
+    conn.as_mut().map(|(_, c)| c)
+}
+
+/// Sends one batch and hands out the answers. An operation left unanswered (Redis down or
+/// late: `Shared::step` marks it down) drops its reply sender, which its admission reads as
+/// Redis being down.
+async fn step(shared: Arc<Shared>, mut conn: MultiplexedConnection, ops: Vec<Op>) {
+    let Ok(answers) = shared.step(&mut conn, &command(&shared, &ops)).await else {
         return;
     };
-    let answers = match shared.step(c, &command(shared, ops)).await {
-        Ok(answers) => answers,
-        Err(()) => {
-            *conn = None;
-            return;
-        }
-    };
-    for (op, answer) in ops.drain(..).zip(answers.split(';')) {
+    for (op, answer) in ops.into_iter().zip(answers.split(';')) {
         match op {
             Op::Admit { reply, .. } => {
                 let _ = reply.send(answer.to_string());
