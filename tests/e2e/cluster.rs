@@ -177,13 +177,7 @@ async fn rpm_shared_by_three_nodes_admits_exactly_the_limit() {
         "{results:?}"
     );
     // The headers are the cluster's: a fourth request to any node sees none remaining.
-    let r = client()
-        .post(gws[2].url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&ask(16))
-        .send()
-        .await
-        .expect("answer");
+    let r = gws[2].chat(ask(16)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
     assert!(r.headers().contains_key("retry-after"));
@@ -217,13 +211,7 @@ async fn max_concurrent_shared_by_three_nodes_is_never_passed() {
     );
     assert!(watch.await.expect("watch") <= 5);
     // Slots come back at settlement: the next request is admitted.
-    let r = client()
-        .post(gws[1].url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&ask(16))
-        .send()
-        .await
-        .expect("answer");
+    let r = gws[1].chat(ask(16)).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -257,13 +245,7 @@ fn load(
 
 /// One request's (status, error code, retry-after).
 async fn one(gw: &Gateway) -> (u16, String, Option<String>) {
-    let r = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&ask(16))
-        .send()
-        .await
-        .expect("an answer");
+    let r = gw.chat(ask(16)).await;
     let status = r.status().as_u16();
     let retry = r
         .headers()
@@ -572,13 +554,7 @@ async fn the_shared_request_window_forgets_what_is_older_than_a_minute() {
     let sim = sim().await;
     let gw = one_node(&redis, &sim, "reject", 2000, "rpm = 100").await;
     let remaining = || async {
-        let r = client()
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&ask(16))
-            .send()
-            .await
-            .expect("answer");
+        let r = gw.chat(ask(16)).await;
         assert_eq!(r.status(), 200);
         r.headers()["x-ratelimit-remaining-requests"]
             .to_str()
