@@ -78,7 +78,7 @@ pub fn resolve<'s>(
     Ok(model)
 }
 
-/// The fleet's metric families (defined in metrics.rs), labelled here by pool and replica.
+/// The fleet's metric families (defined in metrics/mod.rs), labelled here by pool and replica.
 #[derive(Clone)]
 pub struct FleetMeters {
     pub ejections: IntCounterVec,

@@ -1,18 +1,19 @@
 //! Every Prometheus metric tollgate exports, with help text. Labels are bounded: configured
 //! model slugs (or "-"), endpoint names, status classes and error codes.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::account::ledger::LedgerMeters;
-use crate::config::Snapshot;
 use crate::route::{FleetMeters, Router};
 use crate::vocab::{Endpoint, Usage};
 
+mod meters;
+
+pub use meters::{KeyMeters, Meters, ModelMeters, ReplicaMeters};
+
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -540,136 +541,6 @@ impl Metrics {
 
 const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 const ENDPOINTS: usize = Endpoint::Unknown as usize + 1;
-
-/// Metric handles of one config snapshot, resolved when it is built (or at first use) so that
-/// a request records without a label lookup: each lookup hashes the labels and read-locks the
-/// metric family's map, which every worker shares.
-pub struct Meters {
-    models: HashMap<String, ModelMeters>,
-    keys: HashMap<String, KeyMeters>,
-    /// By replica address as rendered (`Replica::authority`).
-    replicas: HashMap<String, ReplicaMeters>,
-}
-
-impl Meters {
-    pub fn build(metrics: &Metrics, snapshot: &Snapshot) -> Meters {
-        let models = snapshot
-            .models
-            .iter()
-            .enumerate()
-            .map(|(index, m)| {
-                let model = [&*m.slug];
-                let meters = ModelMeters {
-                    index,
-                    slug: m.slug.to_string(),
-                    ttfb: metrics.ttfb.with_label_values(&model),
-                    ttft: metrics.ttft.with_label_values(&model),
-                    itl: metrics.itl.with_label_values(&model),
-                    requests: Default::default(),
-                    duration: Default::default(),
-                };
-                (m.slug.to_string(), meters)
-            })
-            .collect::<HashMap<_, _>>();
-        // Deployed models are labelled by their name; their index is past every Model API
-        // model's, so they have no token counters.
-        let mut models = models;
-        for (j, d) in snapshot.deployed_models.iter().enumerate() {
-            let model = [&*d.name];
-            models
-                .entry(d.name.to_string())
-                .or_insert_with(|| ModelMeters {
-                    index: snapshot.models.len() + j,
-                    slug: d.name.to_string(),
-                    ttfb: metrics.ttfb.with_label_values(&model),
-                    ttft: metrics.ttft.with_label_values(&model),
-                    itl: metrics.itl.with_label_values(&model),
-                    requests: Default::default(),
-                    duration: Default::default(),
-                });
-        }
-        let keys = snapshot
-            .keys()
-            .map(|k| {
-                let meters = KeyMeters {
-                    id: k.id.to_string(),
-                    tokens: (0..snapshot.models.len())
-                        .map(|_| Default::default())
-                        .collect(),
-                    spend: OnceLock::new(),
-                    budget_spent: OnceLock::new(),
-                    budget_remaining: OnceLock::new(),
-                };
-                (k.id.to_string(), meters)
-            })
-            .collect();
-        let replicas = snapshot
-            .pools
-            .iter()
-            .flat_map(|p| &p.replicas)
-            .map(|addr| {
-                let label = addr.to_string();
-                (label.clone(), ReplicaMeters::new(label))
-            })
-            .collect();
-        Meters {
-            models,
-            keys,
-            replicas,
-        }
-    }
-
-    pub fn model(&self, slug: &str) -> Option<&ModelMeters> {
-        self.models.get(slug)
-    }
-
-    pub fn key(&self, id: &str) -> Option<&KeyMeters> {
-        self.keys.get(id)
-    }
-
-    pub fn replica(&self, authority: &str) -> Option<&ReplicaMeters> {
-        self.replicas.get(authority)
-    }
-}
-
-/// One model's handles. The per-model latency histograms exist from the start (a dashboard
-/// sees the model before its first request); the rest appear with their first observation.
-pub struct ModelMeters {
-    /// The model's position in the snapshot, indexing `KeyMeters::tokens`.
-    index: usize,
-    slug: String,
-    pub ttfb: Histogram,
-    pub ttft: Histogram,
-    pub itl: Histogram,
-    requests: [[OnceLock<IntCounter>; 5]; ENDPOINTS],
-    duration: [OnceLock<Histogram>; ENDPOINTS],
-}
-
-/// One key's handles; tokens by model index, then kind.
-pub struct KeyMeters {
-    id: String,
-    tokens: Box<[[OnceLock<IntCounter>; 4]]>,
-    spend: OnceLock<Counter>,
-    budget_spent: OnceLock<Gauge>,
-    budget_remaining: OnceLock<Gauge>,
-}
-
-/// One replica's attempt counters.
-pub struct ReplicaMeters {
-    label: String,
-    ok: OnceLock<IntCounter>,
-    failed: OnceLock<IntCounter>,
-}
-
-impl ReplicaMeters {
-    fn new(label: String) -> Self {
-        ReplicaMeters {
-            label,
-            ok: OnceLock::new(),
-            failed: OnceLock::new(),
-        }
-    }
-}
 
 impl Default for Metrics {
     fn default() -> Self {
