@@ -25,35 +25,19 @@ impl Meters {
             .iter()
             .enumerate()
             .map(|(index, m)| {
-                let model = [&*m.slug];
-                let meters = ModelMeters {
-                    index,
-                    slug: m.slug.to_string(),
-                    ttfb: metrics.ttfb.with_label_values(&model),
-                    ttft: metrics.ttft.with_label_values(&model),
-                    itl: metrics.itl.with_label_values(&model),
-                    requests: Default::default(),
-                    duration: Default::default(),
-                };
-                (m.slug.to_string(), meters)
+                (
+                    m.slug.to_string(),
+                    ModelMeters::new(metrics, index, &m.slug),
+                )
             })
             .collect::<HashMap<_, _>>();
         // Deployed models are labelled by their name; their index is past every Model API
         // model's, so they have no token counters.
         let mut models = models;
         for (j, d) in snapshot.deployed_models.iter().enumerate() {
-            let model = [&*d.name];
             models
                 .entry(d.name.to_string())
-                .or_insert_with(|| ModelMeters {
-                    index: snapshot.models.len() + j,
-                    slug: d.name.to_string(),
-                    ttfb: metrics.ttfb.with_label_values(&model),
-                    ttft: metrics.ttft.with_label_values(&model),
-                    itl: metrics.itl.with_label_values(&model),
-                    requests: Default::default(),
-                    duration: Default::default(),
-                });
+                .or_insert_with(|| ModelMeters::new(metrics, snapshot.models.len() + j, &d.name));
         }
         let keys = snapshot
             .keys()
@@ -110,6 +94,21 @@ pub struct ModelMeters {
     pub itl: Histogram,
     pub(super) requests: [[OnceLock<IntCounter>; 5]; ENDPOINTS],
     pub(super) duration: [OnceLock<Histogram>; ENDPOINTS],
+}
+
+impl ModelMeters {
+    fn new(metrics: &Metrics, index: usize, name: &str) -> ModelMeters {
+        let model = [name];
+        ModelMeters {
+            index,
+            slug: name.to_string(),
+            ttfb: metrics.ttfb.with_label_values(&model),
+            ttft: metrics.ttft.with_label_values(&model),
+            itl: metrics.itl.with_label_values(&model),
+            requests: Default::default(),
+            duration: Default::default(),
+        }
+    }
 }
 
 /// One key's handles; tokens by model index, then kind.

@@ -25,47 +25,28 @@ use super::{reply, KeyNames, ModelNames, Shared};
 const MOST: usize = 64;
 
 /// One operation of a batch: its keys and arguments as `lua::STEP_BODY` reads them.
-pub(super) enum Op {
+pub(super) struct Op {
+    pub names: Arc<KeyNames>,
+    pub model: Option<Arc<ModelNames>>,
+    /// The budget's hash for the period (the current one for an admission, the request's
+    /// for a settlement), if the key has a budget.
+    pub budget: Option<String>,
+    /// The lease id for an admission; the lease as the lease sets hold it for a settlement.
+    pub lease: String,
+    pub kind: Kind,
+}
+
+pub(super) enum Kind {
     Admit {
-        names: Arc<KeyNames>,
-        model: Option<Arc<ModelNames>>,
-        /// The budget's hash for the current period, if the key has a budget.
-        budget: Option<String>,
-        lease: String,
         nums: [u64; 17],
         reply: oneshot::Sender<String>,
     },
     Settle {
-        names: Arc<KeyNames>,
-        model: Option<Arc<ModelNames>>,
-        /// The budget's hash for the period the request started in.
-        budget: Option<String>,
-        lease: String,
         nums: [u64; 7],
         thresholds: Vec<String>,
         /// The key and the budget (nanos, period start) whose alerts the answer may fire.
         alerts: Option<(Arc<str>, u64, i64)>,
     },
-}
-
-impl Op {
-    /// The key, the model and the budget hash whose Redis keys the operation reads.
-    fn scope(&self) -> (&KeyNames, Option<&ModelNames>, Option<&String>) {
-        match self {
-            Op::Admit {
-                names,
-                model,
-                budget,
-                ..
-            }
-            | Op::Settle {
-                names,
-                model,
-                budget,
-                ..
-            } => (names, model.as_deref(), budget.as_ref()),
-        }
-    }
 }
 
 /// Sets apart the lanes of two `Shared` in one process (tests start several).
@@ -148,7 +129,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Op>) {
             }
             return;
         }
-        let settlements = ops.iter().all(|op| matches!(op, Op::Settle { .. }));
+        let settlements = ops.iter().all(|op| matches!(op.kind, Kind::Settle { .. }));
         match connection(&shared, &mut conn).await {
             None => {}
             Some(c) if settlements && behind.is_none() => {
@@ -208,11 +189,11 @@ async fn step(shared: Arc<Shared>, mut conn: MultiplexedConnection, ops: Vec<Op>
         return;
     };
     for (op, answer) in ops.into_iter().zip(answers.split(';')) {
-        match op {
-            Op::Admit { reply, .. } => {
+        match op.kind {
+            Kind::Admit { reply, .. } => {
                 let _ = reply.send(answer.to_string());
             }
-            Op::Settle {
+            Kind::Settle {
                 alerts: Some((key_id, nanos, start)),
                 ..
             } => {
@@ -223,7 +204,7 @@ async fn step(shared: Arc<Shared>, mut conn: MultiplexedConnection, ops: Vec<Op>
                     }
                 }
             }
-            Op::Settle { .. } => {}
+            Kind::Settle { .. } => {}
         }
     }
 }
@@ -237,30 +218,27 @@ fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
         .arg(shared.scripts.step.get_hash())
         .arg(keys);
     for op in ops {
-        let (names, model, budget) = op.scope();
-        let m = model.unwrap_or(&names.no_model);
+        let names = &op.names;
+        let m = op.model.as_deref().unwrap_or(&names.no_model);
         cmd.arg(&names.w)
             .arg(&names.ls)
-            .arg(budget.unwrap_or(&names.no_budget))
+            .arg(op.budget.as_ref().unwrap_or(&names.no_budget))
             .arg(&m.w)
             .arg(&m.ls);
     }
     cmd.arg(shared.settings.lease_ttl.as_millis() as u64);
     for op in ops {
-        match op {
-            Op::Admit { lease, nums, .. } => {
-                cmd.arg("a").arg(lease);
+        match &op.kind {
+            Kind::Admit { nums, .. } => {
+                cmd.arg("a").arg(&op.lease);
                 for n in nums {
                     cmd.arg(*n);
                 }
             }
-            Op::Settle {
-                lease,
-                nums,
-                thresholds,
-                ..
+            Kind::Settle {
+                nums, thresholds, ..
             } => {
-                cmd.arg("s").arg(lease);
+                cmd.arg("s").arg(&op.lease);
                 for n in nums {
                     cmd.arg(*n);
                 }

@@ -307,13 +307,12 @@ impl Shared {
         let (tx, rx) = tokio::sync::oneshot::channel();
         lane::send(
             self,
-            lane::Op::Admit {
+            lane::Op {
                 names: names.clone(),
                 model: model_names.clone(),
                 budget: budget.clone(),
                 lease: lease_id.clone(),
-                nums,
-                reply: tx,
+                kind: lane::Kind::Admit { nums, reply: tx },
             },
         );
         let decision = match rx.await {
@@ -379,14 +378,16 @@ impl Shared {
             .map(|(b, start)| (lease.key_id.clone(), b.nanos, start));
         lane::send(
             self,
-            lane::Op::Settle {
+            lane::Op {
                 names: lease.names,
                 model: lease.model,
                 budget: budget_hash,
                 lease: lease.id,
-                nums,
-                thresholds,
-                alerts,
+                kind: lane::Kind::Settle {
+                    nums,
+                    thresholds,
+                    alerts,
+                },
             },
         );
     }
