@@ -17,6 +17,7 @@ mod body;
 mod catalog;
 mod cli;
 mod cluster;
+mod cluster_quota;
 mod cut_config;
 mod echo;
 mod fleet;

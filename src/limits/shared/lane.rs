@@ -19,34 +19,30 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{reply, KeyNames, ModelNames, Shared};
+use super::quota::{Pool, Return};
+use super::{reply, Shared};
 
 /// Operations one script call carries at most.
 const MOST: usize = 64;
 
 /// One operation of a batch: its keys and arguments as `lua::STEP_BODY` reads them.
 pub(super) struct Op {
-    pub names: Arc<KeyNames>,
-    pub model: Option<Arc<ModelNames>>,
-    /// The budget's hash for the period (the current one for an admission, the request's
-    /// for a settlement), if the key has a budget.
+    pub pool: Arc<Pool>,
+    /// The budget's hash for the period, if the key has a budget.
     pub budget: Option<String>,
-    /// The lease id for an admission; the lease as the lease sets hold it for a settlement.
-    pub lease: String,
     pub kind: Kind,
 }
 
 pub(super) enum Kind {
-    Admit {
-        nums: [u64; 17],
+    Grant {
+        /// The name the granted slots are numbered from.
+        base: String,
+        /// This node's budget hold under the current connection.
+        hold: String,
+        nums: [u64; 23],
         reply: oneshot::Sender<String>,
     },
-    Settle {
-        nums: [u64; 7],
-        thresholds: Vec<String>,
-        /// The key and the budget (nanos, period start) whose alerts the answer may fire.
-        alerts: Option<(Arc<str>, u64, i64)>,
-    },
+    Return(Return),
 }
 
 /// Sets apart the lanes of two `Shared` in one process (tests start several).
@@ -129,7 +125,7 @@ async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Op>) {
             }
             return;
         }
-        let settlements = ops.iter().all(|op| matches!(op.kind, Kind::Settle { .. }));
+        let settlements = ops.iter().all(|op| matches!(op.kind, Kind::Return(_)));
         match connection(&shared, &mut conn).await {
             None => {}
             Some(c) if settlements && behind.is_none() => {
@@ -190,21 +186,21 @@ async fn step(shared: Arc<Shared>, mut conn: MultiplexedConnection, ops: Vec<Op>
     };
     for (op, answer) in ops.into_iter().zip(answers.split(';')) {
         match op.kind {
-            Kind::Admit { reply, .. } => {
+            Kind::Grant { reply, .. } => {
                 let _ = reply.send(answer.to_string());
             }
-            Kind::Settle {
-                alerts: Some((key_id, nanos, start)),
+            Kind::Return(Return {
+                alerts: Some((nanos, start, _)),
                 ..
-            } => {
+            }) => {
                 let crossed = reply::crossed(answer, nanos, start);
                 if !crossed.is_empty() {
                     if let Some(hook) = shared.on_crossed.get() {
-                        hook(&key_id, crossed);
+                        hook(&op.pool.key_id, crossed);
                     }
                 }
             }
-            Kind::Settle { .. } => {}
+            Kind::Return(_) => {}
         }
     }
 }
@@ -212,39 +208,55 @@ async fn step(shared: Arc<Shared>, mut conn: MultiplexedConnection, ops: Vec<Op>
 /// The batch as one `EVALSHA`, built in one buffer: every operation's keys, then the lease
 /// TTL and every operation's arguments.
 fn command(shared: &Shared, ops: &[Op]) -> redis::Cmd {
-    let keys = ops.len() * 5;
-    let mut cmd = redis::Cmd::with_capacity(3 + keys * 2 + ops.len() * 20, 64 * keys);
+    let keys = ops.len() * 6;
+    let mut cmd = redis::Cmd::with_capacity(3 + keys * 2 + ops.len() * 28, 64 * keys);
     cmd.arg("EVALSHA")
         .arg(shared.scripts.step.get_hash())
         .arg(keys);
     for op in ops {
-        let names = &op.names;
-        let m = op.model.as_deref().unwrap_or(&names.no_model);
+        let names = &op.pool.names;
+        let m = op.pool.model.as_deref().unwrap_or(&names.no_model);
         cmd.arg(&names.w)
             .arg(&names.ls)
             .arg(op.budget.as_ref().unwrap_or(&names.no_budget))
             .arg(&m.w)
-            .arg(&m.ls);
+            .arg(&m.ls)
+            .arg(&names.hs);
     }
     cmd.arg(shared.settings.lease_ttl.as_millis() as u64);
     for op in ops {
         match &op.kind {
-            Kind::Admit { nums, .. } => {
-                cmd.arg("a").arg(&op.lease);
+            Kind::Grant {
+                base, hold, nums, ..
+            } => {
+                cmd.arg("g").arg(base).arg(hold);
                 for n in nums {
                     cmd.arg(*n);
                 }
             }
-            Kind::Settle {
-                nums, thresholds, ..
-            } => {
-                cmd.arg("s").arg(&op.lease);
-                for n in nums {
-                    cmd.arg(*n);
+            Kind::Return(r) => {
+                cmd.arg("r")
+                    .arg(shared.hold_id(r.epoch))
+                    .arg(u64::from(op.pool.model.is_some()))
+                    .arg(u64::from(op.budget.is_some()))
+                    .arg(r.alerts.as_ref().map_or(0, |a| super::lua_int(a.0)))
+                    .arg(super::lua_int(r.spent))
+                    .arg(super::lua_int(r.leaving))
+                    .arg(u64::from(r.release))
+                    .arg(r.slots.len());
+                for slot in &r.slots {
+                    cmd.arg(slot);
                 }
+                cmd.arg(r.corrections.len());
+                for &(sec, requests, tokens) in &r.corrections {
+                    cmd.arg(sec)
+                        .arg(super::lua_int(requests))
+                        .arg(super::lua_int(tokens));
+                }
+                let thresholds = r.alerts.as_ref().map_or(&[][..], |a| &a.2[..]);
                 cmd.arg(thresholds.len());
                 for t in thresholds {
-                    cmd.arg(t);
+                    cmd.arg(t.to_string());
                 }
             }
         }

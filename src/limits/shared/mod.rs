@@ -1,31 +1,35 @@
-//! Cluster mode: the limits and budgets of several nodes counted in one Redis. A request's
-//! admission checks every limit and reserves in one atomic script, and its settlement gives
-//! back what it did not use; both travel in batches, one script call for every operation
-//! queued on a worker thread while the previous call was out (`lane.rs`, `lua.rs`), so a
-//! request alone waits one round trip and a loaded node shares each round trip among many.
-//! Concurrency slots are leases that this node renews in one round trip for all of them; a
-//! node that stops stops renewing, and its slots and reservations lapse after
+//! Cluster mode: the limits and budgets of several nodes counted in one Redis. Redis grants
+//! each node blocks of a (key, model) pair's limits, checking every limit and counting the
+//! block in one atomic script (`lua.rs`), and the node admits and settles against its block
+//! without a round trip (`quota.rs`, `admit.rs`); near a limit a block is one request's
+//! worth, so the nodes together never pass one. Grants and returns travel in batches, one
+//! script call for every operation queued on a worker thread while the previous call was out
+//! (`lane.rs`). Slots and budget holds are leases that this node renews in one round trip
+//! for all of them; a node that stops stops renewing, and what it held lapses after
 //! `cluster.lease_ttl_ms`.
 //!
 //! Whether Redis answers is one atomic flag, read by every admission: while it is down,
 //! nothing waits on Redis, and `probe` reconnects in the background.
 
+mod admit;
 mod lane;
 mod lua;
+mod quota;
 mod reply;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use prometheus::{IntCounter, IntGauge};
 use redis::aio::MultiplexedConnection;
 use redis::{FromRedisValue, ScriptInvocation};
 
-use super::{period, Crossed, Demand, LimitError, RateView};
-use crate::config::{Budget, ClusterSettings, Key, Limits, OnRedisDown, Snapshot};
+use super::{period, Crossed, LimitError, RateView};
+use crate::config::{ClusterSettings, Limits, OnRedisDown, Snapshot};
+use quota::Pool;
 
 pub use reply::Lease;
 
@@ -36,6 +40,9 @@ pub struct ClusterMeters {
     /// Requests decided without Redis (counted locally, or refused).
     pub fallback: IntCounter,
 }
+
+/// This node's quotas: per key, one per model with limits (`None`: the key's alone).
+type Pools = HashMap<Arc<str>, Vec<(Option<String>, Arc<Pool>)>>;
 
 /// Each budget's current period as this node counts it: (key id, period start, spent,
 /// thresholds fired).
@@ -54,10 +61,12 @@ pub struct Shared {
     /// `<node id>:<random per start>:`: this process's leases, apart from an earlier run's.
     lease_prefix: String,
     seq: AtomicU64,
-    /// Leases of this node not settled yet: nothing to renew when 0.
-    live: AtomicI64,
-    /// The lease sets of every configured key and model (from the config in use).
+    /// The lease and hold sets of every configured key and model (from the config in use).
     lease_keys: ArcSwap<Vec<String>>,
+    /// This node's quota of each (key, model with limits) pair, kept across reloads; read
+    /// without a lock, copied on the rare write (a pair's first request).
+    pools: ArcSwap<Pools>,
+    new_pool: Mutex<()>,
     /// The Redis key names of every configured key and model, made once per config.
     names: ArcSwap<Names>,
     scripts: Scripts,
@@ -69,11 +78,12 @@ pub struct Shared {
     lanes: lane::Lanes,
 }
 
-/// The Redis keys of one API key: its window and lease set, and the stand-ins the script is
-/// given where there is no budget or no model.
+/// The Redis keys of one API key: its window, lease set and hold set, and the stand-ins the
+/// script is given where there is no budget or no model.
 pub(super) struct KeyNames {
     w: String,
     ls: String,
+    hs: String,
     no_budget: String,
     no_model: ModelNames,
 }
@@ -84,6 +94,7 @@ impl KeyNames {
         KeyNames {
             w: format!("{p}:w"),
             ls: format!("{p}:ls"),
+            hs: format!("{p}:hs"),
             no_budget: format!("{p}:b:none"),
             no_model: ModelNames::with_prefix(&format!("{p}:none")),
         }
@@ -161,16 +172,18 @@ impl Shared {
             .recv()
             .map_err(|_| "the cluster thread did not start".to_string())??;
         meters.up.set(0);
+        let lease_prefix = format!("{}:{:016x}:", settings.node_id, rand::random::<u64>());
         let shared = Arc::new(Shared {
-            lease_prefix: format!("{}:{:016x}:", settings.node_id, rand::random::<u64>()),
+            lease_prefix,
             settings,
             client,
             conn: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             seq: AtomicU64::new(0),
-            live: AtomicI64::new(0),
             lease_keys: ArcSwap::from_pointee(Vec::new()),
+            pools: ArcSwap::from_pointee(HashMap::new()),
+            new_pool: Mutex::new(()),
             names: ArcSwap::from_pointee(Names::default()),
             scripts: Scripts {
                 step: lua::step(),
@@ -194,6 +207,7 @@ impl Shared {
         let (first, connected) = mpsc::channel();
         self.handle.spawn(probe(self.clone(), seeds, first));
         self.handle.spawn(renew(self.clone()));
+        self.handle.spawn(tend(self.clone()));
         let _ = connected.recv_timeout(Duration::from_secs(1));
     }
 
@@ -216,7 +230,7 @@ impl Shared {
             .keys()
             .flat_map(|k| {
                 let p = key_prefix(&k.id);
-                [format!("{p}:ls")]
+                [format!("{p}:ls"), format!("{p}:hs")]
             })
             .chain(
                 snapshot
@@ -245,151 +259,6 @@ impl Shared {
     /// Counts a request decided without Redis.
     pub fn note_fallback(&self) {
         self.meters.fallback.inc();
-    }
-
-    /// Checks every limit of the key (and the model's, if given) and the key's budget in
-    /// Redis, and reserves the request's worst case there if all pass: one round trip.
-    pub async fn admit(
-        self: &Arc<Self>,
-        key: &Key,
-        model: Option<(&Limits, &str)>,
-        demand: Demand,
-        now_ms: i64,
-    ) -> Decision {
-        if !self.is_up() {
-            return Decision::Down(self.settings.on_redis_down);
-        }
-        let lease_id = format!(
-            "{}{}",
-            self.lease_prefix,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
-        let known = self.names.load();
-        let names = known
-            .keys
-            .get(&key.id)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(KeyNames::of(&key.id)));
-        let model_names = model.map(|(_, slug)| {
-            known
-                .models
-                .get(slug)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(ModelNames::with_prefix(&model_prefix(slug))))
-        });
-        drop(known);
-        let budget = key
-            .budget
-            .as_ref()
-            .map(|b| budget_hash(&key.id, period::start(b.period, now_ms)));
-        let (k, m) = (&key.limits, model.map_or(&NONE, |m| m.0));
-        let b = key.budget.as_ref();
-        let nums = [
-            k.rpm.map_or(0, lua_int),
-            k.tpm.map_or(0, lua_int),
-            k.max_concurrent.map_or(0, lua_int),
-            u64::from(model.is_some()),
-            m.rpm.map_or(0, lua_int),
-            m.tpm.map_or(0, lua_int),
-            m.max_concurrent.map_or(0, lua_int),
-            u64::from(b.is_some()),
-            b.map_or(0, |b| lua_int(b.nanos)),
-            u64::from(b.is_some_and(|b| b.enforce)),
-            u64::from(b.is_some_and(|b| b.clamp_max_tokens)),
-            lua_int(demand.input_tokens),
-            lua_int(demand.output_tokens),
-            demand.choices.max(1),
-            lua_int(demand.input_cost()),
-            lua_int(demand.prices.output),
-            super::MIN_CLAMPED_OUTPUT,
-        ];
-        self.live.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        lane::send(
-            self,
-            lane::Op {
-                names: names.clone(),
-                model: model_names.clone(),
-                budget: budget.clone(),
-                lease: lease_id.clone(),
-                kind: lane::Kind::Admit { nums, reply: tx },
-            },
-        );
-        let decision = match rx.await {
-            Ok(answer) => {
-                let fields = reply::Fields::of(&answer);
-                // As the lease sets hold it: with the reservation, for a lapse to give back.
-                let lease = match &budget {
-                    Some(hash) => format!("{lease_id}|{}|{hash}", fields.nanos()),
-                    None => lease_id,
-                };
-                reply::admission(
-                    self,
-                    key,
-                    &fields,
-                    now_ms,
-                    lease,
-                    names,
-                    model_names,
-                    demand,
-                )
-            }
-            Err(_) => Decision::Down(self.settings.on_redis_down),
-        };
-        if !matches!(decision, Decision::Admitted { .. }) {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-        }
-        decision
-    }
-
-    /// Replaces a lease's reservation with what its request used, off the request path: it
-    /// rides with the next batch of this thread's lane. Redis down: the lease lapses after
-    /// its TTL, which releases its reservation; what it cost is in this node's ledger.
-    pub(super) fn settle(
-        self: &Arc<Self>,
-        lease: Lease,
-        used_tokens: u64,
-        used_nanos: u64,
-        budget: Option<&Budget>,
-        started_ms: i64,
-    ) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
-        if !self.is_up() {
-            return;
-        }
-        let period_start = budget.map(|b| period::start(b.period, started_ms));
-        let budget_hash = period_start.map(|s| budget_hash(&lease.key_id, s));
-        let nums = [
-            lease.at_sec,
-            lua_int(lease.tokens),
-            lua_int(used_tokens),
-            lua_int(used_nanos),
-            u64::from(lease.model.is_some()),
-            u64::from(budget.is_some()),
-            budget.map_or(0, |b| lua_int(b.nanos)),
-        ];
-        let thresholds = budget
-            .iter()
-            .flat_map(|b| &b.alert_at)
-            .map(|t| t.to_string())
-            .collect();
-        let alerts = budget
-            .zip(period_start)
-            .map(|(b, start)| (lease.key_id.clone(), b.nanos, start));
-        lane::send(
-            self,
-            lane::Op {
-                names: lease.names,
-                model: lease.model,
-                budget: budget_hash,
-                lease: lease.id,
-                kind: lane::Kind::Settle {
-                    nums,
-                    thresholds,
-                    alerts,
-                },
-            },
-        );
     }
 
     /// Seeds each budget's current period where Redis holds none yet (`HSETNX`): the first
@@ -569,7 +438,7 @@ async fn renew(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if !shared.is_up() || shared.live.load(Ordering::Relaxed) <= 0 {
+        if !shared.is_up() || shared.pools.load().is_empty() {
             continue;
         }
         let keys = shared.lease_keys.load_full();
@@ -577,7 +446,31 @@ async fn renew(shared: Arc<Shared>) {
         for k in keys.iter() {
             inv.key(k);
         }
-        inv.arg(&shared.lease_prefix).arg(ttl.as_millis() as u64);
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        inv.arg(shared.prefix(epoch)).arg(ttl.as_millis() as u64);
         let _ = shared.call::<i64>(&inv).await;
     }
 }
+
+/// Every tick, each quota gives back what it owes: the rate units of a second that is over,
+/// and what is free in a quota that was idle since the last tick or is tight.
+async fn tend(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !shared.is_up() {
+            continue;
+        }
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        let now = Instant::now();
+        let pools = shared.pools.load_full();
+        for pool in pools.values().flatten().map(|(_, p)| p) {
+            let owed = pool.tick(epoch, now);
+            shared.send_returns(pool, owed);
+        }
+    }
+}
+
+/// How often quotas give back what they do not use.
+const TICK: Duration = Duration::from_millis(50);

@@ -3,21 +3,20 @@
 
 use std::sync::Arc;
 
-use super::{Decision, ModelNames, Shared};
+use super::quota::{Granted, Held, Pool};
+use super::{Decision, Shared};
 use crate::config::Key;
 use crate::limits::{Crossed, Demand, LimitError, LimitKind, RateView, Scope, Spend};
 
-/// A request admitted by Redis: what its settlement must give back.
+/// A request admitted against this node's quota: what its settlement gives back.
 pub struct Lease {
-    pub(super) id: String,
-    pub(super) key_id: Arc<str>,
-    pub(super) names: Arc<super::KeyNames>,
-    /// The model's names, when its limits were counted too.
-    pub(super) model: Option<Arc<ModelNames>>,
-    /// The second (Redis's clock) its tokens were counted in.
-    pub(super) at_sec: u64,
-    /// Tokens reserved.
+    pub(super) pool: Arc<Pool>,
+    /// The Redis connection its holdings belong to.
+    pub(super) epoch: u64,
+    pub(super) held: Held,
+    /// Tokens and nano-dollars reserved.
     pub(super) tokens: u64,
+    pub(super) nanos: u64,
     /// The key's spend as the admission saw it, for the budget gauges.
     pub spend: Spend,
     pub(super) shared: Arc<Shared>,
@@ -45,51 +44,33 @@ impl<'a> Fields<'a> {
         self.signed(at).max(0) as u64
     }
 
-    /// An admission's reservation, in nano-dollars.
-    pub fn nanos(&self) -> u64 {
-        self.int(8)
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn admission(
-    shared: &Arc<Shared>,
-    key: &Key,
-    v: &Fields,
-    now_ms: i64,
-    lease_id: String,
-    names: Arc<super::KeyNames>,
-    model: Option<Arc<ModelNames>>,
-    demand: Demand,
-) -> Decision {
-    let now_sec = (now_ms / 1000).max(0) as u64;
-    if v.int(0) == 1 {
-        let clamped = u64::try_from(v.signed(1)).ok();
+    /// A grant, if Redis made one: the grant, and the output cap a budget clamped.
+    pub fn granted(&self, demand: &Demand) -> Option<(Granted, Option<u64>, (u64, u64))> {
+        if self.int(0) != 1 {
+            return None;
+        }
+        let clamped = u64::try_from(self.signed(1)).ok();
         let output = clamped.unwrap_or(demand.output_tokens);
         let tokens = demand
             .input_tokens
             .saturating_add(output.saturating_mul(demand.choices.max(1)));
-        let view = view(key, v.int(2), 60, v.int(3), v.int(4));
-        return Decision::Admitted {
-            lease: Lease {
-                id: lease_id,
-                key_id: key.id.clone(),
-                names,
-                model,
-                // Redis's second, the one the settlement has to correct.
-                at_sec: if v.0.len() > 7 { v.int(7) } else { now_sec },
-                tokens,
-                spend: Spend {
-                    spent: v.int(5),
-                    reserved: v.int(6),
-                    ..Spend::default()
-                },
-                shared: shared.clone(),
-            },
-            view,
-            clamped,
+        let granted = Granted {
+            sec: self.int(7),
+            ms: self.int(12),
+            units: self.int(9),
+            tokens,
+            slots: self.int(10),
+            nanos: self.int(11),
+            unit_nanos: self.int(8),
+            key_requests: self.int(2),
+            key_tokens: self.int(3),
         };
+        Some((granted, clamped, (self.int(5), self.int(6))))
     }
+}
+
+/// A refused grant: why, and the key's windows.
+pub(super) fn refusal(key: &Key, v: &Fields, now_ms: i64) -> Decision {
     let scope = if v.int(2) == 2 {
         Scope::Model
     } else {
@@ -122,7 +103,13 @@ pub(super) fn admission(
 }
 
 /// The key's windows from the script's sums: what the next request would see.
-fn view(key: &Key, requests: u64, requests_reset: u64, tokens: u64, tokens_reset: u64) -> RateView {
+pub(super) fn view(
+    key: &Key,
+    requests: u64,
+    requests_reset: u64,
+    tokens: u64,
+    tokens_reset: u64,
+) -> RateView {
     RateView {
         requests: key
             .limits
