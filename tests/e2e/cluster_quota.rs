@@ -199,3 +199,37 @@ async fn quotas_of_three_nodes_never_pass_a_budget_and_give_back_every_reservati
             .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_lowers_a_limit_holds_at_once_despite_the_quota_a_node_held() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    let gw = one_node(&redis, &sim, "reject", 2000, "rpm = 100000").await;
+    for _ in 0..10 {
+        assert_eq!(gw.chat(ask(4)).await.status(), 200);
+    }
+    // The node holds thousands of this second's requests; the new limit allows 2 more.
+    let config = std::fs::read_to_string(gw.config_path()).expect("config");
+    std::fs::write(gw.config_path(), config.replace("rpm = 100000", "rpm = 12"))
+        .expect("config written");
+    assert_eq!(gw.reload().await, 200);
+    let mut admitted = 10;
+    let deadline = Deadline::after(Duration::from_secs(10));
+    while admitted < 12 {
+        match gw.chat(ask(4)).await.status().as_u16() {
+            200 => admitted += 1,
+            // What the node held goes back with its next tick; until then Redis counts it.
+            429 => {
+                deadline
+                    .pause(|| format!("{admitted} of 12 admitted"))
+                    .await
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    for _ in 0..5 {
+        let r = gw.chat(ask(4)).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    }
+}
