@@ -253,15 +253,33 @@ impl Shared {
             pool.owe(owed);
             return;
         }
-        for r in owed {
-            lane::send(
-                self,
-                lane::Op {
-                    pool: pool.clone(),
-                    budget: r.budget.clone(),
-                    kind: lane::Kind::Return(r),
-                },
-            );
+        for mut r in owed {
+            // The script unpacks an operation's arguments onto Lua's stack, which holds a
+            // few thousand: slots beyond a batch's worth go back in operations of their own.
+            while r.slots.len() > SLOTS_PER_RETURN {
+                let rest = r.slots.split_off(SLOTS_PER_RETURN);
+                let first = Return {
+                    epoch: r.epoch,
+                    slots: std::mem::replace(&mut r.slots, rest),
+                    ..Return::default()
+                };
+                self.send_return(pool, first);
+            }
+            self.send_return(pool, r);
         }
     }
+
+    fn send_return(self: &Arc<Self>, pool: &Arc<Pool>, r: Return) {
+        lane::send(
+            self,
+            lane::Op {
+                pool: pool.clone(),
+                budget: r.budget.clone(),
+                kind: lane::Kind::Return(r),
+            },
+        );
+    }
 }
+
+/// The most slots one return operation carries.
+const SLOTS_PER_RETURN: usize = 1000;
