@@ -164,7 +164,7 @@ struct State {
     admitted_before: u64,
     /// Admitted since the last tick.
     busy: bool,
-    /// The last grant gave less than asked: a limit is near.
+    /// The last grant was one request's worth where more was asked: a limit is near.
     tight: bool,
     free_slots: Vec<String>,
     in_use: u64,
@@ -230,19 +230,12 @@ impl Pool {
         if held.rate.is_some() && !lacks_slot && !lacks_nanos {
             return Ok(held);
         }
-        let units = match held.rate {
-            Some(_) => 0,
-            None => (2 * st.admitted.max(st.admitted_before)).clamp(FEWEST_UNITS, MOST_UNITS),
-        };
+        // About two seconds' worth at the rate this pair has been admitted at.
+        let want = (2 * st.admitted.max(st.admitted_before)).clamp(FEWEST_UNITS, MOST_UNITS);
         let ask = Ask {
-            units,
+            units: if held.rate.is_some() { 0 } else { want },
             slots: lacks_slot.then(|| (st.in_use / 2).max(2)),
-            nanos: lacks_nanos.then(|| {
-                units
-                    .max(FEWEST_UNITS)
-                    .saturating_mul(need.nanos)
-                    .min(1 << 53)
-            }),
+            nanos: lacks_nanos.then(|| want.saturating_mul(need.nanos).min(1 << 53)),
         };
         Err((held, ask))
     }
@@ -335,9 +328,12 @@ impl Pool {
             st.free_nanos += g.nanos - g.unit_nanos;
             held.nanos = true;
         }
-        st.tight = g.units < asked.units
-            || asked.slots.is_some_and(|s| g.slots < s)
-            || asked.nanos.is_some_and(|n| g.nanos < n);
+        // Near a limit, a node's share of what is free is one request's worth.
+        st.tight = (asked.units > 1 && g.units <= 1)
+            || asked.slots.is_some_and(|s| s > 1 && g.slots <= 1)
+            || asked
+                .nanos
+                .is_some_and(|n| n > g.unit_nanos && g.nanos < g.unit_nanos.saturating_mul(2));
         Some(held)
     }
 
