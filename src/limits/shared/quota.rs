@@ -27,6 +27,8 @@ use crate::config::{Budget, Key, Limits};
 const FEWEST_UNITS: u64 = 4;
 /// The most: Lua counts in doubles, and no node admits a million requests a second.
 const MOST_UNITS: u64 = 1 << 20;
+/// How long a busy quota keeps what it spent before telling Redis (alerts wait as long).
+const SPEND_EVERY: Duration = Duration::from_secs(1);
 
 /// The limits a pool's grants were made under: a reload that changes them gives back what
 /// is free, and grants again under the new ones.
@@ -164,6 +166,8 @@ struct State {
     admitted_before: u64,
     /// Admitted since the last tick.
     busy: bool,
+    /// When a tick last sent what the pool owed.
+    flushed: Option<Instant>,
     /// The last grant was one request's worth where more was asked: a limit is near.
     tight: bool,
     free_slots: Vec<String>,
@@ -413,13 +417,27 @@ impl Pool {
         if st.until.is_some_and(|u| now >= u) {
             st.expire();
         }
-        if !st.busy || st.tight {
+        let idle = !st.busy || st.tight;
+        if idle {
             let slots = std::mem::take(&mut st.free_slots);
             st.owed.slots.extend(slots);
             let free = std::mem::take(&mut st.free_nanos);
             st.owed.leaving += free;
         }
         st.busy = false;
+        // What other nodes could use goes at once. Spend alone can wait: moving it from the
+        // hold to `spent` leaves what the budget has free as it was.
+        let due = idle
+            || !st.retired.is_empty()
+            || !st.owed.slots.is_empty()
+            || !st.owed.corrections.is_empty()
+            || st
+                .flushed
+                .is_none_or(|at| now.saturating_duration_since(at) >= SPEND_EVERY);
+        if !due {
+            return Vec::new();
+        }
+        st.flushed = Some(now);
         st.owing()
     }
 

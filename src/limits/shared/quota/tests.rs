@@ -98,6 +98,26 @@ fn an_idle_tick_gives_back_the_units_slots_and_nano_dollars_left() {
 }
 
 #[test]
+fn a_busy_pool_tells_redis_what_it_spent_at_most_once_a_second() {
+    let p = pool();
+    let at = Instant::now();
+    let spend = || Some((HASH, &BUDGET, 0));
+    let held = granted(&p, &grant(8, 3, 8_000), at);
+    p.settle(1, held, 100, 1_000, 100, 500, spend());
+    assert_eq!(p.tick(1, at).len(), 1, "the first tick sends");
+    for ms in [100, 500, 900] {
+        let held = p.take(1, terms(), &need(), at).ok().expect("admitted here");
+        p.settle(1, held, 100, 1_000, 100, 500, spend());
+        let now = at + Duration::from_millis(ms);
+        assert!(p.tick(1, now).is_empty(), "spend alone waits ({ms} ms)");
+    }
+    let owed = p.tick(1, at + Duration::from_secs(1));
+    assert_eq!(owed.len(), 1);
+    // Idle by then too: the hold's 6,000 free go back with the spend.
+    assert_eq!((owed[0].spent, owed[0].leaving), (1_500, 1_500 + 6_000));
+}
+
+#[test]
 fn a_tight_pool_gives_back_what_a_request_frees_at_once() {
     let p = pool();
     let at = Instant::now();
@@ -142,12 +162,14 @@ fn a_new_connection_gives_back_the_old_holdings_and_never_uses_them() {
         .is_none());
 }
 
+static BUDGET: Budget = Budget {
+    nanos: 1_000_000,
+    period: crate::config::Period::Total,
+    enforce: true,
+    clamp_max_tokens: false,
+    alert_at: Vec::new(),
+};
+
 fn budget() -> Budget {
-    Budget {
-        nanos: 1_000_000,
-        period: crate::config::Period::Total,
-        enforce: true,
-        clamp_max_tokens: false,
-        alert_at: Vec::new(),
-    }
+    BUDGET.clone()
 }
