@@ -431,13 +431,16 @@ impl Ticket {
     /// The replica has answered in full: the request no longer counts against
     /// `max_concurrent`, though its cost is settled only once the client has the answer.
     /// Freed before the answer's last bytes are written, so a client sending requests one
-    /// after the other never finds its previous one still counted. (Cluster mode frees the
-    /// slot at settlement.)
+    /// after the other never finds its previous one still counted.
     pub fn free_slot(&mut self) {
-        if !self.slot || self.lease.is_some() {
+        if !self.slot {
             return;
         }
         self.slot = false;
+        if let Some(lease) = &mut self.lease {
+            lease.shared().clone().free_slot(lease);
+            return;
+        }
         let mut k = self.key.lock();
         k.inflight = k.inflight.saturating_sub(1);
         drop(k);

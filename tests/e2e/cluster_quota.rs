@@ -233,3 +233,25 @@ async fn a_reload_that_lowers_a_limit_holds_at_once_despite_the_quota_a_node_hel
         assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_after_another_never_finds_the_last_still_holding_the_only_slot() {
+    let redis = Redis::start();
+    let sim = sim().await;
+    let gw = one_node(&redis, &sim, "reject", 2000, "max_concurrent = 1").await;
+    // Each request's slot is freed once the replica has answered, before its last bytes
+    // reach the client, and goes back to Redis ahead of the next request's grant: a limit
+    // of one is tight, so nothing stays on the node.
+    let client = client();
+    for i in 0..30 {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&ask(4))
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(r.status(), 200, "request {i}");
+        r.bytes().await.expect("the whole answer");
+    }
+}

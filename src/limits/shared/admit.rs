@@ -243,6 +243,16 @@ impl Shared {
         format!("{}h", self.prefix(epoch))
     }
 
+    /// Frees a request's slot ahead of its settlement, once the replica has answered in
+    /// full, so that a client sending requests one after the other never finds its
+    /// previous one still counted.
+    pub(crate) fn free_slot(self: &Arc<Self>, lease: &mut Lease) {
+        if let Some(slot) = lease.held.slot.take() {
+            let owed = lease.pool.free_slot(lease.epoch, slot);
+            self.send_returns(&lease.pool, owed);
+        }
+    }
+
     /// Sends what a pool owes Redis, on this thread's lane; kept for later while Redis is
     /// down.
     pub(super) fn send_returns(self: &Arc<Self>, pool: &Arc<Pool>, owed: Vec<Return>) {

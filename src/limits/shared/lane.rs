@@ -68,36 +68,52 @@ impl Lanes {
     }
 }
 
-/// Queues `op` on this thread's lane, starting the lane on first use (or again, if the
-/// runtime it ran on is gone).
+/// Queues `op` on its quota's lane: the lane of the thread that first sent one of the
+/// quota's operations (started on first use, and again if the runtime it ran on is gone).
+/// One lane per quota keeps its operations in the order they were made, so a slot a
+/// request gave back is back in Redis before the next grant of its quota is asked for.
 pub(super) fn send(shared: &Arc<Shared>, op: Op) {
+    let pool = op.pool.clone();
+    let mut home = pool.lane.lock().unwrap_or_else(|e| e.into_inner());
+    let op = match home.as_ref() {
+        Some(tx) => match tx.send(op) {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(op)) => op,
+        },
+        None => op,
+    };
+    let tx = this_thread(shared);
+    let _ = tx.send(op);
+    *home = Some(tx);
+}
+
+/// This thread's lane (the cluster thread's for threads without a runtime).
+fn this_thread(shared: &Arc<Shared>) -> mpsc::UnboundedSender<Op> {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        let tx = shared.lanes.outside.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            shared.handle.spawn(run(shared.clone(), rx));
-            tx
-        });
-        let _ = tx.send(op);
-        return;
+        return shared
+            .lanes
+            .outside
+            .get_or_init(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                shared.handle.spawn(run(shared.clone(), rx));
+                tx
+            })
+            .clone();
     };
     let id = shared.lanes.id;
     LANES.with(|lanes| {
         let mut lanes = lanes.borrow_mut();
-        let op = match lanes.iter().position(|(lane, _)| *lane == id) {
-            Some(at) => match lanes[at].1.send(op) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(op)) => {
-                    lanes.swap_remove(at);
-                    op
-                }
-            },
-            None => op,
-        };
+        if let Some(at) = lanes.iter().position(|(lane, _)| *lane == id) {
+            if !lanes[at].1.is_closed() {
+                return lanes[at].1.clone();
+            }
+            lanes.swap_remove(at);
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         rt.spawn(run(shared.clone(), rx));
-        let _ = tx.send(op);
-        lanes.push((id, tx));
-    });
+        lanes.push((id, tx.clone()));
+        tx
+    })
 }
 
 async fn run(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Op>) {

@@ -148,6 +148,8 @@ pub(super) struct Pool {
     pub key_id: Arc<str>,
     pub names: Arc<KeyNames>,
     pub model: Option<Arc<ModelNames>>,
+    /// The lane its operations go through (`lane::send`).
+    pub lane: Mutex<Option<tokio::sync::mpsc::UnboundedSender<super::lane::Op>>>,
     state: Mutex<State>,
 }
 
@@ -191,6 +193,7 @@ impl Pool {
             key_id,
             names,
             model,
+            lane: Mutex::new(None),
             state: Mutex::new(State::default()),
         }
     }
@@ -357,13 +360,7 @@ impl Pool {
         let mut st = self.lock();
         let ours = st.epoch == epoch;
         if let Some(slot) = held.slot {
-            st.in_use = st.in_use.saturating_sub(1);
-            // A slot of a connection that is gone goes back too: Redis may still hold it.
-            if st.tight || !ours {
-                st.owed.slots.push(slot);
-            } else {
-                st.free_slots.push(slot);
-            }
+            st.free_slot(epoch, slot);
         }
         let unused = tokens.saturating_sub(used_tokens);
         match held.rate {
@@ -400,6 +397,18 @@ impl Pool {
                 });
             }
         }
+        if st.tight {
+            st.owing()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Frees a request's slot ahead of its settlement, once the replica has answered in
+    /// full. Returns what is owed now, if anything is.
+    pub fn free_slot(&self, epoch: u64, slot: String) -> Vec<Return> {
+        let mut st = self.lock();
+        st.free_slot(epoch, slot);
         if st.tight {
             st.owing()
         } else {
@@ -483,6 +492,16 @@ impl State {
     /// A new Redis connection: what the pool held under the old one goes back (Redis may
     /// have kept it through a timeout), and is never used again. Renewals extend only the
     /// current connection's holdings, so whatever does not reach Redis lapses.
+    fn free_slot(&mut self, epoch: u64, slot: String) {
+        self.in_use = self.in_use.saturating_sub(1);
+        // A slot of a connection that is gone goes back too: Redis may still hold it.
+        if self.tight || self.epoch != epoch {
+            self.owed.slots.push(slot);
+        } else {
+            self.free_slots.push(slot);
+        }
+    }
+
     fn reset(&mut self, epoch: u64) {
         self.expire();
         let slots = std::mem::take(&mut self.free_slots);
