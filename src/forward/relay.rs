@@ -111,17 +111,15 @@ async fn pump(
             r = timeout_at(read_deadline, up.read_body()) => r,
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
         };
-        let relayed = match read {
+        let fed = match read {
             Ok(Ok(Some(chunk))) => {
-                let out = transcoder
-                    .on_chunk(chunk)
-                    .map_err(|detail| ForwardError::Broken { detail });
+                let fed = feed(transcoder, up, &chunk);
                 // Before the first token only a role chunk or keep-alives come: prefill runs
                 // until it, under `first_byte_ms`; then `idle_ms` applies.
                 if transcoder.observed.first_token.is_some() {
                     first_output = None;
                 }
-                out
+                fed
             }
             Ok(Ok(None)) => break,
             Ok(Err(H1Error(detail))) => Err(ForwardError::Broken {
@@ -137,18 +135,18 @@ async fn pump(
                 },
             }),
         };
-        let failure = match relayed {
-            Ok(Some(out)) => {
-                // Kept current, so a request cut by a shutdown is accounted from what it sent.
-                outcome.usage = transcoder.observed.usage;
-                outcome.output_estimate = transcoder.observed.output_estimate;
-                if session.write_response_body(Some(out), false).await.is_err() {
-                    return Err(ForwardError::ClientGone);
-                }
-                continue;
+        // What the chunks produced goes out even when a later one failed: the client gets
+        // every event the replica completed, then the error.
+        if let Some(out) = transcoder.take_output() {
+            // Kept current, so a request cut by a shutdown is accounted from what it sent.
+            outcome.usage = transcoder.observed.usage;
+            outcome.output_estimate = transcoder.observed.output_estimate;
+            if session.write_response_body(Some(out), false).await.is_err() {
+                return Err(ForwardError::ClientGone);
             }
-            Ok(None) => continue,
-            Err(failure) => failure,
+        }
+        let Err(failure) = fed else {
+            continue;
         };
         if !transcoder.streams() {
             // Nothing was sent yet: the client gets a proper error status instead.
@@ -185,6 +183,21 @@ async fn pump(
         Some(Box::new(header))
     };
     Ok(Ending::Pending { header, tail })
+}
+
+/// Gives the transcoder `chunk` and every further piece of the body already read: events
+/// that arrived together leave in one write to the client, not one write (and one system
+/// call, and one chunk header) each. The end of the body and a failure to decode it are
+/// left for the next `read_body`.
+fn feed(transcoder: &mut Transcoder, up: &mut Conn, chunk: &[u8]) -> Result<(), ForwardError> {
+    let mut fed = transcoder.on_chunk(chunk);
+    while fed.is_ok() {
+        let Some(more) = up.buffered_body() else {
+            break;
+        };
+        fed = transcoder.on_chunk(&more);
+    }
+    fed.map_err(|detail| ForwardError::Broken { detail })
 }
 
 /// How the relay ended.

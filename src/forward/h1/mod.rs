@@ -258,6 +258,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// A piece of the body that is already read, without waiting for the network: `None`
+    /// when the next step needs a read, or is the end of the body or a failure, which the
+    /// next `read_body` reports (decoding them again changes nothing).
+    pub fn buffered_body(&mut self) -> Option<Bytes> {
+        match self.decode() {
+            Ok(Some(Some(data))) => Some(data),
+            _ => None,
+        }
+    }
+
     /// Takes what the buffer holds of the body: `Some(Some(data))`, `Some(None)` at the end,
     /// or `None` when more bytes must be read first.
     fn decode(&mut self) -> Result<Option<Option<Bytes>>, H1Error> {
