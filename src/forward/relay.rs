@@ -11,7 +11,7 @@ use http::header::{
 };
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 
 use super::h1::{Conn, H1Error, Head};
 use super::transcode::Transcoder;
@@ -105,11 +105,30 @@ async fn pump(
         }
     }
 
+    // One timer for the whole answer, not one per read: it is set for when the answer would
+    // be late as things stood when it was set, and when it fires it is moved to when the
+    // answer is late now (later, if data came meanwhile). A stream of many events then
+    // registers a timer a few times instead of once per event.
+    let mut last_data = Instant::now();
+    let due = |first_output: Option<Instant>, last_data: Instant| {
+        deadline.min(first_output.unwrap_or(last_data + idle))
+    };
+    let timer = tokio::time::sleep_until(due(first_output, last_data));
+    tokio::pin!(timer);
     loop {
-        let read_deadline = deadline.min(first_output.unwrap_or_else(|| Instant::now() + idle));
         let read = tokio::select! {
-            r = timeout_at(read_deadline, up.read_body()) => r,
+            // Data that is there is taken before the timer is heard: it was in time.
+            biased;
+            r = up.read_body() => Ok(r),
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+            () = &mut timer => {
+                let read_deadline = due(first_output, last_data);
+                if read_deadline > Instant::now() {
+                    timer.as_mut().reset(read_deadline);
+                    continue;
+                }
+                Err(read_deadline)
+            }
         };
         let fed = match read {
             Ok(Ok(Some(chunk))) => {
@@ -125,7 +144,7 @@ async fn pump(
             Ok(Err(H1Error(detail))) => Err(ForwardError::Broken {
                 detail: detail.to_string(),
             }),
-            Err(_) => Err(ForwardError::Timeout {
+            Err(read_deadline) => Err(ForwardError::Timeout {
                 phase: if read_deadline >= deadline {
                     "no complete answer within total_ms"
                 } else if first_output.is_some() {
@@ -146,6 +165,9 @@ async fn pump(
             }
         }
         let Err(failure) = fed else {
+            // The idle clock restarts once what came is written: time spent writing to a
+            // slow client is not the replica's silence.
+            last_data = Instant::now();
             continue;
         };
         if !transcoder.streams() {
