@@ -380,12 +380,17 @@ async fn relay(
         }
         return Ok(Relayed::Complete);
     }
+    // One timer for the answer's deadline, not one made and dropped for every read.
+    let timer = tokio::time::sleep_until(p.deadline);
+    tokio::pin!(timer);
     while let Some(up) = upstream.as_mut().map(|u| &mut u.conn) {
         // Biased: the end of an answer the client already has whole (its last bytes were
-        // the Content-Length's) is not a departure, however soon the client then leaves.
+        // the Content-Length's) is not a departure, however soon the client then leaves;
+        // and data that is there is taken before the deadline is heard.
         let read = tokio::select! {
             biased;
-            r = timeout_at(p.deadline, up.read_body()) => r,
+            r = up.read_body() => Ok(r),
+            () = &mut timer => Err(()),
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone.into()),
         };
         let chunk: Option<Bytes> = match read {
