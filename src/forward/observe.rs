@@ -32,10 +32,11 @@ impl Observed {
         }
     }
 
-    /// One upstream SSE `data:` payload.
-    pub fn event(&mut self, data: &[u8]) {
-        if let Some(u) = usage::usage_of(data) {
-            self.usage = Some(u);
+    /// One upstream SSE `data:` payload; returns whether it reported usage.
+    pub fn event(&mut self, data: &[u8]) -> bool {
+        let usage = usage::usage_of(data);
+        if usage.is_some() {
+            self.usage = usage;
         }
         if carries_output(data) {
             let now = Instant::now();
@@ -48,6 +49,7 @@ impl Observed {
             }
             self.last_token = Some(now);
         }
+        usage.is_some()
     }
 
     /// A whole (non-streamed) JSON answer.

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use pingora::proxy::Session;
 use tokio::time::{timeout_at, Instant};
@@ -319,6 +319,22 @@ impl Answering<'_> {
     }
 }
 
+/// `chunk` and every further piece of the body already read, in one buffer: pieces that
+/// arrived together leave in one write to the client rather than one write (and one system
+/// call, and one chunk header) each. A piece alone is passed on as it is, without a copy.
+fn with_buffered(chunk: Bytes, up: &mut Conn) -> Bytes {
+    let Some(more) = up.buffered_body() else {
+        return chunk;
+    };
+    let mut all = BytesMut::with_capacity(chunk.len() + more.len());
+    all.extend_from_slice(&chunk);
+    all.extend_from_slice(&more);
+    while let Some(more) = up.buffered_body() {
+        all.extend_from_slice(&more);
+    }
+    all.freeze()
+}
+
 /// The replica's answer as it arrives: its status and fields (hop-by-hop ones aside, and
 /// tollgate's request id added), then each piece of its body.
 async fn relay(
@@ -364,16 +380,21 @@ async fn relay(
         }
         return Ok(Relayed::Complete);
     }
+    // One timer for the answer's deadline, not one made and dropped for every read.
+    let timer = tokio::time::sleep_until(p.deadline);
+    tokio::pin!(timer);
     while let Some(up) = upstream.as_mut().map(|u| &mut u.conn) {
         // Biased: the end of an answer the client already has whole (its last bytes were
-        // the Content-Length's) is not a departure, however soon the client then leaves.
+        // the Content-Length's) is not a departure, however soon the client then leaves;
+        // and data that is there is taken before the deadline is heard.
         let read = tokio::select! {
             biased;
-            r = timeout_at(p.deadline, up.read_body()) => r,
+            r = up.read_body() => Ok(r),
+            () = &mut timer => Err(()),
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone.into()),
         };
         let chunk: Option<Bytes> = match read {
-            Ok(Ok(chunk)) => chunk,
+            Ok(Ok(chunk)) => chunk.map(|c| with_buffered(c, up)),
             Ok(Err(e)) => {
                 tracing::warn!(request_id = %p.request_id, error = e.0, "replica failed mid-response");
                 out.broke_off = Some(ForwardError::Broken {

@@ -11,7 +11,7 @@ use http::header::{
 };
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
-use tokio::time::{timeout_at, Instant};
+use tokio::time::Instant;
 
 use super::h1::{Conn, H1Error, Head};
 use super::transcode::Transcoder;
@@ -105,29 +105,46 @@ async fn pump(
         }
     }
 
+    // One timer for the whole answer, not one per read: it is set for when the answer would
+    // be late as things stood when it was set, and when it fires it is moved to when the
+    // answer is late now (later, if data came meanwhile). A stream of many events then
+    // registers a timer a few times instead of once per event.
+    let mut last_data = Instant::now();
+    let due = |first_output: Option<Instant>, last_data: Instant| {
+        deadline.min(first_output.unwrap_or(last_data + idle))
+    };
+    let timer = tokio::time::sleep_until(due(first_output, last_data));
+    tokio::pin!(timer);
     loop {
-        let read_deadline = deadline.min(first_output.unwrap_or_else(|| Instant::now() + idle));
         let read = tokio::select! {
-            r = timeout_at(read_deadline, up.read_body()) => r,
+            // Data that is there is taken before the timer is heard: it was in time.
+            biased;
+            r = up.read_body() => Ok(r),
             _ = client_gone(session.as_downstream_mut()) => return Err(ForwardError::ClientGone),
+            () = &mut timer => {
+                let read_deadline = due(first_output, last_data);
+                if read_deadline > Instant::now() {
+                    timer.as_mut().reset(read_deadline);
+                    continue;
+                }
+                Err(read_deadline)
+            }
         };
-        let relayed = match read {
+        let fed = match read {
             Ok(Ok(Some(chunk))) => {
-                let out = transcoder
-                    .on_chunk(chunk)
-                    .map_err(|detail| ForwardError::Broken { detail });
+                let fed = feed(transcoder, up, &chunk);
                 // Before the first token only a role chunk or keep-alives come: prefill runs
                 // until it, under `first_byte_ms`; then `idle_ms` applies.
                 if transcoder.observed.first_token.is_some() {
                     first_output = None;
                 }
-                out
+                fed
             }
             Ok(Ok(None)) => break,
             Ok(Err(H1Error(detail))) => Err(ForwardError::Broken {
                 detail: detail.to_string(),
             }),
-            Err(_) => Err(ForwardError::Timeout {
+            Err(read_deadline) => Err(ForwardError::Timeout {
                 phase: if read_deadline >= deadline {
                     "no complete answer within total_ms"
                 } else if first_output.is_some() {
@@ -137,18 +154,21 @@ async fn pump(
                 },
             }),
         };
-        let failure = match relayed {
-            Ok(Some(out)) => {
-                // Kept current, so a request cut by a shutdown is accounted from what it sent.
-                outcome.usage = transcoder.observed.usage;
-                outcome.output_estimate = transcoder.observed.output_estimate;
-                if session.write_response_body(Some(out), false).await.is_err() {
-                    return Err(ForwardError::ClientGone);
-                }
-                continue;
+        // What the chunks produced goes out even when a later one failed: the client gets
+        // every event the replica completed, then the error.
+        if let Some(out) = transcoder.take_output() {
+            // Kept current, so a request cut by a shutdown is accounted from what it sent.
+            outcome.usage = transcoder.observed.usage;
+            outcome.output_estimate = transcoder.observed.output_estimate;
+            if session.write_response_body(Some(out), false).await.is_err() {
+                return Err(ForwardError::ClientGone);
             }
-            Ok(None) => continue,
-            Err(failure) => failure,
+        }
+        let Err(failure) = fed else {
+            // The idle clock restarts once what came is written: time spent writing to a
+            // slow client is not the replica's silence.
+            last_data = Instant::now();
+            continue;
         };
         if !transcoder.streams() {
             // Nothing was sent yet: the client gets a proper error status instead.
@@ -185,6 +205,21 @@ async fn pump(
         Some(Box::new(header))
     };
     Ok(Ending::Pending { header, tail })
+}
+
+/// Gives the transcoder `chunk` and every further piece of the body already read: events
+/// that arrived together leave in one write to the client, not one write (and one system
+/// call, and one chunk header) each. The end of the body and a failure to decode it are
+/// left for the next `read_body`.
+fn feed(transcoder: &mut Transcoder, up: &mut Conn, chunk: &[u8]) -> Result<(), ForwardError> {
+    let mut fed = transcoder.on_chunk(chunk);
+    while fed.is_ok() {
+        let Some(more) = up.buffered_body() else {
+            break;
+        };
+        fed = transcoder.on_chunk(&more);
+    }
+    fed.map_err(|detail| ForwardError::Broken { detail })
 }
 
 /// How the relay ended.

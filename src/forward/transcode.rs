@@ -8,7 +8,7 @@ use prometheus::Histogram;
 use super::observe::Observed;
 use crate::translate::anthropic::{self, StreamTranslator};
 use crate::translate::sse::{self, SseFramer};
-use crate::translate::{problem, replica_error, scan, usage, ResponsePlan};
+use crate::translate::{problem, replica_error, scan, ResponsePlan};
 use crate::vocab::{Dialect, Problem};
 
 /// A replica answer larger than this is not collected (a chat completion is kilobytes; this
@@ -18,6 +18,10 @@ const MAX_COLLECTED_BYTES: usize = 32 * 1024 * 1024;
 pub(super) struct Transcoder {
     mode: Mode,
     pub observed: Observed,
+    /// What the chunks taken since the last `take_output` produced for the client. Empty,
+    /// without capacity, between writes: a stream that waits for its next token holds no
+    /// output buffer.
+    out: Vec<u8>,
 }
 
 enum Mode {
@@ -92,6 +96,7 @@ impl Transcoder {
         Transcoder {
             mode,
             observed: Observed::new(inter_token),
+            out: Vec::new(),
         }
     }
 
@@ -109,9 +114,11 @@ impl Transcoder {
         }
     }
 
-    /// Takes one upstream chunk; returns what to send now, if anything.
-    pub fn on_chunk(&mut self, chunk: Bytes) -> Result<Option<Bytes>, String> {
+    /// Takes one upstream chunk. What it produces for the client is kept until
+    /// `take_output`, so that chunks read together leave in one write.
+    pub fn on_chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
         let observed = &mut self.observed;
+        let out = &mut self.out;
         match &mut self.mode {
             Mode::Collect { buf, then } => {
                 if buf.len() + chunk.len() > MAX_COLLECTED_BYTES {
@@ -119,57 +126,56 @@ impl Transcoder {
                     if matches!(then, Collected::ReplicaError { .. }) {
                         let room = MAX_COLLECTED_BYTES - buf.len();
                         buf.extend_from_slice(&chunk[..room.min(chunk.len())]);
-                        return Ok(None);
+                        return Ok(());
                     }
                     return Err("the replica's answer is too large".into());
                 }
-                buf.extend_from_slice(&chunk);
-                Ok(None)
+                buf.extend_from_slice(chunk);
+                Ok(())
             }
             Mode::OpenAiStream {
                 framer,
                 strip_usage,
                 rename,
             } => {
-                framer.push(&chunk);
-                let mut out = Vec::with_capacity(chunk.len() + 16);
-                while let Some(event) = framer.next_event().map_err(|e| e.to_string())? {
-                    relay_openai_event(
-                        observed,
-                        &event.data,
-                        *strip_usage,
-                        rename.as_ref(),
-                        &mut out,
-                    );
+                framer.push(chunk);
+                out.reserve(chunk.len() + 16);
+                while let Some(event) = framer.next_event_ref().map_err(|e| e.to_string())? {
+                    relay_openai_event(observed, event.data, *strip_usage, rename.as_ref(), out);
                 }
-                Ok((!out.is_empty()).then(|| Bytes::from(out)))
+                Ok(())
             }
             Mode::AnthropicStream { framer, translator } => {
-                framer.push(&chunk);
-                let mut out = Vec::new();
-                while let Some(event) = framer.next_event().map_err(|e| e.to_string())? {
+                framer.push(chunk);
+                while let Some(event) = framer.next_event_ref().map_err(|e| e.to_string())? {
                     observed.event(event.data.as_bytes());
-                    translator.on_data(&event.data, &mut out);
+                    translator.on_data(event.data, out);
                 }
-                Ok((!out.is_empty()).then(|| Bytes::from(out)))
+                Ok(())
             }
         }
+    }
+
+    /// What the chunks taken since the last call produced for the client, if anything.
+    pub fn take_output(&mut self) -> Option<Bytes> {
+        (!self.out.is_empty()).then(|| Bytes::from(std::mem::take(&mut self.out)))
     }
 
     /// The upstream body ended: the rest to send (for `Collect`, the whole body).
     pub fn on_end(&mut self) -> Result<Bytes, String> {
         let observed = &mut self.observed;
+        // Whatever the last chunks produced and was not taken yet goes first.
+        let mut out = std::mem::take(&mut self.out);
         match &mut self.mode {
             Mode::OpenAiStream {
                 framer,
                 strip_usage,
                 rename,
             } => {
-                let mut out = Vec::new();
-                if let Some(event) = framer.finish().map_err(|e| e.to_string())? {
+                if let Some(event) = framer.finish_ref().map_err(|e| e.to_string())? {
                     relay_openai_event(
                         observed,
-                        &event.data,
+                        event.data,
                         *strip_usage,
                         rename.as_ref(),
                         &mut out,
@@ -195,10 +201,9 @@ impl Transcoder {
                 }
             }
             Mode::AnthropicStream { framer, translator } => {
-                let mut out = Vec::new();
-                if let Some(event) = framer.finish().map_err(|e| e.to_string())? {
+                if let Some(event) = framer.finish_ref().map_err(|e| e.to_string())? {
                     observed.event(event.data.as_bytes());
-                    translator.on_data(&event.data, &mut out);
+                    translator.on_data(event.data, &mut out);
                 }
                 translator.end_of_body(&mut out);
                 Ok(Bytes::from(out))
@@ -231,23 +236,26 @@ fn relay_openai_event(
     out: &mut Vec<u8>,
 ) {
     let bytes = data.as_bytes();
-    observed.event(bytes);
-    if strip_usage && is_usage_only(bytes) {
+    let reports_usage = observed.event(bytes);
+    // Only an event that reported usage can be the usage-only one: the others are not
+    // searched for empty choices.
+    if strip_usage && reports_usage && no_choices(bytes) {
         return;
     }
-    match rename.and_then(|r| r.apply(bytes)) {
-        Some(renamed) => {
+    match rename.and_then(|r| r.find(bytes).map(|at| (r, at))) {
+        Some((r, at)) => {
             out.extend_from_slice(b"data: ");
-            out.extend_from_slice(&renamed);
+            r.write(out, bytes, at);
             out.extend_from_slice(b"\n\n");
         }
         None => sse::write_event(out, None, data),
     }
 }
 
-/// The final chunk vLLM and SGLang send for `include_usage`: no choices, only usage.
-fn is_usage_only(data: &[u8]) -> bool {
-    scan::is_empty_array(data, &scan::CHOICES) && usage::usage_of(data).is_some()
+/// Of an event that reported usage: whether it is the final chunk vLLM and SGLang send for
+/// `include_usage`, with no choices, only usage.
+fn no_choices(data: &[u8]) -> bool {
+    scan::is_empty_array(data, &scan::CHOICES)
 }
 
 /// Replaces the top-level `"model": "<served name>"` with the client's model name.
@@ -268,15 +276,23 @@ impl Rename {
 
     /// The JSON with its first `"model"` key's value renamed, or `None` when it is not there.
     fn apply(&self, json: &[u8]) -> Option<Vec<u8>> {
-        let i = scan::value_start(json, &scan::MODEL)?;
-        if !json[i..].starts_with(&self.from) {
-            return None;
-        }
+        let at = self.find(json)?;
         let mut out = Vec::with_capacity(json.len() + self.to.len());
-        out.extend_from_slice(&json[..i]);
-        out.extend_from_slice(&self.to);
-        out.extend_from_slice(&json[i + self.from.len()..]);
+        self.write(&mut out, json, at);
         Some(out)
+    }
+
+    /// Where the served name stands as the first `"model"` key's value.
+    fn find(&self, json: &[u8]) -> Option<usize> {
+        let at = scan::value_start(json, &scan::MODEL)?;
+        json[at..].starts_with(&self.from).then_some(at)
+    }
+
+    /// Appends `json` with the served name at `at` (from `find`) replaced.
+    fn write(&self, out: &mut Vec<u8>, json: &[u8], at: usize) {
+        out.extend_from_slice(&json[..at]);
+        out.extend_from_slice(&self.to);
+        out.extend_from_slice(&json[at + self.from.len()..]);
     }
 }
 
@@ -298,13 +314,19 @@ mod tests {
     }
 
     #[test]
-    fn only_the_usage_only_chunk_is_recognised() {
-        assert!(is_usage_only(
-            br#"{"choices": [], "usage": {"prompt_tokens": 1}}"#
+    fn only_the_usage_only_chunk_is_dropped() {
+        let relayed = |data: &str| {
+            let mut out = Vec::new();
+            relay_openai_event(&mut Observed::new(None), data, true, None, &mut out);
+            !out.is_empty()
+        };
+        assert!(!relayed(
+            r#"{"choices": [], "usage": {"prompt_tokens": 1}}"#
         ));
-        assert!(!is_usage_only(
-            br#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
+        assert!(relayed(
+            r#"{"choices":[{"delta":{}}],"usage":{"prompt_tokens":1}}"#
         ));
-        assert!(!is_usage_only(br#"{"choices":[],"usage":null}"#));
+        assert!(relayed(r#"{"choices":[],"usage":null}"#));
+        assert!(relayed(r#"{"choices":[],"usage":{"prompt_tokens":"x"}}"#));
     }
 }

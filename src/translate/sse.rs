@@ -24,6 +24,26 @@ pub struct SseEvent {
     pub data: String,
 }
 
+/// One dispatched event, borrowed from the framer until it is called again. An event of
+/// one `data:` line, as every engine sends, is read where it lies in the framer's buffer:
+/// no copy and no allocation per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRef<'a> {
+    /// The `event:` field; `None` when absent or empty (the default "message" type).
+    pub event: Option<&'a str>,
+    /// The `data:` lines joined with `\n`.
+    pub data: &'a str,
+}
+
+impl From<EventRef<'_>> for SseEvent {
+    fn from(e: EventRef<'_>) -> Self {
+        SseEvent {
+            event: e.event.map(str::to_string),
+            data: e.data.to_string(),
+        }
+    }
+}
+
 /// Why the framer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SseError {
@@ -44,9 +64,9 @@ impl fmt::Display for SseError {
 
 impl std::error::Error for SseError {}
 
-/// Incremental parser: `push` what arrives, then take events with `next_event` until it
-/// returns `Ok(None)`; at the end of the stream, `finish` yields a last event that had no
-/// blank line after it.
+/// Incremental parser: `push` what arrives, then take events with `next_event` (or
+/// `next_event_ref`) until it returns `Ok(None)`; at the end of the stream, `finish` (or
+/// `finish_ref`) yields a last event that had no blank line after it.
 ///
 /// Memory: the framer holds the bytes pushed but not yet parsed plus the current event. An
 /// event (its consumed lines and its unfinished last line) over the limit makes `next_event`
@@ -60,7 +80,14 @@ pub struct SseFramer {
     scanned: usize,
     /// The last line ended with `\r`: a `\n` right after it belongs to the same line end.
     after_cr: bool,
-    event: Option<String>,
+    /// The current event's `event:` field, when `has_event`. Reused from event to event.
+    event: String,
+    has_event: bool,
+    /// The current event's data while it is one line: where that line's value lies in
+    /// `buf`, which `push` keeps until the event is dispatched.
+    span: Option<(usize, usize)>,
+    /// The current event's data once a second line joins the first (or a line needed
+    /// U+FFFD). Reused from event to event.
     data: String,
     has_data: bool,
     /// Bytes of the current event's fields kept so far (comments and ignored fields are not
@@ -71,6 +98,14 @@ pub struct SseFramer {
     at_start: bool,
     finished: bool,
     failed: bool,
+}
+
+/// Where a dispatched event's fields are, for `SseFramer::dispatched`.
+#[derive(Clone, Copy)]
+struct Dispatched {
+    event: bool,
+    /// One line of data, in `buf`; `None`: in `data`.
+    span: Option<(usize, usize)>,
 }
 
 impl Default for SseFramer {
@@ -91,7 +126,9 @@ impl SseFramer {
             pos: 0,
             scanned: 0,
             after_cr: false,
-            event: None,
+            event: String::new(),
+            has_event: false,
+            span: None,
             data: String::new(),
             has_data: false,
             event_bytes: 0,
@@ -107,25 +144,45 @@ impl SseFramer {
         if self.finished || self.failed {
             return;
         }
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.scanned = self.scanned.saturating_sub(self.pos);
-            self.pos = 0;
+        // What is parsed goes, except the data line of an event not dispatched yet.
+        let keep = self.span.map_or(self.pos, |(start, _)| start.min(self.pos));
+        if keep > 0 {
+            self.buf.drain(..keep);
+            self.pos -= keep;
+            self.scanned = self.scanned.saturating_sub(keep);
+            self.span = self.span.map(|(start, end)| (start - keep, end - keep));
         }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes held: unparsed input plus the current event's fields.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos + self.data.len() + self.event.as_ref().map_or(0, String::len)
+        let data = match self.span {
+            Some((start, end)) => end - start,
+            None if self.has_data => self.data.len(),
+            None => 0,
+        };
+        let event = if self.has_event { self.event.len() } else { 0 };
+        self.buf.len() - self.pos + data + event
     }
 
     /// The next complete event, if one has fully arrived.
     pub fn next_event(&mut self) -> Result<Option<SseEvent>, SseError> {
+        Ok(self.next_event_ref()?.map(SseEvent::from))
+    }
+
+    /// Marks the end of input: a last event without its blank line is dispatched. Call it
+    /// once `next_event` has returned `Ok(None)`; later calls return `Ok(None)`.
+    pub fn finish(&mut self) -> Result<Option<SseEvent>, SseError> {
+        Ok(self.finish_ref()?.map(SseEvent::from))
+    }
+
+    /// `next_event`, the event borrowed.
+    pub fn next_event_ref(&mut self) -> Result<Option<EventRef<'_>>, SseError> {
         if self.failed {
             return Err(SseError::TooLarge { limit: self.limit });
         }
-        loop {
+        let dispatched = loop {
             if self.after_cr && self.pos < self.buf.len() {
                 self.after_cr = false;
                 if self.buf[self.pos] == b'\n' {
@@ -151,72 +208,102 @@ impl SseFramer {
             if self.event_bytes + (end - start) > self.limit {
                 return Err(self.fail());
             }
-            if let Some(event) = self.line(start, end) {
-                return Ok(Some(event));
+            if let Some(dispatched) = self.line(start, end) {
+                break dispatched;
             }
-        }
+        };
+        Ok(Some(self.dispatched(dispatched)))
     }
 
-    /// Marks the end of input: a last event without its blank line is dispatched. Call it
-    /// once `next_event` has returned `Ok(None)`; later calls return `Ok(None)`.
-    pub fn finish(&mut self) -> Result<Option<SseEvent>, SseError> {
+    /// `finish`, the event borrowed.
+    pub fn finish_ref(&mut self) -> Result<Option<EventRef<'_>>, SseError> {
         if !self.finished && !self.failed {
             // Two line ends close any unfinished line and then the event. After a `\r`
             // the first `\n` would only complete that line end, so use `\r` itself.
             self.buf.extend_from_slice(b"\r\r");
             self.finished = true;
         }
-        self.next_event()
+        self.next_event_ref()
     }
 
-    /// Handles one line `buf[start..end]`; returns an event when the line is blank.
-    fn line(&mut self, start: usize, end: usize) -> Option<SseEvent> {
-        let mut line = &self.buf[start..end];
+    /// Handles one line `buf[start..end]`; returns the event when the line is blank.
+    fn line(&mut self, mut start: usize, end: usize) -> Option<Dispatched> {
         if self.at_start {
             self.at_start = false;
-            line = line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line);
+            if self.buf[start..end].starts_with("\u{feff}".as_bytes()) {
+                start += "\u{feff}".len();
+            }
         }
-        if line.is_empty() {
+        if start == end {
             return self.dispatch();
         }
-        let (name, value) = match line.iter().position(|&b| b == b':') {
+        let line = &self.buf[start..end];
+        let (name_end, value_start) = match line.iter().position(|&b| b == b':') {
             Some(0) => return None,
             Some(colon) => {
-                let value = &line[colon + 1..];
-                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
+                let value = start + colon + 1;
+                let space = usize::from(self.buf.get(value) == Some(&b' ') && value < end);
+                (start + colon, value + space)
             }
-            None => (line, &line[line.len()..]),
+            None => (end, end),
         };
-        match name {
+        match &self.buf[start..name_end] {
             b"data" => {
-                self.event_bytes += value.len() + 1;
-                if self.has_data {
-                    self.data.push('\n');
+                self.event_bytes += end - value_start + 1;
+                if !self.has_data {
+                    self.has_data = true;
+                    self.span = Some((value_start, end));
+                    return None;
                 }
-                self.has_data = true;
-                push_lossy(&mut self.data, value);
+                if let Some((first, first_end)) = self.span.take() {
+                    self.data.clear();
+                    push_lossy(&mut self.data, &self.buf[first..first_end]);
+                }
+                self.data.push('\n');
+                push_lossy(&mut self.data, &self.buf[value_start..end]);
             }
             b"event" => {
-                self.event_bytes += value.len();
-                let mut name = String::new();
-                push_lossy(&mut name, value);
-                self.event = (!name.is_empty()).then_some(name);
+                self.event_bytes += end - value_start;
+                self.event.clear();
+                push_lossy(&mut self.event, &self.buf[value_start..end]);
+                self.has_event = true;
             }
             _ => {}
         }
         None
     }
 
-    fn dispatch(&mut self) -> Option<SseEvent> {
+    fn dispatch(&mut self) -> Option<Dispatched> {
         self.event_bytes = 0;
-        let event = self.event.take();
+        let event = std::mem::take(&mut self.has_event);
         if !std::mem::take(&mut self.has_data) {
             return None;
         }
-        Some(SseEvent {
+        Some(Dispatched {
             event,
-            data: std::mem::take(&mut self.data),
+            span: self.span.take(),
         })
+    }
+
+    /// The event `dispatch` left: its data read in place when it was one line of valid
+    /// UTF-8, as it nearly always is.
+    fn dispatched(&mut self, d: Dispatched) -> EventRef<'_> {
+        let data = match d.span {
+            Some((start, end)) => match std::str::from_utf8(&self.buf[start..end]) {
+                Ok(text) => text,
+                Err(_) => {
+                    self.data.clear();
+                    self.data
+                        .push_str(&String::from_utf8_lossy(&self.buf[start..end]));
+                    &self.data
+                }
+            },
+            None => &self.data,
+        };
+        EventRef {
+            event: (d.event && !self.event.is_empty()).then_some(self.event.as_str()),
+            data,
+        }
     }
 
     fn fail(&mut self) -> SseError {
@@ -224,8 +311,10 @@ impl SseFramer {
         self.buf = Vec::new();
         self.pos = 0;
         self.scanned = 0;
+        self.span = None;
         self.data = String::new();
-        self.event = None;
+        self.event = String::new();
+        self.has_event = false;
         SseError::TooLarge { limit: self.limit }
     }
 }
@@ -371,6 +460,30 @@ mod tests {
         assert_eq!(framer.buffered(), 7);
         assert_eq!(framer.finish().unwrap(), Some(ev(None, "4")));
         assert_eq!(framer.buffered(), 0);
+    }
+
+    #[test]
+    fn borrowed_events_keep_their_line_across_pushes() {
+        let mut framer = SseFramer::new();
+        framer.push(b"event: a\ndata: {\"x\":1}\n");
+        assert_eq!(framer.next_event_ref(), Ok(None));
+        assert_eq!(framer.buffered(), 8);
+        // The data line is parsed; the push that brings the blank line must not drop it.
+        framer.push(b": comment\n\ndata: 2\ndata: 3\n\ndata: 4\n\n");
+        let want = [(Some("a"), "{\"x\":1}"), (None, "2\n3"), (None, "4")];
+        for (event, data) in want {
+            assert_eq!(framer.next_event_ref(), Ok(Some(EventRef { event, data })));
+        }
+        assert_eq!(framer.next_event_ref(), Ok(None));
+        assert_eq!(framer.buffered(), 0);
+        framer.push(b"data: \xff\n");
+        assert_eq!(
+            framer.finish_ref(),
+            Ok(Some(EventRef {
+                event: None,
+                data: "\u{fffd}"
+            }))
+        );
     }
 
     #[test]

@@ -179,3 +179,35 @@ async fn a_client_that_stops_reading_is_given_up_and_frees_its_slot() {
     assert_eq!(r.status(), 200);
     drop(stalled);
 }
+
+// The idle bound is between two pieces of a stream, not on the stream: a stream longer than
+// `idle_ms` (and than `first_byte_ms`) whose tokens come often runs to its end; one whose
+// replica then falls silent ends with an error event that names `idle_ms`. Margins are wide:
+// every delay that must overrun one only grows under load.
+#[tokio::test]
+async fn idle_ms_bounds_the_gap_between_tokens_not_the_stream() {
+    let sim = sim().await;
+    let gw = Gateway::start(&standard_config(
+        &[sim.addr()],
+        "timeouts = { first_byte_ms = 300, idle_ms = 1000, total_ms = 20000 }",
+    ));
+    let stream = |tokens: u32, delay_ms: u64| {
+        json!({"model": MODEL, "stream": true, "max_tokens": tokens,
+            "sim": {"token_delay_ms": delay_ms},
+            "messages": [{"role": "user", "content": "hi"}]})
+    };
+    let r = gw.chat(stream(20, 100)).await;
+    assert_eq!(r.status(), 200);
+    let events = sse_data(&r.text().await.unwrap());
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
+
+    let r = gw.chat(stream(3, 4000)).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("idle_ms"), "{text}");
+}

@@ -180,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if code == 101 {
                 return Err(H1Error("unexpected protocol switch"));
             }
-            let _ = self.buf.split_to(len);
+            self.buf.advance(len);
             return Ok(Parsed::Informational);
         }
         let mut headers = HeaderMap::with_capacity(response.headers.len());
@@ -224,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             // The same length repeated: one field with it (RFC 9110 §8.6).
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(n));
         }
-        let _ = self.buf.split_to(len);
+        self.buf.advance(len);
         self.framing = if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Done
         } else if coded {
@@ -258,6 +258,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
+    /// A piece of the body that is already read, without waiting for the network: `None`
+    /// when the next step needs a read, or is the end of the body or a failure, which the
+    /// next `read_body` reports (decoding them again changes nothing).
+    pub fn buffered_body(&mut self) -> Option<Bytes> {
+        match self.decode() {
+            Ok(Some(Some(data))) => Some(data),
+            _ => None,
+        }
+    }
+
     /// Takes what the buffer holds of the body: `Some(Some(data))`, `Some(None)` at the end,
     /// or `None` when more bytes must be read first.
     fn decode(&mut self) -> Result<Option<Option<Bytes>>, H1Error> {
@@ -283,11 +293,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 }
                 Framing::Chunked(Chunk::Size) => match chunk_size(&self.buf)? {
                     Some((used, 0)) => {
-                        let _ = self.buf.split_to(used);
+                        self.buf.advance(used);
                         self.framing = Framing::Chunked(Chunk::Trailer);
                     }
                     Some((used, size)) => {
-                        let _ = self.buf.split_to(used);
+                        self.buf.advance(used);
                         self.framing = Framing::Chunked(Chunk::Data(size));
                     }
                     None => return Ok(None),
@@ -309,7 +319,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     if self.buf.len() < 2 {
                         return Ok(None);
                     }
-                    let _ = self.buf.split_to(2);
+                    self.buf.advance(2);
                     self.framing = Framing::Chunked(Chunk::Size);
                 }
                 Framing::Chunked(Chunk::Trailer) => {
@@ -319,7 +329,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     match httparse::parse_headers(window, &mut fields) {
                         Ok(httparse::Status::Complete((n, _))) => {
-                            let _ = self.buf.split_to(n);
+                            self.buf.advance(n);
                             self.framing = Framing::Done;
                         }
                         Ok(httparse::Status::Partial) if window.len() == self.max_head => {

@@ -148,3 +148,35 @@ async fn the_request_leaves_in_one_write() {
 }
 
 mod framing;
+
+#[tokio::test]
+async fn buffered_pieces_come_without_a_read_and_leave_the_end_to_read_body() {
+    let (client, mut server) = duplex(64 * 1024);
+    // Sent whole: one read takes the head and both chunks.
+    server.write_all(CHUNKED).await.unwrap();
+    let mut conn = Conn::new(client);
+    conn.read_head().await.unwrap();
+    let first = conn.read_body().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"data: ");
+    assert_eq!(conn.buffered_body().as_deref(), Some(&b"{\"a\":1}\n\n"[..]));
+    // The last chunk and the trailer are buffered too, but the end is `read_body`'s to say,
+    // as many times as it is asked.
+    assert_eq!(conn.buffered_body(), None);
+    assert_eq!(conn.buffered_body(), None);
+    assert_eq!(conn.read_body().await.unwrap(), None);
+    assert!(conn.reusable());
+
+    // Nothing buffered: no piece, and no read either.
+    let (client, mut server) = duplex(1024);
+    server
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut conn = Conn::new(client);
+    conn.read_head().await.unwrap();
+    assert_eq!(conn.read_body().await.unwrap().as_deref(), Some(&b"ab"[..]));
+    assert_eq!(conn.buffered_body(), None);
+    server.write_all(b"cd").await.unwrap();
+    assert_eq!(conn.buffered_body(), None);
+    assert_eq!(conn.read_body().await.unwrap().as_deref(), Some(&b"cd"[..]));
+}
