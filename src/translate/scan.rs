@@ -3,19 +3,21 @@
 
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 
-/// A member name to look for, with its quotes (`b"\"usage\""`), and its substring searcher
+/// A member name to look for, with its quotes (`b"\"usage\""`), and its substring searchers
 /// built once. Building a searcher costs more than running it over a stream chunk of a few
 /// hundred bytes, and every chunk is searched for several names.
 pub struct Key {
     finder: Finder<'static>,
+    rev: FinderRev<'static>,
 }
 
 impl Key {
     pub fn new(quoted: &'static [u8]) -> Self {
         Key {
             finder: Finder::new(quoted),
+            rev: FinderRev::new(quoted),
         }
     }
 
@@ -86,6 +88,68 @@ pub fn top_level_value(json: &[u8], key: &[u8]) -> Option<usize> {
         match json.get(i) {
             Some(b',') => i += 1,
             _ => return None,
+        }
+    }
+}
+
+/// The last `"key":` member of `json` that holds an object: where the object starts, and
+/// whether the member is one of the top-level object's own, which holds when what follows
+/// the object is the rest of the top-level object's members and its end. Found from the
+/// end, so a member that engines write last (as `usage`) is read without walking the rest
+/// of the text; `top_level_value` is the walk from the start, for when this says `false`.
+pub fn last_object_member(json: &[u8], key: &Key) -> Option<(usize, bool)> {
+    let mut end = json.len();
+    while let Some(pos) = key.rev.rfind(&json[..end]) {
+        end = pos;
+        // A quote after an odd run of backslashes is inside a string.
+        let backslashes = json[..pos]
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b'\\')
+            .count();
+        if backslashes % 2 == 1 {
+            continue;
+        }
+        let mut i = skip_ws(json, pos + key.len());
+        if json.get(i) != Some(&b':') {
+            continue;
+        }
+        i = skip_ws(json, i + 1);
+        if json.get(i) == Some(&b'{') {
+            return Some((i, ends_the_text(json, i)));
+        }
+    }
+    None
+}
+
+/// Whether the member value at `at` is followed only by further members of its object, the
+/// object's end, and the end of the text: so that its object is the top-level one.
+fn ends_the_text(json: &[u8], at: usize) -> bool {
+    let Some(mut i) = value_end(json, at) else {
+        return false;
+    };
+    loop {
+        i = skip_ws(json, i);
+        match json.get(i) {
+            Some(b'}') => return skip_ws(json, i + 1) == json.len(),
+            Some(b',') => {
+                i = skip_ws(json, i + 1);
+                if json.get(i) != Some(&b'"') {
+                    return false;
+                }
+                let Some(name_end) = string_end(json, i) else {
+                    return false;
+                };
+                i = skip_ws(json, name_end);
+                if json.get(i) != Some(&b':') {
+                    return false;
+                }
+                let Some(value_end) = value_end(json, skip_ws(json, i + 1)) else {
+                    return false;
+                };
+                i = value_end;
+            }
+            _ => return false,
         }
     }
 }

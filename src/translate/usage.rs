@@ -68,36 +68,27 @@ impl From<&OpenAiUsage> for Usage {
 /// The usage in an OpenAI JSON body or chunk, if it carries a non-null one. Only the object's
 /// own `usage` member counts; it alone is parsed, the rest of the body is stepped over.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    // Most stream chunks carry no usage at all, or `"usage":null` (OpenAI's streams with
-    // `include_usage` put it on every chunk): a byte scan rejects them before the object's
-    // members are walked.
-    if !usage_object_somewhere(json) {
-        return None;
-    }
-    let start = scan::top_level_value(json, b"usage")?;
-    if json[start] != b'{' {
-        return None;
-    }
+    // Engines write `usage` after the choices: found from the end, it is read without
+    // walking the generated text. Most stream chunks carry no usage object at all, or
+    // `"usage":null` (OpenAI's streams with `include_usage` put it on every chunk), and are
+    // rejected by that search alone.
+    let start = match scan::last_object_member(json, &scan::USAGE)? {
+        (at, true) => at,
+        // The last one is nested, or members follow it that the check from the end does
+        // not read: the walk from the start decides.
+        (_, false) => {
+            let at = scan::top_level_value(json, b"usage")?;
+            if json[at] != b'{' {
+                return None;
+            }
+            at
+        }
+    };
     let mut object = serde_json::Deserializer::from_slice(&json[start..]);
     OpenAiUsage::deserialize(&mut object)
         .ok()
         .as_ref()
         .map(Usage::from)
-}
-
-/// Whether some `"usage":` member, at any depth, holds an object. Inside a JSON string a
-/// quote is escaped, so every unescaped `"usage"` followed by a colon is a member name; when
-/// none of them holds an object, the top-level one (if there is one) does not either.
-fn usage_object_somewhere(json: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(start) = scan::value_start(&json[from..], &scan::USAGE) {
-        let at = from + start;
-        if json.get(at) == Some(&b'{') {
-            return true;
-        }
-        from = at;
-    }
-    false
 }
 
 /// Output tokens of a whole `chat.completion` that reported no usage: the text it
@@ -212,6 +203,22 @@ mod tests {
         let without =
             br#"{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 999}"}}]}"#;
         assert_eq!(usage_of(without), None);
+    }
+
+    #[test]
+    fn the_usage_is_found_from_the_end_wherever_members_follow_it() {
+        // vLLM writes members after `usage`.
+        let vllm = br#"{"id":"c","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":7,"completion_tokens":2},"prompt_logprobs":null,"kv_transfer_params":{"a":[1,"}"]}}
+"#;
+        assert_eq!(usage_of(vllm).map(|u| (u.input, u.output)), Some((7, 2)));
+        // A nested usage object after the top-level one is not it.
+        let nested_last = br#"{"usage":{"prompt_tokens":3,"completion_tokens":1},"x":{"usage":{"prompt_tokens":99}}}"#;
+        assert_eq!(usage_of(nested_last).map(|u| u.input), Some(3));
+        // A key that ends in an escaped quote and `usage` is another key.
+        let escaped = br#"{"x \"usage":{"prompt_tokens":99}}"#;
+        assert_eq!(usage_of(escaped), None);
+        let escaped_backslash = br#"{"x\\":1,"usage":{"prompt_tokens":4}}"#;
+        assert_eq!(usage_of(escaped_backslash).map(|u| u.input), Some(4));
     }
 
     #[test]
