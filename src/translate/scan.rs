@@ -92,6 +92,40 @@ pub fn top_level_value(json: &[u8], key: &[u8]) -> Option<usize> {
     }
 }
 
+/// Calls `member` with the name (as written, without its quotes) and the value text of each
+/// member of the object that `json` starts with, in order. `None` when the object is
+/// malformed as far as the walk sees, or when `member` returns `None`.
+pub fn each_member(json: &[u8], mut member: impl FnMut(&[u8], &[u8]) -> Option<()>) -> Option<()> {
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(json, i + 1);
+    if json.get(i) == Some(&b'}') {
+        return Some(());
+    }
+    loop {
+        if json.get(i) != Some(&b'"') {
+            return None;
+        }
+        let name_end = string_end(json, i)?;
+        let name = &json[i + 1..name_end - 1];
+        i = skip_ws(json, name_end);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(json, i + 1);
+        let end = value_end(json, start)?;
+        member(name, &json[start..end])?;
+        i = skip_ws(json, end);
+        match json.get(i) {
+            Some(b',') => i = skip_ws(json, i + 1),
+            Some(b'}') => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
 /// The last `"key":` member of `json` that holds an object: where the object starts, and
 /// whether the member is one of the top-level object's own, which holds when what follows
 /// the object is the rest of the top-level object's members and its end. Found from the
