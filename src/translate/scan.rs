@@ -93,16 +93,20 @@ pub fn top_level_value(json: &[u8], key: &[u8]) -> Option<usize> {
 }
 
 /// Calls `member` with the name (as written, without its quotes) and the value text of each
-/// member of the object that `json` starts with, in order. `None` when the object is
-/// malformed as far as the walk sees, or when `member` returns `None`.
-pub fn each_member(json: &[u8], mut member: impl FnMut(&[u8], &[u8]) -> Option<()>) -> Option<()> {
+/// member of the object that `json` starts with, in order, and returns the index just past
+/// the object. `None` when the object is malformed as far as the walk sees, or when `member`
+/// returns `None`.
+pub fn each_member(
+    json: &[u8],
+    mut member: impl FnMut(&[u8], &[u8]) -> Option<()>,
+) -> Option<usize> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
     }
     i = skip_ws(json, i + 1);
     if json.get(i) == Some(&b'}') {
-        return Some(());
+        return Some(i + 1);
     }
     loop {
         if json.get(i) != Some(&b'"') {
@@ -120,18 +124,17 @@ pub fn each_member(json: &[u8], mut member: impl FnMut(&[u8], &[u8]) -> Option<(
         i = skip_ws(json, end);
         match json.get(i) {
             Some(b',') => i = skip_ws(json, i + 1),
-            Some(b'}') => return Some(()),
+            Some(b'}') => return Some(i + 1),
             _ => return None,
         }
     }
 }
 
-/// The last `"key":` member of `json` that holds an object: where the object starts, and
-/// whether the member is one of the top-level object's own, which holds when what follows
-/// the object is the rest of the top-level object's members and its end. Found from the
-/// end, so a member that engines write last (as `usage`) is read without walking the rest
-/// of the text; `top_level_value` is the walk from the start, for when this says `false`.
-pub fn last_object_member(json: &[u8], key: &Key) -> Option<(usize, bool)> {
+/// Where the object held by the last `"key":` member of `json` starts, if the last such
+/// member that holds an object exists. Searched from the end, so a member that engines write
+/// last (as `usage`) is found without walking the rest of the text; whether it is one of the
+/// top-level object's own, `ends_top_level` says once its end is known.
+pub fn last_object_member(json: &[u8], key: &Key) -> Option<usize> {
     let mut end = json.len();
     while let Some(pos) = key.rev.rfind(&json[..end]) {
         end = pos;
@@ -150,18 +153,17 @@ pub fn last_object_member(json: &[u8], key: &Key) -> Option<(usize, bool)> {
         }
         i = skip_ws(json, i + 1);
         if json.get(i) == Some(&b'{') {
-            return Some((i, ends_the_text(json, i)));
+            return Some(i);
         }
     }
     None
 }
 
-/// Whether the member value at `at` is followed only by further members of its object, the
-/// object's end, and the end of the text: so that its object is the top-level one.
-fn ends_the_text(json: &[u8], at: usize) -> bool {
-    let Some(mut i) = value_end(json, at) else {
-        return false;
-    };
+/// Whether a member value that ends just before `end` is followed only by further members
+/// of its object, the object's end, and the end of the text: so that its object is the
+/// top-level one.
+pub fn ends_top_level(json: &[u8], end: usize) -> bool {
+    let mut i = end;
     loop {
         i = skip_ws(json, i);
         match json.get(i) {

@@ -64,29 +64,30 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
     // walking the generated text. Most stream chunks carry no usage object at all, or
     // `"usage":null` (OpenAI's streams with `include_usage` put it on every chunk), and are
     // rejected by that search alone.
-    let start = match scan::last_object_member(json, &scan::USAGE)? {
-        (at, true) => at,
-        // The last one is nested, or members follow it that the check from the end does
-        // not read: the walk from the start decides.
-        (_, false) => {
+    let last = scan::last_object_member(json, &scan::USAGE)?;
+    let usage = match read_usage(&json[last..]) {
+        Some((usage, len)) if scan::ends_top_level(json, last + len) => usage,
+        // Nested, or followed by members the check from the end does not read, or refused:
+        // the walk from the start decides.
+        _ => {
             let at = scan::top_level_value(json, b"usage")?;
             if json[at] != b'{' {
                 return None;
             }
-            at
+            read_usage(&json[at..])?.0
         }
     };
-    read_usage(&json[start..]).as_ref().map(Usage::from)
+    Some(Usage::from(&usage))
 }
 
-/// The `usage` object that `json` starts with, read as serde would read it into
-/// `OpenAiUsage` (a count that is not an unsigned integer or `null`, a details field that is
-/// not an object or `null`, or a field given twice refuses it), without building a parser
-/// for a few numbers.
-fn read_usage(json: &[u8]) -> Option<OpenAiUsage> {
+/// The `usage` object that `json` starts with, and its length, read as serde would read it
+/// into `OpenAiUsage` (a count that is not an unsigned integer or `null`, a details field
+/// that is not an object or `null`, or a field given twice refuses it), without building a
+/// parser for a few numbers.
+fn read_usage(json: &[u8]) -> Option<(OpenAiUsage, usize)> {
     let mut usage = OpenAiUsage::default();
     let mut seen = [false; 4];
-    scan::each_member(json, |name, value| {
+    let len = scan::each_member(json, |name, value| {
         let field = match name {
             b"prompt_tokens" => 0,
             b"completion_tokens" => 1,
@@ -111,7 +112,7 @@ fn read_usage(json: &[u8]) -> Option<OpenAiUsage> {
         }
         Some(())
     })?;
-    Some(usage)
+    Some((usage, len))
 }
 
 /// A count: `Some(None)` for `null`, `None` for anything but an unsigned JSON integer that
