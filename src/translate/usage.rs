@@ -60,14 +60,14 @@ impl From<&OpenAiUsage> for Usage {
 /// The usage in an OpenAI JSON body or chunk, if it carries a non-null one. Only the object's
 /// own `usage` member counts; it alone is parsed, the rest of the body is stepped over.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    // Engines write `usage` after the choices: found from the end, it is read without
-    // walking the generated text. Most stream chunks carry no usage object at all, or
+    // Engines write `usage` after the choices: the last one found by the substring search is
+    // read, and what follows it checked, without walking the generated text. Most stream chunks carry no usage object at all, or
     // `"usage":null` (OpenAI's streams with `include_usage` put it on every chunk), and are
     // rejected by that search alone.
     let last = scan::last_object_member(json, &scan::USAGE)?;
     let usage = match read_usage(&json[last..]) {
         Some((usage, len)) if scan::ends_top_level(json, last + len) => usage,
-        // Nested, or followed by members the check from the end does not read, or refused:
+        // Nested, or followed by members the check after it does not read, or refused:
         // the walk from the start decides.
         _ => {
             let at = scan::top_level_value(json, b"usage")?;
