@@ -40,7 +40,7 @@ use crate::limits::{self, Ask};
 use crate::metrics::Metrics;
 use crate::route::{Placement, RouteError};
 use crate::runtime::Runtime;
-use crate::translate::{self, anthropic, prefix, ModelRequest};
+use crate::translate::{anthropic, prefix, ModelRequest};
 use crate::vocab::{self, Endpoint};
 use crate::{access_log, auth, body, catalog, conn, media, predict, respond, route};
 
@@ -321,10 +321,8 @@ async fn count_prompt(
     } else {
         let body = Arc::new(request.prompt_body(model));
         let (on_thread, model_there) = (body.clone(), model.clone());
-        let counted = tokio::task::spawn_blocking(move || {
-            translate::prompt::Counter::new(&model_there.prompt).body(&on_thread)
-        })
-        .await;
+        let counted =
+            tokio::task::spawn_blocking(move || on_thread.tokens(&model_there.prompt)).await;
         match counted {
             Ok(n) => n,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -334,7 +332,7 @@ async fn count_prompt(
                     tokenizer: None,
                     ..model.prompt.clone()
                 };
-                translate::prompt::Counter::new(&rules).body(&body)
+                body.tokens(&rules)
             }
         }
     };

@@ -97,6 +97,23 @@ async fn on_every_worker(workers: usize) -> bool {
     false
 }
 
+/// Keeps the kernel from assembling transparent huge pages in tollgate's memory. mimalloc
+/// advises its arenas `MADV_HUGEPAGE`; after a burst, the pages it hands back leave those
+/// 2 MiB ranges sparse, and khugepaged (a pass every 10 s by default) collapses each range
+/// into a whole huge page again, present pages or not (`max_ptes_none` lets one page stand
+/// for 512). RSS then climbed for a minute after 9,000 streams had ended, with no thread of
+/// tollgate's running, to 3x idle (benches/README.md). Returns whether the kernel took it.
+pub fn no_huge_pages() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes integers and no pointers; it sets a flag of this
+        // process's memory map.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
 /// Hands the memory this thread has freed back to the OS now.
 pub fn release_freed_memory() {
     // SAFETY: `mi_collect` takes a flag and no pointers, and may be called from any thread

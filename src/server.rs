@@ -42,6 +42,13 @@ pub fn run(
     config_file: Option<ConfigFile>,
     on_ready: impl FnOnce(Bound),
 ) -> Result<(), String> {
+    if !crate::reclaim::no_huge_pages() {
+        tracing::debug!("transparent huge pages stay allowed");
+    }
+    // Before any database is opened (the ledger, async predict's queue).
+    if !crate::account::sqlite_memory::use_process_allocator() {
+        tracing::debug!("SQLite was in use already; it keeps its own allocator");
+    }
     let public = bind(snapshot.server.listen, "server.listen")?;
     let admin = bind(snapshot.admin.listen, "admin.listen")?;
     let bound = Bound {

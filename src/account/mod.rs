@@ -7,6 +7,7 @@ pub mod page;
 pub mod query;
 pub mod record;
 pub mod spend;
+pub mod sqlite_memory;
 
 pub use ledger::Ledger;
 pub use record::{DeployedUse, UsageRecord};

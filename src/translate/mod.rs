@@ -173,17 +173,20 @@ impl ModelRequest {
     /// bound; never fewer than its replica will count (see `prompt`). A Messages request is
     /// counted as the Chat Completions body its replica is sent.
     pub fn prompt_tokens(&mut self, model: &Model) -> u64 {
-        prompt::Counter::new(&model.prompt).body(&self.prompt_body(model))
+        match self {
+            ModelRequest::Chat(r) => r.prompt_tokens(&model.prompt),
+            ModelRequest::Messages(_) => self.prompt_body(model).tokens(&model.prompt),
+        }
     }
 
-    /// The Chat Completions body whose prompt `model` counts (see `prompt_tokens`), for a
-    /// caller that counts it elsewhere (a tokenizer on a long prompt takes a while).
-    pub fn prompt_body(&mut self, model: &Model) -> serde_json::Map<String, serde_json::Value> {
+    /// What `model` counts the prompt of (see `prompt_tokens`), owned, for a caller that
+    /// counts it elsewhere (a tokenizer on a long prompt takes a while).
+    pub fn prompt_body(&mut self, model: &Model) -> PromptBody {
         match self {
             ModelRequest::Chat(r) => r.prompt_body(),
             ModelRequest::Messages(r) => {
                 r.tool_images = model.input_modalities.contains(&"image");
-                r.prompt_body(model)
+                PromptBody::Translated(r.prompt_body(model))
             }
         }
     }
@@ -223,6 +226,30 @@ impl ModelRequest {
                 // Serialising a `Value` cannot fail: keys are strings, numbers finite.
                 (serde_json::to_vec(&body).unwrap_or_default(), plan)
             }
+        }
+    }
+}
+
+/// A request's prompt as its count reads it: a chat body as the client sent it, or a Messages
+/// request's translation.
+pub enum PromptBody {
+    /// With its tally at a token a byte, taken when it was parsed.
+    Chat {
+        body: Vec<u8>,
+        tally: prompt::Tally,
+    },
+    Translated(serde_json::Map<String, serde_json::Value>),
+}
+
+impl PromptBody {
+    /// The prompt's tokens under `rules` (see `ModelRequest::prompt_tokens`).
+    pub fn tokens(&self, rules: &crate::config::PromptRules) -> u64 {
+        match self {
+            PromptBody::Chat { body, tally } => match rules.tokenizer {
+                None => tally.tokens(rules),
+                Some(_) => openai::prompt_tokens_of(body, rules).unwrap_or(tally.tokens(rules)),
+            },
+            PromptBody::Translated(body) => prompt::Counter::new(rules).body(body),
         }
     }
 }

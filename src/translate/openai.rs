@@ -11,8 +11,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::media::MediaPart;
-use super::prompt::Counter;
-use super::RequestError;
+use super::prompt::{Measure, RawPrompt, Tally};
+use super::{PromptBody, RequestError};
 use crate::config::PromptRules;
 
 mod parts;
@@ -39,6 +39,8 @@ pub struct ChatRequest {
     pub choices: u32,
     /// The parts that are not text, for the media check.
     pub media: Vec<MediaPart>,
+    /// The prompt as a token per byte counts it (see `prompt`), taken as the body is parsed.
+    tally: Tally,
 }
 
 /// The most choices one request may ask for, as the OpenAI API allows.
@@ -71,6 +73,29 @@ struct Fields<'a> {
     n: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "raw")]
     chat_template: Option<&'a RawValue>,
+    // What a template renders besides the messages (`prompt::RENDERED_JSON`,
+    // `prompt::TEMPLATE_VARIABLES`), for the prompt's count.
+    #[serde(borrow, default, deserialize_with = "raw")]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    documents: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    chat_template_kwargs: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "raw")]
+    chat_template_args: Option<&'a RawValue>,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields a chat template renders.
+    fn prompt(&self) -> RawPrompt<'a> {
+        RawPrompt {
+            messages: self.messages,
+            rendered_json: [self.tools, self.functions, self.documents],
+            template_variables: [self.chat_template_kwargs, self.chat_template_args],
+        }
+    }
 }
 
 /// A message's `role`, checked, and its content, for its media parts.
@@ -269,6 +294,11 @@ impl ChatRequest {
                 include_usage = options.include_usage.is_some_and(|v| v.get() == "true");
             }
         }
+        // Last: every field it reads has been checked above.
+        let tally = fields
+            .prompt()
+            .tally(Measure::Bytes)
+            .map_err(RequestError::invalid_json)?;
         Ok(ChatRequest {
             model,
             stream,
@@ -280,6 +310,7 @@ impl ChatRequest {
             lowered_cap: None,
             choices,
             media,
+            tally,
             raw: bytes.to_vec(),
         })
     }
@@ -308,15 +339,21 @@ impl ChatRequest {
         self.lowered_cap = Some(n);
     }
 
-    /// The prompt's tokens under a model's rules (see `prompt`).
+    /// The prompt's tokens under a model's rules (see `prompt`): from the tally taken at
+    /// parse, or, with a tokenizer, by reading the body again to tokenize its text.
     pub fn prompt_tokens(&self, rules: &PromptRules) -> u64 {
-        Counter::new(rules).body(&self.prompt_body())
+        match rules.tokenizer {
+            None => self.tally.tokens(rules),
+            Some(_) => prompt_tokens_of(&self.raw, rules).unwrap_or(self.tally.tokens(rules)),
+        }
     }
 
-    /// The body as a tree, for `prompt`. It was parsed as JSON already, so this cannot fail;
-    /// a second, whole read keeps every field a template may render in view.
-    pub fn prompt_body(&self) -> Map<String, Value> {
-        serde_json::from_slice(&self.raw).unwrap_or_default()
+    /// The prompt, owned, for counting it elsewhere (`PromptBody::tokens`).
+    pub fn prompt_body(&self) -> PromptBody {
+        PromptBody::Chat {
+            body: self.raw.clone(),
+            tally: self.tally,
+        }
     }
 
     /// The body for the replica: the client's bytes with `model` set to what the replica
@@ -383,6 +420,15 @@ impl ChatRequest {
         out.extend_from_slice(&self.raw[from..]);
         out
     }
+}
+
+/// The prompt's tokens of a chat body that `ChatRequest::parse` accepted, under `rules`;
+/// `None` if it is not one. No token of a tokenizer is shorter than a byte, so when a
+/// tokenizer's count cannot be had, the count at a token a byte bounds it.
+pub fn prompt_tokens_of(body: &[u8], rules: &PromptRules) -> Option<u64> {
+    let fields: Fields = serde_json::from_slice(body).ok()?;
+    let tally = fields.prompt().tally(Measure::of(rules)).ok()?;
+    Some(tally.tokens(rules))
 }
 
 #[cfg(test)]

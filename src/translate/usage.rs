@@ -5,8 +5,6 @@
 //! every stream chunk (running totals) or only on the last. Cached is a subset of input and
 //! reasoning a subset of output: nothing is ever added twice.
 
-use serde::Deserialize;
-
 use super::scan;
 use crate::vocab::Usage;
 
@@ -14,27 +12,21 @@ use crate::vocab::Usage;
 const MAX_TOKENS: u64 = u32::MAX as u64;
 
 /// OpenAI's `usage` object, every field optional as engines omit some.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct OpenAiUsage {
-    #[serde(default)]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
     completion_tokens: Option<u64>,
-    #[serde(default)]
     prompt_tokens_details: Option<PromptDetails>,
-    #[serde(default)]
     completion_tokens_details: Option<CompletionDetails>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct PromptDetails {
-    #[serde(default)]
     cached_tokens: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct CompletionDetails {
-    #[serde(default)]
     reasoning_tokens: Option<u64>,
 }
 
@@ -68,36 +60,92 @@ impl From<&OpenAiUsage> for Usage {
 /// The usage in an OpenAI JSON body or chunk, if it carries a non-null one. Only the object's
 /// own `usage` member counts; it alone is parsed, the rest of the body is stepped over.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    // Most stream chunks carry no usage at all, or `"usage":null` (OpenAI's streams with
-    // `include_usage` put it on every chunk): a byte scan rejects them before the object's
-    // members are walked.
-    if !usage_object_somewhere(json) {
-        return None;
-    }
-    let start = scan::top_level_value(json, b"usage")?;
-    if json[start] != b'{' {
-        return None;
-    }
-    let mut object = serde_json::Deserializer::from_slice(&json[start..]);
-    OpenAiUsage::deserialize(&mut object)
-        .ok()
-        .as_ref()
-        .map(Usage::from)
+    // Engines write `usage` after the choices: the last one found by the substring search is
+    // read, and what follows it checked, without walking the generated text. Most stream chunks carry no usage object at all, or
+    // `"usage":null` (OpenAI's streams with `include_usage` put it on every chunk), and are
+    // rejected by that search alone.
+    let last = scan::last_object_member(json, &scan::USAGE)?;
+    let usage = match read_usage(&json[last..]) {
+        Some((usage, len)) if scan::ends_top_level(json, last + len) => usage,
+        // Nested, or followed by members the check after it does not read, or refused:
+        // the walk from the start decides.
+        _ => {
+            let at = scan::top_level_value(json, b"usage")?;
+            if json[at] != b'{' {
+                return None;
+            }
+            read_usage(&json[at..])?.0
+        }
+    };
+    Some(Usage::from(&usage))
 }
 
-/// Whether some `"usage":` member, at any depth, holds an object. Inside a JSON string a
-/// quote is escaped, so every unescaped `"usage"` followed by a colon is a member name; when
-/// none of them holds an object, the top-level one (if there is one) does not either.
-fn usage_object_somewhere(json: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(start) = scan::value_start(&json[from..], &scan::USAGE) {
-        let at = from + start;
-        if json.get(at) == Some(&b'{') {
-            return true;
+/// The `usage` object that `json` starts with, and its length, read as serde would read it
+/// into `OpenAiUsage` (a count that is not an unsigned integer or `null`, a details field
+/// that is not an object or `null`, or a field given twice refuses it), without building a
+/// parser for a few numbers.
+fn read_usage(json: &[u8]) -> Option<(OpenAiUsage, usize)> {
+    let mut usage = OpenAiUsage::default();
+    let mut seen = [false; 4];
+    let len = scan::each_member(json, |name, value| {
+        let field = match name {
+            b"prompt_tokens" => 0,
+            b"completion_tokens" => 1,
+            b"prompt_tokens_details" => 2,
+            b"completion_tokens_details" => 3,
+            _ => return Some(()),
+        };
+        if std::mem::replace(&mut seen[field], true) {
+            return None;
         }
-        from = at;
+        match field {
+            0 => usage.prompt_tokens = count(value)?,
+            1 => usage.completion_tokens = count(value)?,
+            2 => {
+                usage.prompt_tokens_details = detail(value, b"cached_tokens")?
+                    .map(|cached_tokens| PromptDetails { cached_tokens })
+            }
+            _ => {
+                usage.completion_tokens_details = detail(value, b"reasoning_tokens")?
+                    .map(|reasoning_tokens| CompletionDetails { reasoning_tokens })
+            }
+        }
+        Some(())
+    })?;
+    Some((usage, len))
+}
+
+/// A count: `Some(None)` for `null`, `None` for anything but an unsigned JSON integer that
+/// fits a `u64`.
+fn count(value: &[u8]) -> Option<Option<u64>> {
+    if value == b"null" {
+        return Some(None);
     }
-    false
+    let leading_zero = value.len() > 1 && value[0] == b'0';
+    if value.is_empty() || leading_zero || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+}
+
+/// A details object's one count (`Some(None)` for `null` itself): `None` when it is not an
+/// object, or its count is refused.
+fn detail(value: &[u8], key: &[u8]) -> Option<Option<Option<u64>>> {
+    if value == b"null" {
+        return Some(None);
+    }
+    let mut found = None;
+    let mut seen = false;
+    scan::each_member(value, |name, v| {
+        if name == key {
+            if std::mem::replace(&mut seen, true) {
+                return None;
+            }
+            found = count(v)?;
+        }
+        Some(())
+    })?;
+    Some(Some(found))
 }
 
 /// Output tokens of a whole `chat.completion` that reported no usage: the text it
@@ -212,6 +260,49 @@ mod tests {
         let without =
             br#"{"choices":[{"message":{"content":"\"usage\": {\"prompt_tokens\": 999}"}}]}"#;
         assert_eq!(usage_of(without), None);
+    }
+
+    #[test]
+    fn counts_that_are_not_unsigned_integers_refuse_the_usage() {
+        let of = |usage: &str| usage_of(format!(r#"{{"usage":{usage}}}"#).as_bytes());
+        for refused in [
+            r#"{"prompt_tokens":5.0}"#,
+            r#"{"prompt_tokens":-1}"#,
+            r#"{"prompt_tokens":1e3}"#,
+            r#"{"prompt_tokens":007}"#,
+            r#"{"prompt_tokens":18446744073709551616}"#,
+            r#"{"prompt_tokens":1,"prompt_tokens":2}"#,
+            r#"{"prompt_tokens_details":7}"#,
+            r#"{"prompt_tokens_details":{"cached_tokens":"x"}}"#,
+            r#"{"completion_tokens_details":[]}"#,
+            r#"{"prompt_tokens":1,}"#,
+        ] {
+            assert_eq!(of(refused), None, "{refused}");
+        }
+        let u = of(
+            r#" { "prompt_tokens" : 0 , "x" : {"prompt_tokens":9}, "completion_tokens":3, "prompt_tokens_details":{"cached_tokens":null,"audio_tokens":2}, "completion_tokens_details":{} } "#,
+        );
+        assert_eq!(
+            u.map(|u| (u.input, u.output, u.cached_input)),
+            Some((0, 3, 0))
+        );
+        assert_eq!(of("{}"), Some(Usage::default()));
+    }
+
+    #[test]
+    fn the_usage_is_found_from_the_end_wherever_members_follow_it() {
+        // vLLM writes members after `usage`.
+        let vllm = br#"{"id":"c","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":7,"completion_tokens":2},"prompt_logprobs":null,"kv_transfer_params":{"a":[1,"}"]}}
+"#;
+        assert_eq!(usage_of(vllm).map(|u| (u.input, u.output)), Some((7, 2)));
+        // A nested usage object after the top-level one is not it.
+        let nested_last = br#"{"usage":{"prompt_tokens":3,"completion_tokens":1},"x":{"usage":{"prompt_tokens":99}}}"#;
+        assert_eq!(usage_of(nested_last).map(|u| u.input), Some(3));
+        // A key that ends in an escaped quote and `usage` is another key.
+        let escaped = br#"{"x \"usage":{"prompt_tokens":99}}"#;
+        assert_eq!(usage_of(escaped), None);
+        let escaped_backslash = br#"{"x\\":1,"usage":{"prompt_tokens":4}}"#;
+        assert_eq!(usage_of(escaped_backslash).map(|u| u.input), Some(4));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params_from_iter, Connection, OpenFlags, ToSql};
+use rusqlite::{Connection, OpenFlags, Statement};
 
 use super::record::UsageRecord;
 use super::spend::{spend_since_in, KeySpend};
@@ -261,9 +261,10 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerMeters) {
+fn write_loop(conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerMeters) {
     let mut batch: Vec<UsageRecord> = Vec::with_capacity(MAX_BATCH);
-    let sql = InsertSql::new();
+    // Prepared once for the writer's life (again after a failure to prepare them).
+    let mut writer: Option<Writer> = None;
     let mut waiters: Vec<SyncSender<()>> = Vec::new();
     let mut questions: Vec<Question> = Vec::new();
     let mut alerts: Vec<(String, i64, f64)> = Vec::new();
@@ -316,7 +317,11 @@ fn write_loop(mut conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &Led
             continue;
         }
         let taken = batch.len();
-        if let Err(e) = insert(&mut conn, &sql, &batch) {
+        let written = match &mut writer {
+            Some(w) => w.insert(&batch),
+            None => Writer::prepare(&conn).and_then(|w| writer.insert(w).insert(&batch)),
+        };
+        if let Err(e) = written {
             meters.write_errors.inc();
             let wait = retry.map_or(FIRST_BACKOFF, |(_, w)| (w * 2).min(MAX_BACKOFF));
             retry = Some((Instant::now() + wait, wait));
@@ -407,95 +412,86 @@ fn answer_off_thread(path: &Path, q: Question) {
 const ROWS_PER_STATEMENT: usize = 64;
 const COLUMNS: usize = 21;
 
-/// The two INSERT statements' text, built once: it is also the key of the statement cache.
-struct InsertSql {
-    full: String,
-    one: String,
+/// The writer's statements, prepared once: a transaction's two ends, and an insert of one row
+/// and of `ROWS_PER_STATEMENT` rows. Preparing (or finding a prepared statement in a cache
+/// by its text) cost more than binding and inserting a row.
+struct Writer<'c> {
+    begin: Statement<'c>,
+    commit: Statement<'c>,
+    rollback: Statement<'c>,
+    one: Statement<'c>,
+    full: Statement<'c>,
 }
 
-impl InsertSql {
-    fn new() -> Self {
-        InsertSql {
-            full: insert_sql(ROWS_PER_STATEMENT),
-            one: insert_sql(1),
+impl<'c> Writer<'c> {
+    fn prepare(conn: &'c Connection) -> rusqlite::Result<Self> {
+        Ok(Writer {
+            begin: conn.prepare("BEGIN")?,
+            commit: conn.prepare("COMMIT")?,
+            rollback: conn.prepare("ROLLBACK")?,
+            one: conn.prepare(&insert_sql(1))?,
+            full: conn.prepare(&insert_sql(ROWS_PER_STATEMENT))?,
+        })
+    }
+
+    /// Writes `batch` in one transaction, or nothing of it.
+    fn insert(&mut self, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
+        self.begin.raw_execute()?;
+        let inserted = self.rows(batch).and_then(|()| self.commit.raw_execute());
+        if inserted.is_err() {
+            // A failed COMMIT may leave the transaction open; a failed ROLLBACK leaves
+            // nothing to undo.
+            let _ = self.rollback.raw_execute();
+        }
+        inserted.map(drop)
+    }
+
+    fn rows(&mut self, batch: &[UsageRecord]) -> rusqlite::Result<()> {
+        let (full, rest) = batch.split_at(batch.len() - batch.len() % ROWS_PER_STATEMENT);
+        for rows in full.chunks(ROWS_PER_STATEMENT) {
+            for (i, r) in rows.iter().enumerate() {
+                bind(&mut self.full, i * COLUMNS, r)?;
+            }
+            self.full.raw_execute()?;
+        }
+        for r in rest {
+            bind(&mut self.one, 0, r)?;
+            self.one.raw_execute()?;
+        }
+        Ok(())
     }
 }
 
-/// A row's deployed-model columns: deployment, environment, bytes in, bytes out.
-type DeployedColumns<'a> = (Option<&'a str>, Option<&'a str>, Option<i64>, Option<i64>);
-
-fn insert(conn: &mut Connection, sql: &InsertSql, batch: &[UsageRecord]) -> rusqlite::Result<()> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let tx = conn.transaction()?;
-    // Full chunks share one cached multi-row statement and the rest one single-row statement,
-    // so no batch pays for parsing SQL again.
-    let (full, rest) = batch.split_at(batch.len() - batch.len() % ROWS_PER_STATEMENT);
-    for rows in full.chunks(ROWS_PER_STATEMENT).chain(rest.chunks(1)) {
-        let text = if rows.len() == ROWS_PER_STATEMENT {
-            &sql.full
-        } else {
-            &sql.one
-        };
-        let mut stmt = tx.prepare_cached(text)?;
-        let mut values: Vec<&dyn ToSql> = Vec::with_capacity(rows.len() * COLUMNS);
-        let deployed: Vec<DeployedColumns> = rows
-            .iter()
-            .map(|r| match &r.deployed {
-                None => (None, None, None, None),
-                Some(d) => (
-                    Some(&*d.deployment),
-                    d.environment.as_deref(),
-                    Some(i64::try_from(d.bytes_in).unwrap_or(i64::MAX)),
-                    Some(i64::try_from(d.bytes_out).unwrap_or(i64::MAX)),
-                ),
-            })
-            .collect();
-        let numbers: Vec<[i64; 6]> = rows
-            .iter()
-            .map(|r| {
-                [
-                    r.usage.input,
-                    r.usage.cached_input,
-                    r.usage.output,
-                    r.usage.reasoning,
-                    r.cost_nanos,
-                    u64::from(r.status),
-                ]
-                // SQLite integers are signed; counts past that were saturated already.
-                .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
-            })
-            .collect();
-        for ((r, n), d) in rows.iter().zip(&numbers).zip(&deployed) {
-            values.extend_from_slice(&[
-                &r.id,
-                &r.request_id,
-                &r.ts_ms,
-                &r.key_id,
-                &r.model,
-                &r.surface,
-                &n[5],
-                &n[0],
-                &n[1],
-                &n[2],
-                &n[3],
-                &n[4],
-                &r.estimated,
-                &r.ttft_ms,
-                &r.duration_ms,
-                &r.replica,
-                &r.queue_ms,
-                &d.0,
-                &d.1,
-                &d.2,
-                &d.3,
-            ]);
-        }
-        stmt.execute(params_from_iter(values))?;
-    }
-    tx.commit()
+/// Binds `r`'s columns to the parameters after the first `before`.
+fn bind(stmt: &mut Statement, before: usize, r: &UsageRecord) -> rusqlite::Result<()> {
+    // SQLite integers are signed; counts past that were saturated already.
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let deployed = r.deployed.as_ref();
+    let at = |column: usize| before + column;
+    stmt.raw_bind_parameter(at(1), r.id.as_str())?;
+    stmt.raw_bind_parameter(at(2), r.request_id.as_str())?;
+    stmt.raw_bind_parameter(at(3), r.ts_ms)?;
+    stmt.raw_bind_parameter(at(4), &*r.key_id)?;
+    stmt.raw_bind_parameter(at(5), &*r.model)?;
+    stmt.raw_bind_parameter(at(6), r.surface)?;
+    stmt.raw_bind_parameter(at(7), r.status)?;
+    stmt.raw_bind_parameter(at(8), int(r.usage.input))?;
+    stmt.raw_bind_parameter(at(9), int(r.usage.cached_input))?;
+    stmt.raw_bind_parameter(at(10), int(r.usage.output))?;
+    stmt.raw_bind_parameter(at(11), int(r.usage.reasoning))?;
+    stmt.raw_bind_parameter(at(12), int(r.cost_nanos))?;
+    stmt.raw_bind_parameter(at(13), r.estimated)?;
+    stmt.raw_bind_parameter(at(14), r.ttft_ms)?;
+    stmt.raw_bind_parameter(at(15), r.duration_ms)?;
+    stmt.raw_bind_parameter(at(16), r.replica.as_deref())?;
+    stmt.raw_bind_parameter(at(17), r.queue_ms)?;
+    stmt.raw_bind_parameter(at(18), deployed.map(|d| &*d.deployment))?;
+    stmt.raw_bind_parameter(at(19), deployed.and_then(|d| d.environment.as_deref()))?;
+    stmt.raw_bind_parameter(at(20), deployed.map(|d| int(d.bytes_in)))?;
+    stmt.raw_bind_parameter(at(21), deployed.map(|d| int(d.bytes_out)))
 }
 
 fn insert_sql(rows: usize) -> String {
