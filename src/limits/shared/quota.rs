@@ -397,11 +397,7 @@ impl Pool {
                 });
             }
         }
-        if st.tight {
-            st.owing()
-        } else {
-            Vec::new()
-        }
+        st.owing_if_tight()
     }
 
     /// Frees a request's slot ahead of its settlement, once the replica has answered in
@@ -409,11 +405,7 @@ impl Pool {
     pub fn free_slot(&self, epoch: u64, slot: String) -> Vec<Return> {
         let mut st = self.lock();
         st.free_slot(epoch, slot);
-        if st.tight {
-            st.owing()
-        } else {
-            Vec::new()
-        }
+        st.owing_if_tight()
     }
 
     /// A tick: rate units whose second is over go back, and so does whatever is free, if
@@ -548,6 +540,16 @@ impl State {
             kept.budget = None;
             self.retired.push(owed);
             self.owed = kept;
+        }
+    }
+
+    /// What a tight pool owes, at once: others may be waiting for it. A pool that is not
+    /// tight keeps it for the next tick.
+    fn owing_if_tight(&mut self) -> Vec<Return> {
+        if self.tight {
+            self.owing()
+        } else {
+            Vec::new()
         }
     }
 
