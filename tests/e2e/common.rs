@@ -545,3 +545,13 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A stream's `data:` payloads end with `[DONE]` and none of them is an error event.
+pub fn assert_ran_to_done(events: &[String]) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    assert!(events.iter().all(|e| !e.contains("error")), "{events:?}");
+}
