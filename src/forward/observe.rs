@@ -19,6 +19,10 @@ pub struct Observed {
     pub first_token: Option<Instant>,
     last_token: Option<Instant>,
     inter_token: Option<Histogram>,
+    /// When the bytes being observed were read, once a token among them asked: the tokens
+    /// of one read arrived together, so they share one reading of the clock rather than
+    /// taking one each. Cleared by `next_read`.
+    read_at: Option<Instant>,
 }
 
 impl Observed {
@@ -29,7 +33,13 @@ impl Observed {
             first_token: None,
             last_token: None,
             inter_token,
+            read_at: None,
         }
+    }
+
+    /// What follows came in another read from the replica.
+    pub fn next_read(&mut self) {
+        self.read_at = None;
     }
 
     /// One upstream SSE `data:` payload; returns whether it reported usage.
@@ -39,7 +49,7 @@ impl Observed {
             self.usage = usage;
         }
         if carries_output(data) {
-            let now = Instant::now();
+            let now = *self.read_at.get_or_insert_with(Instant::now);
             self.output_estimate += 1;
             if self.first_token.is_none() {
                 self.first_token = Some(now);

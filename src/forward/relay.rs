@@ -154,6 +154,12 @@ async fn pump(
                 },
             }),
         };
+        if fed.is_ok() && up.complete() {
+            // The end of the body came in the same read: what it produced goes out with the
+            // end of the response, after the connection is back in the pool, rather than
+            // once now and the end after another turn of the loop.
+            break;
+        }
         // What the chunks produced goes out even when a later one failed: the client gets
         // every event the replica completed, then the error.
         if let Some(out) = transcoder.take_output() {
@@ -212,14 +218,13 @@ async fn pump(
 /// call, and one chunk header) each. The end of the body and a failure to decode it are
 /// left for the next `read_body`.
 fn feed(transcoder: &mut Transcoder, up: &mut Conn, chunk: &[u8]) -> Result<(), ForwardError> {
-    let mut fed = transcoder.on_chunk(chunk);
-    while fed.is_ok() {
-        let Some(more) = up.buffered_body() else {
-            break;
-        };
-        fed = transcoder.on_chunk(&more);
-    }
-    fed.map_err(|detail| ForwardError::Broken { detail })
+    transcoder.observed.next_read();
+    // The pieces already read are no more than the connection holds (their framing aside).
+    transcoder.expect(chunk.len() + up.buffered_len());
+    transcoder
+        .on_chunk(chunk)
+        .and_then(|()| up.each_buffered(|more| transcoder.on_chunk(more)))
+        .map_err(|detail| ForwardError::Broken { detail })
 }
 
 /// How the relay ended.

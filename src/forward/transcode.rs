@@ -7,13 +7,17 @@ use prometheus::Histogram;
 
 use super::observe::Observed;
 use crate::translate::anthropic::{self, StreamTranslator};
-use crate::translate::sse::{self, SseFramer};
+use crate::translate::sse::{self, EventRef, SseFramer};
 use crate::translate::{problem, replica_error, scan, ResponsePlan};
 use crate::vocab::{Dialect, Problem};
 
 /// A replica answer larger than this is not collected (a chat completion is kilobytes; this
 /// only bounds memory against a misbehaving replica).
 const MAX_COLLECTED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Room beyond a chunk's length for what relaying it adds (a `data: ` the replica wrote
+/// without its space, say).
+const EVENT_SLACK: usize = 16;
 
 pub(super) struct Transcoder {
     mode: Mode,
@@ -114,6 +118,18 @@ impl Transcoder {
         }
     }
 
+    /// About `n` more bytes are coming before the next `take_output`: room for what they
+    /// produce is made once, rather than the output growing (and being copied) piece by piece.
+    pub fn expect(&mut self, n: usize) {
+        match &mut self.mode {
+            Mode::Collect { buf, .. } => buf.reserve(n.min(MAX_COLLECTED_BYTES)),
+            // The slack is `on_chunk`'s, so that its own reserve finds the room there.
+            Mode::OpenAiStream { .. } | Mode::AnthropicStream { .. } => {
+                self.out.reserve(n + EVENT_SLACK)
+            }
+        }
+    }
+
     /// Takes one upstream chunk. What it produces for the client is kept until
     /// `take_output`, so that chunks read together leave in one write.
     pub fn on_chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
@@ -139,9 +155,9 @@ impl Transcoder {
                 rename,
             } => {
                 framer.push(chunk);
-                out.reserve(chunk.len() + 16);
+                out.reserve(chunk.len() + EVENT_SLACK);
                 while let Some(event) = framer.next_event_ref().map_err(|e| e.to_string())? {
-                    relay_openai_event(observed, event.data, *strip_usage, rename.as_ref(), out);
+                    relay_openai_event(observed, &event, *strip_usage, rename.as_ref(), out);
                 }
                 Ok(())
             }
@@ -164,6 +180,7 @@ impl Transcoder {
     /// The upstream body ended: the rest to send (for `Collect`, the whole body).
     pub fn on_end(&mut self) -> Result<Bytes, String> {
         let observed = &mut self.observed;
+        observed.next_read();
         // Whatever the last chunks produced and was not taken yet goes first.
         let mut out = std::mem::take(&mut self.out);
         match &mut self.mode {
@@ -173,13 +190,7 @@ impl Transcoder {
                 rename,
             } => {
                 if let Some(event) = framer.finish_ref().map_err(|e| e.to_string())? {
-                    relay_openai_event(
-                        observed,
-                        event.data,
-                        *strip_usage,
-                        rename.as_ref(),
-                        &mut out,
-                    );
+                    relay_openai_event(observed, &event, *strip_usage, rename.as_ref(), &mut out);
                 }
                 Ok(Bytes::from(out))
             }
@@ -230,12 +241,12 @@ impl Transcoder {
 /// dropped when the client did not ask for it, and the model carries the client's name.
 fn relay_openai_event(
     observed: &mut Observed,
-    data: &str,
+    event: &EventRef<'_>,
     strip_usage: bool,
     rename: Option<&Rename>,
     out: &mut Vec<u8>,
 ) {
-    let bytes = data.as_bytes();
+    let bytes = event.data.as_bytes();
     let reports_usage = observed.event(bytes);
     // Only an event that reported usage can be the usage-only one: the others are not
     // searched for empty choices.
@@ -248,7 +259,7 @@ fn relay_openai_event(
             r.write(out, bytes, at);
             out.extend_from_slice(b"\n\n");
         }
-        None => sse::write_event(out, None, data),
+        None => sse::write_data_event(out, event),
     }
 }
 
@@ -317,7 +328,12 @@ mod tests {
     fn only_the_usage_only_chunk_is_dropped() {
         let relayed = |data: &str| {
             let mut out = Vec::new();
-            relay_openai_event(&mut Observed::new(None), data, true, None, &mut out);
+            let event = EventRef {
+                event: None,
+                data,
+                one_line: true,
+            };
+            relay_openai_event(&mut Observed::new(None), &event, true, None, &mut out);
             !out.is_empty()
         };
         assert!(!relayed(

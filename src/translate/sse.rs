@@ -33,6 +33,8 @@ pub struct EventRef<'a> {
     pub event: Option<&'a str>,
     /// The `data:` lines joined with `\n`.
     pub data: &'a str,
+    /// The data came in one line, so it holds no line break.
+    pub one_line: bool,
 }
 
 impl From<EventRef<'_>> for SseEvent {
@@ -193,7 +195,12 @@ impl SseFramer {
             // Resume the search where the last one stopped: a long line arriving in small
             // pieces is scanned once, not once per piece.
             let from = self.scanned.max(start);
-            let found = memchr::memchr2(b'\n', b'\r', &self.buf[from..]);
+            // The blank line that ends an event comes right after its data line: found
+            // without setting up a search.
+            let found = match self.buf.get(from) {
+                Some(b'\n' | b'\r') => Some(0),
+                _ => memchr::memchr2(b'\n', b'\r', &self.buf[from..]),
+            };
             let Some(offset) = found else {
                 self.scanned = self.buf.len();
                 if self.event_bytes + (self.buf.len() - start) > self.limit {
@@ -303,6 +310,7 @@ impl SseFramer {
         EventRef {
             event: (d.event && !self.event.is_empty()).then_some(self.event.as_str()),
             data,
+            one_line: d.span.is_some(),
         }
     }
 
@@ -351,6 +359,17 @@ pub fn write_event(out: &mut Vec<u8>, event: Option<&str>, data: &str) {
         out.push(b'\n');
     }
     out.push(b'\n');
+}
+
+/// Appends `event` as an unnamed event: `write_event` without its search for line breaks
+/// when the data came in one line.
+pub fn write_data_event(out: &mut Vec<u8>, event: &EventRef<'_>) {
+    if !event.one_line {
+        return write_event(out, None, event.data);
+    }
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(event.data.as_bytes());
+    out.extend_from_slice(b"\n\n");
 }
 
 /// Appends one named event whose data is `value` as compact JSON, serialised in place.
@@ -470,9 +489,26 @@ mod tests {
         assert_eq!(framer.buffered(), 8);
         // The data line is parsed; the push that brings the blank line must not drop it.
         framer.push(b": comment\n\ndata: 2\ndata: 3\n\ndata: 4\n\n");
-        let want = [(Some("a"), "{\"x\":1}"), (None, "2\n3"), (None, "4")];
-        for (event, data) in want {
-            assert_eq!(framer.next_event_ref(), Ok(Some(EventRef { event, data })));
+        let want = [
+            (Some("a"), "{\"x\":1}", true),
+            (None, "2\n3", false),
+            (None, "4", true),
+        ];
+        for (event, data, one_line) in want {
+            let got = framer.next_event_ref();
+            assert_eq!(
+                got,
+                Ok(Some(EventRef {
+                    event,
+                    data,
+                    one_line
+                }))
+            );
+            // Written back, with or without the search for line breaks, as it came.
+            let (mut fast, mut full) = (Vec::new(), Vec::new());
+            write_data_event(&mut fast, &got.unwrap().unwrap());
+            write_event(&mut full, None, data);
+            assert_eq!(fast, full);
         }
         assert_eq!(framer.next_event_ref(), Ok(None));
         assert_eq!(framer.buffered(), 0);
@@ -481,7 +517,8 @@ mod tests {
             framer.finish_ref(),
             Ok(Some(EventRef {
                 event: None,
-                data: "\u{fffd}"
+                data: "\u{fffd}",
+                one_line: true
             }))
         );
     }

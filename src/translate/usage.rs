@@ -122,10 +122,20 @@ fn count(value: &[u8]) -> Option<Option<u64>> {
         return Some(None);
     }
     let leading_zero = value.len() > 1 && value[0] == b'0';
-    if value.is_empty() || leading_zero || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() || leading_zero {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok().map(Some)
+    // Digits folded as they come: the same refusals as checking them and then parsing
+    // (`u64::from_str`), without the second pass and its UTF-8 check.
+    value
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .map(Some)
 }
 
 /// A details object's one count (`Some(None)` for `null` itself): `None` when it is not an

@@ -44,6 +44,7 @@
 //! Content-Length (§6.3 rule 3); when bytes past the end of the response were received.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -145,10 +146,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         // Not reusable until this response has ended cleanly.
         self.keep_alive = false;
         loop {
-            match self.parse_head()? {
-                Parsed::Head(head) => return Ok(head),
-                Parsed::Informational => continue,
-                Parsed::Partial => {}
+            // Nothing received yet (the usual case, right after the request) is not parsed.
+            if !self.buf.is_empty() {
+                match self.parse_head()? {
+                    Parsed::Head(head) => return Ok(head),
+                    Parsed::Informational => continue,
+                    Parsed::Partial => {}
+                }
             }
             if self.fill().await? == 0 {
                 return Err(H1Error("connection closed before the response header"));
@@ -158,12 +162,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Parses a complete head out of the buffer, if one is there.
     fn parse_head(&mut self) -> Result<Parsed, H1Error> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut fields);
+        // Left uninitialised for httparse to fill: writing 128 empty fields first cost more
+        // than parsing a typical head.
+        let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut []);
         // Only the first `max_head` bytes are looked at, so whether a head is refused as too
         // large, or for what it holds, does not depend on how its bytes arrived.
         let window = &self.buf[..self.buf.len().min(self.max_head)];
-        let len = match response.parse(window) {
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            window,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if window.len() == self.max_head => {
                 return Err(H1Error("response header too large"))
@@ -246,7 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub async fn read_body(&mut self) -> Result<Option<Bytes>, H1Error> {
         loop {
             if let Some(step) = self.decode()? {
-                return Ok(step);
+                return Ok(step.map(|n| self.buf.split_to(n).freeze()));
             }
             if self.fill().await? == 0 {
                 if self.framing == Framing::Close {
@@ -263,14 +274,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// next `read_body` reports (decoding them again changes nothing).
     pub fn buffered_body(&mut self) -> Option<Bytes> {
         match self.decode() {
-            Ok(Some(Some(data))) => Some(data),
+            Ok(Some(Some(n))) => Some(self.buf.split_to(n).freeze()),
             _ => None,
         }
     }
 
-    /// Takes what the buffer holds of the body: `Some(Some(data))`, `Some(None)` at the end,
-    /// or `None` when more bytes must be read first.
-    fn decode(&mut self) -> Result<Option<Option<Bytes>>, H1Error> {
+    /// Hands `each` every piece of the body already read, in order, as `buffered_body` would
+    /// return them, but borrowed where they lie: a stream whose events came together makes
+    /// no `Bytes` (and no reference count) per event. Stops at the first error of `each`.
+    pub fn each_buffered<E>(
+        &mut self,
+        mut each: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while let Ok(Some(Some(n))) = self.decode() {
+            let fed = each(&self.buf[..n]);
+            self.buf.advance(n);
+            fed?;
+        }
+        Ok(())
+    }
+
+    /// Bytes received and not yet taken: no more than this is left of the body already read.
+    pub fn buffered_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Decodes what the buffer holds of the body: `Some(Some(n))` when its first `n` bytes
+    /// are body data (for the caller to take), `Some(None)` at the end, or `None` when more
+    /// bytes must be read first.
+    fn decode(&mut self) -> Result<Option<Option<usize>>, H1Error> {
         loop {
             match self.framing {
                 Framing::Done => return Ok(Some(None)),
@@ -279,17 +311,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     return Ok(Some(None));
                 }
                 Framing::Length(left) => {
-                    let Some(data) = self.take(left) else {
+                    let Some(n) = self.available(left) else {
                         return Ok(None);
                     };
-                    self.framing = Framing::Length(left - data.len() as u64);
-                    return Ok(Some(Some(data)));
+                    self.framing = Framing::Length(left - n as u64);
+                    return Ok(Some(Some(n)));
                 }
                 Framing::Close => {
                     if self.buf.is_empty() {
                         return Ok(None);
                     }
-                    return Ok(Some(Some(self.buf.split().freeze())));
+                    return Ok(Some(Some(self.buf.len())));
                 }
                 Framing::Chunked(Chunk::Size) => match chunk_size(&self.buf)? {
                     Some((used, 0)) => {
@@ -306,11 +338,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     self.framing = Framing::Chunked(Chunk::DataEnd);
                 }
                 Framing::Chunked(Chunk::Data(left)) => {
-                    let Some(data) = self.take(left) else {
+                    let Some(n) = self.available(left) else {
                         return Ok(None);
                     };
-                    self.framing = Framing::Chunked(Chunk::Data(left - data.len() as u64));
-                    return Ok(Some(Some(data)));
+                    self.framing = Framing::Chunked(Chunk::Data(left - n as u64));
+                    return Ok(Some(Some(n)));
                 }
                 Framing::Chunked(Chunk::DataEnd) => {
                     if !b"\r\n".starts_with(&self.buf[..self.buf.len().min(2)]) {
@@ -326,9 +358,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     // Trailer fields are checked as a head's are, then dropped: they are not
                     // relayed. As for a head, only the first `max_head` bytes are looked at.
                     let window = &self.buf[..self.buf.len().min(self.max_head)];
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    match httparse::parse_headers(window, &mut fields) {
-                        Ok(httparse::Status::Complete((n, _))) => {
+                    // Nearly every trailer section is empty: room for a few fields first,
+                    // all of them only when there are more.
+                    let mut few = [httparse::EMPTY_HEADER; 4];
+                    let mut parsed = trailer_len(window, &mut few);
+                    if parsed == Err(httparse::Error::TooManyHeaders) {
+                        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                        parsed = trailer_len(window, &mut fields);
+                    }
+                    match parsed {
+                        Ok(httparse::Status::Complete(n)) => {
                             self.buf.advance(n);
                             self.framing = Framing::Done;
                         }
@@ -346,15 +385,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 
-    /// Up to `limit` buffered body bytes, without copying; `None` when the buffer is empty.
-    fn take(&mut self, limit: u64) -> Option<Bytes> {
+    /// How many of the buffered bytes, up to `limit`, are body data ready to take; `None`
+    /// when the buffer is empty.
+    fn available(&self, limit: u64) -> Option<usize> {
         if self.buf.is_empty() {
             return None;
         }
-        let n = usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .min(self.buf.len());
-        Some(self.buf.split_to(n).freeze())
+        Some(
+            usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len()),
+        )
     }
 
     async fn fill(&mut self) -> Result<usize, H1Error> {
@@ -394,6 +435,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn into_stream(self) -> S {
         self.stream
     }
+}
+
+/// The length of the trailer section at the start of `window`, once it is complete.
+fn trailer_len<'b>(
+    window: &'b [u8],
+    fields: &mut [httparse::Header<'b>],
+) -> Result<httparse::Status<usize>, httparse::Error> {
+    Ok(match httparse::parse_headers(window, fields)? {
+        httparse::Status::Complete((n, _)) => httparse::Status::Complete(n),
+        httparse::Status::Partial => httparse::Status::Partial,
+    })
 }
 
 /// The elements of a comma-separated field value, trimmed of optional whitespace, with the

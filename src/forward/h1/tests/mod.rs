@@ -180,3 +180,32 @@ async fn buffered_pieces_come_without_a_read_and_leave_the_end_to_read_body() {
     assert_eq!(conn.buffered_body(), None);
     assert_eq!(conn.read_body().await.unwrap().as_deref(), Some(&b"cd"[..]));
 }
+
+#[tokio::test]
+async fn buffered_pieces_lent_in_place_are_the_pieces_buffered_body_gives() {
+    let (client, mut server) = duplex(64 * 1024);
+    server.write_all(CHUNKED).await.unwrap();
+    let mut conn = Conn::new(client);
+    conn.read_head().await.unwrap();
+    assert!(conn.buffered_len() > 0);
+    let mut pieces = Vec::new();
+    conn.each_buffered(|piece| {
+        pieces.push(piece.to_vec());
+        Ok::<_, ()>(())
+    })
+    .unwrap();
+    assert_eq!(pieces, [&b"data: "[..], &b"{\"a\":1}\n\n"[..]]);
+    // The end and the trailer were buffered too: the body is complete, with nothing left.
+    assert!(conn.complete());
+    assert_eq!(conn.buffered_len(), 0);
+    assert_eq!(conn.read_body().await.unwrap(), None);
+    assert!(conn.reusable());
+
+    // A piece refused stops the walk; the pieces after it stay for later.
+    let (client, mut server) = duplex(64 * 1024);
+    server.write_all(CHUNKED).await.unwrap();
+    let mut conn = Conn::new(client);
+    conn.read_head().await.unwrap();
+    assert_eq!(conn.each_buffered(|_| Err("no")), Err("no"));
+    assert_eq!(conn.buffered_body().as_deref(), Some(&b"{\"a\":1}\n\n"[..]));
+}
