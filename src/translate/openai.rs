@@ -15,9 +15,10 @@ use super::prompt::{Measure, RawPrompt, Tally};
 use super::{PromptBody, RequestError};
 use crate::config::PromptRules;
 
+mod messages;
 mod parts;
 
-use parts::{part_media, Part};
+use messages::messages_media;
 
 /// A validated chat completion request.
 #[derive(Debug)]
@@ -96,15 +97,6 @@ impl<'a> Fields<'a> {
             template_variables: [self.chat_template_kwargs, self.chat_template_args],
         }
     }
-}
-
-/// A message's `role`, checked, and its content, for its media parts.
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow, default, deserialize_with = "raw")]
-    role: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -197,45 +189,15 @@ impl ChatRequest {
             )
         };
         let messages = match fields.messages {
-            Some(m) => match array(m)? {
-                Some(list) if list.is_empty() => return Err(no_messages()),
-                Some(list) => list,
-                None => return Err(RequestError::wrong_type("messages", "an array of messages")),
-            },
+            Some(m) if first_byte(m) == b'[' => m,
+            Some(_) => return Err(RequestError::wrong_type("messages", "an array of messages")),
             None => return Err(no_messages()),
         };
-        let mut media = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let Some(message) = object::<Message>(m)? else {
-                return Err(RequestError::wrong_type(
-                    &format!("messages[{i}]"),
-                    "an object",
-                ));
-            };
-            match message.role {
-                Some(r) if first_byte(r) == b'"' => {}
-                Some(_) => {
-                    return Err(RequestError::wrong_type(
-                        &format!("messages[{i}].role"),
-                        "a string",
-                    ))
-                }
-                None => {
-                    return Err(RequestError::missing(
-                        &format!("messages[{i}].role"),
-                        "Each message needs a role such as \"user\".",
-                    ))
-                }
-            }
-            if let Some(parts) = message.content.map(array).transpose()?.flatten() {
-                for (j, p) in parts.into_iter().enumerate() {
-                    let Some(part) = object::<Part>(p)? else {
-                        continue;
-                    };
-                    part_media(&part, &format!("messages[{i}].content[{j}]"), &mut media)?;
-                }
-            }
-        }
+        let media = match messages_media(messages) {
+            Ok(Some(media)) => media,
+            Ok(None) => return Err(no_messages()),
+            Err(e) => return Err(e),
+        };
 
         let stream = match fields.stream {
             None => false,
