@@ -278,8 +278,8 @@ async fn read_body(
 }
 
 /// Stage "understand": the request parsed and checked.
-fn understand(ctx: &mut RequestCtx, bytes: &[u8]) -> Result<ModelRequest, GatewayError> {
-    let request = ModelRequest::parse(ctx.endpoint, bytes)?;
+fn understand(ctx: &mut RequestCtx, bytes: &Bytes) -> Result<ModelRequest, GatewayError> {
+    let request = ModelRequest::parse_body(ctx.endpoint, bytes.clone())?;
     ctx.stream = request.stream();
     Ok(request)
 }

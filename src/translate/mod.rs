@@ -12,6 +12,8 @@ pub mod sse;
 pub mod structure;
 pub mod usage;
 
+use bytes::Bytes;
+
 use crate::config::Model;
 use crate::vocab::{echo, Endpoint};
 
@@ -104,6 +106,14 @@ impl ModelRequest {
         Ok(match endpoint {
             Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(bytes)?),
             _ => ModelRequest::Chat(openai::ChatRequest::parse(bytes)?),
+        })
+    }
+
+    /// `parse`, keeping the body it is given (a chat request forwards it) rather than a copy.
+    pub fn parse_body(endpoint: Endpoint, body: Bytes) -> Result<ModelRequest, RequestError> {
+        Ok(match endpoint {
+            Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(&body)?),
+            _ => ModelRequest::Chat(openai::ChatRequest::parse_body(body)?),
         })
     }
 

@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -27,8 +28,8 @@ pub struct ChatRequest {
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// The body as the client sent it.
-    raw: Vec<u8>,
+    /// The body as the client sent it (shared with the buffer it was read into).
+    raw: Bytes,
     /// Where the values tollgate may replace lie in `raw` (`null` ones included).
     model_at: Range<usize>,
     stream_options_at: Option<Range<usize>>,
@@ -139,6 +140,12 @@ fn array(v: &RawValue) -> Result<Option<Vec<&RawValue>>, RequestError> {
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
+        Self::parse_body(Bytes::copy_from_slice(bytes))
+    }
+
+    /// `parse`, keeping the body it is given rather than a copy.
+    pub fn parse_body(body: Bytes) -> Result<Self, RequestError> {
+        let bytes = &body[..];
         // Before any parsing: unknown fields are forwarded unparsed.
         super::structure::check(bytes)?;
         let starts_object = bytes
@@ -273,7 +280,7 @@ impl ChatRequest {
             choices,
             media,
             tally,
-            raw: bytes.to_vec(),
+            raw: body.clone(),
         })
     }
 
@@ -313,7 +320,7 @@ impl ChatRequest {
     /// The prompt, owned, for counting it elsewhere (`PromptBody::tokens`).
     pub fn prompt_body(&self) -> PromptBody {
         PromptBody::Chat {
-            body: self.raw.clone(),
+            body: self.raw.to_vec(),
             tally: self.tally,
         }
     }
