@@ -11,7 +11,9 @@
 //! When the clock starts: at accept for a connection's first request, since a connection
 //! that sends nothing is a head not arriving; at the first byte of each later request, since
 //! the time a kept-alive connection idles between two requests is not the client being slow.
-//! That idle time has its own bound, [`KEEPALIVE_IDLE`].
+//! That idle time has its own bound, [`KEEPALIVE_IDLE`], kept by the same clock: Pingora's
+//! own keep-alive timeout would wrap every read of a head in a timer built for it, where the
+//! clock's one timer is moved.
 
 use std::fmt;
 use std::future::Future;
@@ -151,7 +153,8 @@ where
         }
         downstream.set_pipelining_enabled(carried.pipelining);
         let stopping = *shutdown.borrow();
-        downstream.set_keepalive((!stopping).then_some(KEEPALIVE_IDLE.as_secs()));
+        // 0: kept alive without Pingora's timer; the clock bounds the idle wait instead.
+        downstream.set_keepalive((!stopping).then_some(0));
         // Boxed, as is the end of the request below: their states are larger than what the
         // request holds while it streams, and are needed only before and after.
         if !Box::pin(read_head(downstream, shutdown)).await {
@@ -258,6 +261,8 @@ pub struct HeadClock {
     head_read: AtomicBool,
     /// Bytes of the current head read so far, for the log line.
     received: usize,
+    /// Between two requests: the timer is set to the end of the idle wait.
+    idle_armed: bool,
     timeouts: IntCounter,
 }
 
@@ -271,6 +276,7 @@ impl HeadClock {
             timer: Box::pin(tokio::time::sleep_until(due)),
             head_read: AtomicBool::new(false),
             received: 0,
+            idle_armed: false,
             timeouts,
         }
     }
@@ -281,6 +287,7 @@ impl HeadClock {
         self.limit = limit;
         self.due = None;
         self.received = 0;
+        self.idle_armed = false;
         *self.head_read.get_mut() = false;
     }
 
@@ -330,6 +337,18 @@ impl AsyncRead for HeadClock {
             // Registers the timer's wake-up for the read that will wait next.
             if this.timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(this.overdue()));
+            }
+        } else if this.due.is_none() && read.is_pending() {
+            // Idle between two requests: set only once a read has to wait, since the next
+            // request is often there already.
+            if !this.idle_armed {
+                this.idle_armed = true;
+                this.timer.as_mut().reset(Instant::now() + KEEPALIVE_IDLE);
+            }
+            if this.timer.as_mut().poll(cx).is_ready() {
+                // Nothing read: the end of the stream, which closes the connection quietly,
+                // as Pingora's keep-alive timeout did.
+                return Poll::Ready(Ok(()));
             }
         }
         read
