@@ -215,7 +215,7 @@ impl Gateway {
             route: runtime.router.pool(model.pool),
             placement,
             path: "/v1/chat/completions",
-            body: body.into(),
+            body,
             stream: ctx.stream,
             plan,
             request_id: &ctx.request_id,

@@ -210,7 +210,7 @@ impl ModelRequest {
         model: &Model,
         prompt_tokens: u64,
         message_id: impl FnOnce() -> String,
-    ) -> (Vec<u8>, ResponsePlan) {
+    ) -> (Bytes, ResponsePlan) {
         let upstream_model = model.upstream_model.as_str();
         match self {
             ModelRequest::Chat(r) => {
@@ -234,7 +234,7 @@ impl ModelRequest {
                     model: r.model,
                 });
                 // Serialising a `Value` cannot fail: keys are strings, numbers finite.
-                (serde_json::to_vec(&body).unwrap_or_default(), plan)
+                (serde_json::to_vec(&body).unwrap_or_default().into(), plan)
             }
         }
     }

@@ -327,15 +327,23 @@ impl ChatRequest {
 
     /// The body for the replica: the client's bytes with `model` set to what the replica
     /// serves, the output cap set at admission where it differs from the client's, and, when
-    /// streaming, the usage chunk always requested (accounting needs it).
-    pub fn upstream_body(self, upstream_model: &str) -> Vec<u8> {
+    /// streaming, the usage chunk always requested (accounting needs it). When none of them
+    /// changes a byte, the body is the client's own, uncopied.
+    pub fn upstream_body(self, upstream_model: &str) -> Bytes {
+        let usage_edit = self.stream && !self.include_usage;
+        let same_model = is_quoted(&self.raw[self.model_at.clone()], upstream_model);
+        if same_model && self.lowered_cap.is_none() && !usage_edit {
+            return self.raw;
+        }
         // Serialising a string or a map of `Value`s cannot fail.
         let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(3);
         let mut added: Vec<u8> = Vec::new();
-        edits.push((
-            self.model_at.clone(),
-            serde_json::to_vec(upstream_model).unwrap_or_default(),
-        ));
+        if !same_model {
+            edits.push((
+                self.model_at.clone(),
+                serde_json::to_vec(upstream_model).unwrap_or_default(),
+            ));
+        }
         if let Some(n) = self.lowered_cap {
             let set: Vec<Range<usize>> = [&self.max_completion_tokens, &self.max_tokens]
                 .into_iter()
@@ -352,7 +360,7 @@ impl ChatRequest {
             }
             edits.extend(set.into_iter().map(|at| (at, n.to_string().into_bytes())));
         }
-        if self.stream && !self.include_usage {
+        if usage_edit {
             let usage_on = br#"{"include_usage":true}"#.to_vec();
             match &self.stream_options_at {
                 Some(at) => {
@@ -387,8 +395,17 @@ impl ChatRequest {
             from = at.end;
         }
         out.extend_from_slice(&self.raw[from..]);
-        out
+        out.into()
     }
+}
+
+/// Whether `raw` is `text` as JSON writes it: quoted, with nothing to escape.
+fn is_quoted(raw: &[u8], text: &str) -> bool {
+    raw.len() == text.len() + 2
+        && raw.first() == Some(&b'"')
+        && raw.last() == Some(&b'"')
+        && &raw[1..raw.len() - 1] == text.as_bytes()
+        && !text.bytes().any(|c| c == b'"' || c == b'\\' || c < 0x20)
 }
 
 /// The prompt's tokens of a chat body that `ChatRequest::parse` accepted, under `rules`;
@@ -426,10 +443,28 @@ mod tests {
         // Spacing, key order, escapes and numbers no float can hold all survive.
         let body = r#" {"top_k": 5, "model" : "a", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#;
         let req = ChatRequest::parse(body.as_bytes()).unwrap();
-        let out = String::from_utf8(req.upstream_body("org/served")).unwrap();
+        let out = String::from_utf8(req.upstream_body("org/served").to_vec()).unwrap();
         assert_eq!(
             out,
             r#" {"top_k": 5, "model" : "org/served", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#
+        );
+    }
+
+    #[test]
+    fn a_body_nothing_changes_is_forwarded_uncopied() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#,
+        );
+        let out = ChatRequest::parse_body(body.clone())
+            .unwrap()
+            .upstream_body("m");
+        assert_eq!(out, body);
+        assert_eq!(out.as_ptr(), body.as_ptr());
+        // The same name written with an escape is written plainly.
+        let req = ChatRequest::parse(br#"{"model":"\u006d","messages":[{"role":"user"}]}"#);
+        assert_eq!(
+            &req.unwrap().upstream_body("m")[..],
+            br#"{"model":"m","messages":[{"role":"user"}]}"#
         );
     }
 
