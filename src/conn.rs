@@ -48,6 +48,9 @@ use crate::runtime::Runtime;
 /// connection's first request, for every later one too (Pingora waits for those without end).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
+/// How much longer than [`KEEPALIVE_IDLE`] an idle connection may be kept.
+const IDLE_SLACK: Duration = Duration::from_secs(1);
+
 /// The public listener's application: the HTTP/1 keep-alive loop, and each request on it
 /// taken through the proxy's hooks (`proxy`, tollgate's one `ProxyHttp`), with each
 /// connection's stream under a [`HeadClock`]. The listener is plain TCP and HTTP/1 only: no
@@ -322,34 +325,37 @@ impl AsyncRead for HeadClock {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         // A due head fails its read once the timer has fired, whether or not bytes are
-        // waiting: a trickle always has one more.
-        if this.due.is_some() && this.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(this.overdue()));
+        // waiting: a trickle always has one more. The timer is set for the head only here,
+        // when a read of it comes back: most heads arrive in one read and never need it.
+        if let Some(due) = this.due {
+            if this.timer.deadline() != due {
+                this.timer.as_mut().reset(due);
+            }
+            if this.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(this.overdue()));
+            }
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         let got = buf.filled().len() - before;
         this.received += got;
         if this.due.is_none() && got > 0 {
-            let due = Instant::now() + this.limit;
-            this.due = Some(due);
-            this.timer.as_mut().reset(due);
-            // Registers the timer's wake-up for the read that will wait next.
-            if this.timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(this.overdue()));
+            this.due = Some(Instant::now() + this.limit);
+        } else if this.due.is_none() && read.is_pending() && !this.idle_armed {
+            // Idle between two requests, once a read has to wait (the next request is often
+            // there already). A timer set at most `IDLE_SLACK` earlier is kept: on a busy
+            // connection it is moved about once a second rather than for every request.
+            this.idle_armed = true;
+            let now = Instant::now();
+            let deadline = this.timer.deadline();
+            if deadline < now + KEEPALIVE_IDLE || deadline > now + KEEPALIVE_IDLE + IDLE_SLACK {
+                this.timer.as_mut().reset(now + KEEPALIVE_IDLE + IDLE_SLACK);
             }
-        } else if this.due.is_none() && read.is_pending() {
-            // Idle between two requests: set only once a read has to wait, since the next
-            // request is often there already.
-            if !this.idle_armed {
-                this.idle_armed = true;
-                this.timer.as_mut().reset(Instant::now() + KEEPALIVE_IDLE);
-            }
-            if this.timer.as_mut().poll(cx).is_ready() {
-                // Nothing read: the end of the stream, which closes the connection quietly,
-                // as Pingora's keep-alive timeout did.
-                return Poll::Ready(Ok(()));
-            }
+        }
+        if this.due.is_none() && this.idle_armed && this.timer.as_mut().poll(cx).is_ready() {
+            // Nothing read: the end of the stream, which closes the connection quietly, as
+            // Pingora's keep-alive timeout did.
+            return Poll::Ready(Ok(()));
         }
         read
     }
