@@ -21,9 +21,9 @@ pub(super) struct Message<'a> {
 }
 
 /// Checks each message of `messages` (an array) and gathers its media parts, in one pass
-/// over them; `None` when there is none. A body whose messages that pass cannot read (a
-/// number out of range where a message should be) takes `messages_media_apart`, which
-/// names the element as before.
+/// over them; `None` when there is none. Messages this pass cannot read (a number out of
+/// range or a lone surrogate where a message should be) are checked again by
+/// `messages_media_apart`, which names the element as the parse always did.
 pub(super) fn messages_media(messages: &RawValue) -> Result<Option<Vec<MediaPart>>, RequestError> {
     let mut de = serde_json::Deserializer::from_str(messages.get());
     match de.deserialize_seq(MessagesVisitor) {
