@@ -84,23 +84,40 @@ pub async fn read_capped(
     pace: &BodyPace,
 ) -> Result<Bytes, BodyError> {
     let declared = admit_length(session, limit).await?;
-    // Pre-size for Content-Length bodies; chunked bodies grow as they arrive.
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit) as usize);
+    // Most bodies arrive as one piece (with the head, or in the read after it): that piece is
+    // the body, uncopied. Pieces after it are gathered in `buf`.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut received = 0;
     // From here the client is sending: after 100 Continue, if it asked for one.
     let start = Instant::now();
-    loop {
-        let due = start + allowance(pace, buf.len());
+    // Stops as soon as the body is complete (its last Content-Length byte, or the last chunk
+    // of a chunked body), not at a further read that would only say so.
+    while !session.as_downstream_mut().is_body_done() {
+        let due = start + allowance(pace, received);
         let chunk = timeout_at(due, session.as_downstream_mut().read_request_body())
             .await
             .map_err(|_| BodyError::TooSlow(*pace))?
             .map_err(|e| BodyError::of(&e))?;
         let Some(chunk) = chunk else { break };
-        if (buf.len() + chunk.len()) as u64 > limit {
+        received += chunk.len();
+        if received as u64 > limit {
             return Err(BodyError::TooLarge { limit });
         }
-        buf.extend_from_slice(&chunk);
+        match first.take() {
+            None if buf.is_empty() => first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    // Pre-sized for Content-Length bodies; chunked bodies grow as they come.
+                    let size = declared.unwrap_or(0).min(limit) as usize;
+                    buf.reserve(size.max(earlier.len() + chunk.len()));
+                    buf.extend_from_slice(&earlier);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
     }
-    Ok(buf.freeze())
+    Ok(first.unwrap_or_else(|| buf.freeze()))
 }
 
 /// A body read piece by piece as it arrives, for passing on as it comes (deployed models'

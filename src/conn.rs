@@ -11,7 +11,9 @@
 //! When the clock starts: at accept for a connection's first request, since a connection
 //! that sends nothing is a head not arriving; at the first byte of each later request, since
 //! the time a kept-alive connection idles between two requests is not the client being slow.
-//! That idle time has its own bound, [`KEEPALIVE_IDLE`].
+//! That idle time has its own bound, [`KEEPALIVE_IDLE`], kept by the same clock: Pingora's
+//! own keep-alive timeout would wrap every read of a head in a timer built for it, where the
+//! clock's one timer is moved.
 
 use std::fmt;
 use std::future::Future;
@@ -45,6 +47,9 @@ use crate::runtime::Runtime;
 /// How long a kept-alive connection may wait for its next request: the 60 s Pingora gives a
 /// connection's first request, for every later one too (Pingora waits for those without end).
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// How much longer than [`KEEPALIVE_IDLE`] an idle connection may be kept.
+const IDLE_SLACK: Duration = Duration::from_secs(1);
 
 /// The public listener's application: the HTTP/1 keep-alive loop, and each request on it
 /// taken through the proxy's hooks (`proxy`, tollgate's one `ProxyHttp`), with each
@@ -151,7 +156,8 @@ where
         }
         downstream.set_pipelining_enabled(carried.pipelining);
         let stopping = *shutdown.borrow();
-        downstream.set_keepalive((!stopping).then_some(KEEPALIVE_IDLE.as_secs()));
+        // 0: kept alive without Pingora's timer; the clock bounds the idle wait instead.
+        downstream.set_keepalive((!stopping).then_some(0));
         // Boxed, as is the end of the request below: their states are larger than what the
         // request holds while it streams, and are needed only before and after.
         if !Box::pin(read_head(downstream, shutdown)).await {
@@ -258,6 +264,8 @@ pub struct HeadClock {
     head_read: AtomicBool,
     /// Bytes of the current head read so far, for the log line.
     received: usize,
+    /// Between two requests: the timer is set to the end of the idle wait.
+    idle_armed: bool,
     timeouts: IntCounter,
 }
 
@@ -271,6 +279,7 @@ impl HeadClock {
             timer: Box::pin(tokio::time::sleep_until(due)),
             head_read: AtomicBool::new(false),
             received: 0,
+            idle_armed: false,
             timeouts,
         }
     }
@@ -281,6 +290,7 @@ impl HeadClock {
         self.limit = limit;
         self.due = None;
         self.received = 0;
+        self.idle_armed = false;
         *self.head_read.get_mut() = false;
     }
 
@@ -315,22 +325,37 @@ impl AsyncRead for HeadClock {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         // A due head fails its read once the timer has fired, whether or not bytes are
-        // waiting: a trickle always has one more.
-        if this.due.is_some() && this.timer.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(this.overdue()));
+        // waiting: a trickle always has one more. The timer is set for the head only here,
+        // when a read of it comes back: most heads arrive in one read and never need it.
+        if let Some(due) = this.due {
+            if this.timer.deadline() != due {
+                this.timer.as_mut().reset(due);
+            }
+            if this.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(this.overdue()));
+            }
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         let got = buf.filled().len() - before;
         this.received += got;
         if this.due.is_none() && got > 0 {
-            let due = Instant::now() + this.limit;
-            this.due = Some(due);
-            this.timer.as_mut().reset(due);
-            // Registers the timer's wake-up for the read that will wait next.
-            if this.timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(this.overdue()));
+            this.due = Some(Instant::now() + this.limit);
+        } else if this.due.is_none() && read.is_pending() && !this.idle_armed {
+            // Idle between two requests, once a read has to wait (the next request is often
+            // there already). A timer set at most `IDLE_SLACK` earlier is kept: on a busy
+            // connection it is moved about once a second rather than for every request.
+            this.idle_armed = true;
+            let now = Instant::now();
+            let deadline = this.timer.deadline();
+            if deadline < now + KEEPALIVE_IDLE || deadline > now + KEEPALIVE_IDLE + IDLE_SLACK {
+                this.timer.as_mut().reset(now + KEEPALIVE_IDLE + IDLE_SLACK);
             }
+        }
+        if this.due.is_none() && this.idle_armed && this.timer.as_mut().poll(cx).is_ready() {
+            // Nothing read: the end of the stream, which closes the connection quietly, as
+            // Pingora's keep-alive timeout did.
+            return Poll::Ready(Ok(()));
         }
         read
     }

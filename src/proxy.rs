@@ -215,7 +215,7 @@ impl Gateway {
             route: runtime.router.pool(model.pool),
             placement,
             path: "/v1/chat/completions",
-            body: body.into(),
+            body,
             stream: ctx.stream,
             plan,
             request_id: &ctx.request_id,
@@ -278,8 +278,8 @@ async fn read_body(
 }
 
 /// Stage "understand": the request parsed and checked.
-fn understand(ctx: &mut RequestCtx, bytes: &[u8]) -> Result<ModelRequest, GatewayError> {
-    let request = ModelRequest::parse(ctx.endpoint, bytes)?;
+fn understand(ctx: &mut RequestCtx, bytes: &Bytes) -> Result<ModelRequest, GatewayError> {
+    let request = ModelRequest::parse_body(ctx.endpoint, bytes.clone())?;
     ctx.stream = request.stream();
     Ok(request)
 }

@@ -12,6 +12,8 @@ pub mod sse;
 pub mod structure;
 pub mod usage;
 
+use bytes::Bytes;
+
 use crate::config::Model;
 use crate::vocab::{echo, Endpoint};
 
@@ -104,6 +106,14 @@ impl ModelRequest {
         Ok(match endpoint {
             Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(bytes)?),
             _ => ModelRequest::Chat(openai::ChatRequest::parse(bytes)?),
+        })
+    }
+
+    /// `parse`, keeping the body it is given (a chat request forwards it) rather than a copy.
+    pub fn parse_body(endpoint: Endpoint, body: Bytes) -> Result<ModelRequest, RequestError> {
+        Ok(match endpoint {
+            Endpoint::Messages => ModelRequest::Messages(anthropic::MessagesRequest::parse(&body)?),
+            _ => ModelRequest::Chat(openai::ChatRequest::parse_body(body)?),
         })
     }
 
@@ -200,7 +210,7 @@ impl ModelRequest {
         model: &Model,
         prompt_tokens: u64,
         message_id: impl FnOnce() -> String,
-    ) -> (Vec<u8>, ResponsePlan) {
+    ) -> (Bytes, ResponsePlan) {
         let upstream_model = model.upstream_model.as_str();
         match self {
             ModelRequest::Chat(r) => {
@@ -224,7 +234,7 @@ impl ModelRequest {
                     model: r.model,
                 });
                 // Serialising a `Value` cannot fail: keys are strings, numbers finite.
-                (serde_json::to_vec(&body).unwrap_or_default(), plan)
+                (serde_json::to_vec(&body).unwrap_or_default().into(), plan)
             }
         }
     }

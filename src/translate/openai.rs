@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -15,9 +16,10 @@ use super::prompt::{Measure, RawPrompt, Tally};
 use super::{PromptBody, RequestError};
 use crate::config::PromptRules;
 
+mod messages;
 mod parts;
 
-use parts::{part_media, Part};
+use messages::messages_media;
 
 /// A validated chat completion request.
 #[derive(Debug)]
@@ -26,8 +28,8 @@ pub struct ChatRequest {
     pub stream: bool,
     /// The client asked for the final usage chunk (`stream_options.include_usage`).
     pub include_usage: bool,
-    /// The body as the client sent it.
-    raw: Vec<u8>,
+    /// The body as the client sent it (shared with the buffer it was read into).
+    raw: Bytes,
     /// Where the values tollgate may replace lie in `raw` (`null` ones included).
     model_at: Range<usize>,
     stream_options_at: Option<Range<usize>>,
@@ -98,15 +100,6 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// A message's `role`, checked, and its content, for its media parts.
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow, default, deserialize_with = "raw")]
-    role: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-}
-
 #[derive(Deserialize)]
 struct StreamOptions<'a> {
     #[serde(borrow, default)]
@@ -147,6 +140,12 @@ fn array(v: &RawValue) -> Result<Option<Vec<&RawValue>>, RequestError> {
 
 impl ChatRequest {
     pub fn parse(bytes: &[u8]) -> Result<Self, RequestError> {
+        Self::parse_body(Bytes::copy_from_slice(bytes))
+    }
+
+    /// `parse`, keeping the body it is given rather than a copy.
+    pub fn parse_body(body: Bytes) -> Result<Self, RequestError> {
+        let bytes = &body[..];
         // Before any parsing: unknown fields are forwarded unparsed.
         super::structure::check(bytes)?;
         let starts_object = bytes
@@ -197,45 +196,15 @@ impl ChatRequest {
             )
         };
         let messages = match fields.messages {
-            Some(m) => match array(m)? {
-                Some(list) if list.is_empty() => return Err(no_messages()),
-                Some(list) => list,
-                None => return Err(RequestError::wrong_type("messages", "an array of messages")),
-            },
+            Some(m) if first_byte(m) == b'[' => m,
+            Some(_) => return Err(RequestError::wrong_type("messages", "an array of messages")),
             None => return Err(no_messages()),
         };
-        let mut media = Vec::new();
-        for (i, m) in messages.iter().enumerate() {
-            let Some(message) = object::<Message>(m)? else {
-                return Err(RequestError::wrong_type(
-                    &format!("messages[{i}]"),
-                    "an object",
-                ));
-            };
-            match message.role {
-                Some(r) if first_byte(r) == b'"' => {}
-                Some(_) => {
-                    return Err(RequestError::wrong_type(
-                        &format!("messages[{i}].role"),
-                        "a string",
-                    ))
-                }
-                None => {
-                    return Err(RequestError::missing(
-                        &format!("messages[{i}].role"),
-                        "Each message needs a role such as \"user\".",
-                    ))
-                }
-            }
-            if let Some(parts) = message.content.map(array).transpose()?.flatten() {
-                for (j, p) in parts.into_iter().enumerate() {
-                    let Some(part) = object::<Part>(p)? else {
-                        continue;
-                    };
-                    part_media(&part, &format!("messages[{i}].content[{j}]"), &mut media)?;
-                }
-            }
-        }
+        let media = match messages_media(messages) {
+            Ok(Some(media)) => media,
+            Ok(None) => return Err(no_messages()),
+            Err(e) => return Err(e),
+        };
 
         let stream = match fields.stream {
             None => false,
@@ -311,7 +280,7 @@ impl ChatRequest {
             choices,
             media,
             tally,
-            raw: bytes.to_vec(),
+            raw: body.clone(),
         })
     }
 
@@ -351,22 +320,30 @@ impl ChatRequest {
     /// The prompt, owned, for counting it elsewhere (`PromptBody::tokens`).
     pub fn prompt_body(&self) -> PromptBody {
         PromptBody::Chat {
-            body: self.raw.clone(),
+            body: self.raw.to_vec(),
             tally: self.tally,
         }
     }
 
     /// The body for the replica: the client's bytes with `model` set to what the replica
     /// serves, the output cap set at admission where it differs from the client's, and, when
-    /// streaming, the usage chunk always requested (accounting needs it).
-    pub fn upstream_body(self, upstream_model: &str) -> Vec<u8> {
+    /// streaming, the usage chunk always requested (accounting needs it). When none of them
+    /// changes a byte, the body is the client's own, uncopied.
+    pub fn upstream_body(self, upstream_model: &str) -> Bytes {
+        let usage_edit = self.stream && !self.include_usage;
+        let same_model = is_quoted(&self.raw[self.model_at.clone()], upstream_model);
+        if same_model && self.lowered_cap.is_none() && !usage_edit {
+            return self.raw;
+        }
         // Serialising a string or a map of `Value`s cannot fail.
         let mut edits: Vec<(Range<usize>, Vec<u8>)> = Vec::with_capacity(3);
         let mut added: Vec<u8> = Vec::new();
-        edits.push((
-            self.model_at.clone(),
-            serde_json::to_vec(upstream_model).unwrap_or_default(),
-        ));
+        if !same_model {
+            edits.push((
+                self.model_at.clone(),
+                serde_json::to_vec(upstream_model).unwrap_or_default(),
+            ));
+        }
         if let Some(n) = self.lowered_cap {
             let set: Vec<Range<usize>> = [&self.max_completion_tokens, &self.max_tokens]
                 .into_iter()
@@ -383,7 +360,7 @@ impl ChatRequest {
             }
             edits.extend(set.into_iter().map(|at| (at, n.to_string().into_bytes())));
         }
-        if self.stream && !self.include_usage {
+        if usage_edit {
             let usage_on = br#"{"include_usage":true}"#.to_vec();
             match &self.stream_options_at {
                 Some(at) => {
@@ -418,8 +395,17 @@ impl ChatRequest {
             from = at.end;
         }
         out.extend_from_slice(&self.raw[from..]);
-        out
+        out.into()
     }
+}
+
+/// Whether `raw` is `text` as JSON writes it: quoted, with nothing to escape.
+fn is_quoted(raw: &[u8], text: &str) -> bool {
+    raw.len() == text.len() + 2
+        && raw.first() == Some(&b'"')
+        && raw.last() == Some(&b'"')
+        && &raw[1..raw.len() - 1] == text.as_bytes()
+        && !text.bytes().any(|c| c == b'"' || c == b'\\' || c < 0x20)
 }
 
 /// The prompt's tokens of a chat body that `ChatRequest::parse` accepted, under `rules`;
@@ -457,10 +443,28 @@ mod tests {
         // Spacing, key order, escapes and numbers no float can hold all survive.
         let body = r#" {"top_k": 5, "model" : "a", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#;
         let req = ChatRequest::parse(body.as_bytes()).unwrap();
-        let out = String::from_utf8(req.upstream_body("org/served")).unwrap();
+        let out = String::from_utf8(req.upstream_body("org/served").to_vec()).unwrap();
         assert_eq!(
             out,
             r#" {"top_k": 5, "model" : "org/served", "messages":[{"role":"user","content":"h\u00e9"}],"x":{"model":"keep"},"seed":123456789012345678901234567890,"t":1.10}"#
+        );
+    }
+
+    #[test]
+    fn a_body_nothing_changes_is_forwarded_uncopied() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#,
+        );
+        let out = ChatRequest::parse_body(body.clone())
+            .unwrap()
+            .upstream_body("m");
+        assert_eq!(out, body);
+        assert_eq!(out.as_ptr(), body.as_ptr());
+        // The same name written with an escape is written plainly.
+        let req = ChatRequest::parse(br#"{"model":"\u006d","messages":[{"role":"user"}]}"#);
+        assert_eq!(
+            &req.unwrap().upstream_body("m")[..],
+            br#"{"model":"m","messages":[{"role":"user"}]}"#
         );
     }
 

@@ -38,21 +38,25 @@ struct Frame<'a> {
 
 /// Checks `bytes` against the limits above; the error names where the offending value is.
 pub fn check(bytes: &[u8]) -> Result<(), RequestError> {
-    let mut frames: Vec<Frame> = Vec::new();
+    // Sized for a chat body's usual depth and keys, so that they are not grown as it is read.
+    let mut frames: Vec<Frame> = Vec::with_capacity(8);
     // The keys of every open object, innermost last, unescaped where they had escapes.
-    let mut keys: Vec<Cow<[u8]>> = Vec::new();
+    let mut keys: Vec<Cow<[u8]>> = Vec::with_capacity(16);
     let mut i = 0;
     while let Some(&c) = bytes.get(i) {
         match c {
             b'"' => {
-                let Some(end) = string_end(bytes, i) else {
+                let Some((end, escaped)) = string_end(bytes, i) else {
                     return Ok(()); // Unterminated: the parser reports it.
                 };
                 if let Some(frame) = frames.last_mut().filter(|f| f.object && f.expect_key) {
                     let raw = &bytes[i + 1..end - 1];
                     frame.key = raw;
                     frame.expect_key = false;
-                    keys.push(unescaped(raw));
+                    keys.push(match escaped {
+                        true => unescaped(raw),
+                        false => Cow::Borrowed(raw),
+                    });
                 }
                 i = end;
                 continue;
@@ -177,15 +181,28 @@ fn key_text(raw: &[u8]) -> String {
     echo(&String::from_utf8_lossy(&unescaped(raw))).into_owned()
 }
 
-/// The index just past the string that opens at `at` (a quote); `None` if it never closes.
-pub(super) fn string_end(json: &[u8], at: usize) -> Option<usize> {
+/// Bytes of a string looked at one by one before handing the rest to `memchr2`: keys and
+/// most short values end within them, and for those the search's set-up costs more than
+/// the bytes.
+const SHORT_STRING: usize = 16;
+
+/// The index just past the string that opens at `at` (a quote), and whether it holds an
+/// escape; `None` if it never closes.
+fn string_end(json: &[u8], at: usize) -> Option<(usize, bool)> {
     let mut i = at + 1;
+    let mut escaped = false;
     loop {
-        i += memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        let rest = json.get(i..)?;
+        let short = rest.len().min(SHORT_STRING);
+        i += match rest[..short].iter().position(|&c| c == b'"' || c == b'\\') {
+            Some(n) => n,
+            None => short + memchr::memchr2(b'"', b'\\', &rest[short..])?,
+        };
         if json[i] == b'"' {
-            return Some(i + 1);
+            return Some((i + 1, escaped));
         }
         // A backslash escapes the next byte, whatever it is.
+        escaped = true;
         i += 2;
     }
 }
