@@ -1,5 +1,6 @@
 //! Rate-limit headers in both dialects, from the key's windows as the next request sees them.
 
+use bytes::Bytes;
 use chrono::{DateTime, Datelike, Timelike};
 use http::header::{HeaderName, HeaderValue};
 
@@ -31,101 +32,125 @@ const TOKENS: Names = [
 /// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (reset as RFC 3339).
 ///
 /// Every response of a limited key carries them, so they are built straight into header
-/// values: the names are constants, and a number both dialects share is rendered once.
+/// values: the names are constants, a number both dialects share is rendered once, resets
+/// within the window's minute are constants too, and the rest is written into one buffer that
+/// every value shares. A value of its own was an allocation, and another when the response
+/// header cloned it: sixteen of them per response of a key with rpm and tpm.
 pub fn rate_headers(view: &RateView, now_ms: i64) -> OwnFields {
+    let windows = [(view.requests, &REQUESTS), (view.tokens, &TOKENS)];
     // Most keys have no limits: no allocation for them.
-    let mut out = Vec::new();
-    for (values, names) in [(view.requests, &REQUESTS), (view.tokens, &TOKENS)] {
-        let Some((limit, remaining, reset)) = values else {
+    let count = windows.iter().filter(|(v, _)| v.is_some()).count();
+    if count == 0 {
+        return Vec::new();
+    }
+    // Per window: limit, remaining and the RFC 3339 reset, with their ends in `buf`.
+    let mut buf = Vec::with_capacity(count * WINDOW_TEXT);
+    let mut ends = [[0usize; 3]; 2];
+    for (i, (values, _)) in windows.iter().enumerate() {
+        let Some((limit, remaining, reset)) = *values else {
             continue;
         };
-        let limit = HeaderValue::from(limit);
-        let remaining = HeaderValue::from(remaining);
+        let mut digits = itoa::Buffer::new();
+        buf.extend_from_slice(digits.format(limit).as_bytes());
+        ends[i][0] = buf.len();
+        buf.extend_from_slice(digits.format(remaining).as_bytes());
+        ends[i][1] = buf.len();
+        rfc3339(&mut buf, now_ms.saturating_add(reset as i64 * 1000));
+        ends[i][2] = buf.len();
+    }
+    let shared = Bytes::from(buf);
+    let mut out = Vec::with_capacity(count * 6);
+    let mut start = 0;
+    for (i, (values, names)) in windows.into_iter().enumerate() {
+        let Some((_, _, reset)) = values else {
+            continue;
+        };
+        let [limit, remaining, date] = ends[i].map(|end| {
+            let value = value(shared.slice(start..end));
+            start = end;
+            value
+        });
         let [openai_limit, openai_remaining, openai_reset, limit_name, remaining_name, reset_name] =
             names.clone();
-        out.reserve(6);
         out.push((openai_limit, limit.clone()));
         out.push((openai_remaining, remaining.clone()));
         out.push((openai_reset, duration(reset)));
         out.push((limit_name, limit));
         out.push((remaining_name, remaining));
-        out.push((reset_name, rfc3339(now_ms + reset as i64 * 1000)));
+        out.push((reset_name, date));
     }
     out
 }
 
-/// `59s`, `1m0s`: the form OpenAI uses for resets.
-fn duration(secs: u64) -> HeaderValue {
-    let mut text = Text::default();
-    if secs >= 60 {
-        text.number(secs / 60);
-        text.push(b'm');
-    }
-    text.number(secs % 60);
-    text.push(b's');
-    text.value()
+/// Bytes one window's shared values take at most: two 20-digit numbers and a date.
+const WINDOW_TEXT: usize = 2 * 20 + 20;
+
+/// Digits, letters and date punctuation only: always a valid field value.
+fn value(text: Bytes) -> HeaderValue {
+    HeaderValue::from_maybe_shared(text).unwrap_or(HeaderValue::from_static(""))
 }
 
-/// `2026-11-18T11:07:40Z`, as `to_rfc3339_opts(SecondsFormat::Secs, true)` writes it for
-/// the years 0 to 9999 (chrono's own rendering outside them).
-fn rfc3339(ms: i64) -> HeaderValue {
+/// OpenAI's resets for the seconds a window's reset can be (0 to 60), as constants.
+const RESETS: [&str; 61] = [
+    "0s", "1s", "2s", "3s", "4s", "5s", "6s", "7s", "8s", "9s", "10s", "11s", "12s", "13s", "14s",
+    "15s", "16s", "17s", "18s", "19s", "20s", "21s", "22s", "23s", "24s", "25s", "26s", "27s",
+    "28s", "29s", "30s", "31s", "32s", "33s", "34s", "35s", "36s", "37s", "38s", "39s", "40s",
+    "41s", "42s", "43s", "44s", "45s", "46s", "47s", "48s", "49s", "50s", "51s", "52s", "53s",
+    "54s", "55s", "56s", "57s", "58s", "59s", "1m0s",
+];
+
+/// `59s`, `1m0s`: the form OpenAI uses for resets.
+fn duration(secs: u64) -> HeaderValue {
+    if let Some(text) = RESETS.get(secs as usize) {
+        return HeaderValue::from_static(text);
+    }
+    let mut text = Vec::with_capacity(24);
+    let mut digits = itoa::Buffer::new();
+    text.extend_from_slice(digits.format(secs / 60).as_bytes());
+    text.push(b'm');
+    text.extend_from_slice(digits.format(secs % 60).as_bytes());
+    text.push(b's');
+    value(Bytes::from(text))
+}
+
+/// Appends `2026-11-18T11:07:40Z`, as `to_rfc3339_opts(SecondsFormat::Secs, true)` writes it
+/// for the years 0 to 9999 (chrono's own rendering outside them, nothing past its range).
+fn rfc3339(out: &mut Vec<u8>, ms: i64) {
     let Some(t) = DateTime::from_timestamp_millis(ms) else {
-        return HeaderValue::from_static("");
+        return;
     };
     let year = t.year();
     if !(0..=9999).contains(&year) {
         let text = t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        return HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(""));
+        out.extend_from_slice(text.as_bytes());
+        return;
     }
-    let mut text = Text::default();
-    text.digits(year as u32, 4);
-    text.push(b'-');
-    text.digits(t.month(), 2);
-    text.push(b'-');
-    text.digits(t.day(), 2);
-    text.push(b'T');
-    text.digits(t.hour(), 2);
-    text.push(b':');
-    text.digits(t.minute(), 2);
-    text.push(b':');
-    text.digits(t.second(), 2);
-    text.push(b'Z');
-    text.value()
-}
-
-/// A short ASCII field value written on the stack.
-#[derive(Default)]
-struct Text {
-    buf: [u8; 32],
-    len: usize,
-}
-
-impl Text {
-    fn push(&mut self, b: u8) {
-        self.buf[self.len] = b;
-        self.len += 1;
-    }
-
-    fn number(&mut self, n: u64) {
-        let mut digits = itoa::Buffer::new();
-        for &b in digits.format(n).as_bytes() {
-            self.push(b);
-        }
-    }
-
-    /// `n` in exactly `width` digits, zero-padded.
-    fn digits(&mut self, mut n: u32, width: usize) {
+    let mut text = [0u8; 20];
+    for (at, n, width) in [
+        (0, year as u32, 4),
+        (5, t.month(), 2),
+        (8, t.day(), 2),
+        (11, t.hour(), 2),
+        (14, t.minute(), 2),
+        (17, t.second(), 2),
+    ] {
+        let mut n = n;
         for i in (0..width).rev() {
-            self.buf[self.len + i] = b'0' + (n % 10) as u8;
+            text[at + i] = b'0' + (n % 10) as u8;
             n /= 10;
         }
-        self.len += width;
     }
-
-    fn value(&self) -> HeaderValue {
-        // Digits and ASCII letters only: always a valid field value.
-        HeaderValue::from_bytes(&self.buf[..self.len]).unwrap_or(HeaderValue::from_static(""))
+    for (at, b) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'Z'),
+    ] {
+        text[at] = b;
     }
+    out.extend_from_slice(&text);
 }
 
 #[cfg(test)]
@@ -168,6 +193,13 @@ mod tests {
         ] {
             assert_eq!(duration(secs), text);
         }
+        for secs in 0..200u64 {
+            let text = match secs {
+                0..=59 => format!("{secs}s"),
+                _ => format!("{}m{}s", secs / 60, secs % 60),
+            };
+            assert_eq!(duration(secs), text.as_str(), "{secs}");
+        }
         for ms in [
             -1000,
             0,
@@ -180,7 +212,9 @@ mod tests {
             let chrono = DateTime::<Utc>::from_timestamp_millis(ms)
                 .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
                 .unwrap_or_default();
-            assert_eq!(rfc3339(ms), chrono.as_str(), "{ms}");
+            let mut text = Vec::new();
+            rfc3339(&mut text, ms);
+            assert_eq!(text, chrono.as_bytes(), "{ms}");
         }
     }
 }
