@@ -18,16 +18,11 @@ const QUEUE_CAPACITY: usize = 200_000;
 /// Records per transaction at most.
 const MAX_BATCH: usize = 4096;
 /// How long the writer gathers records before committing them. One commit per window
-/// instead of one per request keeps the writer cheap under load. Short windows keep each
-/// commit a short burst of CPU: at 20k requests/s a 50 ms window made ~3 ms bursts that took
-/// a core from a request worker and stalled its connections, a visible share of the p99.
+/// instead of one per request keeps the writer cheap under load; a killed process loses at
+/// most this window's records (plus the commit in progress). Short windows keep each commit a
+/// short burst of CPU: at 20k requests/s a 50 ms window made ~3 ms bursts that took a core
+/// from a request worker and stalled its connections, a visible share of the p99.
 const GATHER: Duration = Duration::from_millis(5);
-/// Windows the writer waits at most while fewer than `ROWS_PER_STATEMENT` records came: a
-/// commit costs as much as a few dozen rows (the WAL frames of the pages it touched), so at a
-/// few thousand requests a second one window's handful of records paid mostly for its commit.
-/// Under load a statement's worth comes within the first window and nothing changes. A killed
-/// process loses at most `GATHER × GATHER_WINDOWS` of records (plus the commit in progress).
-const GATHER_WINDOWS: u32 = 4;
 /// Records kept in memory for a retry while the disk refuses writes.
 const MAX_PENDING: usize = 1_000_000;
 
@@ -278,9 +273,8 @@ fn write_loop(conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerM
     let mut closing = false;
     while !closing {
         // Block for the first message (while failing, no later than the next try), then let
-        // `GATHER` pass before draining the queue, and more windows while records trickle
-        // in: one transaction per window under load, and no wake-up of this thread per
-        // record.
+        // `GATHER` pass before draining the queue: one transaction per window under load,
+        // and no wake-up of this thread per record.
         let mut next = match retry {
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             Some((at, _)) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
@@ -288,7 +282,7 @@ fn write_loop(conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerM
         .map_err(|e| closing = e == RecvTimeoutError::Disconnected)
         .ok();
         let mut gathered = 0;
-        let mut windows = 0;
+        let mut slept = false;
         while let Some(msg) = next.take() {
             match msg {
                 Msg::Record(r) => {
@@ -310,14 +304,9 @@ fn write_loop(conn: Connection, path: &Path, rx: Receiver<Msg>, meters: &LedgerM
                 break;
             }
             next = rx.try_recv().ok();
-            while next.is_none()
-                && windows < GATHER_WINDOWS
-                && (windows == 0 || gathered < ROWS_PER_STATEMENT)
-                && waiters.is_empty()
-                && retry.is_none()
-            {
+            if next.is_none() && !slept && waiters.is_empty() && retry.is_none() {
                 std::thread::sleep(GATHER);
-                windows += 1;
+                slept = true;
                 next = rx.try_recv().ok();
             }
         }
@@ -421,14 +410,14 @@ fn answer_off_thread(path: &Path, q: Question) {
 
 /// Rows per INSERT statement: one statement step for many rows is most of the speed.
 const ROWS_PER_STATEMENT: usize = 64;
-/// Rows per INSERT statement for the rest of a batch: a few thousand requests a second commit
-/// batches of a few dozen rows, which each step took one by one.
+/// Rows per INSERT statement for the rest of a batch: at a few thousand requests a second a
+/// window gathers a few dozen rows, which would otherwise each take a statement step.
 const ROWS_PER_SMALL_STATEMENT: usize = 8;
 const COLUMNS: usize = 21;
 
-/// The writer's statements, prepared once: a transaction's two ends, and an insert of one row,
-/// of `ROWS_PER_SMALL_STATEMENT` and of `ROWS_PER_STATEMENT` rows. Preparing (or finding a prepared statement in a cache
-/// by its text) cost more than binding and inserting a row.
+/// The writer's statements, prepared once: a transaction's two ends, and inserts of one row,
+/// of `ROWS_PER_SMALL_STATEMENT` and of `ROWS_PER_STATEMENT` rows. Preparing (or finding a
+/// prepared statement in a cache by its text) cost more than binding and inserting a row.
 struct Writer<'c> {
     begin: Statement<'c>,
     commit: Statement<'c>,
