@@ -224,7 +224,13 @@ pub fn record_id(ts_ms: i64) -> String {
     let mut raw = [0u8; 14];
     raw[..6].copy_from_slice(&ts.to_be_bytes()[2..]);
     raw[6..].copy_from_slice(&rand::random::<u64>().to_be_bytes());
-    hex::encode(raw)
+    // Into a buffer first: `hex::encode` collects its digits one `char` at a time.
+    let mut hex = [0u8; 28];
+    // Cannot fail: the output is exactly twice the input's length.
+    let _ = hex::encode_to_slice(raw, &mut hex);
+    let mut id = String::with_capacity(hex.len());
+    id.extend(hex.iter().map(|&b| char::from(b)));
+    id
 }
 
 #[cfg(test)]
@@ -273,6 +279,11 @@ mod tests {
             assert!(id < id_bound((ts + 1).max(1)), "{ts}");
             assert!(id_bound(ts - 1) <= id, "{ts}");
         }
+        let id = record_id(0x0123_4567_89ab);
+        assert!(id.starts_with("0123456789ab") && id.len() == 28, "{id}");
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert!(record_id(0xffff_ffff_ffff) < id_bound(i64::MAX));
         assert!(id_bound(i64::MIN) <= record_id(0));
     }
