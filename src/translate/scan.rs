@@ -352,4 +352,49 @@ mod tests {
         let braced = Key::new(b"\"{\"");
         assert_eq!(last_object_member(br#"{"{":{}}"#, &braced), Some(5));
     }
+
+    #[test]
+    fn the_object_member_is_the_one_a_search_of_the_whole_text_finds() {
+        // The search over the whole text, as it was before it stopped at the last brace.
+        fn whole(json: &[u8]) -> Option<usize> {
+            let mut last = None;
+            let mut from = 0;
+            while let Some(pos) = find(&json[from..], &USAGE) {
+                let at = from + pos;
+                from = at + USAGE.len();
+                let backslashes = json[..at].iter().rev().take_while(|&&c| c == b'\\').count();
+                let i = skip_ws(json, from);
+                if backslashes % 2 == 0 && json.get(i) == Some(&b':') {
+                    let i = skip_ws(json, i + 1);
+                    if json.get(i) == Some(&b'{') {
+                        last = Some(i);
+                    }
+                }
+            }
+            last
+        }
+        // Every text of up to five pieces that matter.
+        let pieces: [&[u8]; 9] = [
+            b"\"usage\"",
+            b"\"",
+            b"usage",
+            b"\\",
+            b":",
+            b" ",
+            b"{",
+            b"}",
+            b"null",
+        ];
+        let mut texts = vec![Vec::new()];
+        for _ in 0..5 {
+            texts = texts
+                .iter()
+                .flat_map(|t| pieces.iter().map(move |p| [t.as_slice(), p].concat()))
+                .collect();
+            for t in &texts {
+                let shown = String::from_utf8_lossy(t);
+                assert_eq!(last_object_member(t, &USAGE), whole(t), "{shown}");
+            }
+        }
+    }
 }
