@@ -55,7 +55,13 @@ impl Observed {
                 self.first_token = Some(now);
             }
             if let (Some(last), Some(h)) = (self.last_token, &self.inter_token) {
-                h.observe(now.duration_since(last).as_secs_f64());
+                // Tokens of one read share its clock reading: their gap is nothing, and
+                // needs no subtraction of the two.
+                let gap = match last == now {
+                    true => 0.0,
+                    false => now.duration_since(last).as_secs_f64(),
+                };
+                h.observe(gap);
             }
             self.last_token = Some(now);
         }
@@ -118,5 +124,23 @@ mod tests {
         assert_eq!(o.usage.unwrap().output, 2);
         assert_eq!(o.usage.unwrap().input, 5);
         assert_eq!(o.output_estimate, 2);
+    }
+
+    #[test]
+    fn look_alikes_neither_report_usage_nor_count_as_output() {
+        let mut o = Observed::new(None);
+        // A usage object inside the content, escaped, and a nested one beside a null.
+        assert!(!o.event(br#"{"choices":[{"delta":{"content":"\"usage\":{\"prompt_tokens\":9}"}}],"usage":null}"#));
+        assert!(!o.event(
+            br#"{"choices":[{"delta":{"content":"","usage":{"prompt_tokens":9}}}],"usage":null}"#
+        ));
+        assert_eq!((o.usage, o.output_estimate), (None, 1));
+        // The key of the content inside another string is not the content.
+        assert!(!carries_output(
+            br#"{"choices":[{"delta":{"role":"x \"content\": \"y\"","content":""}}]}"#
+        ));
+        assert!(o.event(br#"{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}"#));
+        assert_eq!(o.usage.map(|u| (u.input, u.output)), Some((4, 2)));
+        assert_eq!(o.output_estimate, 1);
     }
 }

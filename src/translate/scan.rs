@@ -134,9 +134,17 @@ pub fn each_member(
 /// `ends_top_level` says once its end is known. (memchr's forward search runs on SIMD;
 /// its reverse one goes a byte at a time, and cost a stream 8 % more instructions.)
 pub fn last_object_member(json: &[u8], key: &Key) -> Option<usize> {
+    // The object opens after its name, so only the text before the last `{` is searched: a
+    // stream chunk's last brace opens its delta, well before the `"usage":null` at its end.
+    // A name without a brace is not cut in two there, so the names found are those found
+    // in the whole text up to there.
+    let names = match key.finder.needle().contains(&b'{') {
+        false => memchr::memrchr(b'{', json)?,
+        true => json.len(),
+    };
     let mut last = None;
     let mut from = 0;
-    while let Some(pos) = find(&json[from..], key) {
+    while let Some(pos) = find(&json[from..names], key) {
         let at = from + pos;
         from = at + key.len();
         // A quote after an odd run of backslashes is inside a string.
@@ -317,6 +325,76 @@ mod tests {
             r#"{"a":"\"#,
         ] {
             assert_eq!(top(broken), None, "{broken}");
+        }
+    }
+
+    #[test]
+    fn the_object_member_is_searched_for_before_the_last_brace_only() {
+        let last = |j: &str| last_object_member(j.as_bytes(), &USAGE);
+        assert_eq!(
+            last(r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#),
+            None
+        );
+        assert_eq!(
+            last(r#"{"choices":[],"usage":{"prompt_tokens":1}}"#),
+            Some(22)
+        );
+        // The last one, nested or not: `ends_top_level` tells.
+        assert_eq!(last(r#"{"usage" : {"a":1},"x":{"usage":{}}}"#), Some(32));
+        // Keys inside strings, escaped quotes, a nested usage after a null one.
+        assert_eq!(last(r#"{"c":"\"usage\":{","usage":null}"#), None);
+        assert_eq!(last(r#"{"c":"x\\","usage":{}}"#), Some(19));
+        assert_eq!(last(r#"{"a":{"usage":null},"usage" :{}}"#), Some(29));
+        assert_eq!(last(r#"{"usage":{"#), Some(9));
+        assert_eq!(last(r#""usage":"#), None);
+        assert_eq!(last(""), None);
+        // A name with a brace in it is searched for in the whole text.
+        let braced = Key::new(b"\"{\"");
+        assert_eq!(last_object_member(br#"{"{":{}}"#, &braced), Some(5));
+    }
+
+    #[test]
+    fn the_object_member_is_the_one_a_search_of_the_whole_text_finds() {
+        // The search over the whole text, as it was before it stopped at the last brace.
+        fn whole(json: &[u8]) -> Option<usize> {
+            let mut last = None;
+            let mut from = 0;
+            while let Some(pos) = find(&json[from..], &USAGE) {
+                let at = from + pos;
+                from = at + USAGE.len();
+                let backslashes = json[..at].iter().rev().take_while(|&&c| c == b'\\').count();
+                let i = skip_ws(json, from);
+                if backslashes % 2 == 0 && json.get(i) == Some(&b':') {
+                    let i = skip_ws(json, i + 1);
+                    if json.get(i) == Some(&b'{') {
+                        last = Some(i);
+                    }
+                }
+            }
+            last
+        }
+        // Every text of up to five pieces that matter.
+        let pieces: [&[u8]; 9] = [
+            b"\"usage\"",
+            b"\"",
+            b"usage",
+            b"\\",
+            b":",
+            b" ",
+            b"{",
+            b"}",
+            b"null",
+        ];
+        let mut texts = vec![Vec::new()];
+        for _ in 0..5 {
+            texts = texts
+                .iter()
+                .flat_map(|t| pieces.iter().map(move |p| [t.as_slice(), p].concat()))
+                .collect();
+            for t in &texts {
+                let shown = String::from_utf8_lossy(t);
+                assert_eq!(last_object_member(t, &USAGE), whole(t), "{shown}");
+            }
         }
     }
 }
